@@ -1,0 +1,8 @@
+// bitnet/bitnet.hpp - umbrella header: everything the library offers.
+#pragma once
+
+#include "bit_linear.hpp"
+#include "errors.hpp"
+#include "linear.hpp"
+#include "matrix.hpp"
+#include "quant.hpp"

@@ -1,0 +1,18 @@
+// A tiny app using bitnet the way a user would: one include, one target, no test framework.
+#include <bitnet/bitnet.hpp>
+
+#include <cstdio>
+
+int main() {
+  bitnet::Matrix<float> w(2, 4);
+  w << 1, -1, 0, 2,
+       -2, 1, 1, 0;
+  bitnet::Vector<float> b(2);
+  b << 0.5f, -1.0f;
+  const bitnet::BitLinear<float> layer(w, b);
+  bitnet::Matrix<float> x(1, 4);
+  x << 127, -127, 62.5f, 0;
+  const bitnet::Matrix<float> y = layer.forward(x);
+  std::printf("y = [%g, %g]\n", double(y(0, 0)), double(y(0, 1)));
+  return (y(0, 0) == 254.5f && y(0, 1) == -193.0f) ? 0 : 1;
+}
