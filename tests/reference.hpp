@@ -63,7 +63,9 @@ S activation_scale(const Matrix<S>& x, Index row) {
   for (Index c = 0; c < x.cols(); ++c)
     if (std::fabs(x(row, c)) > m) m = std::fabs(x(row, c));
   if (m < S(1e-5)) m = S(1e-5);
-  return S(127) / m;
+  // PyTorch evaluates `127.0 / tensor` as `tensor.reciprocal() * 127` (Tensor.__rtruediv__).
+  const S reciprocal = S(1) / m;
+  return reciprocal * S(127);
 }
 
 template <class S>

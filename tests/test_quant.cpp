@@ -70,13 +70,33 @@ TEST_CASE_TEMPLATE("activation_quant: hand-computed values, ties round half to e
   CHECK(y(1, 7) == S(-0.5));  // -1 / 2
 }
 
+TEST_CASE_TEMPLATE("activation scale is PyTorch's 127.0 / m, i.e. m.reciprocal() * 127", S, float, double) {
+  // Tensor.__rtruediv__ computes 1/m, rounds, multiplies by 127, rounds again. For m = 3 that is
+  // 42.333336f (float) and 42.33333333333333 (double), while a direct 127 / 3 gives 42.333332f and
+  // 42.333333333333336: one ulp apart, enough to change every dequantized value of the row.
+  Matrix<S> x(1, 3);
+  x << S(3), S(1), S(-2);
+  const auto q = bitnet::quantize_activations(x);
+  if constexpr (std::is_same_v<S, float>) {
+    CHECK(q.scales(0) == 42.333335876464844f);
+    CHECK(bitnet::activation_quant(x)(0, 1) == 0.992125928401947f);  // 42 / 42.333336f, not 0.99212599f
+  } else {
+    CHECK(q.scales(0) == 42.33333333333333);
+  }
+  CHECK(q.values(0, 0) == 127);
+  CHECK(q.values(0, 1) == 42);
+  CHECK(q.values(0, 2) == -85);
+}
+
 TEST_CASE_TEMPLATE("activation_quant: all-zero row and a row below the 1e-5 clamp", S, float, double) {
   Matrix<S> x(2, 3);
   x << S(0), S(0), S(0),
        S(1e-6), S(-4e-6), S(2e-6);  // max 4e-6 < 1e-5 -> s = 127 / 1e-5 = 1.27e7
   const auto q = bitnet::quantize_activations(x);
-  CHECK(q.scales(0) == S(127) / S(1e-5));
-  CHECK(q.scales(1) == S(127) / S(1e-5));
+  // PyTorch's 127.0 / t is t.reciprocal() * 127: two roundings
+  const S clamped_scale = (S(1) / S(1e-5)) * S(127);
+  CHECK(q.scales(0) == clamped_scale);
+  CHECK(q.scales(1) == clamped_scale);
   CHECK((q.values.row(0).array() == 0).all());
   CHECK(q.values(1, 0) == 13);   // 12.7
   CHECK(q.values(1, 1) == -51);  // -50.8

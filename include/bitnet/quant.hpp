@@ -1,6 +1,6 @@
 // bitnet/quant.hpp - BitNet b1.58 quantization, exactly as the published PyTorch reference.
 //
-//   activation_quant(x): s = 127 / max(|x| over the row).clamp(min=1e-5)
+//   activation_quant(x): s = 127 / max(|x| over the row).clamp(min=1e-5)   (as reciprocal() * 127)
 //                        y = (x * s).round().clamp(-128, 127) / s
 //   weight_quant(w):     s = 1 / mean(|w|).clamp(min=1e-5)
 //                        u = (w * s).round().clamp(-1, 1) / s
@@ -91,7 +91,9 @@ detail::scalar_of<Derived> weight_scale(const Eigen::MatrixBase<Derived>& w) {
   return S(1) / std::max(mean, scale_floor<S>);
 }
 
-/// The per-row activation scales s_i = 127 / max(|x_i|).clamp(min=1e-5).
+/// The per-row activation scales s_i = 127 / max(|x_i|).clamp(min=1e-5), evaluated as PyTorch
+/// evaluates `127.0 / tensor`: Tensor.__rtruediv__ is `tensor.reciprocal() * 127`, two roundings,
+/// which can differ from a direct division in the last bit.
 template <class Derived>
   requires real_scalar<detail::scalar_of<Derived>>
 Vector<detail::scalar_of<Derived>> activation_scales(const Eigen::MatrixBase<Derived>& x) {
@@ -101,7 +103,7 @@ Vector<detail::scalar_of<Derived>> activation_scales(const Eigen::MatrixBase<Der
   for (Index r = 0; r < x.rows(); ++r) {
     S absmax = 0;
     for (Index c = 0; c < x.cols(); ++c) absmax = std::max(absmax, std::abs(S(x.coeff(r, c))));
-    scales(r) = S(127) / std::max(absmax, scale_floor<S>);
+    scales(r) = (S(1) / std::max(absmax, scale_floor<S>)) * S(127);
   }
   return scales;
 }
