@@ -3,6 +3,8 @@
 
 #include "bit_linear.hpp"
 #include "errors.hpp"
+#include "kernels.hpp"
 #include "linear.hpp"
 #include "matrix.hpp"
+#include "pack.hpp"
 #include "quant.hpp"
