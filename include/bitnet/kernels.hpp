@@ -166,12 +166,15 @@ inline void run_gemm_range(isa which, const gemm_args& a, Index begin, Index end
 }
 
 /// The product of gemm_args for all row_blocks, split into contiguous row ranges over at most
-/// `threads` threads (the caller's included). Every output is computed whole by one thread, so
-/// the split never changes a result. If a thread cannot start, the caller does its share.
-inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int threads) {
+/// `threads` threads (the caller's included), each given at least min_work multiply-adds. Every
+/// output is computed whole by one thread, so the split never changes a result. If a thread
+/// cannot start, the caller does its share.
+inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int threads,
+                         double min_work = min_work_per_thread) {
   last_run_isa = which;
   const double work = double(a.batch) * double(row_blocks) * double(a.col_blocks) * 512.0;
-  const Index parts = std::clamp<Index>(Index(work / min_work_per_thread), 1, std::min<Index>(threads, row_blocks));
+  const Index by_work = min_work > 0 ? Index(std::min(work / min_work, 1e9)) : row_blocks;
+  const Index parts = std::clamp<Index>(by_work, 1, std::min<Index>(threads, row_blocks));
   const Index per_part = (row_blocks + parts - 1) / parts;
   std::vector<std::thread> workers;
   Index next = per_part;

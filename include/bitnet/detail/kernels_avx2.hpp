@@ -1,9 +1,10 @@
 // AVX2 kernels (no VNNI): int8 x ternary products with vpmaddubsw, and activation quantization.
 //
-// Accumulator bound: vpmaddubsw multiplies unsigned codes c in {0, 1, 2} by int8 activations and
-// adds pairs into saturating int16 lanes: |c0 x0 + c1 x1| <= 2 * 2 * 128 = 512. Per 128-column
-// tile a lane adds the 4 planes: |.| <= 4 * 512 = 2048, far from 32767, so no lane ever saturates.
-// vpmaddwd then widens to int32 lanes each tile; the int32 bound is in kernels.hpp (max_in_features).
+// Accumulator bound: vpmaddubsw multiplies unsigned codes by int8 activations and adds pairs into
+// saturating int16 lanes. With codes c in {0, 1, 2} and x in [-128, 127] a pair c0 x0 + c1 x1 lies
+// in [-512, 508]; with codes extracted as 4c (see gemv_block_avx2) in [-2048, 2032]. Each kernel
+// widens its int16 lanes to int32 (vpmaddwd) before they could leave [-16384, 16256], so no lane
+// ever saturates or wraps. The int32 bound is in kernels.hpp (max_in_features).
 #pragma once
 
 #include "cpu_features.hpp"
@@ -29,44 +30,54 @@ BITNET_INLINE_AVX2 std::int32_t hsum_avx2(__m256i v) noexcept {
   return _mm_cvtsi128_si32(s);
 }
 
-/// The four horizontal sums of a, b, c, d in one vector.
-BITNET_INLINE_AVX2 __m128i hsum4_avx2(__m256i a, __m256i b, __m256i c, __m256i d) noexcept {
-  const __m256i ab = _mm256_hadd_epi32(a, b), cd = _mm256_hadd_epi32(c, d);
-  const __m256i abcd = _mm256_hadd_epi32(ab, cd);  // per lane: a b c d (partial)
-  return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+BITNET_INLINE_AVX2 __m256i load_avx2(const void* p) noexcept {
+  return _mm256_load_si256(static_cast<const __m256i*>(p));
 }
 
-/// sum over one 128-column tile of one row, as 8 int32 lanes: codes (32 bytes, 4 planes) times
-/// the tile's activations x0..x3 (32 each).
-BITNET_INLINE_AVX2 __m256i tile_dot_avx2(__m256i packed, __m256i x0, __m256i x1, __m256i x2, __m256i x3) noexcept {
-  const __m256i mask = _mm256_set1_epi8(3);
-  __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(packed, mask), x0);
-  s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(packed, 2), mask), x1));
-  s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(packed, 4), mask), x2));
-  s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(packed, 6), mask), x3));
-  return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
-}
+/// Column tiles the batch-1 kernel sums in int16 lanes before widening. It extracts planes 1 and 3
+/// as 4 * code (an AND without a shift), so those lanes see pairs in [-2048, 2032] and add two per
+/// tile: 4 tiles stay inside [-16384, 16256].
+inline constexpr Eigen::Index gemv_tiles_per_int16 = 4;
 
-/// Batch 1: the four rows of a block in one sequential pass, each activation tile loaded once.
+/// Batch 1: the rows of block g in pairs, each row's tile unpacked with one shift and four ANDs.
+/// The activations are read as memory operands of vpmaddubsw, so only the weights occupy ALU slots.
 BITNET_TARGET_AVX2 inline void gemv_block_avx2(const gemm_args& a, Eigen::Index g) noexcept {
-  const std::uint8_t* w = a.weights + g * a.col_blocks * tile_cols;
-  const std::int8_t* x = a.x;
-  __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-  for (Eigen::Index kb = 0; kb < a.col_blocks; ++kb, w += tile_cols, x += tile_cols) {
-    const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(x));
-    const __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 32));
-    const __m256i x2 = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 64));
-    const __m256i x3 = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 96));
-    acc0 = _mm256_add_epi32(acc0, tile_dot_avx2(_mm256_load_si256(reinterpret_cast<const __m256i*>(w)), x0, x1, x2, x3));
-    acc1 = _mm256_add_epi32(acc1, tile_dot_avx2(_mm256_load_si256(reinterpret_cast<const __m256i*>(w + 32)), x0, x1, x2, x3));
-    acc2 = _mm256_add_epi32(acc2, tile_dot_avx2(_mm256_load_si256(reinterpret_cast<const __m256i*>(w + 64)), x0, x1, x2, x3));
-    acc3 = _mm256_add_epi32(acc3, tile_dot_avx2(_mm256_load_si256(reinterpret_cast<const __m256i*>(w + 96)), x0, x1, x2, x3));
+  const __m256i low = _mm256_set1_epi8(0x03), high = _mm256_set1_epi8(0x0c), ones = _mm256_set1_epi16(1);
+  std::int32_t sums[tile_rows];
+  for (int pair = 0; pair < 2; ++pair) {
+    const std::uint8_t* w = a.weights + (g * a.col_blocks * tile_rows + 2 * pair) * plane_bytes;
+    const std::int8_t* x = a.x;
+    __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (Eigen::Index kb0 = 0; kb0 < a.col_blocks; kb0 += gemv_tiles_per_int16) {
+      const Eigen::Index kb_end = std::min(kb0 + gemv_tiles_per_int16, a.col_blocks);
+      __m256i even[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};  // planes 0, 2: 1 * code
+      __m256i odd[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};   // planes 1, 3: 4 * code
+      for (Eigen::Index kb = kb0; kb < kb_end; ++kb, w += tile_rows * plane_bytes, x += tile_cols) {
+        for (int r = 0; r < 2; ++r) {
+          const __m256i packed = load_avx2(w + r * plane_bytes);
+          const __m256i shifted = _mm256_srli_epi16(packed, 4);
+          even[r] = _mm256_add_epi16(even[r], _mm256_maddubs_epi16(_mm256_and_si256(packed, low), load_avx2(x)));
+          odd[r] = _mm256_add_epi16(odd[r], _mm256_maddubs_epi16(_mm256_and_si256(packed, high), load_avx2(x + 32)));
+          even[r] = _mm256_add_epi16(even[r], _mm256_maddubs_epi16(_mm256_and_si256(shifted, low), load_avx2(x + 64)));
+          odd[r] = _mm256_add_epi16(odd[r], _mm256_maddubs_epi16(_mm256_and_si256(shifted, high), load_avx2(x + 96)));
+        }
+      }
+      for (int r = 0; r < 2; ++r) {
+        // odd lanes hold 4x their sum: every pair sum is a multiple of 4, so the shift is exact.
+        const __m256i odd32 = _mm256_srai_epi32(_mm256_madd_epi16(odd[r], ones), 2);
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(even[r], ones), odd32));
+      }
+    }
+    sums[2 * pair] = hsum_avx2(acc[0]);
+    sums[2 * pair + 1] = hsum_avx2(acc[1]);
   }
-  alignas(16) std::int32_t sums[4];
-  _mm_store_si128(reinterpret_cast<__m128i*>(sums),
-                  _mm_sub_epi32(hsum4_avx2(acc0, acc1, acc2, acc3), _mm_set1_epi32(a.x_sums[0])));
-  for (Eigen::Index r = 0; r < tile_rows && g * tile_rows + r < a.rows; ++r) a.acc[g * tile_rows + r] = sums[r];
+  for (Eigen::Index r = 0; r < tile_rows && g * tile_rows + r < a.rows; ++r)
+    a.acc[g * tile_rows + r] = sums[r] - a.x_sums[0];
 }
+
+/// Column tiles the batch > 1 kernel sums in int16 lanes before widening: 8 tiles of 4 planes,
+/// 32 pairs in [-512, 508], stay inside [-16384, 16256].
+inline constexpr Eigen::Index tiles_per_int16 = 8;
 
 /// Batch > 1: one row against Tokens tokens; each row tile is unpacked once and used Tokens times.
 template <int Tokens>
@@ -76,21 +87,26 @@ BITNET_TARGET_AVX2 void gemm_row_avx2(const gemm_args& a, Eigen::Index row, Eige
   const std::int8_t* x = a.x + token * a.x_stride;
   __m256i acc[Tokens];
   for (int t = 0; t < Tokens; ++t) acc[t] = _mm256_setzero_si256();
-  for (Eigen::Index kb = 0; kb < a.col_blocks; ++kb, w += tile_rows * plane_bytes, x += tile_cols) {
-    const __m256i packed = _mm256_load_si256(reinterpret_cast<const __m256i*>(w));
-    const __m256i c0 = _mm256_and_si256(packed, mask);
-    const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(packed, 2), mask);
-    const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
-    const __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(packed, 6), mask);
+  for (Eigen::Index kb0 = 0; kb0 < a.col_blocks; kb0 += tiles_per_int16) {
+    const Eigen::Index kb_end = std::min(kb0 + tiles_per_int16, a.col_blocks);
+    __m256i s[Tokens];
+    for (int t = 0; t < Tokens; ++t) s[t] = _mm256_setzero_si256();
+    for (Eigen::Index kb = kb0; kb < kb_end; ++kb, w += tile_rows * plane_bytes, x += tile_cols) {
+      const __m256i packed = load_avx2(w);
+      const __m256i c0 = _mm256_and_si256(packed, mask);
+      const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(packed, 2), mask);
+      const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+      const __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(packed, 6), mask);
 #pragma GCC unroll 8
-    for (int t = 0; t < Tokens; ++t) {
-      const std::int8_t* xt = x + t * a.x_stride;
-      __m256i s = _mm256_maddubs_epi16(c0, _mm256_load_si256(reinterpret_cast<const __m256i*>(xt)));
-      s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c1, _mm256_load_si256(reinterpret_cast<const __m256i*>(xt + 32))));
-      s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, _mm256_load_si256(reinterpret_cast<const __m256i*>(xt + 64))));
-      s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, _mm256_load_si256(reinterpret_cast<const __m256i*>(xt + 96))));
-      acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s, ones));
+      for (int t = 0; t < Tokens; ++t) {
+        const std::int8_t* xt = x + t * a.x_stride;
+        s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(c0, load_avx2(xt)));
+        s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(c1, load_avx2(xt + 32)));
+        s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(c2, load_avx2(xt + 64)));
+        s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(c3, load_avx2(xt + 96)));
+      }
     }
+    for (int t = 0; t < Tokens; ++t) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s[t], ones));
   }
   for (int t = 0; t < Tokens; ++t)
     a.acc[(token + t) * a.rows + row] = hsum_avx2(acc[t]) - a.x_sums[token + t];
