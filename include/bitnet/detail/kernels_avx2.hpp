@@ -39,40 +39,39 @@ BITNET_INLINE_AVX2 __m256i load_avx2(const void* p) noexcept {
 /// tile: 4 tiles stay inside [-16384, 16256].
 inline constexpr Eigen::Index gemv_tiles_per_int16 = 4;
 
-/// Batch 1: the rows of block g in pairs, each row's tile unpacked with one shift and four ANDs.
-/// The activations are read as memory operands of vpmaddubsw, so only the weights occupy ALU slots.
+/// Batch 1: the four rows of block g in one sequential pass, each row's tile unpacked with one
+/// shift and four ANDs. The activations are memory operands of vpmaddubsw, so only the weights
+/// occupy ALU slots.
 BITNET_TARGET_AVX2 inline void gemv_block_avx2(const gemm_args& a, Eigen::Index g) noexcept {
   const __m256i low = _mm256_set1_epi8(0x03), high = _mm256_set1_epi8(0x0c), ones = _mm256_set1_epi16(1);
-  std::int32_t sums[tile_rows];
-  for (int pair = 0; pair < 2; ++pair) {
-    const std::uint8_t* w = a.weights + (g * a.col_blocks * tile_rows + 2 * pair) * plane_bytes;
-    const std::int8_t* x = a.x;
-    __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-    for (Eigen::Index kb0 = 0; kb0 < a.col_blocks; kb0 += gemv_tiles_per_int16) {
-      const Eigen::Index kb_end = std::min(kb0 + gemv_tiles_per_int16, a.col_blocks);
-      __m256i even[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};  // planes 0, 2: 1 * code
-      __m256i odd[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};   // planes 1, 3: 4 * code
-      for (Eigen::Index kb = kb0; kb < kb_end; ++kb, w += tile_rows * plane_bytes, x += tile_cols) {
-        for (int r = 0; r < 2; ++r) {
-          const __m256i packed = load_avx2(w + r * plane_bytes);
-          const __m256i shifted = _mm256_srli_epi16(packed, 4);
-          even[r] = _mm256_add_epi16(even[r], _mm256_maddubs_epi16(_mm256_and_si256(packed, low), load_avx2(x)));
-          odd[r] = _mm256_add_epi16(odd[r], _mm256_maddubs_epi16(_mm256_and_si256(packed, high), load_avx2(x + 32)));
-          even[r] = _mm256_add_epi16(even[r], _mm256_maddubs_epi16(_mm256_and_si256(shifted, low), load_avx2(x + 64)));
-          odd[r] = _mm256_add_epi16(odd[r], _mm256_maddubs_epi16(_mm256_and_si256(shifted, high), load_avx2(x + 96)));
-        }
-      }
-      for (int r = 0; r < 2; ++r) {
-        // odd lanes hold 4x their sum: every pair sum is a multiple of 4, so the shift is exact.
-        const __m256i odd32 = _mm256_srai_epi32(_mm256_madd_epi16(odd[r], ones), 2);
-        acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(even[r], ones), odd32));
+  const std::uint8_t* w = a.weights + g * a.col_blocks * tile_cols;
+  const std::int8_t* x = a.x;
+  __m256i acc[tile_rows];
+  for (int r = 0; r < tile_rows; ++r) acc[r] = _mm256_setzero_si256();
+  for (Eigen::Index kb0 = 0; kb0 < a.col_blocks; kb0 += gemv_tiles_per_int16) {
+    const Eigen::Index kb_end = std::min(kb0 + gemv_tiles_per_int16, a.col_blocks);
+    __m256i even[tile_rows], odd[tile_rows];  // planes 0, 2 as 1 * code; planes 1, 3 as 4 * code
+    for (int r = 0; r < tile_rows; ++r) even[r] = odd[r] = _mm256_setzero_si256();
+    for (Eigen::Index kb = kb0; kb < kb_end; ++kb, w += tile_cols, x += tile_cols) {
+#pragma GCC unroll 4
+      for (int r = 0; r < tile_rows; ++r) {
+        const __m256i packed = load_avx2(w + r * plane_bytes);
+        const __m256i shifted = _mm256_srli_epi16(packed, 4);
+        even[r] = _mm256_add_epi16(even[r], _mm256_maddubs_epi16(_mm256_and_si256(packed, low), load_avx2(x)));
+        odd[r] = _mm256_add_epi16(odd[r], _mm256_maddubs_epi16(_mm256_and_si256(packed, high), load_avx2(x + 32)));
+        even[r] = _mm256_add_epi16(even[r], _mm256_maddubs_epi16(_mm256_and_si256(shifted, low), load_avx2(x + 64)));
+        odd[r] = _mm256_add_epi16(odd[r], _mm256_maddubs_epi16(_mm256_and_si256(shifted, high), load_avx2(x + 96)));
       }
     }
-    sums[2 * pair] = hsum_avx2(acc[0]);
-    sums[2 * pair + 1] = hsum_avx2(acc[1]);
+#pragma GCC unroll 4
+    for (int r = 0; r < tile_rows; ++r) {
+      // odd lanes hold 4x their sum: every pair sum is a multiple of 4, so the shift is exact.
+      const __m256i odd32 = _mm256_srai_epi32(_mm256_madd_epi16(odd[r], ones), 2);
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(even[r], ones), odd32));
+    }
   }
   for (Eigen::Index r = 0; r < tile_rows && g * tile_rows + r < a.rows; ++r)
-    a.acc[g * tile_rows + r] = sums[r] - a.x_sums[0];
+    a.acc[g * tile_rows + r] = hsum_avx2(acc[r]) - a.x_sums[0];
 }
 
 /// Column tiles the batch > 1 kernel sums in int16 lanes before widening: 8 tiles of 4 planes,
