@@ -127,13 +127,17 @@ class BitLinear {
     const detail::gemm_args args{packed.data(), packed.col_blocks(), out_features(), xq.data(),
                                  x_stride,      sums.data(),         batch,          acc.data()};
     detail::ternary_gemm(kernels, args, packed.row_blocks(), threads);
+    const T* bias = bias_ ? bias_->data() : nullptr;
     for (Index b = 0; b < batch; ++b) {
-      // sx * sw in double is exact for float scales; one rounding to T at the end.
+      // sx * sw in double is exact for float scales; one rounding to T, then the bias added in T.
       const double inverse_scale = 1.0 / (double(scales[std::size_t(b)]) * double(quantized_.scale));
-      for (Index o = 0; o < out_features(); ++o)
-        y(b, o) = static_cast<T>(double(acc[std::size_t(b * out_features() + o)]) * inverse_scale);
+      const std::int32_t* row_acc = acc.data() + b * out_features();
+      T* row_y = y.data() + b * out_features();
+      if (bias)
+        for (Index o = 0; o < out_features(); ++o) row_y[o] = static_cast<T>(double(row_acc[o]) * inverse_scale) + bias[o];
+      else
+        for (Index o = 0; o < out_features(); ++o) row_y[o] = static_cast<T>(double(row_acc[o]) * inverse_scale);
     }
-    if (bias_) y.rowwise() += bias_->transpose();
     return y;
   }
 
