@@ -161,7 +161,7 @@ BITNET_TARGET_AVX2 inline bool quantize_row_avx2(const float* x, Eigen::Index co
     if (!std::isfinite(x[c])) return false;
     absmax = std::max(absmax, std::abs(x[c]));
   }
-  scale = 127.0f / std::max(absmax, scale_floor<float>);
+  scale = activation_scale_of(absmax);
 
   const __m256 vscale = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
   const __m256i dword_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);

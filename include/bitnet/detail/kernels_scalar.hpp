@@ -74,7 +74,7 @@ bool quantize_row_scalar(const T* x, Eigen::Index cols, Eigen::Index padded, std
     if (!std::isfinite(x[c])) return false;
     absmax = std::max(absmax, std::abs(x[c]));
   }
-  scale = T(127) / std::max(absmax, scale_floor<T>);
+  scale = activation_scale_of(absmax);
   sum = 0;
   for (Eigen::Index c = 0; c < cols; ++c) {
     q[c] = static_cast<std::int8_t>(std::clamp(round_half_even(x[c] * scale), T(-128), T(127)));
