@@ -2,9 +2,10 @@
 //
 // Accumulator bound: vpmaddubsw multiplies unsigned codes by int8 activations and adds pairs into
 // saturating int16 lanes. With codes c in {0, 1, 2} and x in [-128, 127] a pair c0 x0 + c1 x1 lies
-// in [-512, 508]; with codes extracted as 4c (see gemv_block_avx2) in [-2048, 2032]. Each kernel
-// widens its int16 lanes to int32 (vpmaddwd) before they could leave [-16384, 16256], so no lane
-// ever saturates or wraps. The int32 bound is in kernels.hpp (max_in_features).
+// in [-512, 508]; with codes extracted as 4c (gemv_block_avx2) in [-2048, 2032], and those are
+// brought back to [-512, 508] per pair by an exact shift before they reach an accumulator. Each
+// kernel widens its int16 lanes to int32 (vpmaddwd) after at most 8 tiles, 32 pairs per lane:
+// [-16384, 16256], so no lane ever saturates or wraps. The int32 bound is max_in_features.
 #pragma once
 
 #include "cpu_features.hpp"
@@ -34,41 +35,43 @@ BITNET_INLINE_AVX2 __m256i load_avx2(const void* p) noexcept {
   return _mm256_load_si256(static_cast<const __m256i*>(p));
 }
 
-/// Column tiles the batch-1 kernel sums in int16 lanes before widening. It extracts planes 1 and 3
-/// as 4 * code (an AND without a shift), so those lanes see pairs in [-2048, 2032] and add two per
-/// tile: 4 tiles stay inside [-16384, 16256].
-inline constexpr Eigen::Index gemv_tiles_per_int16 = 4;
+/// Column tiles the batch-1 kernel sums in int16 lanes before widening. It extracts planes 1 and
+/// 3 as 4 * code (an AND without a shift): their products, pairs in [-2048, 2032], are added
+/// (within [-4096, 4064]) and shifted right by 2, exactly, since each is a multiple of 4. A lane
+/// then gains at most 4 * 512 per tile, so 8 tiles stay inside [-16384, 16256].
+inline constexpr Eigen::Index gemv_tiles_per_int16 = 8;
 
 /// Batch 1: the four rows of block g in one sequential pass, each row's tile unpacked with one
-/// shift and four ANDs. The activations are memory operands of vpmaddubsw, so only the weights
-/// occupy ALU slots.
+/// shift and four ANDs. The activations are memory operands of vpmaddubsw.
 BITNET_TARGET_AVX2 inline void gemv_block_avx2(const gemm_args& a, Eigen::Index g) noexcept {
   const __m256i low = _mm256_set1_epi8(0x03), high = _mm256_set1_epi8(0x0c), ones = _mm256_set1_epi16(1);
   const std::uint8_t* w = a.weights + g * a.col_blocks * tile_cols;
   const std::int8_t* x = a.x;
   __m256i acc[tile_rows];
   for (int r = 0; r < tile_rows; ++r) acc[r] = _mm256_setzero_si256();
-  for (Eigen::Index kb0 = 0; kb0 < a.col_blocks; kb0 += gemv_tiles_per_int16) {
-    const Eigen::Index kb_end = std::min(kb0 + gemv_tiles_per_int16, a.col_blocks);
-    __m256i even[tile_rows], odd[tile_rows];  // planes 0, 2 as 1 * code; planes 1, 3 as 4 * code
-    for (int r = 0; r < tile_rows; ++r) even[r] = odd[r] = _mm256_setzero_si256();
-    for (Eigen::Index kb = kb0; kb < kb_end; ++kb, w += tile_cols, x += tile_cols) {
+  for (Eigen::Index remaining = a.col_blocks; remaining > 0;) {
+    const Eigen::Index run = std::min(remaining, gemv_tiles_per_int16);
+    remaining -= run;
+    const std::uint8_t* const run_end = w + run * tile_cols;
+    __m256i s[tile_rows];
+    for (int r = 0; r < tile_rows; ++r) s[r] = _mm256_setzero_si256();
+    do {
 #pragma GCC unroll 4
       for (int r = 0; r < tile_rows; ++r) {
         const __m256i packed = load_avx2(w + r * plane_bytes);
         const __m256i shifted = _mm256_srli_epi16(packed, 4);
-        even[r] = _mm256_add_epi16(even[r], _mm256_maddubs_epi16(_mm256_and_si256(packed, low), load_avx2(x)));
-        odd[r] = _mm256_add_epi16(odd[r], _mm256_maddubs_epi16(_mm256_and_si256(packed, high), load_avx2(x + 32)));
-        even[r] = _mm256_add_epi16(even[r], _mm256_maddubs_epi16(_mm256_and_si256(shifted, low), load_avx2(x + 64)));
-        odd[r] = _mm256_add_epi16(odd[r], _mm256_maddubs_epi16(_mm256_and_si256(shifted, high), load_avx2(x + 96)));
+        const __m256i odd = _mm256_add_epi16(
+            _mm256_maddubs_epi16(_mm256_and_si256(packed, high), load_avx2(x + 32)),
+            _mm256_maddubs_epi16(_mm256_and_si256(shifted, high), load_avx2(x + 96)));
+        const __m256i even = _mm256_add_epi16(
+            _mm256_maddubs_epi16(_mm256_and_si256(packed, low), load_avx2(x)),
+            _mm256_maddubs_epi16(_mm256_and_si256(shifted, low), load_avx2(x + 64)));
+        s[r] = _mm256_add_epi16(s[r], _mm256_add_epi16(even, _mm256_srai_epi16(odd, 2)));
       }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < tile_rows; ++r) {
-      // odd lanes hold 4x their sum: every pair sum is a multiple of 4, so the shift is exact.
-      const __m256i odd32 = _mm256_srai_epi32(_mm256_madd_epi16(odd[r], ones), 2);
-      acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(even[r], ones), odd32));
-    }
+      w += tile_cols;
+      x += tile_cols;
+    } while (w != run_end);
+    for (int r = 0; r < tile_rows; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s[r], ones));
   }
   for (Eigen::Index r = 0; r < tile_rows && g * tile_rows + r < a.rows; ++r)
     a.acc[g * tile_rows + r] = hsum_avx2(acc[r]) - a.x_sums[0];
@@ -84,13 +87,17 @@ BITNET_TARGET_AVX2 void gemm_row_avx2(const gemm_args& a, Eigen::Index row, Eige
   const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
   const std::uint8_t* w = a.weights + ((row / tile_rows) * a.col_blocks * tile_rows + row % tile_rows) * plane_bytes;
   const std::int8_t* x = a.x + token * a.x_stride;
+  const Eigen::Index stride = a.x_stride;
   __m256i acc[Tokens];
   for (int t = 0; t < Tokens; ++t) acc[t] = _mm256_setzero_si256();
-  for (Eigen::Index kb0 = 0; kb0 < a.col_blocks; kb0 += tiles_per_int16) {
-    const Eigen::Index kb_end = std::min(kb0 + tiles_per_int16, a.col_blocks);
+  // One pointer and one end per run keep GCC from spilling loop counters to the stack.
+  for (Eigen::Index remaining = a.col_blocks; remaining > 0;) {
+    const Eigen::Index run = std::min(remaining, tiles_per_int16);
+    remaining -= run;
+    const std::uint8_t* const run_end = w + run * tile_rows * plane_bytes;
     __m256i s[Tokens];
     for (int t = 0; t < Tokens; ++t) s[t] = _mm256_setzero_si256();
-    for (Eigen::Index kb = kb0; kb < kb_end; ++kb, w += tile_rows * plane_bytes, x += tile_cols) {
+    do {
       const __m256i packed = load_avx2(w);
       const __m256i c0 = _mm256_and_si256(packed, mask);
       const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(packed, 2), mask);
@@ -98,13 +105,15 @@ BITNET_TARGET_AVX2 void gemm_row_avx2(const gemm_args& a, Eigen::Index row, Eige
       const __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(packed, 6), mask);
 #pragma GCC unroll 8
       for (int t = 0; t < Tokens; ++t) {
-        const std::int8_t* xt = x + t * a.x_stride;
+        const std::int8_t* xt = x + t * stride;
         s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(c0, load_avx2(xt)));
         s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(c1, load_avx2(xt + 32)));
         s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(c2, load_avx2(xt + 64)));
         s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(c3, load_avx2(xt + 96)));
       }
-    }
+      w += tile_rows * plane_bytes;
+      x += tile_cols;
+    } while (w != run_end);
     for (int t = 0; t < Tokens; ++t) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s[t], ones));
   }
   for (int t = 0; t < Tokens; ++t)
