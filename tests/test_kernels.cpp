@@ -1,11 +1,14 @@
+#include <bitnet/bit_linear.hpp>
 #include <bitnet/kernels.hpp>
 #include <bitnet/pack.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <doctest/doctest.h>
@@ -275,4 +278,26 @@ TEST_CASE("kernels: ISA choice, override and thread count API") {
   CHECK(bitnet::num_threads() == 3);
   bitnet::set_num_threads(0);
   CHECK(bitnet::num_threads() == before);
+}
+
+// The environment is read once per process, so ctest runs this file's env-dependent checks in
+// extra registrations (tests/CMakeLists.txt): bitnet_tests.invalid_isa and bitnet_tests.threads_env.
+TEST_CASE("kernels: environment overrides BITNET_ISA and BITNET_NUM_THREADS") {
+  const char* isa_env = std::getenv("BITNET_ISA");
+  if (isa_env != nullptr && *isa_env != '\0' && !bitnet::detail::parse_isa(isa_env)) {
+    CHECK_THROWS_WITH_AS((void)bitnet::active_isa(), doctest::Contains("names no kernel ISA"), bitnet::value_error);
+    const bitnet::BitLinear<float> layer(Matrix<float>::Ones(2, 3));
+    CHECK_THROWS_AS((void)layer.forward(Matrix<float>::Ones(1, 3)), bitnet::value_error);
+    bitnet::force_isa(isa::scalar);  // an explicit choice still works
+    CHECK(layer.forward(Matrix<float>::Ones(1, 3)).cols() == 2);
+    bitnet::clear_forced_isa();
+  } else {
+    MESSAGE("BITNET_ISA is unset or valid here; ctest's bitnet_tests.invalid_isa checks an invalid value");
+  }
+  const char* threads_env = std::getenv("BITNET_NUM_THREADS");
+  if (threads_env != nullptr && *threads_env != '\0') {
+    CHECK(bitnet::num_threads() == std::atoi(threads_env));
+  } else {
+    CHECK(bitnet::num_threads() == int(std::max(1u, std::thread::hardware_concurrency())));
+  }
 }
