@@ -130,10 +130,13 @@ class planner {
         if (!first_visit(&slot) || kept(*linear)) return;
         using T = std::conditional_t<choice == 1, float, double>;
         layers_.push_back(std::make_unique<pointer_slot<Policy, Pointer, L, T>>(path_, slot, const_cast<L&>(*linear)));
-        return;
+      } else if constexpr (layer_graph<base>) {
+        walk(*slot);
       }
+      // a base without children is a leaf in a polymorphic tree (an activation ...)
+    } else {
+      walk(*slot);
     }
-    walk(*slot);
   }
 
   bool first_visit(const void* slot) { return visited_.insert(slot).second; }
