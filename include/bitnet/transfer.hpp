@@ -20,6 +20,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "bit_linear.hpp"
 #include "errors.hpp"
@@ -60,6 +61,12 @@ class layer_source {
     if (has_bias()) access_->copy_bias(view_, b.emplace());
     return b;
   }
+  /// The first weight (row, column) that is not finite once converted to T, if any.
+  std::optional<std::pair<Index, Index>> first_non_finite_weight() const noexcept {
+    return access_->first_non_finite_weight(view_);
+  }
+  /// The first bias element that is not finite once converted to T, if any.
+  std::optional<Index> first_non_finite_bias() const noexcept { return access_->first_non_finite_bias(view_); }
   /// The options the new BitLinear is built with.
   const bitlinear_options& options() const noexcept { return *options_; }
   /// True when the new layer adopted the source's buffers instead of copying them.
@@ -75,7 +82,27 @@ class layer_source {
     T (*bias_at)(const void*, Index) noexcept;
     void (*copy_weight)(const void*, Matrix<T>&);
     void (*copy_bias)(const void*, Vector<T>&);
+    std::optional<std::pair<Index, Index>> (*first_non_finite_weight)(const void*) noexcept;
+    std::optional<Index> (*first_non_finite_bias)(const void*) noexcept;
   };
+
+  template <class View>
+  static std::optional<std::pair<Index, Index>> scan_weight(const void* v) noexcept {
+    const auto& w = as<View>(v).weight;
+    for (Index r = 0; r < w.rows(); ++r)
+      for (Index c = 0; c < w.cols(); ++c)
+        if (!std::isfinite(static_cast<T>(w(r, c)))) return std::pair{r, c};
+    return std::nullopt;
+  }
+
+  template <class View>
+  static std::optional<Index> scan_bias(const void* v) noexcept {
+    const auto& b = as<View>(v).bias;
+    if (b)
+      for (Index i = 0; i < b->size(); ++i)
+        if (!std::isfinite(static_cast<T>((*b)(i)))) return i;
+    return std::nullopt;
+  }
 
   template <class View>
   static const View& as(const void* view) noexcept {
@@ -92,6 +119,8 @@ class layer_source {
       [](const void* v, Index i) noexcept { return static_cast<T>((*as<View>(v).bias)(i)); },
       [](const void* v, Matrix<T>& out) { out = as<View>(v).weight.template cast<T>(); },
       [](const void* v, Vector<T>& out) { out = as<View>(v).bias->template cast<T>(); },
+      &scan_weight<View>,
+      &scan_bias<View>,
   };
 
   std::string_view path_;
@@ -193,16 +222,13 @@ struct checked {
       throw detail::transfer_failure(source.path(), "bias has " + std::to_string(source.bias_size()) +
                                                         " elements, the weight has " + std::to_string(out) +
                                                         " rows");
-    for (Index r = 0; r < out; ++r)
-      for (Index c = 0; c < in; ++c)
-        if (const T v = source.weight(r, c); !std::isfinite(v))
-          throw detail::transfer_failure(source.path(), "weight is not finite (" + detail::describe_non_finite(v) +
-                                                            ") at " + detail::position(r, c));
-    if (source.has_bias())
-      for (Index i = 0; i < out; ++i)
-        if (const T v = source.bias(i); !std::isfinite(v))
-          throw detail::transfer_failure(source.path(), "bias is not finite (" + detail::describe_non_finite(v) +
-                                                            ") at index " + std::to_string(i));
+    if (const auto at = source.first_non_finite_weight())
+      throw detail::transfer_failure(source.path(), "weight is not finite (" +
+                                                        detail::describe_non_finite(source.weight(at->first, at->second)) +
+                                                        ") at " + detail::position(at->first, at->second));
+    if (const auto at = source.first_non_finite_bias())
+      throw detail::transfer_failure(source.path(), "bias is not finite (" + detail::describe_non_finite(source.bias(*at)) +
+                                                        ") at index " + std::to_string(*at));
   }
 
   template <real_scalar T>
@@ -212,12 +238,14 @@ struct checked {
       throw detail::transfer_failure(source.path(), "the new layer is " +
                                                         detail::shape_string(staged.out_features(), staged.in_features()) +
                                                         ", the source is " + detail::shape_string(out, in));
-    for (Index r = 0; r < out; ++r)
-      for (Index c = 0; c < in; ++c)
-        if (!detail::same_bits(staged.weight()(r, c), source.weight(r, c)))
-          throw detail::transfer_failure(source.path(),
-                                         "the new layer's latent weight differs from the source at " +
-                                             detail::position(r, c));
+    const Matrix<T> source_weight = source.weight_matrix();
+    if (std::memcmp(staged.weight().data(), source_weight.data(), sizeof(T) * std::size_t(source_weight.size())) != 0)
+      for (Index r = 0; r < out; ++r)
+        for (Index c = 0; c < in; ++c)
+          if (!detail::same_bits(staged.weight()(r, c), source_weight(r, c)))
+            throw detail::transfer_failure(source.path(),
+                                           "the new layer's latent weight differs from the source at " +
+                                               detail::position(r, c));
     if (staged.bias().has_value() != source.has_bias())
       throw detail::transfer_failure(source.path(), source.has_bias() ? "the new layer lost the bias"
                                                                       : "the new layer has a bias the source lacks");
@@ -226,20 +254,21 @@ struct checked {
         if (!detail::same_bits((*staged.bias())(i), source.bias(i)))
           throw detail::transfer_failure(source.path(),
                                          "the new layer's bias differs from the source at index " + std::to_string(i));
-    check_probe_output(source, staged);
+    check_probe_output(source, source_weight, staged);
   }
 
  private:
   // The new layer's output on a probe input must equal (xq . wq^T) / (sx * sw) + b computed here from
   // the source weights, up to the rounding of the two final operations in T.
   template <real_scalar T>
-  static void check_probe_output(const layer_source<T>& source, const BitLinear<T>& staged) {
+  static void check_probe_output(const layer_source<T>& source, const Matrix<T>& source_weight,
+                                 const BitLinear<T>& staged) {
     const Index out = source.out_features(), in = source.in_features();
     const Matrix<T> x = detail::probe_input<T>(2, in);
     const Matrix<T> y = staged.forward(x);
     const quantized_activations<T> xq =
         quantize_activations(source.options().rms_norm ? rms_norm(x, T(source.options().rms_eps)) : x);
-    const ternary_weights<T> wq = quantize_weights(source.weight_matrix());
+    const ternary_weights<T> wq = quantize_weights(source_weight);
     const double eps = std::numeric_limits<T>::epsilon();
     for (Index b = 0; b < x.rows(); ++b)
       for (Index o = 0; o < out; ++o) {
