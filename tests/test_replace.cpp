@@ -531,3 +531,54 @@ TEST_CASE("replace_report: per-layer numbers computed independently, totals, ali
   CHECK(first.find("10x3") != std::string::npos);
   CHECK(total.find("200 B") != std::string::npos);
 }
+
+namespace {
+// A polymorphic tree whose replacement hook fails for one layer: by returning null or by throwing.
+struct node {
+  virtual ~node() = default;
+  std::map<std::string, std::unique_ptr<node>> children;
+};
+struct dense_node : node {
+  explicit dense_node(Linear<float> l) : linear(std::move(l)) {}
+  Linear<float> linear;
+};
+struct bit_node : node {
+  explicit bit_node(BitLinear<float> b) : bit(std::move(b)) {}
+  BitLinear<float> bit;
+};
+template <class Visit>
+void bitnet_children(node& n, Visit& visit) {
+  for (auto& [name, child] : n.children) visit(name, child);
+}
+bitnet::linear_view<float> bitnet_linear(const dense_node& d) { return {d.linear.weight, d.linear.bias}; }
+dense_node* bitnet_as_linear(node& n) noexcept { return dynamic_cast<dense_node*>(&n); }
+std::unique_ptr<node> bitnet_make_replacement(const dense_node& d, BitLinear<float>&& bit) {
+  if (d.linear.weight.rows() == 2) return nullptr;
+  if (d.linear.weight.rows() == 3) throw std::logic_error("no replacement for 3 outputs");
+  return std::make_unique<bit_node>(std::move(bit));
+}
+}  // namespace
+
+TEST_CASE("replace_linear: a replacement hook that returns null or throws rolls the tree back") {
+  for (Index failing_rows : {2, 3}) {
+    CAPTURE(failing_rows);
+    std::mt19937 rng(17);
+    node root;
+    root.children["a"] = std::make_unique<dense_node>(random_linear<float>(4, 5, rng));
+    root.children["b"] = std::make_unique<dense_node>(random_linear<float>(4, failing_rows, rng));
+    root.children["c"] = std::make_unique<dense_node>(random_linear<float>(4, 5, rng));
+    const node* a = root.children["a"].get();
+    const node* c = root.children["c"].get();
+    if (failing_rows == 2)
+      CHECK_THROWS_WITH_AS(bitnet::replace_linear(root), "bitnet::replace_linear: b: bitnet_make_replacement returned a null pointer",
+                           bitnet::transfer_error);
+    else
+      CHECK_THROWS_WITH_AS(bitnet::replace_linear(root), "no replacement for 3 outputs", std::logic_error);
+    CHECK(root.children["a"].get() == a);
+    CHECK(root.children["c"].get() == c);
+    CHECK(dynamic_cast<dense_node*>(root.children["b"].get()) != nullptr);
+    root.children.erase("b");
+    CHECK(bitnet::replace_linear(root).layers.size() == 2);
+    CHECK(dynamic_cast<bit_node*>(root.children["c"].get()) != nullptr);
+  }
+}

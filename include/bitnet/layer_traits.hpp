@@ -126,13 +126,13 @@ struct layer_traits {
     return bitnet_linear(layer);
   }
 
-  static auto linear_buffers(T& layer) noexcept
+  static auto linear_buffers(T& layer)
     requires requires { bitnet_linear_buffers(layer); }
   {
     return bitnet_linear_buffers(layer);
   }
 
-  static auto as_linear(T& base) noexcept
+  static auto as_linear(T& base)
     requires requires { bitnet_as_linear(base); }
   {
     return bitnet_as_linear(base);
