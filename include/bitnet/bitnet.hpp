@@ -3,6 +3,12 @@
 
 #include "bit_linear.hpp"
 #include "errors.hpp"
+#include "layer_traits.hpp"
 #include "linear.hpp"
 #include "matrix.hpp"
 #include "quant.hpp"
+#include "replace.hpp"
+#include "replace_options.hpp"
+#include "replace_report.hpp"
+#include "transfer.hpp"
+#include "verify.hpp"
