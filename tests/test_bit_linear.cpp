@@ -1,10 +1,13 @@
 #include <bitnet/bit_linear.hpp>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <thread>
 #include <type_traits>
+#include <vector>
 
 #include <doctest/doctest.h>
 
@@ -169,4 +172,130 @@ TEST_CASE_TEMPLATE("BitLinear: bad input is rejected with a clear error and noth
   CHECK(layer.ternary_weight()(1, 2) == -1);
   layer.set_bias(std::nullopt);
   CHECK_FALSE(layer.bias().has_value());
+}
+
+namespace {
+
+// Restores the run-time kernel choice and thread count when a test ends (also on failure).
+struct kernel_settings_guard {
+  ~kernel_settings_guard() {
+    bitnet::clear_forced_isa();
+    bitnet::set_num_threads(0);
+  }
+};
+
+std::vector<bitnet::isa> runnable_isas() {
+  std::vector<bitnet::isa> isas;
+  for (bitnet::isa which : {bitnet::isa::scalar, bitnet::isa::avx2, bitnet::isa::avx512})
+    if (bitnet::isa_supported(which)) isas.push_back(which);
+  return isas;
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("BitLinear: forward is bit-identical for every ISA and thread count", T, float, double) {
+  kernel_settings_guard guard;
+  std::mt19937 rng(21);
+  // 256 x 2048 at batch 8 is 4M multiply-adds: enough for the kernels to split it over 2 threads.
+  for (Index batch : {1, 8}) {
+    const Matrix<T> w = reference::random_matrix<T>(257, 2048, rng, 0.05);
+    const Vector<T> b = reference::random_matrix<T>(257, 1, rng);
+    const Matrix<T> x = reference::random_matrix<T>(batch, 2048, rng, 4.0);
+    const BitLinear<T> layer(w, b);
+    bitnet::force_isa(bitnet::isa::scalar);
+    bitnet::set_num_threads(1);
+    const Matrix<T> expected = layer.forward(x);
+    for (bitnet::isa which : runnable_isas())
+      for (int threads : {1, 2}) {
+        CAPTURE(bitnet::isa_name(which));
+        CAPTURE(threads);
+        bitnet::force_isa(which);
+        bitnet::set_num_threads(threads);
+        CHECK(layer.forward(x) == expected);
+        CHECK(bitnet::last_isa() == which);
+      }
+  }
+}
+
+TEST_CASE("BitLinear: a plain build runs the best kernels this CPU has") {
+  const char* env = std::getenv("BITNET_ISA");
+  if (env != nullptr && *env != '\0') {
+    MESSAGE("BITNET_ISA is set: checking that it is obeyed instead");
+    const BitLinear<float> layer(Matrix<float>::Ones(4, 300));
+    (void)layer.forward(Matrix<float>::Ones(2, 300));
+    CHECK(bitnet::isa_name(bitnet::last_isa()) == env);
+    return;
+  }
+  const BitLinear<float> layer(Matrix<float>::Ones(4, 300));
+  (void)layer.forward(Matrix<float>::Ones(2, 300));
+  CHECK(bitnet::last_isa() == bitnet::best_isa());
+}
+
+TEST_CASE_TEMPLATE("BitLinear: releasing the latent weights keeps forward and shrinks the layer", T, float, double) {
+  std::mt19937 rng(22);
+  const Index out = 256, in = 2560;
+  const Matrix<T> w = reference::random_matrix<T>(out, in, rng, 0.05);
+  const Vector<T> b = reference::random_matrix<T>(out, 1, rng);
+  const Matrix<T> x = reference::random_matrix<T>(3, in, rng);
+  BitLinear<T> layer(w, b);
+  const Matrix<T> y = layer.forward(x);
+  const Matrix<std::int8_t> codes = layer.ternary_weight();
+  const T scale = layer.weight_scale();
+  CHECK(layer.has_latent_weights());
+  CHECK(double(layer.memory_bytes()) >= double(out * in * sizeof(T)));
+
+  layer.release_latent_weights();
+  CHECK_FALSE(layer.has_latent_weights());
+  CHECK(layer.forward(x) == y);
+  CHECK(layer.ternary_weight() == codes);
+  CHECK(layer.weight_scale() == scale);
+  REQUIRE(layer.bias().has_value());
+  CHECK(*layer.bias() == b);
+  CHECK_THROWS_WITH_AS((void)layer.weight(), doctest::Contains("latent weights were released"), bitnet::state_error);
+
+  // What remains: the packed codes (2 bits per weight) and the bias, measured from the buffers.
+  const double bias_bytes = double(out * sizeof(T));
+  const double weight_bits = (double(layer.memory_bytes()) - bias_bytes) * 8.0 / double(out * in);
+  CAPTURE(weight_bits);
+  CHECK(weight_bits <= 2.1);
+  CHECK(weight_bits >= 2.0);
+  CHECK(layer.packed_weight().capacity_bytes() == std::size_t(out * in / 4));
+
+  // Copies stay inference-only; set_weight gives latent weights back.
+  const BitLinear<T> copy = layer;
+  CHECK_FALSE(copy.has_latent_weights());
+  CHECK(copy.forward(x) == y);
+  layer.set_weight(w);
+  CHECK(layer.has_latent_weights());
+  CHECK(layer.weight() == w);
+  CHECK(layer.forward(x) == y);
+}
+
+TEST_CASE("BitLinear: in_features beyond max_in_features is rejected") {
+  CHECK_THROWS_WITH_AS(BitLinear<float>(Matrix<float>(1, bitnet::max_in_features + 1)),
+                       doctest::Contains("exceeds the exact-accumulation limit"), bitnet::shape_error);
+}
+
+TEST_CASE("BitLinear: concurrent forward on one layer") {
+  // Several threads share one const layer (run under ThreadSanitizer by the tsan preset).
+  std::mt19937 rng(23);
+  const BitLinear<float> layer(reference::random_matrix<float>(300, 1024, rng, 0.05),
+                               Vector<float>(reference::random_matrix<float>(300, 1, rng)));
+  std::vector<Matrix<float>> inputs;
+  for (Index batch : {1, 2, 7, 16}) inputs.push_back(reference::random_matrix<float>(batch, 1024, rng));
+  std::vector<Matrix<float>> expected;
+  for (const Matrix<float>& x : inputs) expected.push_back(layer.forward(x));
+  bitnet::set_num_threads(2);  // each call may start its own worker too
+  std::vector<int> mismatches(4, 0);
+  std::vector<std::thread> callers;
+  for (int t = 0; t < 4; ++t)
+    callers.emplace_back([&, t] {
+      for (int round = 0; round < 10; ++round)
+        for (std::size_t i = 0; i < inputs.size(); ++i)
+          if (layer.forward(inputs[(i + std::size_t(t)) % inputs.size()]) != expected[(i + std::size_t(t)) % inputs.size()])
+            ++mismatches[std::size_t(t)];
+    });
+  for (std::thread& caller : callers) caller.join();
+  bitnet::set_num_threads(0);
+  CHECK(mismatches == std::vector<int>(4, 0));
 }

@@ -4,10 +4,17 @@
 //
 // with xq the int8 per-row absmax quantization of norm(x), wq the ternary absmean quantization of
 // the latent weight, int32 accumulation and one rescale per output. The ternary weights are
-// computed once, when the weights are set, never in forward().
+// quantized and packed (pack.hpp, 2 bits each) once, when the weights are set, never in forward();
+// forward() runs the kernels chosen at run time (kernels.hpp).
+//
+// Inference-only use: release_latent_weights() frees the float latent weights; the layer then
+// holds the packed codes (2 bits per weight plus padding), the scale and the bias. weight() is
+// the only member that needs the latent weights: it throws state_error after the release.
+// set_weight() gives the layer new latent weights, so it works in both states.
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -15,16 +22,15 @@
 #include <utility>
 #include <vector>
 
-#include "detail/kernels_scalar.hpp"
+#include "detail/aligned_allocator.hpp"
 #include "detail/validate.hpp"
 #include "errors.hpp"
+#include "kernels.hpp"
 #include "matrix.hpp"
+#include "pack.hpp"
 #include "quant.hpp"
 
 namespace bitnet {
-
-/// The largest in_features for which the int32 accumulators are exact (128 * in < 2^31).
-inline constexpr Index max_in_features = (Index{1} << 24) - 1;
 
 struct bitlinear_options {
   bool rms_norm = false;  // apply RMSNorm (no learnable weight) to the input before quantizing
@@ -41,20 +47,19 @@ template <real_scalar T>
 class BitLinear {
  public:
   /// Takes the latent weight (out x in) and optional bias (out). Throws shape_error or
-  /// value_error for empty, mis-shaped or non-finite input; nothing is kept then.
+  /// value_error for empty, mis-shaped (in_features > max_in_features) or non-finite input;
+  /// nothing is kept then.
   explicit BitLinear(Matrix<T> weight, std::optional<Vector<T>> bias = std::nullopt,
                      bitlinear_options options = {})
-      : options_(validated(options)),
-        ternary_(quantize_checked(weight)),
-        weight_(std::move(weight)),
-        bias_(validated_bias(std::move(bias), weight_.rows())) {}
+      : options_(validated(options)), quantized_(quantize_checked(weight)), weight_(std::move(weight)),
+        bias_(validated_bias(std::move(bias), quantized_.packed.rows())) {}
 
   /// Takes over the buffers of `weight` and `bias` without copying them, and only once nothing can
   /// fail any more: if this throws (bad shapes, non-finite values, bad_alloc), `weight` and `bias`
   /// are untouched. On success they are left empty. release() gives the buffers back.
   BitLinear(adopt_buffers_t, Matrix<T>& weight, std::optional<Vector<T>>& bias, bitlinear_options options = {})
       : options_(validated(options)),
-        ternary_((check_bias(bias, weight.rows()), quantize_checked(weight))),
+        quantized_((check_bias(bias, weight.rows()), quantize_checked(weight))),
         weight_(std::move(weight)),
         bias_(std::move(bias)) {}
 
@@ -64,26 +69,44 @@ class BitLinear {
     return {std::move(weight_), std::move(bias_)};
   }
 
-  Index in_features() const noexcept { return weight_.cols(); }
-  Index out_features() const noexcept { return weight_.rows(); }
+  Index in_features() const noexcept { return quantized_.packed.cols(); }
+  Index out_features() const noexcept { return quantized_.packed.rows(); }
   const bitlinear_options& options() const noexcept { return options_; }
 
-  /// Latent (master) weights, out x in, exactly as given.
-  const Matrix<T>& weight() const noexcept { return weight_; }
+  /// Latent (master) weights, out x in, exactly as given. Throws state_error once they were released.
+  const Matrix<T>& weight() const {
+    if (!has_latent_weights())
+      throw state_error("BitLinear::weight: the latent weights were released (release_latent_weights); "
+                        "only the ternary weights remain (ternary_weight(), weight_scale())");
+    return weight_;
+  }
   const std::optional<Vector<T>>& bias() const noexcept { return bias_; }
 
-  /// Ternary codes {-1, 0, +1} (out x in) and the scale sw: weight ~ ternary_weight() / weight_scale().
-  const Matrix<std::int8_t>& ternary_weight() const noexcept { return ternary_.values; }
-  T weight_scale() const noexcept { return ternary_.scale; }
+  /// Ternary codes {-1, 0, +1} (out x in), unpacked, and the scale sw: weight ~ ternary_weight() / weight_scale().
+  Matrix<std::int8_t> ternary_weight() const { return quantized_.packed.unpack(); }
+  T weight_scale() const noexcept { return quantized_.scale; }
+  /// The packed codes forward() reads.
+  const packed_ternary& packed_weight() const noexcept { return quantized_.packed; }
 
-  /// Replaces the latent weight (same shape) and re-quantizes. Strong guarantee.
+  /// Whether the latent weights are held (true until release_latent_weights()).
+  bool has_latent_weights() const noexcept { return weight_.size() != 0; }
+  /// Frees the latent weights for inference-only use; forward() is unchanged.
+  void release_latent_weights() noexcept { Matrix<T>().swap(weight_); }
+
+  /// Heap bytes the layer holds: packed codes, latent weights (if held) and bias.
+  std::size_t memory_bytes() const noexcept {
+    return quantized_.packed.capacity_bytes() + std::size_t(weight_.size()) * sizeof(T) +
+           (bias_ ? std::size_t(bias_->size()) * sizeof(T) : 0);
+  }
+
+  /// Replaces the latent weight (same shape), re-quantizes and re-packs; after a release this
+  /// gives the layer latent weights again. Strong guarantee.
   void set_weight(Matrix<T> weight) {
-    if (weight.rows() != weight_.rows() || weight.cols() != weight_.cols())
-      throw shape_error("BitLinear::set_weight: weight is " +
-                        detail::shape_string(weight.rows(), weight.cols()) + ", the layer is " +
-                        detail::shape_string(weight_.rows(), weight_.cols()));
-    ternary_weights<T> ternary = quantize_checked(weight);
-    ternary_ = std::move(ternary);
+    if (weight.rows() != out_features() || weight.cols() != in_features())
+      throw shape_error("BitLinear::set_weight: weight is " + detail::shape_string(weight.rows(), weight.cols()) +
+                        ", the layer is " + detail::shape_string(out_features(), in_features()));
+    quantized_weights quantized = quantize_checked(weight);
+    quantized_ = std::move(quantized);
     weight_ = std::move(weight);
   }
 
@@ -91,7 +114,8 @@ class BitLinear {
   void set_bias(std::optional<Vector<T>> bias) { bias_ = validated_bias(std::move(bias), out_features()); }
 
   /// x: batch x in  ->  batch x out. Throws shape_error for a wrong feature count and value_error
-  /// for a non-finite input. A batch of 0 rows gives 0 rows.
+  /// for a non-finite input. A batch of 0 rows gives 0 rows. Safe to call from several threads at
+  /// once: all scratch memory belongs to the call.
   template <class Derived>
   Matrix<T> forward(const Eigen::MatrixBase<Derived>& x) const {
     static_assert(std::is_same_v<typename Derived::Scalar, T>,
@@ -103,35 +127,61 @@ class BitLinear {
     Matrix<T> y(batch, out_features());
     if (batch == 0) return y;
 
-    const quantized_activations<T> xq =
-        options_.rms_norm ? quantize_activations(rms_norm(x, T(options_.rms_eps))) : quantize_activations(x);
+    const isa kernels = active_isa();
+    const int threads = num_threads();
+    const Eigen::Ref<const Matrix<T>, 0, Eigen::OuterStride<>> input(x.derived());
+    Matrix<T> normed;
+    if (options_.rms_norm) normed = rms_norm(input, T(options_.rms_eps));
+    const T* rows = options_.rms_norm ? normed.data() : input.data();
+    const Index row_stride = options_.rms_norm ? normed.outerStride() : input.outerStride();
+
+    const packed_ternary& packed = quantized_.packed;
+    const Index x_stride = packed.padded_cols();
+    detail::aligned_vector<std::int8_t> xq(static_cast<std::size_t>(batch * x_stride));
+    std::vector<T> scales(static_cast<std::size_t>(batch));
+    std::vector<std::int32_t> sums(static_cast<std::size_t>(batch));
+    if (!detail::quantize_rows(kernels, rows, row_stride, batch, in_features(), xq.data(), x_stride, scales.data(),
+                               sums.data()))
+      detail::require_finite(input, "activation_quant: input");  // throws, naming the element
+
     std::vector<std::int32_t> acc(static_cast<std::size_t>(batch * out_features()));
-    detail::ternary_gemm_reference(xq.values.data(), batch, ternary_.values.data(), out_features(),
-                                   in_features(), acc.data());
+    const detail::gemm_args args{packed.data(), packed.col_blocks(), out_features(), xq.data(),
+                                 x_stride,      sums.data(),         batch,          acc.data()};
+    detail::ternary_gemm(kernels, args, packed.row_blocks(), threads);
+    const T* bias = bias_ ? bias_->data() : nullptr;
     for (Index b = 0; b < batch; ++b) {
-      // sx * sw in double is exact for float scales; one rounding to T at the end.
-      const double inverse_scale = 1.0 / (double(xq.scales(b)) * double(ternary_.scale));
-      for (Index o = 0; o < out_features(); ++o)
-        y(b, o) = static_cast<T>(double(acc[std::size_t(b * out_features() + o)]) * inverse_scale);
+      // sx * sw in double is exact for float scales; one rounding to T, then the bias added in T.
+      const double inverse_scale = 1.0 / (double(scales[std::size_t(b)]) * double(quantized_.scale));
+      const std::int32_t* row_acc = acc.data() + b * out_features();
+      T* row_y = y.data() + b * out_features();
+      if (bias)
+        for (Index o = 0; o < out_features(); ++o) row_y[o] = static_cast<T>(double(row_acc[o]) * inverse_scale) + bias[o];
+      else
+        for (Index o = 0; o < out_features(); ++o) row_y[o] = static_cast<T>(double(row_acc[o]) * inverse_scale);
     }
-    if (bias_) y.rowwise() += bias_->transpose();
     return y;
   }
 
  private:
+  struct quantized_weights {
+    packed_ternary packed;
+    T scale;
+  };
+
   static bitlinear_options validated(bitlinear_options options) {
     if (!(options.rms_eps > 0) || !std::isfinite(options.rms_eps))
       throw value_error("BitLinear: rms_eps must be finite and > 0, got " + std::to_string(options.rms_eps));
     return options;
   }
 
-  static ternary_weights<T> quantize_checked(const Matrix<T>& weight) {
+  static quantized_weights quantize_checked(const Matrix<T>& weight) {
     detail::require_non_empty(weight, "BitLinear: weight");
     if (weight.cols() > max_in_features)
       throw shape_error("BitLinear: in_features " + std::to_string(weight.cols()) +
-                        " exceeds the exact-accumulation limit " + std::to_string(max_in_features));
+                        " exceeds the exact-accumulation limit max_in_features = " + std::to_string(max_in_features));
     detail::require_finite(weight, "BitLinear: weight");
-    return quantize_weights(weight);
+    ternary_weights<T> ternary = quantize_weights(weight);
+    return {packed_ternary(ternary.values), ternary.scale};
   }
 
   static std::optional<Vector<T>> validated_bias(std::optional<Vector<T>> bias, Index out_features) {
@@ -149,8 +199,8 @@ class BitLinear {
   }
 
   bitlinear_options options_;
-  ternary_weights<T> ternary_;
-  Matrix<T> weight_;
+  quantized_weights quantized_;
+  Matrix<T> weight_;  // empty once released
   std::optional<Vector<T>> bias_;
 };
 

@@ -3,9 +3,11 @@
 
 #include "bit_linear.hpp"
 #include "errors.hpp"
+#include "kernels.hpp"
 #include "layer_traits.hpp"
 #include "linear.hpp"
 #include "matrix.hpp"
+#include "pack.hpp"
 #include "quant.hpp"
 #include "replace.hpp"
 #include "replace_options.hpp"

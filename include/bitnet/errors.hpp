@@ -27,6 +27,13 @@ class value_error : public error {
   using error::error;
 };
 
+/// The object no longer holds what the call needs (e.g. a BitLinear whose latent weights
+/// were released for inference asked for them).
+class state_error : public error {
+ public:
+  using error::error;
+};
+
 /// A layer-graph transfer (replace_linear) failed; the graph is left unchanged.
 class transfer_error : public error {
  public:

@@ -71,6 +71,13 @@ double mean_abs(const Eigen::DenseBase<Derived>& w) {
 template <class Derived>
 using scalar_of = typename Derived::Scalar;
 
+/// The activation scale for a row whose largest magnitude is absmax (see activation_scales).
+/// The SIMD quantizers use this same function, so every path computes the same scale.
+template <real_scalar S>
+inline S activation_scale_of(S absmax) noexcept {
+  return (S(1) / std::max(absmax, scale_floor<S>)) * S(127);
+}
+
 template <class Derived>
 void require_real_matrix(const Eigen::MatrixBase<Derived>& m, const char* what) {
   require_non_empty(m, what);
@@ -103,7 +110,7 @@ Vector<detail::scalar_of<Derived>> activation_scales(const Eigen::MatrixBase<Der
   for (Index r = 0; r < x.rows(); ++r) {
     S absmax = 0;
     for (Index c = 0; c < x.cols(); ++c) absmax = std::max(absmax, std::abs(S(x.coeff(r, c))));
-    scales(r) = (S(1) / std::max(absmax, scale_floor<S>)) * S(127);
+    scales(r) = detail::activation_scale_of(absmax);
   }
   return scales;
 }

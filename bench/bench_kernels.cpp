@@ -1,0 +1,89 @@
+// Kernel-only throughput (no activation quantization, no rescale) and two probes of the machine:
+// the core clock (a chain of dependent adds runs at one per cycle) and the peak rate of
+// vpmaddubsw, the AVX2 kernels' only multiply. Together they show how close the kernels get to
+// the multiply port limit:  kernel MAC/s  /  (32 MAC per vpmaddubsw * peak vpmaddubsw/s).
+#include <bitnet/bitnet.hpp>
+
+#include <random>
+#include <string>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using bitnet::Index;
+
+void kernel(benchmark::State& state, bitnet::isa which) {
+  const Index out = state.range(0), in = state.range(1), batch = state.range(2);
+  std::mt19937 rng(1);
+  std::uniform_int_distribution<int> code(-1, 1), activation(-127, 127);
+  bitnet::Matrix<std::int8_t> w(out, in);
+  for (Index i = 0; i < w.size(); ++i) w.data()[i] = std::int8_t(code(rng));
+  const bitnet::packed_ternary packed(w);
+  bitnet::detail::aligned_vector<std::int8_t> x(std::size_t(batch * packed.padded_cols()));
+  for (std::int8_t& v : x) v = std::int8_t(activation(rng));
+  std::vector<std::int32_t> sums(static_cast<std::size_t>(batch)), acc(static_cast<std::size_t>(batch * out));
+  const bitnet::detail::gemm_args args{packed.data(), packed.col_blocks(), out, x.data(), packed.padded_cols(),
+                                       sums.data(), batch, acc.data()};
+  for (auto _ : state) {
+    bitnet::detail::ternary_gemm(which, args, packed.row_blocks(), 1);
+    benchmark::DoNotOptimize(acc.data());
+  }
+  state.counters["MAC/s"] = benchmark::Counter(double(out * in * batch), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+#if defined(__x86_64__)
+// 4096 dependent adds per iteration: one per cycle, so adds/s is the clock.
+void clock_probe(benchmark::State& state) {
+  long value = 0;
+  for (auto _ : state) {
+    for (int i = 0; i < 1024; ++i) __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(value));
+  }
+  state.counters["cycles/s"] = benchmark::Counter(4096.0, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// 12 independent vpmaddubsw per inner step (more than latency x ports), register operands only.
+__attribute__((target("avx2"))) void maddubs_probe(benchmark::State& state) {
+  __m256i a0 = _mm256_set1_epi8(1), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
+          a9 = a0, a10 = a0, a11 = a0;
+  const __m256i b = _mm256_set1_epi8(1);
+  for (auto _ : state) {
+    for (int i = 0; i < 256; ++i)
+      __asm__ volatile(
+          "vpmaddubsw %12, %0, %0\n\tvpmaddubsw %12, %1, %1\n\tvpmaddubsw %12, %2, %2\n\tvpmaddubsw %12, %3, %3\n\t"
+          "vpmaddubsw %12, %4, %4\n\tvpmaddubsw %12, %5, %5\n\tvpmaddubsw %12, %6, %6\n\tvpmaddubsw %12, %7, %7\n\t"
+          "vpmaddubsw %12, %8, %8\n\tvpmaddubsw %12, %9, %9\n\tvpmaddubsw %12, %10, %10\n\tvpmaddubsw %12, %11, %11"
+          : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3), "+x"(a4), "+x"(a5), "+x"(a6), "+x"(a7), "+x"(a8), "+x"(a9),
+            "+x"(a10), "+x"(a11)
+          : "x"(b));
+  }
+  state.counters["maddubs/s"] = benchmark::Counter(256.0 * 12, benchmark::Counter::kIsIterationInvariantRate);
+}
+#endif
+
+}  // namespace
+
+int main(int argc, char** argv) {
+#if defined(__x86_64__)
+  benchmark::RegisterBenchmark("clock_probe", clock_probe);
+  if (bitnet::isa_supported(bitnet::isa::avx2)) benchmark::RegisterBenchmark("maddubs_probe", maddubs_probe);
+#endif
+  for (bitnet::isa which : {bitnet::isa::avx2, bitnet::isa::avx512}) {
+    if (!bitnet::isa_supported(which)) continue;
+    const std::string name = "kernel_" + std::string(bitnet::isa_name(which));
+    // L2-resident weights (128 rows) and the model's 6912 x 2560 (from L3).
+    for (Index out : {128, 6912})
+      for (Index batch : {1, 32})
+        benchmark::RegisterBenchmark(name.c_str(), kernel, which)->Args({out, 2560, batch})->Unit(benchmark::kMicrosecond);
+  }
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,303 @@
+#include <bitnet/bit_linear.hpp>
+#include <bitnet/kernels.hpp>
+#include <bitnet/pack.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+#include "reference.hpp"
+
+using bitnet::Index;
+using bitnet::isa;
+using bitnet::Matrix;
+
+namespace {
+
+// The SIMD ISAs this CPU runs (the scalar kernel is always compared too).
+std::vector<isa> runnable_isas() {
+  std::vector<isa> isas{isa::scalar};
+  for (isa which : {isa::avx2, isa::avx512})
+    if (bitnet::isa_supported(which)) isas.push_back(which);
+  return isas;
+}
+
+// One kernel call the way BitLinear makes it: activations copied into zero-padded aligned rows,
+// their sums, and an output of batch x out int32. min_work 0 splits any layer over the threads.
+std::vector<std::int32_t> run_kernel(isa which, int threads, const bitnet::packed_ternary& packed,
+                                     const Matrix<std::int8_t>& x) {
+  const Index batch = x.rows(), stride = packed.padded_cols();
+  bitnet::detail::aligned_vector<std::int8_t> xq(std::size_t(batch * stride), 0);
+  std::vector<std::int32_t> sums(std::size_t(batch), 0);
+  for (Index b = 0; b < batch; ++b)
+    for (Index k = 0; k < x.cols(); ++k) {
+      xq[std::size_t(b * stride + k)] = x(b, k);
+      sums[std::size_t(b)] += x(b, k);
+    }
+  std::vector<std::int32_t> acc(std::size_t(batch * packed.rows()), std::numeric_limits<std::int32_t>::min());
+  const bitnet::detail::gemm_args args{packed.data(), packed.col_blocks(), packed.rows(), xq.data(),
+                                       stride,        sums.data(),         batch,          acc.data()};
+  bitnet::detail::ternary_gemm(which, args, packed.row_blocks(), threads, 0.0);
+  CHECK(bitnet::last_isa() == which);
+  return acc;
+}
+
+std::vector<std::int32_t> reference_product(const Matrix<std::int8_t>& w, const Matrix<std::int8_t>& x) {
+  std::vector<std::int32_t> acc(std::size_t(x.rows() * w.rows()));
+  bitnet::detail::ternary_gemm_reference(x.data(), x.rows(), w.data(), w.rows(), w.cols(), acc.data());
+  return acc;
+}
+
+Matrix<std::int8_t> random_int8(Index rows, Index cols, int lo, int hi, std::mt19937& rng) {
+  std::uniform_int_distribution<int> dist(lo, hi);
+  Matrix<std::int8_t> m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = std::int8_t(dist(rng));
+  return m;
+}
+
+// Every runnable ISA with 1 and 2 threads gives exactly the reference's accumulators.
+void check_all_kernels(const Matrix<std::int8_t>& w, const Matrix<std::int8_t>& x) {
+  const bitnet::packed_ternary packed(w);
+  const std::vector<std::int32_t> expected = reference_product(w, x);
+  for (isa which : runnable_isas())
+    for (int threads : {1, 2}) {
+      CAPTURE(bitnet::isa_name(which));
+      CAPTURE(threads);
+      CHECK(run_kernel(which, threads, packed, x) == expected);
+    }
+}
+
+}  // namespace
+
+TEST_CASE("kernels: the AVX-512 VNNI kernels run only where the CPU has them") {
+  if (bitnet::isa_supported(isa::avx512))
+    MESSAGE("AVX-512 VNNI present: the avx512 kernels are compared with the reference in every kernel test");
+  else {
+    const std::string note = std::string("AVX-512 VNNI kernels NOT run: this CPU lacks AVX-512 F/BW/VL/VNNI; only scalar") +
+                             (bitnet::isa_supported(isa::avx2) ? " and avx2" : "") + " were tested";
+    WARN_MESSAGE(false, note);
+  }
+  CHECK(bitnet::isa_supported(isa::scalar));
+}
+
+TEST_CASE("kernels: every ISA equals the int32 reference on ragged shapes") {
+  std::mt19937 rng(7);
+  // 1..3x the 32-byte plane and the 128-column tile, 2^k +- 1, the int16 widening periods
+  // (512 and 1024 columns), primes and the model sizes.
+  const Index ins[] = {1,   2,   31,  32,  33,  63,  64,  65,   96,   97,   127,  128,  129,  255,  256, 257,
+                       383, 384, 385, 511, 512, 513, 640, 1023, 1024, 1025, 1031, 2047, 2049, 2560, 6912};
+  for (Index in : ins)
+    for (Index out : {1, 3, 4, 5, 9, 33})
+      for (Index batch : {1, 2, 3, 4, 5, 8, 9})
+        if (in * out * batch <= 2'000'000) {
+          CAPTURE(in);
+          CAPTURE(out);
+          CAPTURE(batch);
+          check_all_kernels(random_int8(out, in, -1, 1, rng), random_int8(batch, in, -128, 127, rng));
+        }
+}
+
+TEST_CASE("kernels: every batch from 1 to 33") {
+  std::mt19937 rng(8);
+  for (Index batch = 1; batch <= 33; ++batch)
+    for (Index in : {257, 1025}) {
+      CAPTURE(batch);
+      CAPTURE(in);
+      check_all_kernels(random_int8(9, in, -1, 1, rng), random_int8(batch, in, -128, 127, rng));
+    }
+}
+
+TEST_CASE("kernels: worst-case values (all +-127, all -128, all +1 / all -1 weights)") {
+  std::mt19937 rng(9);
+  for (Index in : {128, 1024, 2049, 6912}) {
+    Matrix<std::int8_t> w(6, in);
+    w.row(0).setConstant(1);
+    w.row(1).setConstant(-1);
+    w.row(2).setZero();
+    for (Index k = 0; k < in; ++k) w(3, k) = std::int8_t(k % 2 ? 1 : -1);
+    w.bottomRows(2) = random_int8(2, in, -1, 1, rng);
+    for (int value : {127, -127, -128}) {
+      CAPTURE(in);
+      CAPTURE(value);
+      const Matrix<std::int8_t> x = Matrix<std::int8_t>::Constant(5, in, std::int8_t(value));
+      check_all_kernels(w, x);
+      // and the value by hand: row 0 sums x, row 1 sums -x
+      const std::vector<std::int32_t> acc = run_kernel(bitnet::best_isa(), 1, bitnet::packed_ternary(w), x);
+      CHECK(acc[0] == value * std::int32_t(in));
+      CHECK(acc[1] == -value * std::int32_t(in));
+      CHECK(acc[2] == 0);
+    }
+  }
+}
+
+TEST_CASE("kernels: exact at max_in_features with extreme values") {
+  // |sum x (w + 1)| reaches 256 * max_in_features here, the int32 limit the bound documents.
+  const Index in = bitnet::max_in_features;
+  CHECK(256.0 * double(in) < 2147483648.0);
+  Matrix<std::int8_t> w(5, in);
+  w.row(0).setConstant(1);
+  w.row(1).setConstant(-1);
+  w.row(2).setZero();
+  for (Index k = 0; k < in; ++k) w(3, k) = std::int8_t(k % 3 - 1);
+  w.row(4).setConstant(1);
+  const bitnet::packed_ternary packed(w);
+  for (int value : {-128, 127}) {
+    const Matrix<std::int8_t> x = Matrix<std::int8_t>::Constant(1, in, std::int8_t(value));
+    const std::int64_t total = std::int64_t(value) * in;
+    std::int64_t alternating = 0;
+    for (Index k = 0; k < in; ++k) alternating += std::int64_t(value) * (k % 3 - 1);
+    for (isa which : runnable_isas()) {
+      CAPTURE(bitnet::isa_name(which));
+      CAPTURE(value);
+      const std::vector<std::int32_t> acc = run_kernel(which, 2, packed, x);
+      CHECK(acc[0] == total);
+      CHECK(acc[1] == -total);
+      CHECK(acc[2] == 0);
+      CHECK(acc[3] == alternating);
+      CHECK(acc[4] == total);
+    }
+  }
+}
+
+TEST_CASE("kernels: vectorized activation quantization equals the reference, ties included") {
+  std::mt19937 rng(10);
+  std::vector<Matrix<float>> inputs;
+  for (Index cols : {1, 7, 8, 9, 31, 32, 33, 63, 64, 65, 100, 255, 256, 257, 2560})
+    inputs.push_back(reference::random_matrix<float>(4, cols, rng, 3.0));
+  // Exact .5 ties: absmax 127 gives scale 1; absmax 254 gives scale 0.5 (so 5 -> 2.5 -> 2).
+  Matrix<float> ties(2, 40);
+  for (Index c = 0; c < 40; ++c) {
+    ties(0, c) = float(c) - 19.5f;          // -19.5 ... 19.5, every one a tie
+    ties(1, c) = float(2 * c - 39) + 0.0f;  // odd integers times 0.5 -> ties
+  }
+  ties(0, 39) = 127.0f;
+  ties(1, 0) = -254.0f;
+  inputs.push_back(ties);
+  inputs.push_back(Matrix<float>::Zero(2, 70));                        // scale floor, all zero codes
+  inputs.push_back(Matrix<float>::Constant(1, 70, 1e-7f));             // below the scale floor
+  inputs.push_back(Matrix<float>::Constant(1, 70, 1e-40f));            // subnormal
+  inputs.push_back(Matrix<float>::Constant(1, 70, -3e38f));            // huge, finite
+  for (const Matrix<float>& x : inputs) {
+    const bitnet::quantized_activations<float> expected = bitnet::quantize_activations(x);
+    const Index stride = (x.cols() + 127) / 128 * 128;
+    for (isa which : runnable_isas()) {
+      CAPTURE(x.cols());
+      CAPTURE(bitnet::isa_name(which));
+      std::vector<std::int8_t> q(std::size_t(x.rows() * stride), 99);
+      std::vector<float> scales(std::size_t(x.rows()));
+      std::vector<std::int32_t> sums(std::size_t(x.rows()));
+      REQUIRE(bitnet::detail::quantize_rows(which, x.data(), x.cols(), x.rows(), x.cols(), q.data(), stride,
+                                            scales.data(), sums.data()));
+      for (Index r = 0; r < x.rows(); ++r) {
+        CHECK(scales[std::size_t(r)] == expected.scales(r));
+        CHECK(scales[std::size_t(r)] == reference::activation_scale(x, r));
+        std::int32_t sum = 0;
+        bool codes_equal = true, padding_zero = true;
+        for (Index c = 0; c < stride; ++c) {
+          const std::int8_t code = q[std::size_t(r * stride + c)];
+          if (c < x.cols()) {
+            codes_equal = codes_equal && code == expected.values(r, c) &&
+                          code == std::int8_t(reference::clamp(
+                                      reference::round_half_even(x(r, c) * reference::activation_scale(x, r)),
+                                      -128.0f, 127.0f));
+            sum += code;
+          } else {
+            padding_zero = padding_zero && code == 0;
+          }
+        }
+        CHECK(codes_equal);
+        CHECK(padding_zero);
+        CHECK(sums[std::size_t(r)] == sum);
+      }
+    }
+  }
+  // the hand-computed ties: -19.5 -> -20, -18.5 -> -18, 0.5 -> 0, 1.5 -> 2; and 5 * 0.5 = 2.5 -> 2
+  const bitnet::quantized_activations<float> tie_codes = bitnet::quantize_activations(ties);
+  CHECK(tie_codes.values(0, 0) == -20);
+  CHECK(tie_codes.values(0, 1) == -18);
+  CHECK(tie_codes.values(0, 20) == 0);
+  CHECK(tie_codes.values(0, 21) == 2);
+  CHECK(tie_codes.values(1, 22) == 2);
+}
+
+TEST_CASE("kernels: activation quantization reports non-finite input") {
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                    -std::numeric_limits<float>::infinity()})
+    for (Index position : {0, 5, 31, 40, 42}) {  // vector body and scalar tail of 43 columns
+      Matrix<float> x = Matrix<float>::Ones(2, 43);
+      x(1, position) = bad;
+      std::vector<std::int8_t> q(256);
+      std::vector<float> scales(2);
+      std::vector<std::int32_t> sums(2);
+      for (isa which : runnable_isas()) {
+        CAPTURE(bitnet::isa_name(which));
+        CAPTURE(position);
+        CHECK_FALSE(bitnet::detail::quantize_rows(which, x.data(), x.cols(), x.rows(), x.cols(), q.data(), 128,
+                                                  scales.data(), sums.data()));
+      }
+    }
+}
+
+TEST_CASE("kernels: ISA choice, override and thread count API") {
+  CHECK(bitnet::isa_name(isa::scalar) == "scalar");
+  CHECK(bitnet::isa_name(isa::avx2) == "avx2");
+  CHECK(bitnet::isa_name(isa::avx512) == "avx512");
+  CHECK(bitnet::isa_supported(bitnet::best_isa()));
+  if (bitnet::isa_supported(isa::avx512)) CHECK(bitnet::best_isa() == isa::avx512);
+  const char* env = std::getenv("BITNET_ISA");
+  if (env == nullptr || *env == '\0') {
+    // This test binary is built without -march flags: the run-time choice still finds SIMD.
+    CHECK(bitnet::active_isa() == bitnet::best_isa());
+  } else {
+    CHECK(bitnet::isa_name(bitnet::active_isa()) == env);
+  }
+  bitnet::force_isa(isa::scalar);
+  CHECK(bitnet::active_isa() == isa::scalar);
+  for (isa which : {isa::avx2, isa::avx512})
+    if (!bitnet::isa_supported(which)) {
+      CHECK_THROWS_WITH_AS(bitnet::force_isa(which), doctest::Contains("this CPU does not support"),
+                           bitnet::value_error);
+      CHECK(bitnet::active_isa() == isa::scalar);  // unchanged
+    }
+  bitnet::clear_forced_isa();
+  CHECK(bitnet::active_isa() == (env && *env ? *bitnet::detail::parse_isa(env) : bitnet::best_isa()));
+  CHECK_FALSE(bitnet::detail::parse_isa("AVX2").has_value());
+
+  const int before = bitnet::num_threads();
+  CHECK(before >= 1);
+  bitnet::set_num_threads(3);
+  CHECK(bitnet::num_threads() == 3);
+  CHECK_THROWS_AS(bitnet::set_num_threads(-1), bitnet::value_error);
+  CHECK(bitnet::num_threads() == 3);
+  bitnet::set_num_threads(0);
+  CHECK(bitnet::num_threads() == before);
+}
+
+// The environment is read once per process, so ctest runs this file's env-dependent checks in
+// extra registrations (tests/CMakeLists.txt): bitnet_tests.invalid_isa and bitnet_tests.threads_env.
+TEST_CASE("kernels: environment overrides BITNET_ISA and BITNET_NUM_THREADS") {
+  const char* isa_env = std::getenv("BITNET_ISA");
+  if (isa_env != nullptr && *isa_env != '\0' && !bitnet::detail::parse_isa(isa_env)) {
+    CHECK_THROWS_WITH_AS((void)bitnet::active_isa(), doctest::Contains("names no kernel ISA"), bitnet::value_error);
+    const bitnet::BitLinear<float> layer(Matrix<float>::Ones(2, 3));
+    CHECK_THROWS_AS((void)layer.forward(Matrix<float>::Ones(1, 3)), bitnet::value_error);
+    bitnet::force_isa(isa::scalar);  // an explicit choice still works
+    CHECK(layer.forward(Matrix<float>::Ones(1, 3)).cols() == 2);
+    bitnet::clear_forced_isa();
+  } else {
+    MESSAGE("BITNET_ISA is unset or valid here; ctest's bitnet_tests.invalid_isa checks an invalid value");
+  }
+  const char* threads_env = std::getenv("BITNET_NUM_THREADS");
+  if (threads_env != nullptr && *threads_env != '\0') {
+    CHECK(bitnet::num_threads() == std::atoi(threads_env));
+  } else {
+    CHECK(bitnet::num_threads() == int(std::max(1u, std::thread::hardware_concurrency())));
+  }
+}

@@ -1,0 +1,106 @@
+#include <bitnet/pack.hpp>
+
+#include <cstdint>
+#include <random>
+#include <type_traits>
+
+#include <doctest/doctest.h>
+
+using bitnet::Index;
+using bitnet::Matrix;
+using bitnet::packed_ternary;
+
+namespace {
+
+Matrix<std::int8_t> random_codes(Index rows, Index cols, std::mt19937& rng) {
+  std::uniform_int_distribution<int> dist(-1, 1);
+  Matrix<std::int8_t> codes(rows, cols);
+  for (Index r = 0; r < rows; ++r)
+    for (Index c = 0; c < cols; ++c) codes(r, c) = std::int8_t(dist(rng));
+  return codes;
+}
+
+Index round_up(Index n, Index block) { return (n + block - 1) / block * block; }
+
+}  // namespace
+
+static_assert(std::is_nothrow_move_constructible_v<packed_ternary> && std::is_copy_constructible_v<packed_ternary>);
+
+TEST_CASE("packed_ternary: pack then unpack is the identity for every ragged shape") {
+  std::mt19937 rng(11);
+  for (Index rows : {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 65}) {
+    for (Index cols : {1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 257, 383, 640}) {
+      CAPTURE(rows);
+      CAPTURE(cols);
+      const Matrix<std::int8_t> codes = random_codes(rows, cols, rng);
+      const packed_ternary packed(codes);
+      REQUIRE(packed.rows() == rows);
+      REQUIRE(packed.cols() == cols);
+      CHECK(packed.padded_rows() == round_up(rows, 4));
+      CHECK(packed.padded_cols() == round_up(cols, 128));
+      // 2 bits per (padded) weight, nothing else
+      CHECK(packed.size_bytes() == std::size_t(round_up(rows, 4) * round_up(cols, 128) / 4));
+      CHECK(reinterpret_cast<std::uintptr_t>(packed.data()) % 64 == 0);
+      CHECK(packed.unpack() == codes);
+      bool every_element = true;
+      for (Index r = 0; r < rows; ++r)
+        for (Index c = 0; c < cols; ++c) every_element = every_element && packed(r, c) == codes(r, c);
+      CHECK(every_element);
+    }
+  }
+}
+
+// The layout written out in pack.hpp, checked bit by bit: a kernel and the writer must agree.
+TEST_CASE("packed_ternary: each weight sits at the documented byte and bits; padding holds weight 0") {
+  const Index rows = 6, cols = 300;  // 2 row blocks, 3 column blocks, both padded
+  const Index col_blocks = 3;
+  for (Index r = 0; r < rows; ++r)
+    for (Index c = 0; c < cols; c += 7) {
+      Matrix<std::int8_t> codes = Matrix<std::int8_t>::Constant(rows, cols, -1);  // code 0 everywhere
+      codes(r, c) = 1;                                                           // code 2 here
+      const packed_ternary packed(codes);
+      const Index byte = ((r / 4 * col_blocks + c / 128) * 4 + r % 4) * 32 + c % 32;
+      const int shift = int(c % 128 / 32) * 2;
+      bool only_there = true;
+      for (Index i = 0; i < Index(packed.size_bytes()); ++i) {
+        const Index row = i / 32 % 4 + i / (32 * 4 * col_blocks) * 4;
+        const Index col = i / 128 % col_blocks * 128 + i % 32;
+        for (int plane = 0; plane < 4; ++plane) {
+          const int code = (packed.data()[i] >> (2 * plane)) & 3;
+          const bool padding = row >= rows || col + 32 * plane >= cols;
+          const int expected = padding ? 1 : (i == byte && 2 * plane == shift) ? 2 : 0;
+          only_there = only_there && code == expected;
+        }
+      }
+      CAPTURE(r);
+      CAPTURE(c);
+      CHECK(only_there);
+    }
+}
+
+TEST_CASE("packed_ternary: rejects codes outside {-1, 0, 1} and empty matrices") {
+  Matrix<std::int8_t> codes = Matrix<std::int8_t>::Zero(3, 5);
+  codes(2, 4) = 2;
+  CHECK_THROWS_WITH_AS(packed_ternary{codes}, doctest::Contains("code 2 at row 2, column 4 is not -1, 0 or +1"),
+                       bitnet::value_error);
+  codes(2, 4) = -128;
+  CHECK_THROWS_AS(packed_ternary{codes}, bitnet::value_error);
+  CHECK_THROWS_WITH_AS(packed_ternary{Matrix<std::int8_t>(0, 3)}, doctest::Contains("packed_ternary: codes: empty"),
+                       bitnet::shape_error);
+  const packed_ternary empty;
+  CHECK(empty.rows() == 0);
+  CHECK(empty.size_bytes() == 0);
+  CHECK(empty.unpack().size() == 0);
+}
+
+TEST_CASE("packed_ternary: copies are deep and compare equal") {
+  std::mt19937 rng(2);
+  const Matrix<std::int8_t> codes = random_codes(9, 200, rng);
+  const packed_ternary packed(codes);
+  const packed_ternary copy = packed;
+  CHECK(copy == packed);
+  CHECK(copy.data() != packed.data());
+  Matrix<std::int8_t> other = codes;
+  other(8, 199) = std::int8_t(other(8, 199) == 1 ? 0 : 1);
+  CHECK_FALSE(packed_ternary(other) == packed);
+}
