@@ -14,16 +14,6 @@
 
 namespace bitnet {
 
-namespace detail {
-
-/// Bytes of a layer's weights in the packed ternary format: 2 bits per weight, each row padded to a
-/// whole byte (4 weights per byte).
-inline std::size_t packed_weight_bytes(Index out_features, Index in_features) noexcept {
-  return std::size_t(out_features) * std::size_t((in_features + 3) / 4);
-}
-
-}  // namespace detail
-
 /// One replaced (or, in a dry run, replaceable) layer.
 struct layer_report {
   std::string path;             // dotted path, e.g. "blocks.3.mlp.down"
@@ -90,7 +80,7 @@ layer_report describe_layer(std::string path, const BitLinear<T>& layer) {
   row.zero_fraction = zeros / double(codes.size());
   row.reconstruction_error = weight_squares > 0 ? std::sqrt(error_squares / weight_squares) : 0.0;
   row.latent_bytes = std::size_t(codes.size()) * sizeof(T);
-  row.packed_bytes = detail::packed_weight_bytes(layer.out_features(), layer.in_features());
+  row.packed_bytes = layer.packed_weight().size_bytes();  // codes as forward() reads them, padding included
   return row;
 }
 
