@@ -3,6 +3,9 @@
 
 #include "bit_linear.hpp"
 #include "errors.hpp"
+#include "hf.hpp"
 #include "linear.hpp"
 #include "matrix.hpp"
 #include "quant.hpp"
+// bitnet/safetensors.hpp and bitnet/hf_safetensors.hpp need nlohmann/json: include them
+// yourself and link bitnet::safetensors.
