@@ -148,9 +148,17 @@ Matrix<T> latent_weights(const Matrix<std::int8_t>& q, T mean) {
   w *= a;
   const T ulp = std::nextafter(a, std::numeric_limits<T>::infinity()) - a;
   const Index adjusters = std::min<Index>(k, 4096);
+  // When no sum of magnitudes rounds exactly to `mean` (possible for double), keep the closest.
+  Matrix<T> best = w;
+  double best_error = std::numeric_limits<double>::infinity();
   for (int iteration = 0; iteration < 64; ++iteration) {
     const double exact = bitnet::detail::mean_abs(w);
-    if (static_cast<T>(exact) == mean) break;
+    const double error = std::fabs(double(static_cast<T>(exact)) - double(mean));
+    if (error < best_error) {
+      best = w;
+      best_error = error;
+    }
+    if (error == 0) break;
     // Whole ulps the magnitudes must grow (or shrink) in total, spread over the adjusters.
     double steps = std::nearbyint((double(mean) - exact) * double(n) / double(ulp));
     if (steps == 0) steps = double(mean) > exact ? 1 : -1;
@@ -162,7 +170,7 @@ Matrix<T> latent_weights(const Matrix<std::int8_t>& q, T mean) {
       v = std::copysign(magnitude, v);
     }
   }
-  return w;
+  return best;
 }
 
 }  // namespace detail
