@@ -478,6 +478,30 @@ TEST_CASE("safetensors: the writer replaces a file whole or not at all") {
   }
 }
 
+TEST_CASE("safetensors: copy_tensor streams a tensor from another file, partial reads are bounded") {
+  temp_dir dir;
+  std::vector<std::uint16_t> values(3 << 19);  // 3 MiB of U16: three chunks
+  for (std::size_t i = 0; i < values.size(); ++i) values[i] = std::uint16_t(i * 2654435761u >> 7);
+  {
+    st::writer out(dir.path / "a.safetensors", {{"v", st::dtype::U16, {3, 1 << 19}}});
+    out.write_values<std::uint16_t>("v", values);
+    out.finish();
+  }
+  const st::reader a(dir.path / "a.safetensors");
+  {
+    st::writer out(dir.path / "b.safetensors", {{"copy", st::dtype::U16, {3, 1 << 19}}, {"bad", st::dtype::U8, {1}}});
+    CHECK_THROWS_AS(out.copy_tensor("bad", a, "v"), bitnet::shape_error);
+    out.copy_tensor("copy", a, "v");
+    out.write_values<std::uint8_t>("bad", std::vector<std::uint8_t>{1});
+    out.finish();
+  }
+  CHECK(st::reader(dir.path / "b.safetensors").read_values<std::uint16_t>("copy") == values);
+  std::vector<std::byte> two(2);
+  a.read_bytes("v", 2 * 5, two);
+  CHECK(std::uint16_t(std::uint16_t(two[0]) | std::uint16_t(two[1]) << 8) == values[5]);
+  CHECK_THROWS_AS(a.read_bytes("v", a.info("v").byte_size() - 1, two), bitnet::shape_error);
+}
+
 TEST_CASE("safetensors: large random round trip through the chunked reader and writer") {
   temp_dir dir;
   const fs::path path = dir.path / "big.safetensors";

@@ -514,6 +514,15 @@ class reader {
     return bytes;
   }
 
+  /// `out.size()` raw bytes of a tensor starting `offset` bytes into it (for streaming copies).
+  void read_bytes(std::string_view name, std::uint64_t offset, std::span<std::byte> out) const {
+    const tensor_info& t = info(name);
+    if (offset > t.byte_size() || out.size() > t.byte_size() - offset)
+      throw shape_error(detail::message(source_name(), name, "bytes [" + std::to_string(offset) + ", +" +
+                                                                 std::to_string(out.size()) + ") are outside the tensor"));
+    source_->read_at(data_offset_ + t.begin + offset, out);
+  }
+
   /// The elements of a tensor of any shape, in C order, converted to T. F16, BF16, F8 and
   /// integers convert exactly into float/double; F64 into float rounds to nearest even. Integer
   /// dtypes convert into integer types when every value fits. Throws io_error when the dtype
@@ -706,6 +715,7 @@ class writer {
     }
     for (std::size_t i = 0; i < layout_.size(); ++i) index_.emplace(layout_[i].name, i);
     written_.assign(layout_.size(), false);
+    appended_.assign(layout_.size(), 0);
 
     std::string text = header.dump();
     text.append((8 - text.size() % 8) % 8, ' ');
@@ -752,30 +762,66 @@ class writer {
     written_[i] = true;
   }
 
+  /// Copies tensor `from_name` of `from` into tensor `name`, which must be declared with the same
+  /// dtype and shape, through a bounded buffer (never the whole tensor in memory).
+  void copy_tensor(std::string_view name, const reader& from, std::string_view from_name) {
+    const std::size_t i = claim(name);
+    const tensor_info& t = layout_[i];
+    const tensor_info& source = from.info(from_name);
+    if (source.type != t.type || source.shape != t.shape)
+      throw shape_error(message(name, "declared " + std::string(dtype_name(t.type)) + " " + detail::shape_text(t.shape) +
+                                          ", the source is " + std::string(dtype_name(source.type)) + " " +
+                                          detail::shape_text(source.shape)));
+    std::vector<std::byte> chunk(static_cast<std::size_t>(std::min<std::uint64_t>(t.byte_size(), 1 << 20)));
+    seek_to(t);
+    for (std::uint64_t done = 0; done < t.byte_size(); done += chunk.size()) {
+      const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(chunk.size(), t.byte_size() - done));
+      from.read_bytes(from_name, done, std::span(chunk.data(), n));
+      out_.write(reinterpret_cast<const char*>(chunk.data()), static_cast<std::streamsize>(n));
+    }
+    check_stream("writing tensor " + detail::quote(name));
+    written_[i] = true;
+  }
+
   /// Writes a tensor from values in C order, converted to its declared dtype (floating values to
   /// F16/BF16/F32/F64 rounding to nearest even; integers to integer dtypes when they fit).
   /// Throws value_error naming the element that does not fit.
   template <element T>
   void write_values(std::string_view name, std::span<const T> values) {
     const std::size_t i = claim(name);
-    const tensor_info& t = layout_[i];
-    if (values.size() != t.element_count())
+    if (values.size() != layout_[i].element_count())
       throw shape_error(message(name, "got " + std::to_string(values.size()) + " values, declared shape " +
+                                          detail::shape_text(layout_[i].shape)));
+    append_values(name, values);
+  }
+
+  /// Writes the next values of a tensor in C order, for tensors produced piece by piece; the
+  /// tensor is complete when all its elements have been appended. Conversion as write_values.
+  template <element T>
+  void append_values(std::string_view name, std::span<const T> values) {
+    const std::size_t i = claim(name);
+    const tensor_info& t = layout_[i];
+    const std::uint64_t first_element = appended_[i];
+    if (values.size() > t.element_count() - first_element)
+      throw shape_error(message(name, "appending " + std::to_string(values.size()) + " values after " +
+                                          std::to_string(first_element) + " exceeds the declared shape " +
                                           detail::shape_text(t.shape)));
     const std::size_t element_size = dtype_size(t.type);
     const std::size_t chunk_elements = std::max<std::size_t>(1, (std::size_t{1} << 20) / element_size);
     std::vector<std::byte> chunk(std::min(values.size(), chunk_elements) * element_size);
-    seek_to(t);
+    out_.seekp(static_cast<std::streamoff>(data_offset_ + t.begin + first_element * element_size));
     for (std::size_t first = 0; first < values.size(); first += chunk_elements) {
       const std::size_t n = std::min(chunk_elements, values.size() - first);
       for (std::size_t k = 0; k < n; ++k)
         if (!detail::encode_element(t.type, values[first + k], chunk.data() + k * element_size))
-          throw value_error(message(name, "element " + std::to_string(first + k) + " (" + value_text(values[first + k]) +
-                                              ") cannot be stored as " + std::string(dtype_name(t.type))));
+          throw value_error(message(name, "element " + std::to_string(first_element + first + k) + " (" +
+                                              value_text(values[first + k]) + ") cannot be stored as " +
+                                              std::string(dtype_name(t.type))));
       out_.write(reinterpret_cast<const char*>(chunk.data()), static_cast<std::streamsize>(n * element_size));
     }
     check_stream("writing tensor " + detail::quote(name));
-    written_[i] = true;
+    appended_[i] += values.size();
+    written_[i] = appended_[i] == t.element_count();
   }
 
   /// Writes a matrix (for a 2-D declaration, same rows and columns) or a vector (for a 1-D one).
@@ -858,6 +904,7 @@ class writer {
   std::vector<tensor_info> layout_;
   std::map<std::string, std::size_t, std::less<>> index_;
   std::vector<bool> written_;
+  std::vector<std::uint64_t> appended_;  // elements written so far by append_values
   bool finished_ = false;
 };
 
