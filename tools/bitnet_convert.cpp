@@ -64,6 +64,19 @@ struct fingerprint {
   }
 };
 
+/// Fingerprint of a tensor's bytes, read through a bounded buffer.
+std::uint64_t fingerprint_of(const st::reader& file, const std::string& name) {
+  const std::uint64_t size = file.info(name).byte_size();
+  fingerprint f;
+  std::vector<std::byte> chunk(std::size_t(std::min<std::uint64_t>(size, 1 << 20)));
+  for (std::uint64_t done = 0; done < size; done += chunk.size()) {
+    const auto n = std::size_t(std::min<std::uint64_t>(chunk.size(), size - done));
+    file.read_bytes(name, done, std::span(chunk.data(), n));
+    f.add(std::span(chunk.data(), n));
+  }
+  return f.value;
+}
+
 std::string human_bytes(double bytes) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   int unit = 0;
@@ -169,14 +182,7 @@ conversion_summary convert(const options& opt) {
     for (const st::tensor_info* t : order) {
       if (!is_convertible(*t, opt.excludes)) {
         out.copy_tensor(t->name, in, t->name);
-        fingerprint f;
-        std::vector<std::byte> chunk(std::size_t(std::min<std::uint64_t>(t->byte_size(), 1 << 20)));
-        for (std::uint64_t done = 0; done < t->byte_size(); done += chunk.size()) {
-          const auto n = std::size_t(std::min<std::uint64_t>(chunk.size(), t->byte_size() - done));
-          in.read_bytes(t->name, done, std::span(chunk.data(), n));
-          f.add(std::span(chunk.data(), n));
-        }
-        copies[t->name] = f.value;
+        copies[t->name] = fingerprint_of(in, t->name);
         ++summary.copied;
         bar.advance(t->byte_size());
         continue;
@@ -226,10 +232,7 @@ conversion_summary convert(const options& opt) {
       throw bitnet::io_error(opt.output.string() + ": verification failed for layer " + layer.prefix);
   }
   for (const auto& [name, expected] : copies) {
-    const std::vector<std::byte> bytes = check.read_bytes(name);
-    fingerprint f;
-    f.add(bytes);
-    if (f.value != expected) throw bitnet::io_error(opt.output.string() + ": verification failed for tensor " + name);
+    if (fingerprint_of(check, name) != expected) throw bitnet::io_error(opt.output.string() + ": verification failed for tensor " + name);
   }
   summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::printf("converted %zu layers, copied %zu tensors: %s -> %s in %.2f s (%s/s); output verified\n",
