@@ -78,6 +78,10 @@ inline Matrix<std::int8_t> unpack_weights(const Matrix<std::uint8_t>& packed, In
                       std::to_string(std::max<Index>(packed_rows(out_features), 0)) + " packed rows, got " +
                       std::to_string(packed.rows()));
   const Index block = packed.rows(), in = packed.cols();
+  const auto where = [&](Index j, Index c, Index plane) {
+    return "packed row " + std::to_string(j) + ", column " + std::to_string(c) + ", bits " +
+           std::to_string(2 * plane) + "-" + std::to_string(2 * plane + 1);
+  };
   Matrix<std::int8_t> q(out_features, in);
   for (Index j = 0; j < block; ++j)
     for (Index c = 0; c < in; ++c) {
@@ -85,15 +89,15 @@ inline Matrix<std::int8_t> unpack_weights(const Matrix<std::uint8_t>& packed, In
       for (Index plane = 0; plane < values_per_byte; ++plane) {
         const unsigned code = (byte >> (2 * plane)) & 3u;
         const Index r = plane * block + j;
-        const std::string where = "packed row " + std::to_string(j) + ", column " + std::to_string(c) +
-                                  ", bits " + std::to_string(2 * plane) + "-" + std::to_string(2 * plane + 1);
         if (r >= out_features) {
-          if (code != 0) throw value_error("hf::unpack_weights: padding " + where + " holds code " +
-                                           std::to_string(code) + ", expected 0");
-          continue;
+          if (code != 0)
+            throw value_error("hf::unpack_weights: padding " + where(j, c, plane) + " holds code " +
+                              std::to_string(code) + ", expected 0");
+        } else if (code == 3) {
+          throw value_error("hf::unpack_weights: invalid code 3 at " + where(j, c, plane));
+        } else {
+          q(r, c) = static_cast<std::int8_t>(int(code) - 1);
         }
-        if (code == 3) throw value_error("hf::unpack_weights: invalid code 3 at " + where);
-        q(r, c) = static_cast<std::int8_t>(int(code) - 1);
       }
     }
   return q;
