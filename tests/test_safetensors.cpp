@@ -478,6 +478,27 @@ TEST_CASE("safetensors: the writer replaces a file whole or not at all") {
   }
 }
 
+TEST_CASE("safetensors: write() takes Eigen expressions, in C order") {
+  temp_dir dir;
+  Matrix<double> m(2, 3);
+  m << 1, 2, 3, 4, 5, 6;
+  const Eigen::Matrix<double, 3, 2> column_major = m.transpose();
+  {
+    st::writer out(dir.path / "e.safetensors", {{"t", st::dtype::F32, {3, 2}}, {"c", st::dtype::F64, {3, 2}},
+                                                {"row", st::dtype::F64, {3}}, {"block", st::dtype::F16, {2, 2}}});
+    out.write("t", m.transpose());
+    out.write("c", column_major);
+    out.write("row", m.row(1));
+    out.write("block", m.block(0, 1, 2, 2));
+    out.finish();
+  }
+  const st::reader in(dir.path / "e.safetensors");
+  CHECK(in.read_values<double>("t") == std::vector<double>{1, 4, 2, 5, 3, 6});
+  CHECK(in.read_values<double>("c") == std::vector<double>{1, 4, 2, 5, 3, 6});
+  CHECK(in.read_values<double>("row") == std::vector<double>{4, 5, 6});
+  CHECK(in.read_values<double>("block") == std::vector<double>{2, 3, 5, 6});
+}
+
 TEST_CASE("safetensors: copy_tensor streams a tensor from another file, partial reads are bounded") {
   temp_dir dir;
   std::vector<std::uint16_t> values(3 << 19);  // 3 MiB of U16: three chunks

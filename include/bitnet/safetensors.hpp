@@ -837,8 +837,13 @@ class writer {
     if (!vector_fits && !matrix_fits)
       throw shape_error(message(name, "got a " + std::to_string(values.rows()) + "x" + std::to_string(values.cols()) +
                                           " matrix, declared shape " + detail::shape_text(t.shape)));
-    const Matrix<T> row_major = values;
-    write_values<T>(name, std::span<const T>(row_major.data(), static_cast<std::size_t>(row_major.size())));
+    if constexpr (std::is_same_v<Derived, Matrix<T>> || std::is_same_v<Derived, Vector<T>>) {
+      // Already contiguous in C order: written without a copy.
+      write_values<T>(name, std::span<const T>(values.derived().data(), static_cast<std::size_t>(values.size())));
+    } else {
+      const Matrix<T> row_major = values;
+      write_values<T>(name, std::span<const T>(row_major.data(), static_cast<std::size_t>(row_major.size())));
+    }
   }
 
   /// Checks every declared tensor was written, closes the file and renames it into place.
