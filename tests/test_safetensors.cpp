@@ -454,6 +454,7 @@ TEST_CASE("safetensors: the writer replaces a file whole or not at all") {
     CHECK_THROWS_AS(st::writer(path, {{"__metadata__", st::dtype::F32, {1}}}), bitnet::value_error);
     CHECK_THROWS_AS(st::writer(path, {{"\xff", st::dtype::F32, {1}}}), bitnet::value_error);
     CHECK_THROWS_AS(st::writer(path, {{"a", st::dtype::F64, {1ull << 62, 4}}}), bitnet::value_error);
+    CHECK_THROWS_AS(st::writer(dir.path / "no_such_folder" / "m.safetensors", {}), bitnet::io_error);
     CHECK(read_file(path) == original);
     CHECK(dir.file_count() == 1);
   }

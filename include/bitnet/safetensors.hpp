@@ -731,7 +731,12 @@ class writer {
     detail::store_little_endian<std::uint64_t>(length.data(), text.size());
     out_.write(reinterpret_cast<const char*>(length.data()), 8);
     out_.write(text.data(), static_cast<std::streamsize>(text.size()));
-    check_stream("writing the header");
+    if (!out_) {  // the destructor does not run for a throwing constructor: clean up here
+      out_.close();
+      std::error_code ignored;
+      std::filesystem::remove(temporary_, ignored);
+      throw io_error(message({}, "writing the header failed in " + temporary_.string()));
+    }
   }
 
   writer(const writer&) = delete;
