@@ -142,16 +142,17 @@ T mean_for_scale(T scale) {
 template <real_scalar T>
 Matrix<T> latent_weights(const Matrix<std::int8_t>& q, T mean) {
   const Index n = q.size();
-  std::vector<Index> nonzero;
+  constexpr Index max_adjusters = 4096;
+  std::vector<Index> nonzero;  // the first few non-zero entries: the ones nudged
+  Index k = 0;
   for (Index i = 0; i < n; ++i)
-    if (q.data()[i] != 0) nonzero.push_back(i);
+    if (q.data()[i] != 0 && k++ < max_adjusters) nonzero.push_back(i);
   Matrix<T> w = q.template cast<T>();
-  if (nonzero.empty()) return w;
-  const Index k = Index(nonzero.size());
+  if (k == 0) return w;
   const T a = static_cast<T>(double(mean) * double(n) / double(k));
   w *= a;
   const T ulp = std::nextafter(a, std::numeric_limits<T>::infinity()) - a;
-  const Index adjusters = std::min<Index>(k, 4096);
+  const Index adjusters = Index(nonzero.size());
   // When no sum of magnitudes rounds exactly to `mean` (possible for double), keep the closest.
   Matrix<T> best = w;
   double best_error = std::numeric_limits<double>::infinity();
