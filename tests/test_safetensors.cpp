@@ -188,7 +188,7 @@ TEST_CASE("safetensors: F16 and BF16 encoding rounds to nearest even, exactly") 
   CHECK(b[4] == std::ldexp(3.0, -26));
 }
 
-TEST_CASE("safetensors: every F16 and BF16 bit pattern decodes to the value IEEE defines") {
+TEST_CASE("safetensors: every F16 bit pattern decodes to its IEEE value; F16 and BF16 patterns re-encode to themselves") {
   for (std::uint32_t bits = 0; bits < 65536; ++bits) {
     const auto h = std::uint16_t(bits);
     const float got = bitnet::detail::half_to_float(h);
