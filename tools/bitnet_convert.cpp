@@ -129,6 +129,18 @@ class progress {
   std::size_t total_tensors_, done_tensors_ = 0;
 };
 
+/// `value` rounded as storing it in `type` (F32, BF16 or F16) rounds it.
+float stored_value(float value, st::dtype type) {
+  const bitnet::detail::float_format format = type == st::dtype::BF16  ? bitnet::detail::bfloat16
+                                              : type == st::dtype::F16 ? bitnet::detail::binary16
+                                                                       : bitnet::detail::binary32;
+  const std::optional<double> rounded = bitnet::detail::round_to_format(value, format);
+  if (!rounded || !(*rounded > 0))
+    throw bitnet::value_error("weight_scale " + std::to_string(value) + " cannot be stored as " +
+                              std::string(st::dtype_name(type)));
+  return static_cast<float>(*rounded);
+}
+
 bool is_convertible(const st::tensor_info& t, const std::vector<std::string>& excludes) {
   const bool linear_weight = t.name.size() > 7 && t.name.ends_with(".weight") && t.shape.size() == 2 &&
                              t.shape[0] > 0 && t.shape[1] > 0 &&
@@ -198,12 +210,16 @@ conversion_summary convert(const options& opt) {
       const Matrix<float> w = in.read_matrix<float>(t->name);
       const auto q = bitnet::quantize_weights(w);
       const float mean = std::max(static_cast<float>(bitnet::detail::mean_abs(w)), bitnet::scale_floor<float>);
-      const float stored = opt.convention == hf::scale_convention::autobitlinear ? mean : q.scale;
+      // The scale as the file will hold it (BF16/F16 round it), and the s it stands for.
+      const float stored = stored_value(opt.convention == hf::scale_convention::autobitlinear ? mean : q.scale,
+                                        opt.scale_type);
+      const double effective_scale =
+          opt.convention == hf::scale_convention::autobitlinear ? 1.0 / double(stored) : double(stored);
       // Zero fraction and relative reconstruction error ||W - q/s|| / ||W||, in one pass.
       double error2 = 0, norm2 = 0;
       Index zeros = 0;
       for (Index i = 0; i < w.size(); ++i) {
-        const double v = w.data()[i], r = double(q.values.data()[i]) / double(q.scale);
+        const double v = w.data()[i], r = double(q.values.data()[i]) / effective_scale;
         error2 += (v - r) * (v - r);
         norm2 += v * v;
         zeros += q.values.data()[i] == 0;
