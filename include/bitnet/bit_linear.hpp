@@ -31,6 +31,12 @@ struct bitlinear_options {
   float rms_eps = 1e-6f;  // RMSNorm epsilon, > 0
 };
 
+/// Tag of the BitLinear constructor that adopts the caller's buffers (see transfer::move).
+struct adopt_buffers_t {
+  explicit adopt_buffers_t() = default;
+};
+inline constexpr adopt_buffers_t adopt_buffers{};
+
 template <real_scalar T>
 class BitLinear {
  public:
@@ -42,6 +48,21 @@ class BitLinear {
         ternary_(quantize_checked(weight)),
         weight_(std::move(weight)),
         bias_(validated_bias(std::move(bias), weight_.rows())) {}
+
+  /// Takes over the buffers of `weight` and `bias` without copying them, and only once nothing can
+  /// fail any more: if this throws (bad shapes, non-finite values, bad_alloc), `weight` and `bias`
+  /// are untouched. On success they are left empty. release() gives the buffers back.
+  BitLinear(adopt_buffers_t, Matrix<T>& weight, std::optional<Vector<T>>& bias, bitlinear_options options = {})
+      : options_(validated(options)),
+        ternary_((check_bias(bias, weight.rows()), quantize_checked(weight))),
+        weight_(std::move(weight)),
+        bias_(std::move(bias)) {}
+
+  /// Gives the latent weight and bias buffers back (the inverse of the adopting constructor). The
+  /// layer is left empty: only destroy it or assign to it afterwards.
+  std::pair<Matrix<T>, std::optional<Vector<T>>> release() && noexcept {
+    return {std::move(weight_), std::move(bias_)};
+  }
 
   Index in_features() const noexcept { return weight_.cols(); }
   Index out_features() const noexcept { return weight_.rows(); }
@@ -114,13 +135,17 @@ class BitLinear {
   }
 
   static std::optional<Vector<T>> validated_bias(std::optional<Vector<T>> bias, Index out_features) {
+    check_bias(bias, out_features);
+    return bias;
+  }
+
+  static void check_bias(const std::optional<Vector<T>>& bias, Index out_features) {
     if (bias) {
       if (bias->size() != out_features)
         throw shape_error("BitLinear: bias has " + std::to_string(bias->size()) +
                           " elements, the weight has " + std::to_string(out_features) + " rows");
       detail::require_finite(*bias, "BitLinear: bias");
     }
-    return bias;
   }
 
   bitlinear_options options_;

@@ -1,0 +1,36 @@
+// Kept out of the test's translation unit so the replaced operator new/delete are never inlined
+// into standard-library code (GCC then reports a false -Wmismatched-new-delete).
+#include "alloc_fault.hpp"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+namespace alloc_fault {
+
+long allocations = 0;
+long fail_at = 0;
+bool armed = false;
+
+void on_allocation() {
+  if (!armed) return;
+  if (++allocations == fail_at) throw std::bad_alloc();
+}
+
+void eigen_assertion(bool ok, const char* expression, const char* file, int line) {
+  if (ok) return;
+  if (std::strstr(expression, "heap allocation is forbidden") != nullptr) return on_allocation();
+  std::fprintf(stderr, "%s:%d: Eigen assertion failed: %s\n", file, line, expression);
+  std::abort();
+}
+
+}  // namespace alloc_fault
+
+void* operator new(std::size_t size) {
+  alloc_fault::on_allocation();
+  if (void* p = std::malloc(size ? size : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
