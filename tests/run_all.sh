@@ -2,11 +2,26 @@
 # The whole test suite, as CI runs it:
 #   1. dev:      -Wall -Wextra -Werror build, every public header compiled alone, all tests,
 #                examples, and the find_package / FetchContent consumer projects;
-#   2. sanitize: the same tests under AddressSanitizer + UndefinedBehaviorSanitizer.
+#   2. sanitize: the same tests under AddressSanitizer + UndefinedBehaviorSanitizer;
+#   3. fuzz:     when clang++-14 is installed, a 60 s libFuzzer run of the safetensors reader
+#                (ASan + UBSan), seeded with tests/safetensors_corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for preset in dev sanitize; do
   echo "=== bitnet tests: workflow '${preset}'"
   cmake --workflow --preset "${preset}"
 done
+if command -v clang++-14 >/dev/null 2>&1; then
+  echo "=== bitnet tests: fuzzing the safetensors reader for 60 s (clang++-14, libFuzzer + ASan + UBSan)"
+  cmake --preset fuzz >/dev/null
+  cmake --build --preset fuzz
+  corpus=build/fuzz/corpus  # the seeds plus what the fuzzer finds; the repository corpus stays as is
+  rm -rf "${corpus}"
+  mkdir -p "${corpus}"
+  cp tests/safetensors_corpus/valid/* tests/safetensors_corpus/invalid/* "${corpus}/"
+  build/fuzz/tests/fuzz_safetensors -max_total_time=60 -max_len=4096 -timeout=10 -rss_limit_mb=2048 \
+    -dict=tests/fuzz/safetensors.dict -print_final_stats=1 "${corpus}"
+else
+  echo "=== bitnet tests: clang++-14 not found, skipping the safetensors fuzz run"
+fi
 echo "=== bitnet tests: all workflows passed"

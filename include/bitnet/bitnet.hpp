@@ -3,6 +3,7 @@
 
 #include "bit_linear.hpp"
 #include "errors.hpp"
+#include "hf.hpp"
 #include "layer_traits.hpp"
 #include "linear.hpp"
 #include "matrix.hpp"
@@ -12,3 +13,5 @@
 #include "replace_report.hpp"
 #include "transfer.hpp"
 #include "verify.hpp"
+// bitnet/safetensors.hpp and bitnet/hf_safetensors.hpp need nlohmann/json: include them
+// yourself and link bitnet::safetensors.
