@@ -502,8 +502,9 @@ state_dict_report load_state_dict(Graph& graph, const safetensors::reader& file,
   walker.walk(graph);
   loader.check();
   loader.stage();
+  state_dict_report report = loader.take_report();  // built before the commit: nothing may fail after it
   loader.commit();
-  return loader.take_report();
+  return report;
 }
 
 /// Opens and validates `file`, then loads it as above.
