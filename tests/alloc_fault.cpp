@@ -43,3 +43,13 @@ void* operator new(std::size_t size, std::align_val_t alignment) {
 }
 void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+// std::stable_sort's temporary buffer uses the nothrow form: it must come from the same heap as
+// the operator delete above (ASan reports the mismatch otherwise); an injected failure returns null.
+void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
+  try {
+    alloc_fault::on_allocation();
+  } catch (const std::bad_alloc&) {
+    return nullptr;
+  }
+  return std::malloc(size ? size : 1);
+}

@@ -152,6 +152,10 @@ void bitnet_children(module& m, Visit& visit) {
 }
 inline bitnet::linear_view<float> bitnet_linear(const linear_module& m) { return {m.linear.weight, m.linear.bias}; }
 inline linear_module* bitnet_as_linear(module& m) noexcept { return dynamic_cast<linear_module*>(&m); }
+inline BitLinear<float>* bitnet_as_bit_linear(module& m) noexcept {
+  auto* b = dynamic_cast<bit_module*>(&m);
+  return b ? &b->bit : nullptr;
+}
 inline std::unique_ptr<module> bitnet_make_replacement(const linear_module&, BitLinear<float>&& bit) {
   return std::make_unique<bit_module>(std::move(bit));
 }

@@ -15,5 +15,5 @@
 #include "replace_report.hpp"
 #include "transfer.hpp"
 #include "verify.hpp"
-// bitnet/safetensors.hpp and bitnet/hf_safetensors.hpp need nlohmann/json: include them
-// yourself and link bitnet::safetensors.
+// bitnet/safetensors.hpp, bitnet/hf_safetensors.hpp and bitnet/state_dict.hpp need
+// nlohmann/json: include them yourself and link bitnet::safetensors.

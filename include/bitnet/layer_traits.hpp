@@ -9,6 +9,8 @@
 //       bitnet_linear_buffers(layer)           optional: the Matrix<T> buffers transfer::move may take
 //       bitnet_as_linear(base)                 polymorphic trees: the Linear behind a base, or nullptr
 //       bitnet_make_replacement(linear, bit)   polymorphic trees: the node that replaces it in its slot
+//       bitnet_as_bit_linear(base)             polymorphic trees: the BitLinear behind a base, or nullptr
+//                                              (optional; lets load_state_dict/save_state_dict see it)
 //   * the trait bitnet::layer_traits<T> (the full form) for types the user cannot touch. Its primary
 //     template forwards to the hooks; specialize it to provide the same static functions.
 //
@@ -111,7 +113,8 @@ void visit_keyed(Map& map, Visit& visit) {
 
 /// The full customization point. The primary template forwards each function to the matching ADL
 /// hook when that hook exists; specialize it for types you cannot touch and define the functions you
-/// need (children, linear, linear_buffers, as_linear, make_replacement) with the same signatures.
+/// need (children, linear, linear_buffers, as_linear, as_bit_linear, make_replacement) with the same
+// signatures.
 template <class T>
 struct layer_traits {
   template <class Visit>
@@ -136,6 +139,12 @@ struct layer_traits {
     requires requires { bitnet_as_linear(base); }
   {
     return bitnet_as_linear(base);
+  }
+
+  static auto as_bit_linear(T& base)
+    requires requires { bitnet_as_bit_linear(base); }
+  {
+    return bitnet_as_bit_linear(base);
   }
 
   template <class Linear, class Bit>

@@ -1,0 +1,528 @@
+// bitnet/state_dict.hpp - load and save the weights of the user's layer graph by dotted path, as
+// PyTorch's load_state_dict / state_dict do, in safetensors files.
+//
+//   bitnet::load_state_dict(model, "model.safetensors", {.prefix = "model."});
+//   bitnet::save_state_dict(model, "out.safetensors");
+//
+// The walk is the one replace_linear does (docs/customization.md): every linear-like layer and
+// every BitLinear at path P owns the tensors P.weight (out x in) and, when the layer has a bias,
+// P.bias. A BitLinear may also be stored in the Hugging Face packed form: P.weight (U8, packed as
+// bitnet/hf.hpp says) plus P.weight_scale.
+//
+// Loading is all or nothing: every tensor is read, converted and checked off to the side first;
+// only then are they moved into the graph with operations that cannot fail. On any error -
+// missing or unexpected keys (strict mode, all listed in one bitnet::io_error), a shape or dtype
+// mismatch, a malformed file, a non-finite weight for a BitLinear, std::bad_alloc - the graph is
+// bit-identical to before. This header needs nlohmann/json (CMake target bitnet::safetensors).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "bit_linear.hpp"
+#include "errors.hpp"
+#include "hf.hpp"
+#include "hf_safetensors.hpp"
+#include "layer_traits.hpp"
+#include "matrix.hpp"
+#include "safetensors.hpp"
+
+namespace bitnet {
+
+/// How save_state_dict stores a BitLinear.
+enum class bit_linear_storage {
+  latent,     // P.weight: the latent (master) weights, as weight() holds them
+  hf_packed,  // P.weight U8 packed + P.weight_scale, the Hugging Face BitNet form (bitnet/hf.hpp)
+};
+
+struct state_dict_options {
+  /// Put in front of every key: "model." maps the layer "layers.0.mlp" to "model.layers.0.mlp.weight".
+  /// When loading, tensors whose names do not start with the prefix belong to another part of the
+  /// checkpoint and are ignored.
+  std::string prefix{};
+  /// Loading: missing and unexpected keys are errors (all reported in one io_error). Shape and
+  /// dtype mismatches are errors in either mode, as in PyTorch.
+  bool strict = true;
+  /// The meaning of P.weight_scale in the Hugging Face packed form (load and save).
+  hf::scale_convention scale_convention = hf::default_scale_convention;
+  /// Saving: the form of BitLinear layers.
+  bit_linear_storage bit_linear = bit_linear_storage::latent;
+  /// Saving: the dtype of floating tensors (F32, F64, F16 or BF16); empty: the layer's own type,
+  /// which keeps every bit. F16/BF16 round to nearest even; a value out of range is a value_error.
+  std::optional<safetensors::dtype> dtype{};
+  /// Saving: the "__metadata__" of the file.
+  std::map<std::string, std::string> metadata{};
+};
+
+/// What load_state_dict did. In strict mode `missing` and `unexpected` are always empty.
+struct state_dict_report {
+  std::vector<std::string> loaded;      // keys read into the graph
+  std::vector<std::string> missing;     // keys the graph expects that the file lacks (kept as they were)
+  std::vector<std::string> unexpected;  // keys under the prefix that no layer uses (ignored)
+};
+
+namespace detail {
+
+template <class>
+inline constexpr bool state_dict_always_false = false;
+
+template <class B>
+concept has_bit_linear_hook = requires(B& base) {
+  { layer_traits<B>::as_bit_linear(base) };
+};
+
+/// Walks a graph like replace_linear's planner and calls visitor.linear(path, layer) for every
+/// linear-like layer and visitor.bit_linear(path, layer) for every BitLinear, wherever they sit.
+template <class Visitor>
+class state_walker {
+ public:
+  explicit state_walker(Visitor& visitor) : visitor_(visitor) {}
+
+  template <class Node>
+  void walk(Node& node) {
+    if constexpr (is_bit_linear<Node>) {
+      visitor_.bit_linear(path_, node);
+    } else if constexpr (linear_layer<Node>) {
+      visitor_.linear(path_, node);
+    } else if constexpr (is_variant<Node>) {
+      if (node.valueless_by_exception()) return;
+      std::visit(
+          [&](auto& alternative) {
+            if constexpr (layer_graph<std::remove_cvref_t<decltype(alternative)>>) walk(alternative);
+          },
+          node);
+    } else if constexpr (is_owning_pointer<Node>) {
+      walk_pointer(node);
+    } else if constexpr (layer_node<Node>) {
+      auto visit = [this](std::string_view name, auto& child) {
+        const std::size_t length = path_.size();
+        if (!path_.empty()) path_ += '.';
+        path_ += name;
+        walk(child);
+        path_.resize(length);
+      };
+      layer_traits<Node>::children(node, visit);
+    } else {
+      static_assert(state_dict_always_false<Node>,
+                    "bitnet::load_state_dict/save_state_dict cannot walk a type in this graph: give it "
+                    "bitnet_children(node, visit) (or BITNET_LAYERS(Type, fields...)) if it has children, "
+                    "bitnet_linear(layer) if it is a linear layer, or specialize bitnet::layer_traits; see "
+                    "docs/customization.md");
+    }
+  }
+
+ private:
+  template <class Pointer>
+  void walk_pointer(Pointer& slot) {
+    if (!slot) return;
+    using base = typename Pointer::element_type;
+    if constexpr (has_bit_linear_hook<base>) {
+      if (auto* bit = layer_traits<base>::as_bit_linear(*slot)) return visitor_.bit_linear(path_, *bit);
+    }
+    if constexpr (polymorphic_slot<Pointer>) {
+      if (auto* linear = layer_traits<base>::as_linear(*slot)) {
+        using L = std::remove_cvref_t<decltype(*linear)>;
+        return visitor_.linear(path_, const_cast<L&>(*linear));
+      }
+    }
+    if constexpr (layer_graph<base>) walk(*slot);
+  }
+
+  Visitor& visitor_;
+  std::string path_;
+};
+
+inline std::string quote_key(std::string_view key) { return safetensors::detail::quote(key); }
+
+inline std::string state_key(std::string_view prefix, std::string_view path, std::string_view tensor) {
+  std::string key(prefix);
+  if (!path.empty()) (key += path) += '.';
+  return key += tensor;
+}
+
+/// One layer's new state, staged off to the side; commit() moves it in without failing.
+class staged_state {
+ public:
+  virtual ~staged_state() = default;
+  virtual void commit() noexcept = 0;
+};
+
+/// A linear-like layer: the new values are copied into the storage its view refers to.
+template <class View>
+class staged_linear_state final : public staged_state {
+  using S = typename View::scalar;
+  static constexpr int Order = View::weight_ref::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
+
+ public:
+  using weight_map = Eigen::Map<Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Order>, 0, Eigen::OuterStride<>>;
+  using bias_map = Eigen::Map<Vector<S>>;
+
+  staged_linear_state(const View& view, std::optional<Matrix<S>> weight, std::optional<Vector<S>> bias)
+      : weight_target_(const_cast<S*>(view.weight.data()), view.weight.rows(), view.weight.cols(),
+                       Eigen::OuterStride<>(view.weight.outerStride())),
+        bias_target_(view.bias ? const_cast<S*>(view.bias->data()) : nullptr, view.bias ? view.bias->size() : 0),
+        weight_(std::move(weight)),
+        bias_(std::move(bias)) {}
+
+  void commit() noexcept override {
+    if (weight_) weight_target_ = *weight_;  // same shape (checked): no allocation
+    if (bias_) bias_target_ = *bias_;
+  }
+
+ private:
+  weight_map weight_target_;
+  bias_map bias_target_;
+  std::optional<Matrix<S>> weight_;
+  std::optional<Vector<S>> bias_;
+};
+
+template <real_scalar T>
+class staged_bit_linear_state final : public staged_state {
+ public:
+  staged_bit_linear_state(BitLinear<T>& target, BitLinear<T> staged) : target_(&target), staged_(std::move(staged)) {}
+  void commit() noexcept override { *target_ = std::move(staged_); }
+
+ private:
+  BitLinear<T>* target_;
+  BitLinear<T> staged_;
+};
+
+/// Plans and stages a load: first every key is checked against the file (no tensor read), then
+/// every tensor is read and the new layer states are built. Nothing touches the graph.
+class state_loader {
+ public:
+  state_loader(const safetensors::reader& file, const state_dict_options& options) : file_(file), options_(options) {}
+
+  template <class L>
+  void linear(const std::string& path, L& layer) {
+    auto view = layer_traits<L>::linear(layer);
+    using view_type = decltype(view);
+    using S = typename view_type::scalar;
+    require_writable(path, view, layer_traits<L>::linear(layer));
+    const Index out = view.weight.rows(), in = view.weight.cols();
+    const std::string weight_key = key(path, "weight");
+    const std::string bias_key = key(path, "bias");
+    const bool load_weight = expect_floating(weight_key, {std::uint64_t(out), std::uint64_t(in)});
+    const bool load_bias = view.bias && expect_floating(bias_key, {std::uint64_t(out)});
+    if (file_.contains(key(path, "weight_scale")))
+      packed_hint(path);
+    if (!load_weight && !load_bias) return;
+    jobs_.push_back([this, view, weight_key, bias_key, load_weight, load_bias]() {
+      std::optional<Matrix<S>> weight;
+      std::optional<Vector<S>> bias;
+      if (load_weight) weight = read([&] { return file_.read_matrix<S>(weight_key); }, weight_key);
+      if (load_bias) bias = read([&] { return file_.read_vector<S>(bias_key); }, bias_key);
+      staged_.push_back(std::make_unique<staged_linear_state<view_type>>(view, std::move(weight), std::move(bias)));
+    });
+  }
+
+  template <real_scalar T>
+  void bit_linear(const std::string& path, BitLinear<T>& layer) {
+    const Index out = layer.out_features(), in = layer.in_features();
+    const std::string weight_key = key(path, "weight");
+    const std::string scale_key = key(path, "weight_scale");
+    const std::string bias_key = key(path, "bias");
+    const bool has_bias = layer.bias().has_value();
+
+    if (file_.contains(scale_key)) {  // the Hugging Face packed form
+      bool ok = expect(weight_key, safetensors::dtype::U8,
+                       {std::uint64_t(hf::packed_rows(out)), std::uint64_t(in)}, "packed ");
+      ok = expect_scale(scale_key) && ok;
+      const bool load_bias = has_bias && expect_floating(bias_key, {std::uint64_t(out)});
+      if (!ok) return;
+      jobs_.push_back([this, &layer, weight_key, scale_key, bias_key, load_bias]() {
+        hf::packed_layer<T> packed;
+        packed.convention = options_.scale_convention;
+        packed.out_features = layer.out_features();
+        packed.weight = read([&] { return file_.read_matrix<std::uint8_t>(weight_key); }, weight_key);
+        packed.weight_scale = read([&] { return file_.read_values<T>(scale_key); }, scale_key)[0];
+        if (load_bias) packed.bias = read([&] { return file_.read_vector<T>(bias_key); }, bias_key);
+        BitLinear<T> staged = read(
+            [&] {
+              BitLinear<T> built = hf::to_bit_linear(packed, layer.options());
+              if (!load_bias) built.set_bias(layer.bias());  // kept as it was (no bias, or missing)
+              return built;
+            },
+            weight_key);
+        staged_.push_back(std::make_unique<staged_bit_linear_state<T>>(layer, std::move(staged)));
+      });
+      return;
+    }
+
+    const bool load_weight = expect_floating(weight_key, {std::uint64_t(out), std::uint64_t(in)});
+    const bool load_bias = has_bias && expect_floating(bias_key, {std::uint64_t(out)});
+    if (!load_weight && !load_bias) return;
+    jobs_.push_back([this, &layer, weight_key, bias_key, load_weight, load_bias]() {
+      Matrix<T> weight = load_weight ? read([&] { return file_.read_matrix<T>(weight_key); }, weight_key) : layer.weight();
+      std::optional<Vector<T>> bias =
+          load_bias ? std::optional<Vector<T>>(read([&] { return file_.read_vector<T>(bias_key); }, bias_key))
+                    : layer.bias();
+      BitLinear<T> staged = read([&] { return BitLinear<T>(std::move(weight), std::move(bias), layer.options()); },
+                                 load_weight ? weight_key : bias_key);
+      staged_.push_back(std::make_unique<staged_bit_linear_state<T>>(layer, std::move(staged)));
+    });
+  }
+
+  /// After the walk: the unexpected keys, then one io_error for every problem found so far.
+  void check() {
+    for (const safetensors::tensor_info& t : file_.tensors())
+      if (t.name.starts_with(options_.prefix) && !used_.contains(t.name)) report_.unexpected.push_back(t.name);
+    std::sort(report_.unexpected.begin(), report_.unexpected.end());
+    std::vector<std::string> all;
+    if (options_.strict) {
+      for (const std::string& k : report_.missing) all.push_back("missing key " + quote_key(k));
+      for (const std::string& k : report_.unexpected) all.push_back("unexpected key " + quote_key(k));
+    }
+    all.insert(all.end(), problems_.begin(), problems_.end());
+    if (all.empty()) return;
+    std::string text = "load_state_dict: " + file_.source_name() + ": " + std::to_string(all.size()) +
+                       " error(s) in loading the state dict" +
+                       (options_.prefix.empty() ? std::string() : " (prefix " + quote_key(options_.prefix) + ")") +
+                       "; the graph is unchanged:";
+    for (const std::string& line : all) text += "\n  " + line;
+    throw io_error(text);
+  }
+
+  /// Reads every tensor and builds the staged states (may throw; the graph is untouched).
+  void stage() {
+    staged_.reserve(jobs_.size());
+    for (auto& job : jobs_) job();
+  }
+
+  void commit() noexcept {
+    for (auto& state : staged_) state->commit();
+  }
+
+  state_dict_report take_report() {
+    for (const std::string& k : loaded_) report_.loaded.push_back(k);
+    return std::move(report_);
+  }
+
+ private:
+  std::string key(std::string_view path, std::string_view tensor) const {
+    return state_key(options_.prefix, path, tensor);
+  }
+  static std::string describe(const std::string& path) {
+    return path.empty() ? std::string("(the root)") : quote_key(path);
+  }
+
+  // The view must refer to the layer's own storage: a view that copies (storage whose layout the
+  // view cannot describe) gives a new buffer on each call and cannot be written through.
+  template <class View>
+  void require_writable(const std::string& path, const View& first, const View& second) {
+    const bool same_weight = first.weight.data() == second.weight.data();
+    const bool same_bias = !first.bias || first.bias->data() == second.bias->data();
+    if (!same_weight || !same_bias)
+      problems_.push_back("layer " + describe(path) +
+                          ": bitnet_linear returns a copy of its " + (same_weight ? "bias" : "weight") +
+                          ", not a view of the layer's storage, so it cannot be loaded (return a linear_view with "
+                          "the storage order of the layer, see docs/customization.md)");
+  }
+
+  // Records `key` as expected; false when it is missing or mismatched (the problem is recorded).
+  bool expect(const std::string& key, std::optional<safetensors::dtype> type, const std::vector<std::uint64_t>& shape,
+              std::string_view what = "") {
+    used_.insert(key);
+    const safetensors::tensor_info* t = file_.find(key);
+    if (!t) {
+      report_.missing.push_back(key);
+      return false;
+    }
+    const bool type_ok = type ? t->type == *type : safetensors::is_floating(t->type);
+    if (!type_ok || t->shape != shape) {
+      problems_.push_back("size mismatch for " + quote_key(key) + ": the file has " +
+                          std::string(safetensors::dtype_name(t->type)) + " " + safetensors::detail::shape_text(t->shape) +
+                          ", the layer needs " + std::string(what) +
+                          (type ? std::string(safetensors::dtype_name(*type)) : std::string("floating")) + " " +
+                          safetensors::detail::shape_text(shape));
+      return false;
+    }
+    loaded_.push_back(key);
+    return true;
+  }
+  bool expect_floating(const std::string& key, const std::vector<std::uint64_t>& shape) {
+    return expect(key, std::nullopt, shape);
+  }
+  bool expect_scale(const std::string& key) {
+    used_.insert(key);
+    const safetensors::tensor_info* t = file_.find(key);
+    if (t->element_count() != 1 || !safetensors::is_floating(t->type)) {
+      problems_.push_back("size mismatch for " + quote_key(key) + ": the file has " +
+                          std::string(safetensors::dtype_name(t->type)) + " " + safetensors::detail::shape_text(t->shape) +
+                          ", a weight_scale is one floating element");
+      return false;
+    }
+    loaded_.push_back(key);
+    return true;
+  }
+  void packed_hint(const std::string& path) {
+    const std::string scale_key = key(path, "weight_scale");
+    used_.insert(scale_key);
+    problems_.push_back(quote_key(scale_key) + ": the file stores " + describe(path) +
+                        " in the packed BitNet form, but the graph holds a plain linear layer there (convert it "
+                        "with replace_linear first)");
+  }
+
+  // Runs a read or a build; a bitnet::error becomes an io_error naming the file and the key.
+  template <class Read>
+  auto read(Read&& run, const std::string& key) -> decltype(run()) {
+    try {
+      return run();
+    } catch (const io_error&) {
+      throw;
+    } catch (const error& e) {
+      throw io_error("load_state_dict: " + file_.source_name() + ": " + quote_key(key) + ": " + e.what() +
+                     "; the graph is unchanged");
+    }
+  }
+
+  const safetensors::reader& file_;
+  const state_dict_options& options_;
+  std::set<std::string, std::less<>> used_;
+  std::vector<std::string> loaded_;
+  std::vector<std::string> problems_;
+  state_dict_report report_;
+  std::vector<std::function<void()>> jobs_;
+  std::vector<std::unique_ptr<staged_state>> staged_;
+};
+
+}  // namespace detail
+
+namespace detail {
+
+/// A save in two walks over the graph: the first declares every tensor (the writer needs the whole
+/// header first), the second writes each one straight from the layer, so nothing is copied.
+class state_saver {
+ public:
+  explicit state_saver(const state_dict_options& options) : options_(options) {
+    if (options.dtype && !safetensors::is_floating(*options.dtype))
+      throw value_error("save_state_dict: dtype " + std::string(safetensors::dtype_name(*options.dtype)) +
+                        " is not a floating dtype (use F32, F64, F16 or BF16)");
+  }
+
+  template <class L>
+  void linear(const std::string& path, L& layer) {
+    const auto view = layer_traits<L>::linear(layer);
+    using S = typename decltype(view)::scalar;
+    put<S>(key(path, "weight"), view.weight);
+    if (view.bias) put<S>(key(path, "bias"), *view.bias);
+  }
+
+  template <real_scalar T>
+  void bit_linear(const std::string& path, BitLinear<T>& layer) {
+    if (options_.bit_linear == bit_linear_storage::latent) {
+      put<T>(key(path, "weight"), layer.weight());
+      if (layer.bias()) put<T>(key(path, "bias"), *layer.bias());
+      return;
+    }
+    const std::string weight_key = key(path, "weight"), scale_key = key(path, "weight_scale");
+    if (!out_) {
+      specs_.push_back({weight_key, safetensors::dtype::U8,
+                        {std::uint64_t(hf::packed_rows(layer.out_features())), std::uint64_t(layer.in_features())}});
+      specs_.push_back({scale_key, floating_type<T>(), {1}});
+      if (layer.bias()) specs_.push_back({key(path, "bias"), floating_type<T>(), {std::uint64_t(layer.out_features())}});
+      return;
+    }
+    const hf::packed_layer<T> packed = hf::to_packed(layer, options_.scale_convention);
+    out_->write(weight_key, packed.weight);
+    const T scale[1] = {packed.weight_scale};
+    out_->write_values<T>(scale_key, scale);
+    if (packed.bias) out_->write(key(path, "bias"), *packed.bias);
+  }
+
+  template <class Graph>
+  void save(Graph& graph, const std::filesystem::path& file) {
+    state_walker<state_saver> walker(*this);
+    walker.walk(graph);
+    safetensors::writer out(file, std::move(specs_), options_.metadata);
+    out_ = &out;
+    walker.walk(graph);
+    out.finish();
+  }
+
+ private:
+  std::string key(std::string_view path, std::string_view tensor) const {
+    return state_key(options_.prefix, path, tensor);
+  }
+
+  template <real_scalar S>
+  safetensors::dtype floating_type() const {
+    return options_.dtype ? *options_.dtype : safetensors::dtype_of<S>();
+  }
+
+  template <real_scalar S, class Values>
+  void put(const std::string& key, const Values& values) {
+    if (out_)
+      out_->write(key, values);
+    else if (Values::IsVectorAtCompileTime)
+      specs_.push_back({key, floating_type<S>(), {std::uint64_t(values.size())}});
+    else
+      specs_.push_back({key, floating_type<S>(), {std::uint64_t(values.rows()), std::uint64_t(values.cols())}});
+  }
+
+  const state_dict_options& options_;
+  std::vector<safetensors::tensor_spec> specs_;
+  safetensors::writer* out_ = nullptr;
+};
+
+template <class Graph>
+void check_state_graph() {
+  static_assert(layer_graph<Graph>,
+                "bitnet::load_state_dict/save_state_dict: the graph type is not a layer graph: give it "
+                "bitnet_children(node, visit) (or BITNET_LAYERS(Type, fields...)), make it a std::vector / "
+                "std::array / std::deque / string-keyed map of layers, or specialize bitnet::layer_traits; see "
+                "docs/customization.md");
+}
+
+}  // namespace detail
+
+/// Loads the weights and biases of every linear layer and BitLinear of `graph` from `file`, by
+/// dotted path (see the top of this header). All or nothing: on any exception the graph is
+/// bit-identical to before. Throws io_error listing every missing key, unexpected key and size
+/// mismatch at once (missing/unexpected only when options.strict), and io_error naming the key for
+/// a tensor that cannot be read or converted (a value out of range, a non-finite BitLinear weight,
+/// an invalid packed code).
+template <class Graph>
+state_dict_report load_state_dict(Graph& graph, const safetensors::reader& file, const state_dict_options& options = {}) {
+  detail::check_state_graph<Graph>();
+  detail::state_loader loader(file, options);
+  detail::state_walker<detail::state_loader> walker(loader);
+  walker.walk(graph);
+  loader.check();
+  loader.stage();
+  state_dict_report report = loader.take_report();  // built before the commit: nothing may fail after it
+  loader.commit();
+  return report;
+}
+
+/// Opens and validates `file`, then loads it as above.
+template <class Graph>
+state_dict_report load_state_dict(Graph& graph, const std::filesystem::path& file,
+                                  const state_dict_options& options = {}) {
+  return load_state_dict(graph, safetensors::reader(file), options);
+}
+
+/// Writes the weight and bias of every linear layer and BitLinear of `graph` to `file` (replaced
+/// whole or not at all, through safetensors::writer), by dotted path. Linear layers store their
+/// weights as they are; BitLinear layers their latent weights, or with
+/// options.bit_linear = bit_linear_storage::hf_packed the Hugging Face packed form.
+template <class Graph>
+void save_state_dict(Graph& graph, const std::filesystem::path& file, const state_dict_options& options = {}) {
+  detail::check_state_graph<Graph>();
+  detail::state_saver saver(options);
+  saver.save(graph, file);
+}
+
+}  // namespace bitnet

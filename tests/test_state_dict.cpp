@@ -1,0 +1,551 @@
+#include <bitnet/state_dict.hpp>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <limits>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+#include <bitnet/replace.hpp>
+
+#include "graph_fixtures.hpp"
+
+namespace st = bitnet::safetensors;
+namespace hf = bitnet::hf;
+namespace fs = std::filesystem;
+using namespace fixtures;
+
+namespace {
+
+struct scratch_dir {
+  fs::path path;
+  scratch_dir() {
+    std::random_device rd;
+    path = fs::temp_directory_path() / ("bitnet_state_dict_test_" + std::to_string(rd()) + std::to_string(rd()));
+    fs::create_directories(path);
+  }
+  ~scratch_dir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  fs::path operator/(const std::string& name) const { return path / name; }
+};
+
+// The values of a snapshot without the buffer addresses: what a round trip must reproduce.
+std::vector<slot_state> values_of(std::vector<slot_state> states) {
+  for (auto& s : states) s.weight_data = s.bias_data = nullptr;
+  return states;
+}
+
+// Ternary codes and scale of every BitLinear of a transformer.
+std::vector<std::pair<Matrix<std::int8_t>, float>> ternary_of(transformer& t) {
+  std::vector<std::pair<Matrix<std::int8_t>, float>> out;
+  for (slot* s : slots_of(t))
+    if (const auto* bit = std::get_if<BitLinear<float>>(s)) out.emplace_back(bit->ternary_weight(), bit->weight_scale());
+  return out;
+}
+
+std::string message_of(auto&& action) {
+  try {
+    action();
+  } catch (const bitnet::io_error& e) {
+    return e.what();
+  }
+  FAIL("expected a bitnet::io_error");
+  return {};
+}
+
+// A graph of the remaining built-in shapes and user linear types (fixed members: loading writes
+// through their views).
+struct mixed_graph {
+  std::map<std::string, slot> heads;
+  std::deque<Linear<double>> stack;
+  std::vector<slot> pair;
+  user::dense_colmajor colmajor;
+  user::flat_dense flat;
+  thirdparty::Dense dense;
+};
+BITNET_LAYERS(mixed_graph, heads, stack, pair, colmajor, flat, dense);
+
+mixed_graph make_mixed(unsigned seed) {
+  std::mt19937 rng(seed);
+  mixed_graph g;
+  g.heads.emplace("cls", random_linear<float>(4, 3, rng));
+  g.heads.emplace("reg", random_linear<float>(4, 1, rng, false));
+  g.stack.push_back(random_linear<double>(3, 5, rng));
+  g.stack.push_back(random_linear<double>(5, 2, rng, false));
+  g.pair = {slot(random_linear<float>(2, 2, rng)), slot(random_linear<float>(2, 3, rng))};
+  g.colmajor.weight = reference::random_matrix<double>(3, 4, rng).cast<double>();
+  g.colmajor.bias = reference::random_matrix<double>(3, 1, rng);
+  g.flat = {4, 2, {}};
+  for (int i = 0; i < 8; ++i) g.flat.values.push_back(float(i) * 0.25f - 1);
+  g.dense.kernel = reference::random_matrix<float>(5, 3, rng);  // in x out
+  return g;
+}
+
+std::vector<std::vector<unsigned char>> bytes_of_mixed(mixed_graph& g) {
+  std::vector<std::vector<unsigned char>> out;
+  for (auto& [name, s] : g.heads) {
+    const auto state = state_of(name, s);
+    out.push_back(state.weight_bytes);
+    out.push_back(state.bias_bytes);
+  }
+  for (auto& l : g.stack) {
+    out.push_back(bytes_of(l.weight));
+    if (l.bias) out.push_back(bytes_of(*l.bias));
+  }
+  for (auto& s : g.pair) out.push_back(state_of("", s).weight_bytes);
+  out.push_back(bytes_of(g.colmajor.weight));
+  out.push_back(bytes_of(g.colmajor.bias));
+  out.push_back(bytes_of(Eigen::Map<const Eigen::VectorXf>(g.flat.values.data(), Index(g.flat.values.size()))));
+  out.push_back(bytes_of(g.dense.kernel));
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("state dict: save then load into a fresh graph restores every weight bit (BITNET_LAYERS, vector, variant)") {
+  scratch_dir dir;
+  transformer source = make_transformer(3, 6, 1);
+  bitnet::save_state_dict(source, dir / "t.safetensors");
+
+  const st::reader file(dir / "t.safetensors");
+  CHECK(file.tensors().size() == 3 * 6 + 2 - 1);  // block 1 has no attn bias
+  CHECK(file.contains("blocks.2.mlp.down.weight"));
+  CHECK(file.info("blocks.2.mlp.down.weight").shape == std::vector<std::uint64_t>{6, 12});
+  CHECK_FALSE(file.contains("blocks.1.attn.bias"));
+  CHECK(file.read_matrix<float>("head.weight") == std::get<Linear<float>>(source.head).weight);
+
+  transformer target = make_transformer(3, 6, 2);
+  REQUIRE(values_of(snapshot(target)) != values_of(snapshot(source)));
+  const auto report = bitnet::load_state_dict(target, file);
+  CHECK(values_of(snapshot(target)) == values_of(snapshot(source)));
+  CHECK(report.loaded.size() == 19);
+  CHECK(report.missing.empty());
+  CHECK(report.unexpected.empty());
+}
+
+TEST_CASE("state dict: round trip of BitLinear layers keeps the latent weights, the codes and the scales") {
+  scratch_dir dir;
+  transformer source = make_transformer(2, 7, 3);
+  bitnet::replace_linear(source);
+  bitnet::save_state_dict(source, dir / "bit.safetensors");
+
+  transformer target = make_transformer(2, 7, 4);
+  bitnet::replace_linear(target);
+  bitnet::load_state_dict(target, dir / "bit.safetensors");
+  CHECK(values_of(snapshot(target)) == values_of(snapshot(source)));
+  CHECK(ternary_of(target) == ternary_of(source));
+}
+
+TEST_CASE("state dict: a polymorphic unique_ptr module tree, before and after conversion") {
+  scratch_dir dir;
+  auto source = make_module_tree(5);
+  bitnet::save_state_dict(*source, dir / "tree.safetensors");
+  CHECK(st::reader(dir / "tree.safetensors").contains("layers.1.o.weight"));
+  CHECK_FALSE(st::reader(dir / "tree.safetensors").contains("layers.1.o.bias"));
+
+  auto target = make_module_tree(6);
+  bitnet::load_state_dict(*target, dir / "tree.safetensors");
+  CHECK(values_of(snapshot(*target)) == values_of(snapshot(*source)));
+
+  // Converted trees: the BitLinear nodes are found through bitnet_as_bit_linear.
+  bitnet::replace_linear(*source);
+  bitnet::save_state_dict(*source, dir / "bit_tree.safetensors");
+  auto converted = make_module_tree(7);
+  bitnet::replace_linear(*converted);
+  bitnet::load_state_dict(*converted, dir / "bit_tree.safetensors");
+  CHECK(values_of(snapshot(*converted)) == values_of(snapshot(*source)));
+}
+
+TEST_CASE("state dict: maps, deques, arrays and user linear types (column-major, flat storage, traits)") {
+  scratch_dir dir;
+  mixed_graph source = make_mixed(8);
+  bitnet::save_state_dict(source, dir / "mixed.safetensors");
+  const st::reader file(dir / "mixed.safetensors");
+  CHECK(file.info("stack.0.weight").type == st::dtype::F64);
+  CHECK(file.info("heads.cls.weight").type == st::dtype::F32);
+  // Each layer is stored out x in, whatever its own layout.
+  CHECK(file.read_matrix<double>("colmajor.weight") == source.colmajor.weight);
+  CHECK(file.read_matrix<float>("dense.weight") == source.dense.kernel.transpose());
+  CHECK(file.read_matrix<float>("flat.weight")(1, 3) == source.flat.values[7]);
+
+  mixed_graph target = make_mixed(9);
+  REQUIRE(bytes_of_mixed(target) != bytes_of_mixed(source));
+  const void* flat_buffer = target.flat.values.data();
+  bitnet::load_state_dict(target, file);
+  CHECK(bytes_of_mixed(target) == bytes_of_mixed(source));
+  CHECK(target.flat.values.data() == flat_buffer);  // written in place
+}
+
+TEST_CASE("state dict: a single layer as the graph has the keys weight and bias") {
+  scratch_dir dir;
+  std::mt19937 rng(10);
+  Linear<float> layer = random_linear<float>(3, 2, rng);
+  bitnet::save_state_dict(layer, dir / "one.safetensors", {.prefix = "fc."});
+  const st::reader file(dir / "one.safetensors");
+  CHECK(file.contains("fc.weight"));
+  CHECK(file.contains("fc.bias"));
+  Linear<float> other = random_linear<float>(3, 2, rng);
+  bitnet::load_state_dict(other, file, {.prefix = "fc."});
+  CHECK(other.weight == layer.weight);
+  CHECK(*other.bias == *layer.bias);
+}
+
+TEST_CASE("state dict: a prefix is put in front of every key; other tensors are outside the graph") {
+  scratch_dir dir;
+  transformer source = make_transformer(1, 4, 11);
+  bitnet::save_state_dict(source, dir / "p.safetensors", {.prefix = "model."});
+  {
+    const st::reader file(dir / "p.safetensors");
+    for (const auto& t : file.tensors()) CHECK(t.name.starts_with("model."));
+    CHECK(file.contains("model.blocks.0.mlp.up.weight"));
+  }
+  // A checkpoint with the model plus tensors outside the prefix (an embedding): the prefix selects.
+  {
+    const st::reader saved(dir / "p.safetensors");
+    std::vector<st::tensor_spec> specs;
+    for (const auto& t : saved.tensors()) specs.push_back({t.name, t.type, t.shape});
+    specs.push_back({"embed.weight", st::dtype::F32, {2, 2}});
+    st::writer out(dir / "full.safetensors", specs);
+    for (const auto& t : saved.tensors()) out.copy_tensor(t.name, saved, t.name);
+    out.write("embed.weight", Matrix<float>::Zero(2, 2).eval());
+    out.finish();
+  }
+  transformer target = make_transformer(1, 4, 12);
+  bitnet::load_state_dict(target, dir / "full.safetensors", {.prefix = "model."});
+  CHECK(values_of(snapshot(target)) == values_of(snapshot(source)));
+
+  // Without the prefix every key is missing and every tensor unexpected.
+  transformer other = make_transformer(1, 4, 13);
+  const auto before = snapshot(other);
+  const std::string text = message_of([&] { bitnet::load_state_dict(other, dir / "full.safetensors"); });
+  CHECK(text.find("missing key \"blocks.0.attn.weight\"") != std::string::npos);
+  CHECK(text.find("unexpected key \"model.blocks.0.attn.weight\"") != std::string::npos);
+  CHECK(text.find("unexpected key \"embed.weight\"") != std::string::npos);
+  CHECK(snapshot(other) == before);
+}
+
+namespace {
+
+// Writes a file with the given tensors (F32 unless said), values from a counter.
+void write_file(const fs::path& path, const std::vector<st::tensor_spec>& specs) {
+  st::writer out(path, specs);
+  float next = 0.125f;
+  for (const auto& spec : specs) {
+    std::uint64_t n = 1;
+    for (auto d : spec.shape) n *= d;
+    std::vector<float> values(n);
+    for (auto& v : values) v = (next += 0.0625f);
+    if (spec.type == st::dtype::U8 || spec.type == st::dtype::I32) {
+      std::vector<std::int32_t> codes(n, 0);
+      out.write_values<std::int32_t>(spec.name, codes);
+    } else {
+      out.write_values<float>(spec.name, values);
+    }
+  }
+  out.finish();
+}
+
+}  // namespace
+
+TEST_CASE("state dict: strict mode lists every missing key, unexpected key and mismatch in one error") {
+  scratch_dir dir;
+  transformer graph = make_transformer(1, 4, 14);  // attn 4x4+b, up 8x4+b, down 4x8+b, head 3x4+b
+  const auto before = snapshot(graph);
+  write_file(dir / "bad.safetensors", {
+                                          {"blocks.0.attn.weight", st::dtype::F32, {4, 4}},
+                                          {"blocks.0.attn.bias", st::dtype::F32, {4}},
+                                          {"blocks.0.mlp.up.weight", st::dtype::F32, {4, 8}},   // transposed
+                                          {"blocks.0.mlp.up.bias", st::dtype::I32, {8}},        // not floating
+                                          {"blocks.0.mlp.down.weight", st::dtype::F32, {4, 8}},
+                                          // blocks.0.mlp.down.bias missing
+                                          {"head.weight", st::dtype::F32, {3, 4}},
+                                          {"head.bias", st::dtype::F32, {3}},
+                                          {"head.extra", st::dtype::F32, {1}},
+                                          {"blocks.0.norm.weight", st::dtype::F32, {4}},
+                                      });
+  const std::string text = message_of([&] { bitnet::load_state_dict(graph, dir / "bad.safetensors"); });
+  CHECK(text.find("5 error(s) in loading the state dict") != std::string::npos);
+  CHECK(text.find("missing key \"blocks.0.mlp.down.bias\"") != std::string::npos);
+  CHECK(text.find("unexpected key \"head.extra\"") != std::string::npos);
+  CHECK(text.find("unexpected key \"blocks.0.norm.weight\"") != std::string::npos);
+  CHECK(text.find("size mismatch for \"blocks.0.mlp.up.weight\": the file has F32 [4, 8], the layer needs floating [8, 4]") !=
+        std::string::npos);
+  CHECK(text.find("size mismatch for \"blocks.0.mlp.up.bias\": the file has I32 [8]") != std::string::npos);
+  CHECK(text.find("bad.safetensors") != std::string::npos);
+  CHECK(snapshot(graph) == before);
+
+  // Non-strict: mismatches are still errors (as in PyTorch).
+  const std::string lenient =
+      message_of([&] { bitnet::load_state_dict(graph, dir / "bad.safetensors", {.strict = false}); });
+  CHECK(lenient.find("2 error(s)") != std::string::npos);
+  CHECK(lenient.find("missing key") == std::string::npos);
+  CHECK(snapshot(graph) == before);
+}
+
+TEST_CASE("state dict: non-strict loads what matches and reports the rest") {
+  scratch_dir dir;
+  transformer source = make_transformer(1, 4, 15);
+  bitnet::save_state_dict(source, dir / "full.safetensors");
+  {
+    const st::reader full(dir / "full.safetensors");
+    std::vector<st::tensor_spec> specs{{"head.weight", st::dtype::F32, {3, 4}},
+                                       {"blocks.0.mlp.up.bias", st::dtype::F32, {8}},
+                                       {"decoder.weight", st::dtype::F32, {1, 1}}};
+    st::writer out(dir / "part.safetensors", specs);
+    out.copy_tensor("head.weight", full, "head.weight");
+    out.copy_tensor("blocks.0.mlp.up.bias", full, "blocks.0.mlp.up.bias");
+    out.write("decoder.weight", Matrix<float>::Ones(1, 1).eval());
+    out.finish();
+  }
+  transformer target = make_transformer(1, 4, 16);
+  const auto before = values_of(snapshot(target));
+  const auto report = bitnet::load_state_dict(target, dir / "part.safetensors", {.strict = false});
+  CHECK(report.loaded == std::vector<std::string>{"blocks.0.mlp.up.bias", "head.weight"});
+  CHECK(report.unexpected == std::vector<std::string>{"decoder.weight"});
+  CHECK(report.missing.size() == 6);
+
+  const auto after = values_of(snapshot(target));
+  const auto expected = values_of(snapshot(source));
+  // slots: attn, up, down, head
+  CHECK(after[0] == before[0]);
+  CHECK(after[1].bias_bytes == expected[1].bias_bytes);
+  CHECK(after[1].weight_bytes == before[1].weight_bytes);
+  CHECK(after[2] == before[2]);
+  CHECK(after[3].weight_bytes == expected[3].weight_bytes);
+  CHECK(after[3].bias_bytes == before[3].bias_bytes);
+}
+
+TEST_CASE("state dict: F16 and BF16 files load into float layers, rounded as the file says") {
+  scratch_dir dir;
+  transformer source = make_transformer(1, 4, 17);
+  bitnet::save_state_dict(source, dir / "bf16.safetensors", {.dtype = st::dtype::BF16});
+  CHECK(st::reader(dir / "bf16.safetensors").info("head.weight").type == st::dtype::BF16);
+  transformer target = make_transformer(1, 4, 18);
+  bitnet::load_state_dict(target, dir / "bf16.safetensors");
+  // bfloat16 by hand: round the float's bits to the upper 16 bits, to nearest even.
+  const auto to_bf16 = [](float v) {
+    std::uint32_t bits = std::bit_cast<std::uint32_t>(v);
+    bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    return std::bit_cast<float>(bits);
+  };
+  const auto& want = std::get<Linear<float>>(source.head);
+  const auto& got = std::get<Linear<float>>(target.head);
+  for (Index r = 0; r < want.weight.rows(); ++r)
+    for (Index c = 0; c < want.weight.cols(); ++c) CHECK(got.weight(r, c) == to_bf16(want.weight(r, c)));
+  CHECK(got.weight != want.weight);  // the rounding happened
+
+  // F16 holds these values (multiples of 1/64 below 2) exactly.
+  std::mt19937 rng(19);
+  Linear<float> exact(Matrix<float>(3, 5), Vector<float>(3));
+  for (Index i = 0; i < exact.weight.size(); ++i) exact.weight.data()[i] = float(int(rng() % 128) - 64) / 64;
+  for (Index i = 0; i < 3; ++i) (*exact.bias)(i) = float(i) / 64;
+  bitnet::save_state_dict(exact, dir / "f16.safetensors", {.dtype = st::dtype::F16});
+  CHECK(st::reader(dir / "f16.safetensors").info("weight").type == st::dtype::F16);
+  Linear<float> loaded = random_linear<float>(5, 3, rng);
+  bitnet::load_state_dict(loaded, dir / "f16.safetensors");
+  CHECK(loaded.weight == exact.weight);
+  CHECK(*loaded.bias == *exact.bias);
+
+  CHECK_THROWS_AS(bitnet::save_state_dict(exact, dir / "x.safetensors", {.dtype = st::dtype::I8}), bitnet::value_error);
+}
+
+TEST_CASE("state dict: the graph is unchanged after a value error, a bad code or a malformed file") {
+  scratch_dir dir;
+  transformer graph = make_transformer(1, 4, 20);
+  bitnet::replace_linear(graph);
+  const auto before = snapshot(graph);
+  const auto codes_before = ternary_of(graph);
+  const auto unchanged = [&] {
+    CHECK(snapshot(graph) == before);
+    CHECK(ternary_of(graph) == codes_before);
+  };
+  bitnet::save_state_dict(graph, dir / "good.safetensors");
+
+  SUBCASE("a NaN weight for a BitLinear, after other layers were staged") {
+    const st::reader good(dir / "good.safetensors");
+    std::vector<st::tensor_spec> specs;
+    for (const auto& t : good.tensors()) specs.push_back({t.name, t.type, t.shape});
+    st::writer out(dir / "nan.safetensors", specs);
+    for (const auto& t : good.tensors()) {
+      if (t.name != "head.weight") {
+        out.copy_tensor(t.name, good, t.name);
+        continue;
+      }
+      Matrix<float> w = good.read_matrix<float>(t.name);
+      w(1, 2) = std::numeric_limits<float>::quiet_NaN();
+      out.write(t.name, w);
+    }
+    out.finish();
+    const std::string text = message_of([&] { bitnet::load_state_dict(graph, dir / "nan.safetensors"); });
+    CHECK(text.find("\"head.weight\"") != std::string::npos);
+    CHECK(text.find("non-finite value (nan)") != std::string::npos);
+    unchanged();
+  }
+  SUBCASE("an F64 value beyond float's range") {
+    const st::reader good(dir / "good.safetensors");
+    std::vector<st::tensor_spec> specs;
+    for (const auto& t : good.tensors()) specs.push_back({t.name, t.name == "blocks.0.attn.bias" ? st::dtype::F64 : t.type, t.shape});
+    st::writer out(dir / "f64.safetensors", specs);
+    for (const auto& t : good.tensors())
+      if (t.name == "blocks.0.attn.bias")
+        out.write(t.name, Vector<double>::Constant(4, 1e300).eval());
+      else
+        out.copy_tensor(t.name, good, t.name);
+    out.finish();
+    const std::string text = message_of([&] { bitnet::load_state_dict(graph, dir / "f64.safetensors"); });
+    CHECK(text.find("\"blocks.0.attn.bias\"") != std::string::npos);
+    unchanged();
+  }
+  SUBCASE("a packed weight holding the invalid code 3") {
+    transformer packed_graph = make_transformer(1, 4, 21);
+    bitnet::replace_linear(packed_graph);
+    bitnet::save_state_dict(packed_graph, dir / "packed.safetensors", {.bit_linear = bitnet::bit_linear_storage::hf_packed});
+    const st::reader good(dir / "packed.safetensors");
+    std::vector<st::tensor_spec> specs;
+    for (const auto& t : good.tensors()) specs.push_back({t.name, t.type, t.shape});
+    st::writer out(dir / "code3.safetensors", specs);
+    for (const auto& t : good.tensors()) {
+      if (t.name != "blocks.0.mlp.down.weight") {
+        out.copy_tensor(t.name, good, t.name);
+        continue;
+      }
+      Matrix<std::uint8_t> w = good.read_matrix<std::uint8_t>(t.name);
+      w(0, 3) = std::uint8_t(w(0, 3) | 3u);
+      out.write(t.name, w);
+    }
+    out.finish();
+    const std::string text = message_of([&] { bitnet::load_state_dict(graph, dir / "code3.safetensors"); });
+    CHECK(text.find("\"blocks.0.mlp.down.weight\"") != std::string::npos);
+    CHECK(text.find("code 3") != std::string::npos);
+    unchanged();
+  }
+  SUBCASE("a truncated file") {
+    fs::copy_file(dir / "good.safetensors", dir / "short.safetensors");
+    fs::resize_file(dir / "short.safetensors", fs::file_size(dir / "good.safetensors") - 4);
+    CHECK_THROWS_AS(bitnet::load_state_dict(graph, dir / "short.safetensors"), bitnet::io_error);
+    unchanged();
+  }
+  SUBCASE("a missing file") {
+    CHECK_THROWS_AS(bitnet::load_state_dict(graph, dir / "none.safetensors"), bitnet::io_error);
+    unchanged();
+  }
+  SUBCASE("a packed checkpoint into plain Linear layers") {
+    transformer plain = make_transformer(1, 4, 22);
+    const auto plain_before = snapshot(plain);
+    transformer packed_graph = make_transformer(1, 4, 23);
+    bitnet::replace_linear(packed_graph);
+    bitnet::save_state_dict(packed_graph, dir / "p.safetensors", {.bit_linear = bitnet::bit_linear_storage::hf_packed});
+    const std::string text = message_of([&] { bitnet::load_state_dict(plain, dir / "p.safetensors"); });
+    CHECK(text.find("\"head.weight_scale\": the file stores \"head\" in the packed BitNet form") != std::string::npos);
+    CHECK(snapshot(plain) == plain_before);
+  }
+}
+
+namespace copy_case {
+struct copying_layer {
+  Eigen::MatrixXf weight;  // column-major; a row-major view of it is a copy
+};
+inline bitnet::linear_view<float> bitnet_linear(const copying_layer& l) { return {l.weight, std::nullopt}; }
+}  // namespace copy_case
+
+TEST_CASE("state dict: a bitnet_linear view that copies the weights is reported, nothing is written") {
+  scratch_dir dir;
+  copy_case::copying_layer layer{Eigen::MatrixXf::Constant(2, 3, 1.5f)};
+  bitnet::save_state_dict(layer, dir / "c.safetensors");  // saving through a copy is fine
+  CHECK(st::reader(dir / "c.safetensors").read_matrix<float>("weight") == Matrix<float>::Constant(2, 3, 1.5f));
+  const std::string text = message_of([&] { bitnet::load_state_dict(layer, dir / "c.safetensors"); });
+  CHECK(text.find("returns a copy of its weight") != std::string::npos);
+}
+
+TEST_CASE("state dict: the Hugging Face packed form loads exactly the file's codes and scale") {
+  scratch_dir dir;
+  // A hand-made packed layer: out = 6 (ragged: 2 packed rows), in = 5.
+  Matrix<std::int8_t> q(6, 5);
+  q << 1, 0, -1, 1, 0,   //
+      0, 0, 0, 1, -1,    //
+      -1, -1, 1, 0, 1,   //
+      1, 1, 1, 1, 1,     //
+      0, -1, 0, 0, 0,    //
+      -1, 0, 1, 0, -1;
+  const Matrix<std::uint8_t> packed = hf::pack_weights(q);
+  REQUIRE(packed.rows() == 2);
+  for (const auto convention : {hf::scale_convention::bitlinear, hf::scale_convention::autobitlinear}) {
+    CAPTURE(hf::convention_name(convention));
+    const float stored = convention == hf::scale_convention::bitlinear ? 2.5f : 0.4f;  // the same scale, 1/0.4
+    {
+      st::writer out(dir / "hf.safetensors", {{"model.proj.weight", st::dtype::U8, {2, 5}},
+                                              {"model.proj.weight_scale", st::dtype::BF16, {1}},
+                                              {"model.proj.bias", st::dtype::F32, {6}}});
+      out.write("model.proj.weight", packed);
+      const float scale[1] = {stored};
+      out.write_values<float>("model.proj.weight_scale", scale);
+      out.write("model.proj.bias", Vector<float>::LinSpaced(6, -1, 1).eval());
+      out.finish();
+    }
+    const float stored_bf16 = st::reader(dir / "hf.safetensors").read_values<float>("model.proj.weight_scale")[0];
+    std::mt19937 rng(24);
+    std::map<std::string, BitLinear<float>> graph;
+    graph.emplace("proj", BitLinear<float>(reference::random_matrix<float>(6, 5, rng), Vector<float>::Zero(6)));
+    const auto report =
+        bitnet::load_state_dict(graph, dir / "hf.safetensors", {.prefix = "model.", .scale_convention = convention});
+    CHECK(report.loaded.size() == 3);
+    const BitLinear<float>& layer = graph.at("proj");
+    CHECK(layer.ternary_weight() == q);
+    if (convention == hf::scale_convention::bitlinear) {
+      CHECK(layer.weight_scale() == stored_bf16);
+      CHECK(*layer.bias() == Vector<float>::LinSpaced(6, -1, 1));
+    } else {
+      CHECK(layer.weight_scale() == 1.0f / stored_bf16);
+      CHECK(*layer.bias() == Vector<float>::LinSpaced(6, -1, 1) * stored_bf16);  // the file's bias is b / m
+    }
+    // weight() is a latent matrix that quantizes to exactly these codes and scale.
+    const auto requantized = bitnet::quantize_weights(layer.weight());
+    CHECK(requantized.values == q);
+    CHECK(requantized.scale == layer.weight_scale());
+    fs::remove(dir / "hf.safetensors");
+  }
+}
+
+TEST_CASE("state dict: BitLinear layers saved in the packed form load back to the same codes, both conventions") {
+  scratch_dir dir;
+  for (const auto convention : {hf::scale_convention::bitlinear, hf::scale_convention::autobitlinear}) {
+    CAPTURE(hf::convention_name(convention));
+    transformer source = make_transformer(2, 9, 25);
+    bitnet::replace_linear(source);
+    const bitnet::state_dict_options options{.scale_convention = convention,
+                                             .bit_linear = bitnet::bit_linear_storage::hf_packed};
+    bitnet::save_state_dict(source, dir / "packed.safetensors", options);
+    const st::reader file(dir / "packed.safetensors");
+    CHECK(file.info("blocks.1.mlp.up.weight").type == st::dtype::U8);
+    CHECK(file.info("blocks.1.mlp.up.weight").shape == std::vector<std::uint64_t>{5, 9});  // ceil(18/4) x 9
+    const auto& up = std::get<BitLinear<float>>(source.blocks[1].mlp.up);
+    CHECK(hf::unpack_weights(file.read_matrix<std::uint8_t>("blocks.1.mlp.up.weight"), 18) == up.ternary_weight());
+    const float stored = file.read_values<float>("blocks.1.mlp.up.weight_scale")[0];
+    CHECK(stored == (convention == hf::scale_convention::bitlinear ? up.weight_scale() : 1.0f / up.weight_scale()));
+
+    transformer target = make_transformer(2, 9, 26);
+    bitnet::replace_linear(target);
+    bitnet::load_state_dict(target, file, options);
+    CHECK(ternary_of(target) == ternary_of(source));
+    // Same codes and scale: the layers compute the same outputs.
+    std::mt19937 rng(27);
+    const Matrix<float> x = reference::random_matrix<float>(3, 9, rng);
+    const auto& got = std::get<BitLinear<float>>(target.blocks[1].mlp.up);
+    if (convention == hf::scale_convention::bitlinear) {
+      CHECK(got.forward(x) == up.forward(x));
+    } else {
+      // The bias is stored as b * sw and multiplied back by 1 / sw: equal up to that rounding.
+      CHECK(got.forward(x).isApprox(up.forward(x), 1e-6f));
+    }
+  }
+}
