@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it:
 #   1. dev:      -Wall -Wextra -Werror build, every public header compiled alone, all tests,
 #                examples, and the find_package / FetchContent consumer projects;
-#   2. sanitize: the same tests under AddressSanitizer + UndefinedBehaviorSanitizer;
+#   2. sanitize: the same tests under AddressSanitizer + UndefinedBehaviorSanitizer (the header
+#                checks are left to dev);
 #   3. tsan:     the concurrency tests (concurrent forward, thread counts) under ThreadSanitizer.
 #   4. fuzz:     when clang++-14 is installed, a 60 s libFuzzer run of the safetensors reader
 #                (ASan + UBSan), seeded with tests/safetensors_corpus.
