@@ -21,11 +21,18 @@ using bitnet::Matrix;
 
 namespace {
 
-// The SIMD ISAs this CPU runs (the scalar kernel is always compared too).
+#ifdef BITNET_TEST_EMULATED_AVX512
+constexpr bool emulated_avx512 = true;
+#else
+constexpr bool emulated_avx512 = false;
+#endif
+
+// The SIMD ISAs this CPU runs (the scalar kernel is always compared too); AVX-512 always where
+// this file is built with tests/avx512_emulation.hpp.
 std::vector<isa> runnable_isas() {
   std::vector<isa> isas{isa::scalar};
   for (isa which : {isa::avx2, isa::avx512})
-    if (bitnet::isa_supported(which)) isas.push_back(which);
+    if (bitnet::isa_supported(which) || (which == isa::avx512 && emulated_avx512)) isas.push_back(which);
   return isas;
 }
 
@@ -79,9 +86,12 @@ void check_all_kernels(const Matrix<std::int8_t>& w, const Matrix<std::int8_t>& 
 TEST_CASE("kernels: the AVX-512 VNNI kernels run only where the CPU has them") {
   if (bitnet::isa_supported(isa::avx512))
     MESSAGE("AVX-512 VNNI present: the avx512 kernels are compared with the reference in every kernel test");
+  else if (emulated_avx512)
+    MESSAGE("AVX-512 VNNI kernels run emulated (SIMDe) and are compared with the reference in every kernel test");
   else {
     const std::string note = std::string("AVX-512 VNNI kernels NOT run: this CPU lacks AVX-512 F/BW/VL/VNNI; only scalar") +
-                             (bitnet::isa_supported(isa::avx2) ? " and avx2" : "") + " were tested";
+                             (bitnet::isa_supported(isa::avx2) ? " and avx2" : "") +
+                             " were tested here (bitnet_avx512_emulated_tests runs them through SIMDe)";
     WARN_MESSAGE(false, note);
   }
   CHECK(bitnet::isa_supported(isa::scalar));

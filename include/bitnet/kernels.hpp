@@ -165,13 +165,11 @@ inline void run_gemm_range(isa which, const gemm_args& a, Index begin, Index end
   }
 }
 
-/// The product of gemm_args for all row_blocks, split into contiguous row ranges over at most
+/// The product of gemm_args for the row blocks, split into contiguous row ranges over at most
 /// `threads` threads (the caller's included), each given at least min_work multiply-adds. Every
 /// output is computed whole by one thread, so the split never changes a result. If a thread
 /// cannot start, the caller does its share.
-inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int threads,
-                         double min_work = min_work_per_thread) {
-  last_run_isa = which;
+inline void run_gemm_split(isa which, const gemm_args& a, Index row_blocks, int threads, double min_work) {
   const double work = double(a.batch) * double(row_blocks) * double(a.col_blocks) * 512.0;
   const Index by_work = min_work > 0 ? Index(std::min(work / min_work, 1e9)) : row_blocks;
   const Index parts = std::clamp<Index>(by_work, 1, std::min<Index>(threads, row_blocks));
@@ -188,6 +186,24 @@ inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int th
   }
   run_gemm_range(which, a, 0, std::min(per_part, row_blocks));
   for (std::thread& worker : workers) worker.join();
+}
+
+/// The product of gemm_args for all row_blocks on the kernels of `which` (see run_gemm_split).
+inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int threads,
+                         double min_work = min_work_per_thread) {
+  last_run_isa = which;
+#ifdef BITNET_X86
+  aligned_vector<std::int8_t> doubled;
+  if (which == isa::avx512) {  // the AVX-512 kernels read every activation plane twice side by side
+    doubled = duplicate_planes_avx512(a);
+    gemm_args widened = a;
+    widened.x = doubled.data();
+    widened.x_stride = 2 * a.x_stride;
+    run_gemm_split(which, widened, row_blocks, threads, min_work);
+    return;
+  }
+#endif
+  run_gemm_split(which, a, row_blocks, threads, min_work);
 }
 
 /// quantize_activations for `rows` rows of x (row stride x_stride), into q (row stride

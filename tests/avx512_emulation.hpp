@@ -1,0 +1,19 @@
+// Force-included (-include) into bitnet_avx512_emulated_tests: runs the AVX-512 VNNI kernels of
+// detail/kernels_avx512.hpp on any x86-64 CPU by routing their intrinsics through SIMDe's portable
+// implementations, so their logic (tiles, tails, row pairs, token tiles, horizontal sums) is
+// checked against the scalar reference even where no AVX-512 hardware exists. The real kernels
+// run on AVX-512 CPUs in bitnet_tests; this catches logic errors, not code generation ones. The
+// file is built with -mavx2, so only AVX-512 is emulated (SIMDe 0.7.4's AVX2 emulation of
+// _mm256_testz_si256 is wrong, and the AVX2 code runs natively anyway).
+#pragma once
+
+#include <immintrin.h>  // the compiler's own declarations first, so SIMDe reuses its vector types
+
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+
+// Plain code generation for the kernels: the emulation must not emit AVX-512 instructions itself.
+#define BITNET_TARGET_AVX512
+#define BITNET_INLINE_AVX512 inline
+
+#define BITNET_TEST_EMULATED_AVX512 1
