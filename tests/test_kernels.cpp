@@ -3,6 +3,7 @@
 #include <bitnet/pack.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -310,4 +311,44 @@ TEST_CASE("kernels: environment overrides BITNET_ISA and BITNET_NUM_THREADS") {
   } else {
     CHECK(bitnet::num_threads() == int(std::max(1u, std::thread::hardware_concurrency())));
   }
+}
+
+TEST_CASE("kernels: concurrent calls share the thread pool, every part runs exactly once") {
+  // Run under ThreadSanitizer by the tsan preset. Callers outnumber the cores and ask for more
+  // parts than the pool has workers, so parts are claimed by callers and workers alike.
+  struct counts {
+    mutable std::vector<std::atomic<int>> runs;
+    explicit counts(Index parts) : runs(std::size_t(parts)) {}
+    static void count(const void* self, Index part) noexcept {
+      static_cast<const counts*>(self)->runs[std::size_t(part)].fetch_add(1);
+    }
+  };
+  std::vector<int> wrong(6, 0);
+  std::vector<std::thread> callers;
+  for (int t = 0; t < 6; ++t)
+    callers.emplace_back([&wrong, t] {
+      for (int round = 0; round < 50; ++round) {
+        const Index parts = 1 + (round + t) % 9;  // 1 (no pool) to 9
+        counts c(parts);
+        bitnet::detail::thread_pool::instance().run(parts, counts::count, &c);
+        for (const std::atomic<int>& runs : c.runs) wrong[std::size_t(t)] += runs.load() != 1;
+      }
+    });
+  for (std::thread& caller : callers) caller.join();
+  CHECK(wrong == std::vector<int>(6, 0));
+
+  // The kernels through the pool from several threads at once, split as finely as allowed.
+  std::mt19937 rng(12);
+  const Matrix<std::int8_t> w = random_int8(37, 1031, -1, 1, rng), x = random_int8(3, 1031, -128, 127, rng);
+  const bitnet::packed_ternary packed(w);
+  const std::vector<std::int32_t> expected = reference_product(w, x);
+  std::vector<int> mismatches(3, 0);
+  callers.clear();
+  for (int t = 0; t < 3; ++t)
+    callers.emplace_back([&, t] {
+      for (int round = 0; round < 20; ++round)
+        mismatches[std::size_t(t)] += run_kernel(bitnet::best_isa(), 4, packed, x) != expected;
+    });
+  for (std::thread& caller : callers) caller.join();
+  CHECK(mismatches == std::vector<int>(3, 0));
 }

@@ -16,12 +16,12 @@
 #include <string_view>
 #include <thread>
 #include <type_traits>
-#include <vector>
 
 #include "detail/cpu_features.hpp"
 #include "detail/kernels_avx2.hpp"
 #include "detail/kernels_avx512.hpp"
 #include "detail/kernels_scalar.hpp"
+#include "detail/thread_pool.hpp"
 #include "errors.hpp"
 #include "matrix.hpp"
 
@@ -165,27 +165,31 @@ inline void run_gemm_range(isa which, const gemm_args& a, Index begin, Index end
   }
 }
 
+/// One kernel call's share-out over the pool: part i computes row blocks
+/// [i * per_part, min((i + 1) * per_part, row_blocks)).
+struct gemm_split {
+  isa which;
+  const gemm_args* args;
+  Index per_part, row_blocks;
+
+  static void run_part(const void* self, Index part) noexcept {
+    const gemm_split& s = *static_cast<const gemm_split*>(self);
+    const Index begin = part * s.per_part;
+    run_gemm_range(s.which, *s.args, begin, std::min(begin + s.per_part, s.row_blocks));
+  }
+};
+
 /// The product of gemm_args for the row blocks, split into contiguous row ranges over at most
-/// `threads` threads (the caller's included), each given at least min_work multiply-adds. Every
-/// output is computed whole by one thread, so the split never changes a result. If a thread
-/// cannot start, the caller does its share.
+/// `threads` threads (the caller's and the pool's, detail/thread_pool.hpp), each given at least
+/// min_work multiply-adds. Every output is computed whole by one thread, so the split never
+/// changes a result.
 inline void run_gemm_split(isa which, const gemm_args& a, Index row_blocks, int threads, double min_work) {
   const double work = double(a.batch) * double(row_blocks) * double(a.col_blocks) * 512.0;
   const Index by_work = min_work > 0 ? Index(std::min(work / min_work, 1e9)) : row_blocks;
   const Index parts = std::clamp<Index>(by_work, 1, std::min<Index>(threads, row_blocks));
   const Index per_part = (row_blocks + parts - 1) / parts;
-  std::vector<std::thread> workers;
-  Index next = per_part;
-  try {
-    workers.reserve(std::size_t(parts - 1));
-    for (; next < row_blocks; next += per_part)
-      workers.emplace_back(run_gemm_range, which, std::cref(a), next, std::min(next + per_part, row_blocks));
-  } catch (...) {
-    for (Index begin = next; begin < row_blocks; begin += per_part)
-      run_gemm_range(which, a, begin, std::min(begin + per_part, row_blocks));
-  }
-  run_gemm_range(which, a, 0, std::min(per_part, row_blocks));
-  for (std::thread& worker : workers) worker.join();
+  const gemm_split split{which, &a, per_part, row_blocks};
+  thread_pool::instance().run((row_blocks + per_part - 1) / per_part, gemm_split::run_part, &split);
 }
 
 /// The product of gemm_args for all row_blocks on the kernels of `which` (see run_gemm_split).
