@@ -187,6 +187,7 @@ inline void run_gemm_split(isa which, const gemm_args& a, Index row_blocks, int 
   const double work = double(a.batch) * double(row_blocks) * double(a.col_blocks) * 512.0;
   const Index by_work = min_work > 0 ? Index(std::min(work / min_work, 1e9)) : row_blocks;
   const Index parts = std::clamp<Index>(by_work, 1, std::min<Index>(threads, row_blocks));
+  if (parts == 1) return run_gemm_range(which, a, 0, row_blocks);  // the pool is not even created
   const Index per_part = (row_blocks + parts - 1) / parts;
   const gemm_split split{which, &a, per_part, row_blocks};
   thread_pool::instance().run((row_blocks + per_part - 1) / per_part, gemm_split::run_part, &split);
