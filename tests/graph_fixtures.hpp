@@ -39,6 +39,7 @@ struct slot_state {
   std::string path;
   bool converted = false;
   std::vector<unsigned char> weight_bytes, bias_bytes;
+  std::vector<unsigned char> ternary_bytes, scale_bytes;  // BitLinear only: the codes and the scale
   bool has_bias = false;
   const void* weight_data = nullptr;
   const void* bias_data = nullptr;
@@ -70,11 +71,26 @@ slot_state state_of(std::string path, bool converted, const W& weight, const B& 
   return s;
 }
 
+// A BitLinear: its latent weights when it has them (else none, and the packed codes' address),
+// and always its ternary codes and scale.
+template <class T>
+slot_state state_of(std::string path, const BitLinear<T>& bit) {
+  slot_state s = bit.has_latent_weights() ? state_of(std::move(path), true, bit.weight(), bit.bias())
+                                          : state_of(std::move(path), true, Matrix<T>(), bit.bias());
+  if (!bit.has_latent_weights()) s.weight_data = bit.packed_weight().data();
+  s.rows = bit.out_features();
+  s.cols = bit.in_features();
+  s.ternary_bytes = bytes_of(bit.ternary_weight());
+  const T scale = bit.weight_scale();
+  s.scale_bytes.resize(sizeof scale);
+  std::memcpy(s.scale_bytes.data(), &scale, sizeof scale);
+  return s;
+}
+
 template <class T>
 slot_state state_of(std::string path, const std::variant<Linear<T>, BitLinear<T>>& v) {
   if (const auto* linear = std::get_if<0>(&v)) return state_of(std::move(path), false, linear->weight, linear->bias);
-  const auto& bit = std::get<1>(v);
-  return state_of(std::move(path), true, bit.weight(), bit.bias());
+  return state_of(std::move(path), std::get<1>(v));
 }
 
 // ---- a transformer-like plain-struct graph (BITNET_LAYERS) --------------------------------------
@@ -180,7 +196,7 @@ inline void snapshot_modules(const module& m, const std::string& path, std::vect
     if (const auto* l = dynamic_cast<const linear_module*>(child.get()))
       out.push_back(state_of(child_path, false, l->linear.weight, l->linear.bias));
     else if (const auto* b = dynamic_cast<const bit_module*>(child.get()))
-      out.push_back(state_of(child_path, true, b->bit.weight(), b->bit.bias()));
+      out.push_back(state_of(child_path, b->bit));
     snapshot_modules(*child, child_path, out);
   }
 }

@@ -1,11 +1,14 @@
 #include <bitnet/bit_linear.hpp>
 
+#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <string>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -298,4 +301,158 @@ TEST_CASE("BitLinear: concurrent forward on one layer") {
   for (std::thread& caller : callers) caller.join();
   bitnet::set_num_threads(0);
   CHECK(mismatches == std::vector<int>(4, 0));
+}
+
+// ---- BitLinear::from_ternary: a layer from ternary codes and a scale, without latent weights ----
+
+namespace {
+
+template <class T>
+auto bits_of(T value) {
+  if constexpr (sizeof(T) == 4) return std::bit_cast<std::uint32_t>(value);
+  else return std::bit_cast<std::uint64_t>(value);
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("BitLinear::from_ternary: hand-computed forward", T, float, double) {
+  // The codes of the tie test above, with a scale quantization would also give (sw = 1) and two
+  // others: y = acc / (sx * sw) + b with acc = (254, -192) and sx = 1.
+  Matrix<std::int8_t> codes(2, 4);
+  codes << 1, -1, 0, 1,
+           -1, 1, 1, 0;
+  Vector<T> b(2);
+  b << T(0.5), T(-1);
+  Matrix<T> x(1, 4);
+  x << 127, -127, T(62.5), 0;
+  for (const std::tuple<T, T, T>& expected : {std::tuple<T, T, T>{1, 254.5, -193}, std::tuple<T, T, T>{4, 64, -49},
+                                               std::tuple<T, T, T>{0.5, 508.5, -385}}) {
+    const T scale = std::get<0>(expected);
+    CAPTURE(scale);
+    const BitLinear<T> layer = BitLinear<T>::from_ternary(codes, scale, b);
+    CHECK(layer.weight_scale() == scale);
+    CHECK(layer.ternary_weight() == codes);
+    const Matrix<T> y = layer.forward(x);
+    CHECK(y(0, 0) == std::get<1>(expected));
+    CHECK(y(0, 1) == std::get<2>(expected));
+  }
+}
+
+TEST_CASE_TEMPLATE("BitLinear::from_ternary: forward is bit-identical to the layer the codes and scale came from", T, float,
+                   double) {
+  std::mt19937 rng(43);
+  for (Index in : {1, 3, 17, 64, 100, 127, 129, 257}) {
+    for (Index out : {1, 2, 5, 33}) {
+      for (const bool rms : {false, true}) {
+        CAPTURE(in);
+        CAPTURE(out);
+        CAPTURE(rms);
+        bitnet::bitlinear_options options;
+        options.rms_norm = rms;
+        const Matrix<T> w = reference::random_matrix<T>(out, in, rng, 0.02);
+        const Vector<T> b = reference::random_matrix<T>(out, 1, rng, 0.5);
+        const BitLinear<T> with_bias(w, b, options), without_bias(w, std::nullopt, options);
+        const BitLinear<T> rebuilt_with_bias =
+            BitLinear<T>::from_ternary(with_bias.ternary_weight(), with_bias.weight_scale(), b, options);
+        const BitLinear<T> rebuilt_without_bias =
+            BitLinear<T>::from_ternary(without_bias.ternary_weight(), without_bias.weight_scale(), std::nullopt, options);
+        CHECK(rebuilt_with_bias.packed_weight() == with_bias.packed_weight());
+        CHECK(bits_of(rebuilt_with_bias.weight_scale()) == bits_of(with_bias.weight_scale()));
+        CHECK(rebuilt_with_bias.options().rms_norm == rms);
+        for (Index batch : {1, 3, 8}) {
+          CAPTURE(batch);
+          const Matrix<T> x = reference::random_matrix<T>(batch, in, rng, 2.0);
+          CHECK(rebuilt_with_bias.forward(x) == with_bias.forward(x));
+          CHECK(rebuilt_without_bias.forward(x) == without_bias.forward(x));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("BitLinear::from_ternary: bit-identical to a latent layer on every ISA and thread count", T, float,
+                   double) {
+  kernel_settings_guard guard;
+  std::mt19937 rng(44);
+  const Matrix<T> w = reference::random_matrix<T>(131, 1030, rng, 0.05);
+  const Vector<T> b = reference::random_matrix<T>(131, 1, rng);
+  const Matrix<T> x = reference::random_matrix<T>(9, 1030, rng, 4.0);
+  const BitLinear<T> latent(w, b);
+  const BitLinear<T> ternary = BitLinear<T>::from_ternary(latent.ternary_weight(), latent.weight_scale(), b);
+  for (bitnet::isa which : runnable_isas())
+    for (int threads : {1, 2}) {
+      CAPTURE(bitnet::isa_name(which));
+      CAPTURE(threads);
+      bitnet::force_isa(which);
+      bitnet::set_num_threads(threads);
+      CHECK(ternary.forward(x) == latent.forward(x));
+    }
+}
+
+TEST_CASE_TEMPLATE("BitLinear::from_ternary: no latent weights until set_weight, and weight() says why", T, float, double) {
+  std::mt19937 rng(45);
+  const Matrix<T> w = reference::random_matrix<T>(6, 10, rng);
+  const Vector<T> b = reference::random_matrix<T>(6, 1, rng);
+  const BitLinear<T> source(w, b);
+  BitLinear<T> layer = BitLinear<T>::from_ternary(source.ternary_weight(), source.weight_scale(), b);
+  CHECK_FALSE(layer.has_latent_weights());
+  CHECK(layer.in_features() == 10);
+  CHECK(layer.out_features() == 6);
+  CHECK(layer.ternary_weight() == source.ternary_weight());
+  CHECK(layer.weight_scale() == source.weight_scale());
+  REQUIRE(layer.bias().has_value());
+  CHECK(*layer.bias() == b);
+  CHECK(layer.memory_bytes() == layer.packed_weight().capacity_bytes() + std::size_t(6) * sizeof(T));
+  CHECK_THROWS_WITH_AS((void)layer.weight(), doctest::Contains("built from ternary weights (from_ternary"),
+                       bitnet::state_error);
+  // Releasing what was never there changes nothing, not even the message; copies keep the state.
+  layer.release_latent_weights();
+  CHECK_THROWS_WITH_AS((void)layer.weight(), doctest::Contains("built from ternary weights"), bitnet::state_error);
+  const BitLinear<T> copy = layer;
+  CHECK_FALSE(copy.has_latent_weights());
+  CHECK_THROWS_WITH_AS((void)copy.weight(), doctest::Contains("built from ternary weights"), bitnet::state_error);
+
+  // set_weight gives it latent weights (and their codes and scale); a release is then a release.
+  layer.set_weight(w);
+  CHECK(layer.has_latent_weights());
+  CHECK(layer.weight() == w);
+  layer.release_latent_weights();
+  CHECK_THROWS_WITH_AS((void)layer.weight(), doctest::Contains("latent weights were released"), bitnet::state_error);
+}
+
+TEST_CASE_TEMPLATE("BitLinear::from_ternary: bad input is rejected with a clear error", T, float, double) {
+  const Matrix<std::int8_t> codes = Matrix<std::int8_t>::Zero(3, 4);
+  CHECK_THROWS_WITH_AS(BitLinear<T>::from_ternary(Matrix<std::int8_t>(0, 4), T(1)),
+                       doctest::Contains("BitLinear::from_ternary: codes: empty (0x4)"), bitnet::shape_error);
+  CHECK_THROWS_WITH_AS(BitLinear<T>::from_ternary(Matrix<std::int8_t>(2, 0), T(1)), doctest::Contains("empty (2x0)"),
+                       bitnet::shape_error);
+  CHECK_THROWS_WITH_AS(
+      BitLinear<T>::from_ternary(Matrix<std::int8_t>::Zero(1, bitnet::max_in_features + 1), T(1)),
+      doctest::Contains("codes: in_features 8388481 exceeds the exact-accumulation limit"), bitnet::shape_error);
+  for (const int bad : {2, -2, 127, -128}) {
+    CAPTURE(bad);
+    Matrix<std::int8_t> wrong = codes;
+    wrong(2, 1) = std::int8_t(bad);
+    wrong(2, 3) = std::int8_t(bad);  // the first bad code is the one named
+    CHECK_THROWS_WITH_AS(BitLinear<T>::from_ternary(wrong, T(1)),
+                         doctest::Contains(("code " + std::to_string(bad) + " at row 2, column 1 is not -1, 0 or +1").c_str()),
+                         bitnet::value_error);
+  }
+  for (const T bad : {T(0), -T(0), T(-1), std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity(),
+                      std::numeric_limits<T>::quiet_NaN()}) {
+    CAPTURE(bad);
+    CHECK_THROWS_WITH_AS(BitLinear<T>::from_ternary(codes, bad), doctest::Contains("scale"), bitnet::value_error);
+  }
+  CHECK(BitLinear<T>::from_ternary(codes, std::numeric_limits<T>::denorm_min()).weight_scale() ==
+        std::numeric_limits<T>::denorm_min());
+  CHECK_THROWS_WITH_AS(BitLinear<T>::from_ternary(codes, T(1), Vector<T>::Ones(2)),
+                       doctest::Contains("bias has 2 elements, the weight has 3 rows"), bitnet::shape_error);
+  Vector<T> bad_bias = Vector<T>::Ones(3);
+  bad_bias(2) = std::numeric_limits<T>::quiet_NaN();
+  CHECK_THROWS_WITH_AS(BitLinear<T>::from_ternary(codes, T(1), bad_bias),
+                       doctest::Contains("bias: non-finite value (nan) at index 2"), bitnet::value_error);
+  bitnet::bitlinear_options options;
+  options.rms_eps = -1;
+  CHECK_THROWS_WITH_AS(BitLinear<T>::from_ternary(codes, T(1), std::nullopt, options), doctest::Contains("rms_eps"),
+                       bitnet::value_error);
 }

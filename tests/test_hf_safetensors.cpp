@@ -1,5 +1,6 @@
 #include <bitnet/hf_safetensors.hpp>
 
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <random>
@@ -104,6 +105,8 @@ TEST_CASE_TEMPLATE("hf files: write and reload BitLinear layers in both conventi
     CHECK(loaded.out_features() == 10);
     CHECK(loaded.ternary_weight() == original.ternary_weight());
     CHECK(loaded.weight_scale() == original.weight_scale());
+    CHECK_FALSE(loaded.has_latent_weights());
+    CHECK_THROWS_AS((void)loaded.weight(), bitnet::state_error);
     if (convention == hf::scale_convention::bitlinear) {
       CHECK(*loaded.bias() == bias);
       CHECK(loaded.forward(x) == original.forward(x));
@@ -112,4 +115,45 @@ TEST_CASE_TEMPLATE("hf files: write and reload BitLinear layers in both conventi
       for (Index i = 0; i < 10; ++i) CHECK((*loaded.bias())(i) == doctest::Approx(bias(i)).epsilon(1e-6));
     }
   }
+}
+
+TEST_CASE_TEMPLATE("hf files: 300 random scales come back bit for bit in both conventions", T, float, double) {
+  // One file of 300 small layers, each with its own scale stored in T's dtype; loaded with
+  // load_bit_linear, every weight_scale() is the stored s (bitlinear) or T(1) / m (autobitlinear).
+  scratch_dir dir;
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<double> exponent(-4, 4);
+  const int layers = 300;
+  std::vector<T> scales;
+  for (int i = 0; i < layers; ++i) scales.push_back(T(std::pow(10.0, exponent(rng))));
+  Matrix<std::int8_t> q(3, 5);
+  q << 1, 0, -1, 1, 1,  //
+      0, 0, 0, -1, 1,   //
+      -1, 1, 0, 0, 1;
+  const fs::path path = dir.path / "scales.safetensors";
+  {
+    std::vector<st::tensor_spec> specs;
+    for (int i = 0; i < layers; ++i)
+      hf::declare_packed_layer(specs, "l" + std::to_string(i), 3, 5, false, st::dtype_of<T>());
+    st::writer out(path, std::move(specs));
+    for (int i = 0; i < layers; ++i)
+      hf::write_packed_layer(out, "l" + std::to_string(i),
+                             hf::packed_layer<T>{hf::pack_weights(q), 3, scales[std::size_t(i)], std::nullopt});
+    out.finish();
+  }
+  const st::reader in(path);
+  int exact_bitlinear = 0, exact_autobitlinear = 0;
+  for (int i = 0; i < layers; ++i) {
+    const std::string name = "l" + std::to_string(i);
+    const T stored = scales[std::size_t(i)];
+    const BitLinear<T> plain = hf::load_bit_linear<T>(in, name, 3, hf::scale_convention::bitlinear);
+    const BitLinear<T> automatic = hf::load_bit_linear<T>(in, name, 3, hf::scale_convention::autobitlinear);
+    // Positive finite values: equal means bit-identical.
+    exact_bitlinear += plain.ternary_weight() == q && plain.weight_scale() == stored;
+    exact_autobitlinear += automatic.ternary_weight() == q && automatic.weight_scale() == T(1) / stored;
+  }
+  MESSAGE("scales read back exactly: bitlinear " << exact_bitlinear << ", autobitlinear " << exact_autobitlinear << " of "
+                                                  << layers);
+  CHECK(exact_bitlinear == layers);
+  CHECK(exact_autobitlinear == layers);
 }

@@ -1,5 +1,6 @@
 #include <bitnet/safetensors.hpp>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -7,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -126,6 +128,44 @@ TEST_CASE("safetensors: the writer produces the reference implementation's bytes
   const st::reader meta(dir.path / "meta.safetensors");
   CHECK(meta.tensors().empty());
   CHECK(meta.metadata().at("framework") == "pt");
+}
+
+TEST_CASE("safetensors: the writer's header is what nlohmann::json dumps for the same object") {
+  // The writer writes the header text itself (no nlohmann::json tree): it must be the compact,
+  // key-sorted JSON that dump() gives, escapes included, with names sorting on both sides of
+  // __metadata__ and tensors of several widths (laid out widest first).
+  temp_dir dir;
+  const std::vector<st::tensor_spec> specs{{"z.weight", st::dtype::F32, {2, 3}},
+                                           {"A\"quote\\back\nline", st::dtype::U8, {5}},
+                                           {"caf\xc3\xa9.bias", st::dtype::F64, {1}},
+                                           {"scalar", st::dtype::BF16, {}},
+                                           {"_", st::dtype::I64, {0, 4}}};
+  const std::map<std::string, std::string> metadata{{"format", "pt"}, {"tab\there", "\x01" "ctl"}};
+  {
+    st::writer out(dir.path / "h.safetensors", specs, metadata);
+    for (const st::tensor_spec& spec : specs) {
+      std::uint64_t count = 1;
+      for (const std::uint64_t d : spec.shape) count *= d;
+      out.write_bytes(spec.name, std::vector<std::byte>(std::size_t(count * st::dtype_size(spec.type))));
+    }
+    out.finish();
+  }
+  nlohmann::json expected = nlohmann::json::object();
+  expected["__metadata__"] = metadata;
+  const st::reader file(dir.path / "h.safetensors");
+  for (const st::tensor_info& t : file.tensors())
+    expected[t.name] = {{"dtype", st::dtype_name(t.type)}, {"shape", t.shape}, {"data_offsets", {t.begin, t.end}}};
+  std::string text = expected.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  const std::vector<std::byte> bytes = read_file(dir.path / "h.safetensors");
+  REQUIRE(bytes.size() >= 8 + text.size());
+  CHECK(std::string(reinterpret_cast<const char*>(bytes.data()) + 8, text.size()) == text);
+  CHECK(file.data_offset() == 8 + text.size());
+  // Widest first: F64, I64, F32, BF16, U8.
+  std::vector<std::string> order;
+  for (const st::tensor_info& t : file.tensors()) order.push_back(t.name);
+  CHECK(order == std::vector<std::string>{"caf\xc3\xa9.bias", "_", "z.weight", "scalar", "A\"quote\\back\nline"});
+  CHECK(std::equal(file.metadata().begin(), file.metadata().end(), metadata.begin(), metadata.end()));
 }
 
 TEST_CASE_TEMPLATE("safetensors: round trip of every floating dtype", T, float, double) {
@@ -392,6 +432,33 @@ TEST_CASE("safetensors: every validation rule rejects its handcrafted bad file")
     check_rejected(file_image(R"({"t":{"dtype":"U8","shape":[1099511627776],"data_offsets":[0,1099511627776]}})", zeros(8)),
                    "missing bytes", "t");
   }
+}
+
+TEST_CASE("safetensors: the header parser - nesting, rule order, messages") {
+  // Values the rules ignore may nest arbitrarily deep (no recursion, no tree is built).
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  check_rejected(file_image(R"({"t":)" + deep + "}"), "not a JSON object", "t");
+  check_rejected(file_image(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":)" + deep + "}}", zeros(8)),
+                 "unknown field \"x\"", "t");
+  check_rejected(file_image(R"({"__metadata__":{"k":)" + deep + "}}"), "__metadata__ value of \"k\" is not a string");
+  // Nested shape elements and duplicate keys at any depth.
+  check_rejected(file_image(R"({"t":{"dtype":"F32","shape":[[2]],"data_offsets":[0,8]}})", zeros(8)),
+                 "shape holds an array, not a non-negative integer", "t");
+  check_rejected(file_image(R"({"t":{"dtype":"F32","shape":[2,"2"],"data_offsets":[0,8]}})", zeros(8)),
+                 "shape holds \"2\", not a non-negative integer", "t");
+  check_rejected(file_image(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":[{"a":1,"a":2}]}})", zeros(8)),
+                 "repeats the key", "a");
+  // A syntax error anywhere comes first, then a repeated key, then the entries in key order with
+  // __metadata__ among them.
+  check_rejected(file_image(R"({"t":[1],"t":2,"u":})"), "not valid JSON");
+  check_rejected(file_image(R"({"t":[1],"b":{"dtype":"F32","dtype":"F32"}})"), "repeats the key", "dtype");
+  check_rejected(file_image(R"({"b":1,"a":{"dtype":"F31","shape":[1],"data_offsets":[0,4]}})", zeros(4)),
+                 "unknown dtype \"F31\"", "a");
+  check_rejected(file_image(R"({"b":1,"__metadata__":2})"), "__metadata__ is not a JSON object");
+  check_rejected(file_image(R"({"A":1,"__metadata__":2})"), "not a JSON object", "A");
+  // Within an entry the rules keep their order whatever the field order.
+  check_rejected(file_image(R"({"t":{"data_offsets":[0],"shape":[-1],"dtype":4}})"), "dtype is not a string", "t");
+  check_rejected(file_image(R"({"t":{"data_offsets":[0],"shape":[-1],"dtype":"F32"}})"), "shape holds -1", "t");
 }
 
 TEST_CASE("safetensors: reader API - lookup, metadata, zero-size tensors, errors naming the tensor") {

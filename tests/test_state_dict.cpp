@@ -508,10 +508,21 @@ TEST_CASE("state dict: the Hugging Face packed form loads exactly the file's cod
       CHECK(layer.weight_scale() == 1.0f / stored_bf16);
       CHECK(*layer.bias() == Vector<float>::LinSpaced(6, -1, 1) * stored_bf16);  // the file's bias is b / m
     }
-    // weight() is a latent matrix that quantizes to exactly these codes and scale.
-    const auto requantized = bitnet::quantize_weights(layer.weight());
-    CHECK(requantized.values == q);
-    CHECK(requantized.scale == layer.weight_scale());
+    // The layer is the codes and the scale: it has no latent weights, and forward is exactly
+    // (xq . q) / (sx * sw) + b, computed here from the naive reference quantizer.
+    CHECK_FALSE(layer.has_latent_weights());
+    CHECK_THROWS_WITH_AS((void)layer.weight(), doctest::Contains("built from ternary weights"), bitnet::state_error);
+    const Matrix<float> x = reference::random_matrix<float>(2, 5, rng);
+    const Matrix<float> y = layer.forward(x);
+    for (Index b = 0; b < 2; ++b) {
+      const float sx = reference::activation_scale(x, b);
+      for (Index o = 0; o < 6; ++o) {
+        std::int64_t acc = 0;
+        for (Index k = 0; k < 5; ++k)
+          acc += std::int64_t(reference::clamp(reference::round_half_even(x(b, k) * sx), -128.0f, 127.0f)) * q(o, k);
+        CHECK(y(b, o) == float(double(acc) / (double(sx) * double(layer.weight_scale()))) + (*layer.bias())(o));
+      }
+    }
     fs::remove(dir / "hf.safetensors");
   }
 }
@@ -548,4 +559,89 @@ TEST_CASE("state dict: BitLinear layers saved in the packed form load back to th
       CHECK(got.forward(x).isApprox(up.forward(x), 1e-6f));
     }
   }
+}
+
+TEST_CASE("state dict: BitLinear layers without latent weights save packed, exactly, and refuse the latent form") {
+  scratch_dir dir;
+  for (const auto convention : {hf::scale_convention::bitlinear, hf::scale_convention::autobitlinear}) {
+    CAPTURE(hf::convention_name(convention));
+    const bitnet::state_dict_options packed{.scale_convention = convention,
+                                            .bit_linear = bitnet::bit_linear_storage::hf_packed};
+    transformer source = make_transformer(2, 9, 28);
+    bitnet::replace_linear(source);
+    bitnet::save_state_dict(source, dir / "first.safetensors", packed);
+    // Loaded from the packed form: codes and scales, no latent weights.
+    transformer loaded = make_transformer(2, 9, 29);
+    bitnet::replace_linear(loaded);
+    bitnet::load_state_dict(loaded, dir / "first.safetensors", packed);
+    for (slot* s : slots_of(loaded)) CHECK_FALSE(std::get<BitLinear<float>>(*s).has_latent_weights());
+
+    // The latent form needs latent weights: a state_error naming the first such layer, no file written.
+    bitnet::state_dict_options latent = packed;
+    latent.bit_linear = bitnet::bit_linear_storage::latent;
+    CHECK_THROWS_WITH_AS(bitnet::save_state_dict(loaded, dir / "latent.safetensors", latent),
+                         doctest::Contains("the BitLinear at \"blocks.0.attn\" has no latent weights"), bitnet::state_error);
+    CHECK_FALSE(fs::exists(dir / "latent.safetensors"));
+
+    // The packed form works, and loads back to the same codes, the same scale bits and the same outputs.
+    bitnet::save_state_dict(loaded, dir / "second.safetensors", packed);
+    transformer reloaded = make_transformer(2, 9, 30);
+    bitnet::replace_linear(reloaded);
+    bitnet::load_state_dict(reloaded, dir / "second.safetensors", packed);
+    if (convention == hf::scale_convention::bitlinear)  // autobitlinear rounds the bias (below)
+      CHECK(values_of(snapshot(reloaded)) == values_of(snapshot(loaded)));
+    CHECK(ternary_of(reloaded) == ternary_of(loaded));
+    CHECK(ternary_of(reloaded) == ternary_of(source));
+    std::mt19937 rng(31);
+    const std::vector<slot*> before = slots_of(loaded), after = slots_of(reloaded);
+    for (std::size_t i = 0; i < before.size(); ++i) {
+      const auto& was = std::get<BitLinear<float>>(*before[i]);
+      const auto& now = std::get<BitLinear<float>>(*after[i]);
+      CAPTURE(i);
+      CHECK(std::bit_cast<std::uint32_t>(now.weight_scale()) == std::bit_cast<std::uint32_t>(was.weight_scale()));
+      const Matrix<float> x = reference::random_matrix<float>(3, now.in_features(), rng);
+      // bitlinear stores the bias as it is; autobitlinear as b * sw, multiplied back by m on load.
+      if (convention == hf::scale_convention::bitlinear || !now.bias())
+        CHECK(now.forward(x) == was.forward(x));
+      else
+        CHECK(now.forward(x).isApprox(was.forward(x), 1e-6f));
+    }
+  }
+}
+
+TEST_CASE("state dict: a bias-only latent file keeps a BitLinear's ternary weights (non-strict)") {
+  scratch_dir dir;
+  Matrix<std::int8_t> q(3, 4);
+  q << 1, 0, -1, 1,  //
+      0, -1, 1, 1,   //
+      -1, 0, 0, 1;
+  std::map<std::string, BitLinear<float>> graph;
+  graph.emplace("fc", BitLinear<float>::from_ternary(q, 3.0f, Vector<float>::Zero(3)));
+  {
+    st::writer out(dir / "bias.safetensors", {{"fc.bias", st::dtype::F32, {3}}});
+    out.write("fc.bias", Vector<float>::LinSpaced(3, 1, 3).eval());
+    out.finish();
+  }
+  const auto report = bitnet::load_state_dict(graph, dir / "bias.safetensors", {.strict = false});
+  CHECK(report.missing == std::vector<std::string>{"fc.weight"});
+  const BitLinear<float>& layer = graph.at("fc");
+  CHECK(*layer.bias() == Vector<float>::LinSpaced(3, 1, 3));
+  CHECK(layer.ternary_weight() == q);
+  CHECK(layer.weight_scale() == 3.0f);
+  CHECK_FALSE(layer.has_latent_weights());
+}
+
+TEST_CASE("state dict: a released BitLinear cannot be saved in the latent form; the error names it") {
+  scratch_dir dir;
+  std::map<std::string, BitLinear<float>> graph;
+  std::mt19937 rng(32);
+  graph.emplace("kept", BitLinear<float>(reference::random_matrix<float>(4, 3, rng)));
+  graph.emplace("lean", BitLinear<float>(reference::random_matrix<float>(4, 3, rng)));
+  graph.at("lean").release_latent_weights();
+  CHECK_THROWS_WITH_AS(bitnet::save_state_dict(graph, dir / "m.safetensors"),
+                       doctest::Contains("save_state_dict: the BitLinear at \"lean\" has no latent weights"),
+                       bitnet::state_error);
+  CHECK_FALSE(fs::exists(dir / "m.safetensors"));
+  bitnet::save_state_dict(graph, dir / "m.safetensors", {.bit_linear = bitnet::bit_linear_storage::hf_packed});
+  CHECK(st::reader(dir / "m.safetensors").contains("lean.weight_scale"));
 }

@@ -1,17 +1,20 @@
-// load_state_dict under allocation failure: the n-th allocation throws std::bad_alloc, for every n
-// from 1 until a load succeeds (walking the graph, checking keys, reading and converting tensors,
-// building the BitLinear layers), and after each failure the graph must be bit-identical. Its own
-// executable because it replaces the global operator new (alloc_fault.hpp).
+// load_state_dict and save_state_dict under allocation failure: the n-th allocation throws std::bad_alloc, for every n
+// from 1 until a load succeeds (opening the file and parsing its header, walking the graph, checking
+// keys, reading and converting tensors, building the BitLinear layers), and after each failure the
+// graph must be bit-identical; likewise every failure of a save must leave the file it replaces
+// byte-identical. Its own executable because it replaces the global operator new (alloc_fault.hpp).
 //
-// The file is opened before the failures start: nlohmann/json 3.11's ~basic_json allocates (it
-// flattens nested values onto a heap stack), so a failure injected there terminates the program
-// whatever the caller does.
+// The JSON header is covered too: the reader and the writer build no nlohmann::json tree (whose
+// destructor allocates in nlohmann/json 3.11, so a failure there used to end in std::terminate).
 #include "alloc_fault.hpp"  // first: it configures Eigen
 
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <new>
 #include <random>
 #include <string>
+#include <vector>
 
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
@@ -44,15 +47,15 @@ fs::path scratch_file(const std::string& name) {
   return fs::temp_directory_path() / ("bitnet_state_dict_alloc_" + std::to_string(rd()) + "_" + name);
 }
 
-// Loads `file` into fresh graphs from make(), failing allocation 1, 2, ... until a load succeeds.
+// Opens `path` and loads it into fresh graphs from make(), failing allocation 1, 2, ... until a
+// load succeeds.
 template <class Make>
 long fail_every_allocation(Make make, const fs::path& path, const bitnet::state_dict_options& options) {
-  const bitnet::safetensors::reader file(path);
   long total = 0;
   {
     auto graph = make();
     armed_scope counting(0);
-    bitnet::load_state_dict(*graph, file, options);
+    bitnet::load_state_dict(*graph, path, options);
     total = alloc_fault::allocations;
   }
   REQUIRE(total > 0);
@@ -63,7 +66,7 @@ long fail_every_allocation(Make make, const fs::path& path, const bitnet::state_
     bool failed = false;
     try {
       armed_scope failing(n);
-      bitnet::load_state_dict(*graph, file, options);
+      bitnet::load_state_dict(*graph, path, options);
     } catch (const std::bad_alloc&) {
       failed = true;
     }
@@ -90,7 +93,7 @@ TEST_CASE("load_state_dict: every allocation failure leaves the graph bit-identi
     {
       auto source = std::make_unique<transformer>(make_transformer(1, 5, 32));
       if (converted) bitnet::replace_linear(*source);
-      bitnet::save_state_dict(*source, file);
+      bitnet::save_state_dict(*source, file, {.metadata = {{"format", "pt"}, {"note", "parsed under failures"}}});
     }
     MESSAGE("allocation points: ", fail_every_allocation(make, file, {}));
   }
@@ -99,7 +102,8 @@ TEST_CASE("load_state_dict: every allocation failure leaves the graph bit-identi
 
 TEST_CASE("load_state_dict: every allocation failure leaves a module tree bit-identical (packed form)") {
   const fs::path file = scratch_file("tree.safetensors");
-  const bitnet::state_dict_options options{.bit_linear = bitnet::bit_linear_storage::hf_packed};
+  const bitnet::state_dict_options options{.bit_linear = bitnet::bit_linear_storage::hf_packed,
+                                           .metadata = {{"format", "pt"}}};
   const auto make = [] {
     auto tree = make_module_tree(33);
     bitnet::replace_linear(*tree);
@@ -109,5 +113,65 @@ TEST_CASE("load_state_dict: every allocation failure leaves a module tree bit-id
   bitnet::replace_linear(*converted);
   bitnet::save_state_dict(*converted, file, options);
   MESSAGE("allocation points: ", fail_every_allocation(make, file, options));
+  fs::remove(file);
+}
+
+namespace {
+
+std::vector<char> file_bytes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// Temporary files the writer left next to `path` (it must remove them on failure).
+int leftovers(const fs::path& path) {
+  int count = 0;
+  for (const fs::directory_entry& entry : fs::directory_iterator(path.parent_path()))
+    count += entry.path().filename().string().starts_with(path.filename().string() + ".tmp-");
+  return count;
+}
+
+}  // namespace
+
+TEST_CASE("save_state_dict: every allocation failure leaves the file it replaces byte-identical") {
+  const fs::path file = scratch_file("save.safetensors");
+  for (const auto storage : {bitnet::bit_linear_storage::latent, bitnet::bit_linear_storage::hf_packed}) {
+    CAPTURE(int(storage));
+    auto graph = std::make_unique<transformer>(make_transformer(1, 5, 36));
+    bitnet::replace_linear(*graph);
+    bitnet::save_state_dict(*graph, file, {.bit_linear = storage, .metadata = {{"format", "pt"}}});
+    const std::vector<char> saved = file_bytes(file);
+    // Another graph's weights, to replace the file with.
+    auto other = std::make_unique<transformer>(make_transformer(1, 5, 37));
+    bitnet::replace_linear(*other);
+    const bitnet::state_dict_options options{.bit_linear = storage, .metadata = {{"format", "pt"}, {"n", "2"}}};
+    long total = 0;
+    {
+      armed_scope counting(0);
+      bitnet::save_state_dict(*other, file, options);
+      total = alloc_fault::allocations;
+    }
+    const std::vector<char> replaced = file_bytes(file);
+    REQUIRE(replaced != saved);
+    long failures = 0;
+    for (long n = 1; n <= total + 1; ++n) {
+      CAPTURE(n);
+      bitnet::save_state_dict(*graph, file, {.bit_linear = storage, .metadata = {{"format", "pt"}}});
+      bool failed = false;
+      try {
+        armed_scope failing(n);
+        bitnet::save_state_dict(*other, file, options);
+      } catch (const std::bad_alloc&) {
+        failed = true;
+      }
+      // A failed nothrow allocation (std::stable_sort's buffer) is not an error: the save succeeds.
+      failures += failed;
+      if (n > total) CHECK_FALSE(failed);
+      CHECK(file_bytes(file) == (failed ? saved : replaced));
+      CHECK(leftovers(file) == 0);
+    }
+    CHECK(failures == total - 1);  // all but the one nothrow allocation, the writer's stable_sort buffer
+    MESSAGE("allocation points: ", total, ", failed saves: ", failures);
+  }
   fs::remove(file);
 }

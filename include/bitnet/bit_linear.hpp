@@ -8,9 +8,11 @@
 // forward() runs the kernels chosen at run time (kernels.hpp).
 //
 // Inference-only use: release_latent_weights() frees the float latent weights; the layer then
-// holds the packed codes (2 bits per weight plus padding), the scale and the bias. weight() is
-// the only member that needs the latent weights: it throws state_error after the release.
-// set_weight() gives the layer new latent weights, so it works in both states.
+// holds the packed codes (2 bits per weight plus padding), the scale and the bias. from_ternary()
+// builds a layer in that same state straight from codes and a scale (a loaded packed checkpoint):
+// there never were latent weights. weight() is the only member that needs them: it throws
+// state_error in both cases, and ternary_weight() / weight_scale() are then what the layer computes
+// with. set_weight() gives the layer new latent weights, so it works in every state.
 #pragma once
 
 #include <cmath>
@@ -18,6 +20,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -63,6 +66,31 @@ class BitLinear {
         weight_(std::move(weight)),
         bias_(std::move(bias)) {}
 
+  /// A layer that computes with the ternary `codes` (out x in, each -1, 0 or +1) and the weight
+  /// scale sw = `scale` (forward = (xq . codes^T) / (sx * sw) + b), without latent weights: the
+  /// state after release_latent_weights(), and what a loaded packed checkpoint gives. forward() is
+  /// bit-identical to that of any layer built from latent weights that quantize to these codes and
+  /// this scale. Throws shape_error for empty codes, in_features > max_in_features or a bias of the
+  /// wrong size, and value_error for a code outside {-1, 0, +1} (naming its row and column), a
+  /// scale that is not finite and > 0, or a non-finite bias.
+  template <class Derived>
+  static BitLinear from_ternary(const Eigen::MatrixBase<Derived>& codes, T scale,
+                                std::optional<Vector<T>> bias = std::nullopt, bitlinear_options options = {}) {
+    static_assert(std::is_same_v<typename Derived::Scalar, std::int8_t>,
+                  "BitLinear::from_ternary: codes must be an int8 matrix");
+    options = validated(options);
+    check_shape(codes, "BitLinear::from_ternary: codes");
+    for (Index r = 0; r < codes.rows(); ++r)
+      for (Index c = 0; c < codes.cols(); ++c)
+        if (const int code = codes.coeff(r, c); code < -1 || code > 1)
+          throw value_error("BitLinear::from_ternary: code " + std::to_string(code) + " at row " + std::to_string(r) +
+                            ", column " + std::to_string(c) + " is not -1, 0 or +1");
+    if (!std::isfinite(scale) || !(scale > 0))
+      throw value_error("BitLinear::from_ternary: scale " + std::to_string(scale) + " is not finite and > 0");
+    check_bias(bias, codes.rows());
+    return BitLinear(ternary_tag{}, options, quantized_weights{packed_ternary(codes), scale}, std::move(bias));
+  }
+
   /// Gives the latent weight and bias buffers back (the inverse of the adopting constructor). The
   /// layer is left empty: only destroy it or assign to it afterwards.
   std::pair<Matrix<T>, std::optional<Vector<T>>> release() && noexcept {
@@ -73,11 +101,16 @@ class BitLinear {
   Index out_features() const noexcept { return quantized_.packed.rows(); }
   const bitlinear_options& options() const noexcept { return options_; }
 
-  /// Latent (master) weights, out x in, exactly as given. Throws state_error once they were released.
+  /// Latent (master) weights, out x in, exactly as given. Throws state_error when the layer has none:
+  /// after release_latent_weights(), or when it was built by from_ternary() (the message says which).
   const Matrix<T>& weight() const {
     if (!has_latent_weights())
-      throw state_error("BitLinear::weight: the latent weights were released (release_latent_weights); "
-                        "only the ternary weights remain (ternary_weight(), weight_scale())");
+      throw state_error(never_had_latent_weights_
+                            ? "BitLinear::weight: the layer was built from ternary weights (from_ternary, e.g. "
+                              "loaded from a packed checkpoint) and has no latent weights; its weights are "
+                              "ternary_weight() / weight_scale()"
+                            : "BitLinear::weight: the latent weights were released (release_latent_weights); "
+                              "only the ternary weights remain (ternary_weight(), weight_scale())");
     return weight_;
   }
   const std::optional<Vector<T>>& bias() const noexcept { return bias_; }
@@ -88,7 +121,7 @@ class BitLinear {
   /// The packed codes forward() reads.
   const packed_ternary& packed_weight() const noexcept { return quantized_.packed; }
 
-  /// Whether the latent weights are held (true until release_latent_weights()).
+  /// Whether the latent weights are held (false after release_latent_weights() and for from_ternary()).
   bool has_latent_weights() const noexcept { return weight_.size() != 0; }
   /// Frees the latent weights for inference-only use; forward() is unchanged.
   void release_latent_weights() noexcept { Matrix<T>().swap(weight_); }
@@ -99,8 +132,8 @@ class BitLinear {
            (bias_ ? std::size_t(bias_->size()) * sizeof(T) : 0);
   }
 
-  /// Replaces the latent weight (same shape), re-quantizes and re-packs; after a release this
-  /// gives the layer latent weights again. Strong guarantee.
+  /// Replaces the latent weight (same shape), re-quantizes and re-packs; after a release or
+  /// from_ternary() this gives the layer latent weights. Strong guarantee.
   void set_weight(Matrix<T> weight) {
     if (weight.rows() != out_features() || weight.cols() != in_features())
       throw shape_error("BitLinear::set_weight: weight is " + detail::shape_string(weight.rows(), weight.cols()) +
@@ -108,6 +141,7 @@ class BitLinear {
     quantized_weights quantized = quantize_checked(weight);
     quantized_ = std::move(quantized);
     weight_ = std::move(weight);
+    never_had_latent_weights_ = false;
   }
 
   /// Replaces the bias (or removes it with std::nullopt). Strong guarantee.
@@ -168,17 +202,26 @@ class BitLinear {
     T scale;
   };
 
+  struct ternary_tag {};
+  BitLinear(ternary_tag, bitlinear_options options, quantized_weights quantized, std::optional<Vector<T>> bias) noexcept
+      : options_(options), quantized_(std::move(quantized)), bias_(std::move(bias)), never_had_latent_weights_(true) {}
+
   static bitlinear_options validated(bitlinear_options options) {
     if (!(options.rms_eps > 0) || !std::isfinite(options.rms_eps))
       throw value_error("BitLinear: rms_eps must be finite and > 0, got " + std::to_string(options.rms_eps));
     return options;
   }
 
-  static quantized_weights quantize_checked(const Matrix<T>& weight) {
-    detail::require_non_empty(weight, "BitLinear: weight");
+  template <class Derived>
+  static void check_shape(const Eigen::MatrixBase<Derived>& weight, std::string_view what) {
+    detail::require_non_empty(weight, what);
     if (weight.cols() > max_in_features)
-      throw shape_error("BitLinear: in_features " + std::to_string(weight.cols()) +
+      throw shape_error(std::string(what) + ": in_features " + std::to_string(weight.cols()) +
                         " exceeds the exact-accumulation limit max_in_features = " + std::to_string(max_in_features));
+  }
+
+  static quantized_weights quantize_checked(const Matrix<T>& weight) {
+    check_shape(weight, "BitLinear: weight");
     detail::require_finite(weight, "BitLinear: weight");
     ternary_weights<T> ternary = quantize_weights(weight);
     return {packed_ternary(ternary.values), ternary.scale};
@@ -200,8 +243,9 @@ class BitLinear {
 
   bitlinear_options options_;
   quantized_weights quantized_;
-  Matrix<T> weight_;  // empty once released
+  Matrix<T> weight_;  // empty once released, and for from_ternary()
   std::optional<Vector<T>> bias_;
+  bool never_had_latent_weights_ = false;  // from_ternary() and no set_weight() since: says why weight_ is empty
 };
 
 static_assert(std::is_nothrow_move_constructible_v<BitLinear<float>> &&

@@ -121,101 +121,73 @@ struct packed_layer {
 
 namespace detail {
 
-/// The mean |w| that quantize_weights turns into `scale` (T(1) / mean == scale, mean >= 1e-5),
-/// searched among the few values around 1 / scale; the closest one when none is exact.
+/// A mean m with T(1) / m == scale: searches the 4 floats on each side of T(1) / scale (every such
+/// m lies there) for the one nearest it that gives back `scale` exactly. Not every float is a
+/// rounded reciprocal; for those, the m whose reciprocal is nearest `scale` (1 ulp off). Throws
+/// value_error when 1 / scale overflows T.
 template <real_scalar T>
 T mean_for_scale(T scale) {
-  T candidate = T(1) / scale;
-  for (int i = 0; i < 4; ++i) candidate = std::nextafter(candidate, T(0));
-  T best = std::max(T(1) / scale, scale_floor<T>);
-  for (int i = 0; i < 9; ++i, candidate = std::nextafter(candidate, std::numeric_limits<T>::infinity())) {
-    if (candidate < scale_floor<T>) continue;
-    if (T(1) / candidate == scale) return candidate;
-    if (std::fabs(T(1) / candidate - scale) < std::fabs(T(1) / best - scale)) best = candidate;
-  }
-  return best;
-}
-
-/// Latent weights whose BitNet quantization gives back the codes q and T(mean|w|) == mean (so
-/// the scale 1 / mean): entries q * a with a = mean * N / nonzeros, then a few nonzero entries
-/// nudged by whole ulps until the compensated mean rounds to `mean`. An all-zero q gives zeros.
-template <real_scalar T>
-Matrix<T> latent_weights(const Matrix<std::int8_t>& q, T mean) {
-  const Index n = q.size();
-  constexpr Index max_adjusters = 4096;
-  std::vector<Index> nonzero;  // the first few non-zero entries: the ones nudged
-  Index k = 0;
-  for (Index i = 0; i < n; ++i)
-    if (q.data()[i] != 0 && k++ < max_adjusters) nonzero.push_back(i);
-  Matrix<T> w = q.template cast<T>();
-  if (k == 0) return w;
-  const T a = static_cast<T>(double(mean) * double(n) / double(k));
-  w *= a;
-  const T ulp = std::nextafter(a, std::numeric_limits<T>::infinity()) - a;
-  const Index adjusters = Index(nonzero.size());
-  // When no sum of magnitudes rounds exactly to `mean` (possible for double), keep the closest.
-  Matrix<T> best = w;
-  double best_error = std::numeric_limits<double>::infinity();
-  for (int iteration = 0; iteration < 64; ++iteration) {
-    const double exact = bitnet::detail::mean_abs(w);
-    const double error = std::fabs(double(static_cast<T>(exact)) - double(mean));
-    if (error < best_error) {
-      best = w;
-      best_error = error;
-    }
-    if (error == 0) break;
-    // Whole ulps the magnitudes must grow (or shrink) in total, spread over the adjusters.
-    double steps = std::nearbyint((double(mean) - exact) * double(n) / double(ulp));
-    if (steps == 0) steps = double(mean) > exact ? 1 : -1;
-    for (Index j = 0; j < adjusters; ++j) {
-      const double share = std::trunc(steps / double(adjusters - j));
-      steps -= share;
-      T& v = w.data()[nonzero[std::size_t(j)]];
-      const T magnitude = static_cast<T>(std::fabs(double(v)) + share * double(ulp));
-      v = std::copysign(magnitude, v);
-    }
+  const T guess = T(1) / scale;
+  if (!std::isfinite(guess))
+    throw value_error("hf::to_packed: the weight scale " + std::to_string(scale) +
+                      " has no finite mean|W| = 1 / scale to store (autobitlinear convention)");
+  const auto miss = [scale](T mean) { return std::fabs(T(1) / mean - scale); };
+  T best = guess, below = guess, above = guess;
+  for (int step = 1; step <= 4 && miss(best) != 0; ++step) {
+    below = std::nextafter(below, T(0));
+    above = std::nextafter(above, std::numeric_limits<T>::infinity());
+    for (const T candidate : {below, above})
+      if (miss(candidate) < miss(best)) best = candidate;
   }
   return best;
 }
 
 }  // namespace detail
 
-/// The Hugging Face form of a BitLinear: its ternary codes packed, its scale in `convention`
-/// (autobitlinear: mean|W| exactly as quantization computed it, so loading gives back the same
-/// scale), its bias as the convention stores it.
+/// The Hugging Face form of a BitLinear: its ternary codes packed, its scale in `convention`, its
+/// bias as the convention stores it. bitlinear stores weight_scale() itself. autobitlinear stores a
+/// mean m: with latent weights, mean|W| exactly as quantization computed it (clamped at 1e-5);
+/// without (released, or built by from_ternary), the m nearest 1 / weight_scale() with
+/// T(1) / m == weight_scale() (detail::mean_for_scale). Either way loading gives back the same
+/// scale, except for the rare scale that is no float's rounded reciprocal (never one quantization
+/// produced, nor one read from an autobitlinear file), which comes back 1 ulp off.
 template <real_scalar T>
 packed_layer<T> to_packed(const BitLinear<T>& layer, scale_convention convention = default_scale_convention) {
   packed_layer<T> result{pack_weights(layer.ternary_weight()), layer.out_features(), layer.weight_scale(),
                          layer.bias(), convention};
   if (convention == scale_convention::autobitlinear) {
-    const T mean = std::max(static_cast<T>(bitnet::detail::mean_abs(layer.weight())), scale_floor<T>);
-    result.weight_scale = mean;
+    result.weight_scale = layer.has_latent_weights()
+                              ? std::max(static_cast<T>(bitnet::detail::mean_abs(layer.weight())), scale_floor<T>)
+                              : detail::mean_for_scale(layer.weight_scale());
     if (result.bias) *result.bias = *result.bias * layer.weight_scale();
   }
   return result;
 }
 
-/// A BitLinear that computes what the stored ternary layer says: ternary_weight() is exactly the
-/// unpacked codes, and weight_scale() is exactly the stored scale (bitlinear) or T(1) / stored
-/// mean (autobitlinear) whenever quantization can produce that value, else the nearest value it
-/// can (see docs/safetensors.md). weight() is then a latent matrix built for that purpose: each
-/// non-zero code times about mean * out * in / nonzeros, not the original training weights.
-/// Throws value_error for a non-finite or non-positive scale.
+/// The BitLinear the stored ternary layer describes, built with BitLinear::from_ternary: no latent
+/// weights (weight() throws state_error; ternary_weight() and weight_scale() are the layer).
+/// ternary_weight() is exactly the unpacked codes. weight_scale() is exactly the stored scale
+/// (bitlinear), or T(1) / m for the stored mean m (autobitlinear): one division in T, rounded to
+/// nearest, as weight_scale() in quant.hpp computes 1 / mean - but without its 1e-5 clamp, which
+/// applies when quantizing, not to a stored m. The autobitlinear bias b_stored is read as
+/// b_stored * m (one more rounding). Throws value_error for a scale that is not finite and > 0
+/// (or an m whose reciprocal overflows T), and what unpack_weights and from_ternary throw.
 template <real_scalar T>
 BitLinear<T> to_bit_linear(const packed_layer<T>& packed, bitlinear_options options = {}) {
   const T stored = packed.weight_scale;
   if (!std::isfinite(stored) || !(stored > 0))
     throw value_error("hf::to_bit_linear: weight_scale " + std::to_string(stored) + " is not finite and > 0");
-  const Matrix<std::int8_t> q = unpack_weights(packed.weight, packed.out_features);
   std::optional<Vector<T>> bias = packed.bias;
-  T mean;
+  T scale = stored;
   if (packed.convention == scale_convention::autobitlinear) {
-    mean = std::max(stored, scale_floor<T>);
+    scale = T(1) / stored;
+    if (!std::isfinite(scale))
+      throw value_error("hf::to_bit_linear: weight_scale (mean|W|) " + std::to_string(stored) +
+                        " is too small: 1 / weight_scale overflows");
     if (bias) *bias = *bias * stored;
-  } else {
-    mean = detail::mean_for_scale(stored);
   }
-  return BitLinear<T>(detail::latent_weights(q, mean), std::move(bias), options);
+  return BitLinear<T>::from_ternary(unpack_weights(packed.weight, packed.out_features), scale, std::move(bias),
+                                    options);
 }
 
 }  // namespace bitnet::hf

@@ -400,61 +400,189 @@ std::string_view type_name() noexcept {
   else return dtype_name(dtype_of<T>());
 }
 
-/// Rejects JSON objects that repeat a key (the JSON library would keep the last one silently).
-class duplicate_key_check {
- public:
-  bool operator()(int, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-    using event_t = nlohmann::json::parse_event_t;
-    if (event == event_t::object_start) keys_.emplace_back();
-    else if (event == event_t::object_end) keys_.pop_back();
-    else if (event == event_t::key && !keys_.back().insert(parsed.get<std::string>()).second)
-      duplicate_ = parsed.get<std::string>();
-    return true;
-  }
-  const std::optional<std::string>& duplicate() const noexcept { return duplicate_; }
-
- private:
-  std::vector<std::set<std::string>> keys_;
-  std::optional<std::string> duplicate_;
+/// One header entry as the parser saw it, before any rule is checked (check_entry checks them).
+struct raw_entry {
+  bool is_object = false;
+  std::set<std::string> fields;                   // every field name
+  std::optional<std::string> dtype_text;          // the "dtype" field, when it is a string
+  bool shape_is_array = false;
+  std::vector<std::uint64_t> shape;               // its non-negative integer elements
+  std::optional<std::string> bad_dimension;       // its first other element, as JSON text
+  bool offsets_is_array = false;
+  std::size_t offsets_count = 0;
+  std::array<std::optional<std::uint64_t>, 2> offsets;  // its first two elements, when non-negative integers
 };
 
-inline std::optional<std::uint64_t> as_unsigned(const nlohmann::json& value) {
-  if (!value.is_number_unsigned()) return std::nullopt;
-  return value.get<std::uint64_t>();
-}
+/// The header as the parser saw it. Ordered maps, so the rules are checked in the order of the
+/// keys (as nlohmann::json, whose objects are std::map, would iterate them).
+struct raw_header {
+  std::map<std::string, raw_entry> entries;
+  bool has_metadata = false;
+  bool metadata_is_object = false;
+  std::map<std::string, std::optional<std::string>> metadata;  // value when it is a string
+  std::optional<std::string> duplicate_key;                    // the first key an object repeats
+  std::optional<std::string> syntax_error;                     // nlohmann::json's parse_error text
+};
 
-/// Reads the "dtype", "shape" and "data_offsets" of one header entry and checks each field.
-inline tensor_info parse_entry(std::string_view file, const std::string& name, const nlohmann::json& entry) {
-  if (!entry.is_object()) fail(file, name, "the header entry is not a JSON object");
-  for (const auto& field : entry.items())
-    if (field.key() != "dtype" && field.key() != "shape" && field.key() != "data_offsets")
-      fail(file, name, "unknown field " + quote(field.key()) + " (allowed: dtype, shape, data_offsets)");
+/// A SAX handler (nlohmann::json::sax_parse) that records what the header rules need into a
+/// raw_header and builds no nlohmann::json value: ~basic_json allocates when it destroys a non-empty
+/// object or array (nlohmann/json 3.11 flattens the tree onto a heap stack), so a std::bad_alloc
+/// while parsing into a DOM, or while freeing one, could reach a noexcept destructor and
+/// std::terminate. Everything held here is freed without allocating.
+class header_parser {
+ public:
+  using json = nlohmann::json;
+
+  explicit header_parser(raw_header& out) : out_(out) {}
+
+  bool null() { return scalar(nullptr); }
+  bool boolean(bool value) { return scalar(value); }
+  bool number_integer(json::number_integer_t value) { return scalar(value); }
+  bool number_unsigned(json::number_unsigned_t value) { return scalar(value); }
+  bool number_float(json::number_float_t value, const json::string_t&) { return scalar(value); }
+  bool string(json::string_t& value) { return scalar(value); }
+  bool binary(json::binary_t&) { return scalar(nullptr); }  // never called for JSON text
+
+  bool start_object(std::size_t) {
+    open(place(container::object));
+    keys_.emplace_back();
+    return true;
+  }
+  bool end_object() {
+    keys_.pop_back();
+    --depth_;
+    return true;
+  }
+  bool start_array(std::size_t) {
+    open(place(container::array));
+    return true;
+  }
+  bool end_array() {
+    --depth_;
+    return true;
+  }
+
+  bool key(json::string_t& key) {
+    if (!keys_.back().insert(key).second && !out_.duplicate_key) out_.duplicate_key = key;
+    switch (parent()) {
+      case role::top:
+        name_ = key;
+        if (key == "__metadata__") out_.has_metadata = true;
+        else entry_ = &out_.entries[key];
+        break;
+      case role::metadata: field_ = key; break;
+      case role::entry:
+        field_ = key;
+        entry_->fields.insert(key);
+        break;
+      default: break;
+    }
+    return true;
+  }
+
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) {
+    out_.syntax_error = e.what();
+    return false;
+  }
+
+ private:
+  // What an open container is to the header; roles_[d] is that of the container at depth d.
+  enum class role : unsigned char { none, ignored, top, metadata, entry, shape, offsets };
+  enum class container : unsigned char { none, object, array };
+  static constexpr std::size_t tracked_depth = 3;  // top object > entry > shape or data_offsets
+
+  role parent() const noexcept {
+    return depth_ == 0 ? role::none : depth_ <= tracked_depth ? roles_[depth_] : role::ignored;
+  }
+
+  void open(role r) {
+    ++depth_;
+    if (depth_ <= tracked_depth) roles_[depth_] = r;
+  }
+
+  // Records a value that starts at the current position (a container when `opening` is not none;
+  // a scalar otherwise, in `unsigned_value` / `text`) and returns the role of the container it opens.
+  role place(container opening, std::optional<std::uint64_t> unsigned_value = std::nullopt,
+             const std::string* text = nullptr, const std::string* as_json = nullptr) {
+    const bool object = opening == container::object, array = opening == container::array;
+    switch (parent()) {
+      case role::none: return object ? role::top : role::ignored;
+      case role::top:
+        if (name_ == "__metadata__") {
+          out_.metadata_is_object = object;
+          return object ? role::metadata : role::ignored;
+        }
+        entry_->is_object = object;
+        return object ? role::entry : role::ignored;
+      case role::metadata:
+        out_.metadata[field_] = text ? std::optional<std::string>(*text) : std::nullopt;
+        return role::ignored;
+      case role::entry:
+        if (field_ == "dtype") entry_->dtype_text = text ? std::optional<std::string>(*text) : std::nullopt;
+        if (field_ == "shape") entry_->shape_is_array = array;
+        if (field_ == "data_offsets") entry_->offsets_is_array = array;
+        if (!array) return role::ignored;
+        return field_ == "shape" ? role::shape : field_ == "data_offsets" ? role::offsets : role::ignored;
+      case role::shape:
+        if (unsigned_value) entry_->shape.push_back(*unsigned_value);
+        else if (!entry_->bad_dimension) entry_->bad_dimension = object ? "an object" : array ? "an array" : *as_json;
+        return role::ignored;
+      case role::offsets:
+        if (entry_->offsets_count < 2) entry_->offsets[entry_->offsets_count] = unsigned_value;
+        ++entry_->offsets_count;
+        return role::ignored;
+      default: return role::ignored;
+    }
+  }
+
+  template <class Value>
+  bool scalar(const Value& value) {
+    std::optional<std::uint64_t> unsigned_value;
+    const std::string* text = nullptr;
+    if constexpr (std::is_same_v<Value, json::number_unsigned_t>) unsigned_value = value;
+    if constexpr (std::is_same_v<Value, json::string_t>) text = &value;
+    // The JSON text of a rejected shape element, for the message (a scalar json frees without allocating).
+    std::string as_json;
+    if (parent() == role::shape && !unsigned_value && !entry_->bad_dimension) as_json = json(value).dump();
+    place(container::none, unsigned_value, text, &as_json);
+    return true;
+  }
+
+  raw_header& out_;
+  std::size_t depth_ = 0;
+  std::array<role, tracked_depth + 1> roles_{};
+  std::vector<std::set<std::string>> keys_;  // the keys of each open object
+  std::string name_;                         // the current top-level key
+  std::string field_;                        // the current key one level below
+  raw_entry* entry_ = nullptr;               // the entry of name_ (not __metadata__)
+};
+
+/// Checks the "dtype", "shape" and "data_offsets" of one header entry and gives its tensor_info.
+inline tensor_info check_entry(std::string_view file, const std::string& name, const raw_entry& entry) {
+  if (!entry.is_object) fail(file, name, "the header entry is not a JSON object");
+  for (const std::string& field : entry.fields)
+    if (field != "dtype" && field != "shape" && field != "data_offsets")
+      fail(file, name, "unknown field " + quote(field) + " (allowed: dtype, shape, data_offsets)");
   for (const char* required : {"dtype", "shape", "data_offsets"})
-    if (!entry.contains(required)) fail(file, name, std::string("missing field \"") + required + "\"");
+    if (!entry.fields.contains(required)) fail(file, name, std::string("missing field \"") + required + "\"");
 
   tensor_info info;
   info.name = name;
-  const nlohmann::json& type = entry["dtype"];
-  if (!type.is_string()) fail(file, name, "dtype is not a string");
-  const std::optional<dtype> parsed = parse_dtype(type.get_ref<const std::string&>());
-  if (!parsed) fail(file, name, "unknown dtype " + quote(type.get_ref<const std::string&>()));
+  if (!entry.dtype_text) fail(file, name, "dtype is not a string");
+  const std::optional<dtype> parsed = parse_dtype(*entry.dtype_text);
+  if (!parsed) fail(file, name, "unknown dtype " + quote(*entry.dtype_text));
   info.type = *parsed;
 
-  const nlohmann::json& shape = entry["shape"];
-  if (!shape.is_array()) fail(file, name, "shape is not an array");
-  for (const nlohmann::json& dim : shape) {
-    const std::optional<std::uint64_t> d = as_unsigned(dim);
-    if (!d) fail(file, name, "shape holds " + dim.dump() + ", not a non-negative integer");
-    info.shape.push_back(*d);
-  }
+  if (!entry.shape_is_array) fail(file, name, "shape is not an array");
+  if (entry.bad_dimension) fail(file, name, "shape holds " + *entry.bad_dimension + ", not a non-negative integer");
+  info.shape = entry.shape;
 
-  const nlohmann::json& offsets = entry["data_offsets"];
-  if (!offsets.is_array() || offsets.size() != 2)
+  if (!entry.offsets_is_array || entry.offsets_count != 2)
     fail(file, name, "data_offsets is not an array of two integers");
-  const std::optional<std::uint64_t> begin = as_unsigned(offsets[0]), end = as_unsigned(offsets[1]);
-  if (!begin || !end) fail(file, name, "data_offsets holds a value that is not a non-negative integer");
-  info.begin = *begin;
-  info.end = *end;
+  if (!entry.offsets[0] || !entry.offsets[1])
+    fail(file, name, "data_offsets holds a value that is not a non-negative integer");
+  info.begin = *entry.offsets[0];
+  info.end = *entry.offsets[1];
   if (info.end < info.begin)
     fail(file, name, "data_offsets end " + std::to_string(info.end) + " is before begin " + std::to_string(info.begin));
 
@@ -616,26 +744,24 @@ class reader {
     // JSON never holds a raw NUL byte, but the JSON library stops reading at one.
     if (const auto nul = header.find('\0'); nul != std::string::npos)
       detail::fail(file, {}, "the header is not valid JSON: a NUL byte at byte " + std::to_string(nul) + " of the header");
-    detail::duplicate_key_check duplicates;
-    nlohmann::json json;
-    try {
-      json = nlohmann::json::parse(header, std::ref(duplicates));
-    } catch (const nlohmann::json::exception& e) {
-      detail::fail(file, {}, std::string("the header is not valid JSON: ") + e.what());
-    }
-    if (duplicates.duplicate()) detail::fail(file, *duplicates.duplicate(), "the header repeats the key");
+    detail::raw_header raw;
+    detail::header_parser parser(raw);
+    nlohmann::json::sax_parse(header, &parser);
+    if (raw.syntax_error) detail::fail(file, {}, "the header is not valid JSON: " + *raw.syntax_error);
+    if (raw.duplicate_key) detail::fail(file, *raw.duplicate_key, "the header repeats the key");
 
-    for (const auto& item : json.items()) {
-      if (item.key() == "__metadata__") {
-        if (!item.value().is_object()) detail::fail(file, {}, "__metadata__ is not a JSON object");
-        for (const auto& entry : item.value().items()) {
-          if (!entry.value().is_string())
-            detail::fail(file, {}, "__metadata__ value of " + detail::quote(entry.key()) + " is not a string");
-          metadata_.emplace(entry.key(), entry.value().get<std::string>());
+    // In key order, __metadata__ among the tensors, as a JSON object iterates.
+    const auto metadata_position = raw.entries.lower_bound("__metadata__");
+    for (auto it = raw.entries.begin();; ++it) {
+      if (it == metadata_position && raw.has_metadata) {
+        if (!raw.metadata_is_object) detail::fail(file, {}, "__metadata__ is not a JSON object");
+        for (const auto& [key, value] : raw.metadata) {
+          if (!value) detail::fail(file, {}, "__metadata__ value of " + detail::quote(key) + " is not a string");
+          metadata_.emplace(key, *value);
         }
-        continue;
       }
-      tensors_.push_back(detail::parse_entry(file, item.key(), item.value()));
+      if (it == raw.entries.end()) break;
+      tensors_.push_back(detail::check_entry(file, it->first, it->second));
     }
 
     std::sort(tensors_.begin(), tensors_.end(), [](const tensor_info& a, const tensor_info& b) {
@@ -701,15 +827,26 @@ class writer {
     std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
       return dtype_size(tensors[a].type) > dtype_size(tensors[b].type);
     });
+    // The header is written as text, exactly as nlohmann::json::dump() writes an object (compact,
+    // keys sorted): a nlohmann::json tree's destructor allocates (see detail::header_parser).
+    std::map<std::string, std::string> header;  // key -> the JSON text of its value
+    if (!metadata.empty()) {
+      std::string object;
+      for (const auto& [key, value] : metadata)
+        object += (object.empty() ? "{" : ",") + detail::quote(key) + ":" + detail::quote(value);
+      header.emplace("__metadata__", object + "}");
+    }
     std::uint64_t offset = 0;
-    nlohmann::json header = nlohmann::json::object();
-    if (!metadata.empty()) header["__metadata__"] = metadata;
     for (std::size_t i : order) {
       tensor_spec& spec = tensors[i];
       const std::uint64_t bytes = *detail::checked_byte_size(spec.shape, spec.type);
       if (bytes > std::numeric_limits<std::uint64_t>::max() - offset)
         throw value_error(message(spec.name, "the file would exceed 2^64 bytes"));
-      header[spec.name] = {{"dtype", dtype_name(spec.type)}, {"shape", spec.shape}, {"data_offsets", {offset, offset + bytes}}};
+      std::string shape;
+      for (const std::uint64_t dimension : spec.shape) (shape += shape.empty() ? "" : ",") += std::to_string(dimension);
+      header.emplace(spec.name, "{\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + bytes) +
+                                    "],\"dtype\":\"" + std::string(dtype_name(spec.type)) + "\",\"shape\":[" + shape +
+                                    "]}");
       layout_.push_back({std::move(spec.name), spec.type, std::move(spec.shape), offset, offset + bytes});
       offset += bytes;
     }
@@ -717,7 +854,9 @@ class writer {
     written_.assign(layout_.size(), false);
     appended_.assign(layout_.size(), 0);
 
-    std::string text = header.dump();
+    std::string text = "{";
+    for (const auto& [key, value] : header) ((text += text.size() > 1 ? "," : "") += detail::quote(key) + ":") += value;
+    text += '}';
     text.append((8 - text.size() % 8) % 8, ' ');
     if (text.size() > max_header_length)
       throw value_error(message({}, "the header would have " + std::to_string(text.size()) + " bytes, over the limit of " +
@@ -725,17 +864,20 @@ class writer {
     data_offset_ = 8 + text.size();
 
     temporary_ = temporary_name(path_);
-    out_.open(temporary_, std::ios::binary | std::ios::trunc);
-    if (!out_) throw io_error(message({}, "cannot create the temporary file " + temporary_.string()));
-    std::array<std::byte, 8> length;
-    detail::store_little_endian<std::uint64_t>(length.data(), text.size());
-    out_.write(reinterpret_cast<const char*>(length.data()), 8);
-    out_.write(text.data(), static_cast<std::streamsize>(text.size()));
-    if (!out_) {  // the destructor does not run for a throwing constructor: clean up here
+    try {
+      // open() creates the file before it allocates its buffer, which may throw std::bad_alloc.
+      out_.open(temporary_, std::ios::binary | std::ios::trunc);
+      if (!out_) throw io_error(message({}, "cannot create the temporary file " + temporary_.string()));
+      std::array<std::byte, 8> length;
+      detail::store_little_endian<std::uint64_t>(length.data(), text.size());
+      out_.write(reinterpret_cast<const char*>(length.data()), 8);
+      out_.write(text.data(), static_cast<std::streamsize>(text.size()));
+      if (!out_) throw io_error(message({}, "writing the header failed in " + temporary_.string()));
+    } catch (...) {  // the destructor does not run for a throwing constructor: clean up here
       out_.close();
       std::error_code ignored;
       std::filesystem::remove(temporary_, ignored);
-      throw io_error(message({}, "writing the header failed in " + temporary_.string()));
+      throw;
     }
   }
 

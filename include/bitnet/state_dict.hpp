@@ -7,7 +7,9 @@
 // The walk is the one replace_linear does (docs/customization.md): every linear-like layer and
 // every BitLinear at path P owns the tensors P.weight (out x in) and, when the layer has a bias,
 // P.bias. A BitLinear may also be stored in the Hugging Face packed form: P.weight (U8, packed as
-// bitnet/hf.hpp says) plus P.weight_scale.
+// bitnet/hf.hpp says) plus P.weight_scale. Loading that form gives a BitLinear with exactly the
+// file's codes and scale and no latent weights (hf::to_bit_linear): its weight() throws
+// state_error, and saving it again needs bit_linear_storage::hf_packed.
 //
 // Loading is all or nothing: every tensor is read, converted and checked off to the side first;
 // only then are they moved into the graph with operations that cannot fail. On any error -
@@ -265,13 +267,19 @@ class state_loader {
     const bool load_bias = has_bias && expect_floating(bias_key, {std::uint64_t(out)});
     if (!load_weight && !load_bias) return;
     jobs_.push_back([this, &layer, weight_key, bias_key, load_weight, load_bias]() {
-      Matrix<T> weight = load_weight ? read([&] { return file_.read_matrix<T>(weight_key); }, weight_key) : layer.weight();
       std::optional<Vector<T>> bias =
           load_bias ? std::optional<Vector<T>>(read([&] { return file_.read_vector<T>(bias_key); }, bias_key))
                     : layer.bias();
-      BitLinear<T> staged = read([&] { return BitLinear<T>(std::move(weight), std::move(bias), layer.options()); },
-                                 load_weight ? weight_key : bias_key);
-      staged_.push_back(std::make_unique<staged_bit_linear_state<T>>(layer, std::move(staged)));
+      const auto build = [&]() -> BitLinear<T> {
+        if (load_weight) {
+          Matrix<T> weight = read([&] { return file_.read_matrix<T>(weight_key); }, weight_key);
+          return read([&] { return BitLinear<T>(std::move(weight), std::move(bias), layer.options()); }, weight_key);
+        }
+        BitLinear<T> kept = layer;  // only the bias is loaded: the weights stay as they are, latent or not
+        read([&] { kept.set_bias(std::move(bias)); }, bias_key);
+        return kept;
+      };
+      staged_.push_back(std::make_unique<staged_bit_linear_state<T>>(layer, build()));
     });
   }
 
@@ -423,6 +431,12 @@ class state_saver {
   template <real_scalar T>
   void bit_linear(const std::string& path, BitLinear<T>& layer) {
     if (options_.bit_linear == bit_linear_storage::latent) {
+      if (!layer.has_latent_weights())  // checked in the first walk: nothing is written
+        throw state_error("save_state_dict: the BitLinear at " +
+                          (path.empty() ? std::string("(the root)") : quote_key(path)) +
+                          " has no latent weights (released, or built from ternary weights, e.g. loaded from a "
+                          "packed checkpoint), so it cannot be saved as bit_linear_storage::latent; save it as "
+                          "bit_linear_storage::hf_packed");
       put<T>(key(path, "weight"), layer.weight());
       if (layer.bias()) put<T>(key(path, "bias"), *layer.bias());
       return;
@@ -517,7 +531,9 @@ state_dict_report load_state_dict(Graph& graph, const std::filesystem::path& fil
 /// Writes the weight and bias of every linear layer and BitLinear of `graph` to `file` (replaced
 /// whole or not at all, through safetensors::writer), by dotted path. Linear layers store their
 /// weights as they are; BitLinear layers their latent weights, or with
-/// options.bit_linear = bit_linear_storage::hf_packed the Hugging Face packed form.
+/// options.bit_linear = bit_linear_storage::hf_packed the Hugging Face packed form. A BitLinear
+/// without latent weights (released, or loaded from a packed checkpoint) can only be saved packed:
+/// in latent mode it is a state_error naming its path, thrown before the file is touched.
 template <class Graph>
 void save_state_dict(Graph& graph, const std::filesystem::path& file, const state_dict_options& options = {}) {
   detail::check_state_graph<Graph>();
