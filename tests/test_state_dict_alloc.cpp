@@ -6,6 +6,7 @@
 // The file is opened before the failures start: nlohmann/json 3.11's ~basic_json allocates (it
 // flattens nested values onto a heap stack), so a failure injected there terminates the program
 // whatever the caller does.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include "alloc_fault.hpp"  // first: it configures Eigen
 
 #include <filesystem>
@@ -13,7 +14,6 @@
 #include <random>
 #include <string>
 
-#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
 #include <bitnet/replace.hpp>
@@ -26,54 +26,17 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct armed_scope {
-  explicit armed_scope(long fail) {
-    alloc_fault::allocations = 0;
-    alloc_fault::fail_at = fail;
-    alloc_fault::armed = true;
-    Eigen::internal::set_is_malloc_allowed(false);
-  }
-  ~armed_scope() {
-    alloc_fault::armed = false;
-    Eigen::internal::set_is_malloc_allowed(true);
-  }
-};
-
 fs::path scratch_file(const std::string& name) {
   std::random_device rd;
   return fs::temp_directory_path() / ("bitnet_state_dict_alloc_" + std::to_string(rd()) + "_" + name);
 }
 
-// Loads `file` into fresh graphs from make(), failing allocation 1, 2, ... until a load succeeds.
+// Loads `path` into fresh graphs from make(), failing allocation 1, 2, ... until a load succeeds.
 template <class Make>
 long fail_every_allocation(Make make, const fs::path& path, const bitnet::state_dict_options& options) {
   const bitnet::safetensors::reader file(path);
-  long total = 0;
-  {
-    auto graph = make();
-    armed_scope counting(0);
-    bitnet::load_state_dict(*graph, file, options);
-    total = alloc_fault::allocations;
-  }
-  REQUIRE(total > 0);
-  for (long n = 1; n <= total + 1; ++n) {
-    CAPTURE(n);
-    auto graph = make();
-    const auto before = snapshot(*graph);
-    bool failed = false;
-    try {
-      armed_scope failing(n);
-      bitnet::load_state_dict(*graph, file, options);
-    } catch (const std::bad_alloc&) {
-      failed = true;
-    }
-    CHECK(failed == (n <= total));
-    if (failed)
-      CHECK(snapshot(*graph) == before);
-    else
-      CHECK(snapshot(*graph) != before);
-  }
-  return total;
+  const auto load = [&](auto& graph) { bitnet::load_state_dict(graph, file, options); };
+  return alloc_fault::fail_every_allocation(make, load, [](auto& graph) { return snapshot(graph); });
 }
 
 }  // namespace
