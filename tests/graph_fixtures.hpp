@@ -18,6 +18,9 @@
 
 #include "reference.hpp"
 
+// The transfer policies (bitnet/transfer.hpp) that TEST_CASE_TEMPLATEs run under.
+#define POLICIES bitnet::transfer::copy, bitnet::transfer::move, bitnet::transfer::checked
+
 namespace fixtures {
 
 using bitnet::BitLinear;

@@ -11,11 +11,6 @@
 #include "graph_fixtures.hpp"
 #include "reference.hpp"
 
-using bitnet::BitLinear;
-using bitnet::Index;
-using bitnet::Linear;
-using bitnet::Matrix;
-using bitnet::Vector;
 using namespace fixtures;
 
 namespace {
@@ -69,8 +64,6 @@ struct failing_policy : Base {
 };
 
 }  // namespace
-
-#define POLICIES bitnet::transfer::copy, bitnet::transfer::move, bitnet::transfer::checked
 
 TEST_CASE_TEMPLATE("replace_linear: every layer of a plain-struct graph keeps its weights bit for bit", Policy,
                    POLICIES) {

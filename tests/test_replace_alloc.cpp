@@ -3,11 +3,11 @@
 //
 // Its own executable because it replaces the global operator new (std::string, std::vector, the
 // pending layers ...) and routes Eigen's allocations through the same counter (alloc_fault.hpp).
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include "alloc_fault.hpp"  // first: it configures Eigen
 
 #include <new>
 
-#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
 #include <bitnet/replace.hpp>
@@ -16,72 +16,29 @@
 
 using namespace fixtures;
 
-namespace {
-
-struct armed_scope {
-  explicit armed_scope(long fail) {
-    alloc_fault::allocations = 0;
-    alloc_fault::fail_at = fail;
-    alloc_fault::armed = true;
-    Eigen::internal::set_is_malloc_allowed(false);
-  }
-  ~armed_scope() {
-    alloc_fault::armed = false;
-    Eigen::internal::set_is_malloc_allowed(true);
-  }
-};
-
-// Runs replace_linear on fresh graphs, failing allocation 1, 2, ... until a run succeeds; returns
-// how many failure points were exercised. make() builds the graph, state() snapshots it.
-template <class Policy, class Make, class State>
-long fail_every_allocation(Make make, State state, bool dry_run) {
-  bitnet::replace_options options;
-  options.dry_run = dry_run;
-  long total = 0;
-  {
-    auto graph = make();
-    armed_scope counting(0);
-    bitnet::replace_linear<Policy>(*graph, options);
-    total = alloc_fault::allocations;
-  }
-  REQUIRE(total > 0);
-  for (long n = 1; n <= total + 1; ++n) {
-    CAPTURE(n);
-    auto graph = make();
-    const auto before = state(*graph);
-    bool failed = false;
-    try {
-      armed_scope failing(n);
-      bitnet::replace_linear<Policy>(*graph, options);
-    } catch (const std::bad_alloc&) {
-      failed = true;
-    }
-    CHECK(failed == (n <= total));
-    if (failed || dry_run)
-      CHECK(state(*graph) == before);
-    else
-      CHECK(state(*graph) != before);
-  }
-  return total;
-}
-
-}  // namespace
+using alloc_fault::armed_scope;
+using alloc_fault::fail_every_allocation;
 
 TEST_CASE_TEMPLATE("replace_linear: every allocation failure leaves a variant graph bit-identical", Policy,
-                   bitnet::transfer::copy, bitnet::transfer::move, bitnet::transfer::checked) {
+                   POLICIES) {
   const auto make = [] { return std::make_unique<transformer>(make_transformer(2, 5, 21)); };
   const auto state = [](transformer& t) { return snapshot(t); };
   for (bool dry_run : {false, true}) {
     CAPTURE(dry_run);
-    MESSAGE("allocation points: ", fail_every_allocation<Policy>(make, state, dry_run));
+    bitnet::replace_options options;
+    options.dry_run = dry_run;
+    const auto run = [&options](transformer& t) { bitnet::replace_linear<Policy>(t, options); };
+    MESSAGE("allocation points: ", fail_every_allocation(make, run, state, !dry_run));
   }
 }
 
 TEST_CASE_TEMPLATE("replace_linear: every allocation failure leaves a polymorphic module tree bit-identical", Policy,
-                   bitnet::transfer::copy, bitnet::transfer::move, bitnet::transfer::checked) {
+                   POLICIES) {
   const auto make = [] { return make_module_tree(22); };
+  const bitnet::replace_options options;
+  const auto run = [&options](module& root) { bitnet::replace_linear<Policy>(root, options); };
   const auto state = [](module& root) { return snapshot(root); };
-  MESSAGE("allocation points: ", fail_every_allocation<Policy>(make, state, false));
+  MESSAGE("allocation points: ", fail_every_allocation(make, run, state));
 }
 
 TEST_CASE("the allocation counter sees Eigen's allocations and operator new") {

@@ -14,14 +14,7 @@
 #include "graph_fixtures.hpp"
 #include "reference.hpp"
 
-using bitnet::BitLinear;
-using bitnet::Index;
-using bitnet::Linear;
-using bitnet::Matrix;
-using bitnet::Vector;
 using namespace fixtures;
-
-#define POLICIES bitnet::transfer::copy, bitnet::transfer::move, bitnet::transfer::checked
 
 namespace {
 struct with_plain_member {

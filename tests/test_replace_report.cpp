@@ -15,11 +15,6 @@
 #include "graph_fixtures.hpp"
 #include "reference.hpp"
 
-using bitnet::BitLinear;
-using bitnet::Index;
-using bitnet::Linear;
-using bitnet::Matrix;
-using bitnet::Vector;
 using namespace fixtures;
 
 TEST_CASE("replace_report: per-layer numbers computed independently, totals, aligned table") {

@@ -14,11 +14,6 @@
 #include "graph_fixtures.hpp"
 #include "reference.hpp"
 
-using bitnet::BitLinear;
-using bitnet::Index;
-using bitnet::Linear;
-using bitnet::Matrix;
-using bitnet::Vector;
 using namespace fixtures;
 
 namespace {

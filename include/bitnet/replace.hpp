@@ -15,7 +15,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "detail/walker.hpp"
+#include "detail/transaction.hpp"
 #include "layer_traits.hpp"
 #include "replace_options.hpp"
 #include "replace_report.hpp"

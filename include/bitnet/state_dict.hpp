@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "bit_linear.hpp"
+#include "detail/walker.hpp"
 #include "errors.hpp"
 #include "hf.hpp"
 #include "hf_safetensors.hpp"
@@ -77,74 +78,45 @@ struct state_dict_report {
 
 namespace detail {
 
-template <class>
-inline constexpr bool state_dict_always_false = false;
-
-template <class B>
-concept has_bit_linear_hook = requires(B& base) {
-  { layer_traits<B>::as_bit_linear(base) };
-};
-
-/// Walks a graph like replace_linear's planner and calls visitor.linear(path, layer) for every
-/// linear-like layer and visitor.bit_linear(path, layer) for every BitLinear, wherever they sit.
-template <class Visitor>
-class state_walker {
+/// The graph_walker visitor of load_state_dict and save_state_dict: every linear-like layer and
+/// every BitLinear goes to handler.linear(path, layer) / handler.bit_linear(path, layer), wherever
+/// it sits, including BitLinear nodes of polymorphic trees (bitnet_as_bit_linear).
+template <class Handler>
+class state_visitor {
  public:
-  explicit state_walker(Visitor& visitor) : visitor_(visitor) {}
+  // A pointee that is neither a layer nor a graph holds no weights to load or save.
+  static constexpr bool finds_bit_linear_nodes = true;
+  static constexpr bool skips_opaque_pointees = true;
 
   template <class Node>
-  void walk(Node& node) {
-    if constexpr (is_bit_linear<Node>) {
-      visitor_.bit_linear(path_, node);
-    } else if constexpr (linear_layer<Node>) {
-      visitor_.linear(path_, node);
-    } else if constexpr (is_variant<Node>) {
-      if (node.valueless_by_exception()) return;
-      std::visit(
-          [&](auto& alternative) {
-            if constexpr (layer_graph<std::remove_cvref_t<decltype(alternative)>>) walk(alternative);
-          },
-          node);
-    } else if constexpr (is_owning_pointer<Node>) {
-      walk_pointer(node);
-    } else if constexpr (layer_node<Node>) {
-      auto visit = [this](std::string_view name, auto& child) {
-        const std::size_t length = path_.size();
-        if (!path_.empty()) path_ += '.';
-        path_ += name;
-        walk(child);
-        path_.resize(length);
-      };
-      layer_traits<Node>::children(node, visit);
-    } else {
-      static_assert(state_dict_always_false<Node>,
-                    "bitnet::load_state_dict/save_state_dict cannot walk a type in this graph: give it "
-                    "bitnet_children(node, visit) (or BITNET_LAYERS(Type, fields...)) if it has children, "
-                    "bitnet_linear(layer) if it is a linear layer, or specialize bitnet::layer_traits; see "
-                    "docs/customization.md");
-    }
+  static void unwalkable() {
+    static_assert(always_false<Node>,
+                  "bitnet::load_state_dict/save_state_dict cannot walk a type in this graph: give it "
+                  "bitnet_children(node, visit) (or BITNET_LAYERS(Type, fields...)) if it has children, "
+                  "bitnet_linear(layer) if it is a linear layer, or specialize bitnet::layer_traits; see "
+                  "docs/customization.md");
+  }
+
+  explicit state_visitor(Handler& handler) : handler_(handler) {}
+
+  template <class L, class Slot>
+  void linear(const std::string& path, L& layer, const Slot&) {
+    handler_.linear(path, layer);
+  }
+  template <class B, class Slot>
+  void bit_linear(const std::string& path, B& layer, const Slot&) {
+    handler_.bit_linear(path, layer);
   }
 
  private:
-  template <class Pointer>
-  void walk_pointer(Pointer& slot) {
-    if (!slot) return;
-    using base = typename Pointer::element_type;
-    if constexpr (has_bit_linear_hook<base>) {
-      if (auto* bit = layer_traits<base>::as_bit_linear(*slot)) return visitor_.bit_linear(path_, *bit);
-    }
-    if constexpr (polymorphic_slot<Pointer>) {
-      if (auto* linear = layer_traits<base>::as_linear(*slot)) {
-        using L = std::remove_cvref_t<decltype(*linear)>;
-        return visitor_.linear(path_, const_cast<L&>(*linear));
-      }
-    }
-    if constexpr (layer_graph<base>) walk(*slot);
-  }
-
-  Visitor& visitor_;
-  std::string path_;
+  Handler& handler_;
 };
+
+template <class Handler, class Graph>
+void walk_state(Graph& graph, Handler& handler) {
+  state_visitor<Handler> visitor(handler);
+  graph_walker<state_visitor<Handler>>(visitor).walk(graph);
+}
 
 inline std::string quote_key(std::string_view key) { return safetensors::detail::quote(key); }
 
@@ -458,11 +430,10 @@ class state_saver {
 
   template <class Graph>
   void save(Graph& graph, const std::filesystem::path& file) {
-    state_walker<state_saver> walker(*this);
-    walker.walk(graph);
+    walk_state(graph, *this);
     safetensors::writer out(file, std::move(specs_), options_.metadata);
     out_ = &out;
-    walker.walk(graph);
+    walk_state(graph, *this);
     out.finish();
   }
 
@@ -512,8 +483,7 @@ template <class Graph>
 state_dict_report load_state_dict(Graph& graph, const safetensors::reader& file, const state_dict_options& options = {}) {
   detail::check_state_graph<Graph>();
   detail::state_loader loader(file, options);
-  detail::state_walker<detail::state_loader> walker(loader);
-  walker.walk(graph);
+  detail::walk_state(graph, loader);
   loader.check();
   loader.stage();
   state_dict_report report = loader.take_report();  // built before the commit: nothing may fail after it

@@ -1,17 +1,24 @@
-// One pending replacement per slot: build the new BitLinear off to the side, check it, then swap it
-// in with no chance of failure (commit) or undo everything (roll_back). See DESIGN.md section 4.
+// replace_linear's transaction (DESIGN.md section 4): the planner walks the graph and records one
+// pending replacement per slot; each builds its new BitLinear off to the side and checks it, then
+// all are swapped in with no chance of failure (commit), or everything is undone (roll_back).
 #pragma once
 
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
+#include <unordered_set>
 #include <utility>
+#include <variant>
+#include <vector>
 
 #include "../bit_linear.hpp"
 #include "../errors.hpp"
 #include "../layer_traits.hpp"
+#include "../replace_options.hpp"
 #include "../replace_report.hpp"
 #include "../transfer.hpp"
+#include "walker.hpp"
 
 namespace bitnet::detail {
 
@@ -174,5 +181,157 @@ class pointer_slot final : public staged_linear<Policy, L, T> {
   Pointer replacement_;
   Pointer original_;
 };
+
+template <class B>
+struct bit_linear_scalar;
+template <class T>
+struct bit_linear_scalar<BitLinear<T>> {
+  using type = T;
+};
+
+template <class Base, class L, class T>
+concept replaceable_with = requires(const L& linear, BitLinear<T>&& bit) {
+  layer_traits<Base>::make_replacement(linear, std::move(bit));
+};
+
+/// The T of the BitLinear<T> bitnet_make_replacement accepts for L: L's own scalar type first.
+template <class Base, class L>
+consteval int replacement_scalar_choice() {
+  if constexpr (real_scalar<linear_scalar_t<L>> && replaceable_with<Base, L, linear_scalar_t<L>>)
+    return std::is_same_v<linear_scalar_t<L>, float> ? 1 : 2;
+  else if constexpr (replaceable_with<Base, L, float>)
+    return 1;
+  else if constexpr (replaceable_with<Base, L, double>)
+    return 2;
+  else
+    return 0;
+}
+
+/// The graph_walker visitor of replace_linear: decides per slot (exclude rules, predicate) and
+/// records one pending replacement for each linear layer to convert. It only reads the graph.
+template <class Policy>
+class planner {
+ public:
+  // A converted node needs nothing, and every pointee must be something the walk understands.
+  static constexpr bool finds_bit_linear_nodes = false;
+  static constexpr bool skips_opaque_pointees = false;
+
+  template <class Node>
+  static void unwalkable() {
+    static_assert(always_false<Node>,
+                  "bitnet::replace_linear cannot walk a type in this graph: give it bitnet_children(node, visit) "
+                  "(or BITNET_LAYERS(Type, fields...)) if it has children, bitnet_linear(layer) if it is a linear "
+                  "layer, or specialize bitnet::layer_traits; see docs/customization.md");
+  }
+
+  planner(const replace_options& options, replace_report& report) : options_(options), report_(report) {}
+
+  std::vector<std::unique_ptr<pending_layer<Policy>>>& layers() noexcept { return layers_; }
+
+  // A linear layer in a place that cannot hold a BitLinear: an error unless the user keeps it.
+  template <class L>
+  void linear(const std::string& path, L& layer, fixed_place) {
+    if (kept(path, layer)) return;
+    throw transfer_failure(path, "this linear layer sits in a slot that cannot hold a BitLinear (a plain member or "
+                                 "element); declare the slot as bitnet::linear_slot<...> or a std::variant listing "
+                                 "BitLinear<T>, or exclude the layer; see docs/customization.md");
+  }
+
+  template <class L, class... Alternatives>
+  void linear(const std::string& path, L& layer, std::variant<Alternatives...>& slot) {
+    using Variant = std::variant<Alternatives...>;
+    check_variant<Variant>();
+    if constexpr (bit_linear_slot<Variant>) {  // else check_variant's message is the only error
+      if (!first_visit(&slot) || kept(path, layer)) return;
+      using T = typename bit_linear_scalar<std::variant_alternative_t<variant_bit_linear<Variant>::index, Variant>>::type;
+      layers_.push_back(std::make_unique<variant_slot<Policy, Variant, L, T>>(path, slot, layer));
+    }
+  }
+
+  template <class L, class Pointer>
+    requires is_owning_pointer<Pointer>
+  void linear(const std::string& path, L& layer, Pointer& slot) {
+    using base = typename Pointer::element_type;
+    constexpr int choice = replacement_scalar_choice<base, L>();
+    static_assert(choice != 0,
+                  "bitnet::replace_linear: bitnet_as_linear recognizes a linear layer behind this base, but no "
+                  "bitnet_make_replacement(const L&, bitnet::BitLinear<T>&&) builds the node that replaces it; "
+                  "see docs/customization.md");
+    if (!first_visit(&slot) || kept(path, layer)) return;
+    using T = std::conditional_t<choice == 1, float, double>;
+    layers_.push_back(std::make_unique<pointer_slot<Policy, Pointer, L, T>>(path, slot, layer));
+  }
+
+  // Already converted; a variant slot holding it must still be one replace_linear accepts.
+  template <class B, class Slot>
+  void bit_linear(const std::string&, B&, Slot&) {
+    if constexpr (is_variant<Slot>) check_variant<Slot>();
+  }
+
+ private:
+  template <class Variant>
+  static void check_variant() {
+    static_assert(!variant_lists_linear<Variant> || variant_bit_linear<Variant>::count > 0,
+                  "bitnet::replace_linear: a std::variant slot lists a linear layer but no bitnet::BitLinear<T> "
+                  "alternative to replace it with: add BitLinear<float> (or use bitnet::linear_slot<L>); see "
+                  "docs/customization.md");
+    static_assert(variant_bit_linear<Variant>::count <= 1,
+                  "bitnet::replace_linear: a std::variant slot lists more than one bitnet::BitLinear<T> alternative; "
+                  "list exactly one; see docs/customization.md");
+  }
+
+  bool first_visit(const void* slot) { return visited_.insert(slot).second; }
+
+  // Whether an exclude rule or the predicate keeps this layer (recorded in the report).
+  template <class L>
+  bool kept(const std::string& path, const L& layer) {
+    for (const auto& rule : options_.exclude)
+      if (rule.matches(path)) {
+        report_.kept.push_back({path, "excluded by " + rule.describe()});
+        return true;
+      }
+    if (options_.predicate) {
+      const auto view = layer_traits<L>::linear(layer);
+      const linear_info info{view.weight.cols(), view.weight.rows(), view.bias.has_value()};
+      if (!options_.predicate(path, info)) {
+        report_.kept.push_back({path, "rejected by the predicate"});
+        return true;
+      }
+    }
+    return false;
+  }
+
+  const replace_options& options_;
+  replace_report& report_;
+  std::vector<std::unique_ptr<pending_layer<Policy>>> layers_;
+  std::unordered_set<const void*> visited_;
+};
+
+/// The whole transaction: plan, prepare, verify, commit, release (DESIGN.md section 4).
+template <class Policy, class Graph>
+replace_report run_transaction(Graph& graph, const replace_options& options, Policy& policy) {
+  replace_report report;
+  report.dry_run = options.dry_run;
+  planner<Policy> plan(options, report);
+  graph_walker<planner<Policy>>(plan).walk(graph);
+  auto& layers = plan.layers();
+  report.layers.reserve(layers.size());
+  const bool take_buffers = Policy::takes_buffers && !options.dry_run;
+  try {
+    for (auto& layer : layers) layer->stage(policy, options.layer_options, take_buffers);
+    for (auto& layer : layers) layer->verify(policy);
+    for (auto& layer : layers) report.layers.push_back(layer->describe());
+    if (!options.dry_run)
+      for (auto& layer : layers) layer->finish();
+  } catch (...) {
+    for (auto& layer : layers) layer->roll_back();
+    throw;
+  }
+  if (options.dry_run)
+    for (auto& layer : layers) layer->roll_back();
+  else
+    for (auto& layer : layers) layer->commit();
+  return report;  // the plan goes out of scope here: the original layers are released
+}
 
 }  // namespace bitnet::detail
