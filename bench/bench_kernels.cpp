@@ -28,7 +28,7 @@ void kernel(benchmark::State& state, bitnet::isa which) {
   bitnet::detail::aligned_vector<std::int8_t> x(std::size_t(batch * packed.padded_cols()));
   for (std::int8_t& v : x) v = std::int8_t(activation(rng));
   std::vector<std::int32_t> sums(static_cast<std::size_t>(batch)), acc(static_cast<std::size_t>(batch * out));
-  const bitnet::detail::gemm_args args{packed.data(), packed.col_blocks(), out, x.data(), packed.padded_cols(),
+  const bitnet::detail::gemm_args args{packed.data(), packed.col_tiles(), out, x.data(), packed.padded_cols(),
                                        sums.data(), batch, acc.data()};
   for (auto _ : state) {
     bitnet::detail::ternary_gemm(which, args, packed.row_blocks(), 1);

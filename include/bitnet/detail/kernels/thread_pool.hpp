@@ -7,7 +7,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
-#include <deque>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -37,14 +36,13 @@ class thread_pool {
     {
       const std::lock_guard<std::mutex> lock(mutex_);
       start_workers(std::size_t(parts - 1));
-      queue_.push_back(&j);
+      push(&j);
     }
     work_ready_.notify_all();
     Eigen::Index done_here = 0;
     for (Eigen::Index part; (part = j.next.fetch_add(1)) < parts; ++done_here) task(context, part);
     std::unique_lock<std::mutex> lock(mutex_);
-    const auto queued = std::find(queue_.begin(), queue_.end(), &j);
-    if (queued != queue_.end()) queue_.erase(queued);
+    unlink(&j);
     j.done += done_here;
     // Workers that claimed a part count it under the lock; none touches j after that.
     part_done_.wait(lock, [&] { return j.done == parts; });
@@ -57,7 +55,24 @@ class thread_pool {
     Eigen::Index parts;
     std::atomic<Eigen::Index> next{0};  // the next unclaimed part
     Eigen::Index done = 0;              // parts finished; guarded by mutex_
+    job* later = nullptr;               // the next queued job; guarded by mutex_
+    bool queued = false;                // guarded by mutex_
   };
+
+  // The queue is a list threaded through the callers' own job objects, so queuing never allocates.
+  void push(job* j) noexcept {
+    job** tail = &head_;
+    while (*tail != nullptr) tail = &(*tail)->later;
+    *tail = j;
+    j->queued = true;
+  }
+  void unlink(job* j) noexcept {
+    if (!j->queued) return;
+    job** at = &head_;
+    while (*at != j) at = &(*at)->later;
+    *at = j->later;
+    j->queued = false;
+  }
 
   thread_pool() = default;
 
@@ -73,11 +88,11 @@ class thread_pool {
   void work() {
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
-      work_ready_.wait(lock, [&] { return !queue_.empty(); });
-      job* const j = queue_.front();
+      work_ready_.wait(lock, [&] { return head_ != nullptr; });
+      job* const j = head_;
       const Eigen::Index part = j->next.fetch_add(1);
       if (part >= j->parts) {  // every part is claimed: this job needs no more help
-        queue_.pop_front();
+        unlink(j);
         continue;
       }
       lock.unlock();
@@ -89,7 +104,7 @@ class thread_pool {
 
   std::mutex mutex_;
   std::condition_variable work_ready_, part_done_;
-  std::deque<job*> queue_;
+  job* head_ = nullptr;
   std::vector<std::thread> workers_;
 };
 
