@@ -255,7 +255,7 @@ inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int th
   const Index used_parts = (row_blocks + job.per_part - 1) / job.per_part;
 #ifdef BITNET_HAS_AMX_KERNEL
   if (amx_tiles) {
-    job.unpacked_bytes = 2 * a.col_tiles * 4 * tile_bytes;
+    job.unpacked_bytes = 4 * amx_tile_bytes;
     job.unpacked = thread_scratch_of<std::int8_t, scratch_slot::unpacked>(std::size_t(used_parts * job.unpacked_bytes));
   }
 #endif
