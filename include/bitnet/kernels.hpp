@@ -228,7 +228,7 @@ inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int th
   last_run_isa = which;
   gemm_job job{which, a, a.x, nullptr, nullptr, 0, row_blocks, row_blocks};
   // Parts start at multiples of `granule` blocks: the AMX kernel takes blocks in pairs, the
-  // AVX-512 batch-1 kernel in fours.
+  // AVX-512 batch-1 kernel in twos.
   Index granule = 1;
 #ifdef BITNET_X86
   const bool amx_tiles = which == isa::amx && a.batch >= 16;
@@ -245,7 +245,7 @@ inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int th
     interleave_tokens(a, which == isa::avx2 ? avx2_token_tile : avx512_token_tile, xi);
     job.interleaved = xi;
   } else if (which != isa::scalar && which != isa::avx2) {
-    granule = 4;
+    granule = 2;
   }
 #endif
   const double work = double(a.batch) * double(row_blocks) * double(a.col_tiles) * double(tile_rows * tile_cols);

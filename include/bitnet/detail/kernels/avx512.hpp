@@ -53,6 +53,19 @@ BITNET_INLINE_AVX512 __m512i broadcast_group_avx512(const std::int8_t* p) noexce
   return _mm512_set1_epi32(load_u32(p));
 }
 
+/// acc + the dot products of groups of four u8 codes and s8 activations (vpdpbusd). Inline assembly
+/// where it is real AVX-512: GCC 12 wraps every vpdpbusd intrinsic in a register move to and from
+/// a copy of the accumulator (two moves per multiply in the compiled loops); the asm names the
+/// accumulator as read and written in place, so the moves are gone.
+BITNET_INLINE_AVX512 __m512i dpbusd_avx512(__m512i acc, __m512i codes, __m512i x) noexcept {
+#if defined(BITNET_TEST_EMULATED_AVX512)
+  return _mm512_dpbusd_epi32(acc, codes, x);
+#else
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(codes), "v"(x));
+  return acc;
+#endif
+}
+
 /// v >> shift (arithmetic), per 256-bit half: once per run of tiles, and SIMDe 0.7.4 (the emulated
 /// test) has no _mm512_srai_epi32.
 BITNET_INLINE_AVX512 __m512i shift_right_avx512(__m512i v, int shift) noexcept {
@@ -73,10 +86,6 @@ BITNET_INLINE_AVX512 void store_rows_avx512(const gemm_args& a, __m512i sums, Ei
 
 inline constexpr Eigen::Index per_plane_tiles_per_run = Eigen::Index{1} << 14;
 
-/// Software prefetch distance in the weight streams, in bytes (docs/kernels.md: tuned on Sapphire
-/// Rapids for layers that do not fit in L2).
-inline constexpr Eigen::Index avx512_prefetch_bytes = 1024;
-
 /// Blocks row blocks g .. g + Blocks - 1 against Tokens tokens (activations interleaved by 4-byte
 /// groups, interleave_tokens; for one token that is the row itself), with per-plane accumulators.
 template <int Blocks, int Tokens>
@@ -84,9 +93,9 @@ BITNET_TARGET_AVX512 void gemm_per_plane_avx512(const gemm_args& a, const std::i
                                                 Eigen::Index token) noexcept {
   const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes;
   const Eigen::Index stream = a.col_tiles * tile_bytes;  // bytes from one row block to the next
-  __m512i total[Blocks][Tokens];
-  for (int r = 0; r < Blocks; ++r)
-    for (int t = 0; t < Tokens; ++t) total[r][t] = _mm512_setzero_si512();
+  // The run totals live in memory, touched once per run, so the loop keeps its registers for the
+  // accumulators (GCC 12 otherwise spills accumulators inside the loop).
+  alignas(64) std::int32_t total[Blocks][Tokens][tile_rows] = {};
   for (Eigen::Index remaining = a.col_tiles; remaining > 0;) {
     const Eigen::Index run = std::min(remaining, per_plane_tiles_per_run);
     remaining -= run;
@@ -98,28 +107,29 @@ BITNET_TARGET_AVX512 void gemm_per_plane_avx512(const gemm_args& a, const std::i
     do {
 #pragma GCC unroll 4
       for (int r = 0; r < Blocks; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * stream + avx512_prefetch_bytes), _MM_HINT_T0);
         const __m512i tile = load_avx512(w + r * stream);
 #pragma GCC unroll 4
         for (int p = 0; p < 4; ++p) {
           const __m512i codes = _mm512_and_si512(tile, _mm512_set1_epi8(static_cast<char>(3 << (2 * p))));
 #pragma GCC unroll 4
           for (int t = 0; t < Tokens; ++t)
-            acc[r][t][p] = _mm512_dpbusd_epi32(acc[r][t][p], codes, broadcast_group_avx512(xi + (p * Tokens + t) * 4));
+            acc[r][t][p] = dpbusd_avx512(acc[r][t][p], codes, broadcast_group_avx512(xi + (p * Tokens + t) * 4));
         }
       }
       w += tile_bytes;
       xi += tile_cols * Tokens;
     } while (w != run_end);
     for (int r = 0; r < Blocks; ++r)
-      for (int t = 0; t < Tokens; ++t)
-        total[r][t] = _mm512_add_epi32(
-            _mm512_add_epi32(total[r][t], _mm512_add_epi32(acc[r][t][0], shift_right_avx512(acc[r][t][1], 2))),
-            _mm512_add_epi32(shift_right_avx512(acc[r][t][2], 4), shift_right_avx512(acc[r][t][3], 6)));
+      for (int t = 0; t < Tokens; ++t) {
+        const __m512i unscaled =
+            _mm512_add_epi32(_mm512_add_epi32(acc[r][t][0], shift_right_avx512(acc[r][t][1], 2)),
+                             _mm512_add_epi32(shift_right_avx512(acc[r][t][2], 4), shift_right_avx512(acc[r][t][3], 6)));
+        _mm512_store_si512(total[r][t], _mm512_add_epi32(load_avx512(total[r][t]), unscaled));
+      }
   }
   for (int r = 0; r < Blocks; ++r)
     if ((g + r) * tile_rows < a.rows)
-      for (int t = 0; t < Tokens; ++t) store_rows_avx512(a, total[r][t], g + r, token + t);
+      for (int t = 0; t < Tokens; ++t) store_rows_avx512(a, load_avx512(total[r][t]), g + r, token + t);
 }
 
 /// Row block g against Tokens tokens (interleaved activations), planes unpacked by shift and AND
@@ -139,7 +149,7 @@ BITNET_TARGET_AVX512 void gemm_shared_planes_avx512(const gemm_args& a, const st
       const __m512i codes = _mm512_and_si512(p == 0 ? tile : _mm512_srli_epi16(tile, 2 * p), mask);
 #pragma GCC unroll 16
       for (int t = 0; t < Tokens; ++t)
-        acc[t] = _mm512_dpbusd_epi32(acc[t], codes, broadcast_group_avx512(xi + (p * Tokens + t) * 4));
+        acc[t] = dpbusd_avx512(acc[t], codes, broadcast_group_avx512(xi + (p * Tokens + t) * 4));
     }
   }
   for (int t = 0; t < Tokens; ++t) store_rows_avx512(a, acc[t], g, token + t);
@@ -152,8 +162,9 @@ template <int Tokens>
 BITNET_TARGET_AVX512 void gemm_token_tile_avx512(const gemm_args& a, const std::int8_t* xt, Eigen::Index begin,
                                                  Eigen::Index end, Eigen::Index token) noexcept {
   if constexpr (Tokens <= 4) {
-    // Enough independent vpdpbusd chains: 4 planes x Tokens x Blocks of them (16 for 1 or 2 tokens).
-    constexpr int blocks = Tokens <= 1 ? 4 : Tokens == 2 ? 2 : 1;
+    // Independent vpdpbusd chains: 4 planes x Tokens x blocks (8 to 16; two blocks for 1 token were
+    // measured faster than four, which GCC 12 cannot keep in registers).
+    constexpr int blocks = Tokens <= 2 ? 2 : 1;
     Eigen::Index g = begin;
     for (; g + blocks <= end; g += blocks) gemm_per_plane_avx512<blocks, Tokens>(a, xt, g, token);
     for (; g < end; ++g) gemm_per_plane_avx512<1, Tokens>(a, xt, g, token);
