@@ -200,8 +200,9 @@ TEST_CASE_TEMPLATE("BitLinear: forward is bit-identical for every ISA and thread
   kernel_settings_guard guard;
   std::mt19937 rng(21);
   // 256 x 2048 at batch 8 is 4M multiply-adds: enough for the kernels to split it over 2 threads.
-  // Batch 3 and 8 take the AVX-512 per-plane and shared-plane kernels, 33 the AMX tiles (with a tail).
-  for (Index batch : {1, 3, 8, 33}) {
+  // Batch 3 and 8 take the AVX-512 per-plane and shared-plane kernels, 33 the AMX tiles (with a
+  // tail), 70 also quantizes its activations on two threads.
+  for (Index batch : {1, 3, 8, 33, 70}) {
     const Matrix<T> w = reference::random_matrix<T>(257, 2048, rng, 0.05);
     const Vector<T> b = reference::random_matrix<T>(257, 1, rng);
     const Matrix<T> x = reference::random_matrix<T>(batch, 2048, rng, 4.0);
@@ -217,6 +218,11 @@ TEST_CASE_TEMPLATE("BitLinear: forward is bit-identical for every ISA and thread
         bitnet::set_num_threads(threads);
         CHECK(layer.forward(x) == expected);
         CHECK(bitnet::last_isa() == which);
+        // a non-finite value in the last row (the second thread's share of the quantization)
+        Matrix<T> bad = x;
+        bad(batch - 1, 2047) = std::numeric_limits<T>::infinity();
+        const std::string message = "non-finite value (+inf) at row " + std::to_string(batch - 1);
+        CHECK_THROWS_WITH_AS((void)layer.forward(bad), doctest::Contains(message.c_str()), bitnet::value_error);
       }
   }
 }

@@ -194,20 +194,42 @@ class BitLinear {
       rows = normed;
       row_stride = in_features();
     }
-    if (!detail::quantize_rows(kernels, rows, row_stride, batch, in_features(), xq, x_stride, scales, sums))
+    if (!detail::quantize_rows(kernels, rows, row_stride, batch, in_features(), xq, x_stride, scales, sums, threads))
       detail::require_finite(input, "BitLinear::forward: input");  // throws, naming the element
 
+    // The rescale runs on each kernel thread for the rows it computed, straight into the output
+    // (a new matrix if y's shape differs, swapped in only once nothing can fail).
+    Matrix<T> shaped;
+    const bool reshape = y.rows() != batch || y.cols() != out_features();
+    if (reshape) shaped = Matrix<T>(batch, out_features());  // not y.resize: Eigen's is not exception-safe
+    Matrix<T>& out = reshape ? shaped : y;
+    const rescale_job rescale{kernels, acc, batch, out_features(), scales, quantized_.scale,
+                              bias_ ? bias_->data() : nullptr, out.data(), out.outerStride()};
     const detail::gemm_args args{packed.data(), packed.col_tiles(), out_features(), xq, x_stride, sums, batch, acc};
-    detail::ternary_gemm(kernels, args, packed.row_blocks(), threads);
-    if (y.rows() != batch || y.cols() != out_features()) {
-      Matrix<T> shaped(batch, out_features());  // not y.resize: Eigen's resize is not exception-safe
-      y.swap(shaped);
-    }
-    detail::rescale_rows(kernels, acc, batch, out_features(), scales, quantized_.scale,
-                         bias_ ? bias_->data() : static_cast<const T*>(nullptr), y.data(), y.outerStride());
+    detail::ternary_gemm(kernels, args, packed.row_blocks(), threads, detail::min_work_per_thread,
+                         {rescale_job::run, &rescale});
+    if (reshape) y.swap(shaped);
   }
 
  private:
+  /// The rescale of output columns [begin, end) of one forward call (the gemm epilogue).
+  struct rescale_job {
+    isa which;
+    const std::int32_t* acc;
+    Index batch, out;
+    const T* scales;
+    T weight_scale;
+    const T* bias;
+    T* y;
+    Index y_stride;
+
+    static void run(const void* self, Index begin, Index end) noexcept {
+      const rescale_job& r = *static_cast<const rescale_job*>(self);
+      detail::rescale_rows(r.which, r.acc + begin, r.out, r.batch, end - begin, r.scales, r.weight_scale,
+                           r.bias ? r.bias + begin : nullptr, r.y + begin, r.y_stride);
+    }
+  };
+
   struct quantized_weights {
     packed_ternary packed;
     T scale;

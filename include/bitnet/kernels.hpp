@@ -182,8 +182,15 @@ inline void interleave_tokens(const gemm_args& a, Index tile, std::int8_t* dst) 
   }
 }
 
+/// What a kernel call does next with the rows it has just computed, on the same thread, so it is
+/// shared out over the threads with them (BitLinear's rescale): run(context, row_begin, row_end).
+struct gemm_epilogue {
+  void (*run)(const void* context, Index row_begin, Index row_end) noexcept = nullptr;
+  const void* context = nullptr;
+};
+
 /// One kernel call, prepared for its ISA and shared out over the pool: part i computes row blocks
-/// [i * per_part, min((i + 1) * per_part, row_blocks)).
+/// [i * per_part, min((i + 1) * per_part, row_blocks)), then runs the epilogue on their rows.
 struct gemm_job {
   isa which;
   gemm_args args;
@@ -192,8 +199,14 @@ struct gemm_job {
   std::int8_t* unpacked;           // amx: unpacked B tiles, unpacked_bytes per part
   Index unpacked_bytes;
   Index per_part, row_blocks;
+  gemm_epilogue epilogue;
 
-  void run_range([[maybe_unused]] Index part, Index begin, Index end) const noexcept {
+  void run_range(Index part, Index begin, Index end) const noexcept {
+    run_kernel(part, begin, end);
+    if (epilogue.run) epilogue.run(epilogue.context, begin * tile_rows, std::min(end * tile_rows, args.rows));
+  }
+
+  void run_kernel([[maybe_unused]] Index part, Index begin, Index end) const noexcept {
     switch (which) {
 #ifdef BITNET_X86
 #ifdef BITNET_HAS_AMX_KERNEL
@@ -218,15 +231,16 @@ struct gemm_job {
   }
 };
 
-/// The product of gemm_args for all row_blocks on the kernels of `which`, split into contiguous
-/// row ranges over at most `threads` threads (the caller's and the pool's, thread_pool.hpp), each
+/// The product of gemm_args for all row_blocks on the kernels of `which` (then the epilogue on
+/// each range's rows, by the thread that computed them), split into contiguous row ranges over at
+/// most `threads` threads (the caller's and the pool's, thread_pool.hpp), each
 /// given at least min_work multiply-adds. Every output is computed whole by one thread, so the
 /// split never changes a result. Scratch memory is the calling thread's (common.hpp): a call of a
 /// shape seen before allocates nothing. Throws bad_alloc only before any work starts.
 inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int threads,
-                         double min_work = min_work_per_thread) {
+                         double min_work = min_work_per_thread, gemm_epilogue epilogue = {}) {
   last_run_isa = which;
-  gemm_job job{which, a, a.x, nullptr, nullptr, 0, row_blocks, row_blocks};
+  gemm_job job{which, a, a.x, nullptr, nullptr, 0, row_blocks, row_blocks, epilogue};
   // Parts start at multiples of `granule` blocks: the AMX kernel takes blocks in pairs, the
   // AVX-512 batch-1 kernel in twos.
   Index granule = 1;
@@ -264,40 +278,67 @@ inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int th
 }
 
 /// quantize_activations for `rows` rows of x (row stride x_stride), into q (row stride
-/// q_stride, zero-padded after cols), scales and per-row code sums. Returns false if any input
-/// is not finite.
+/// q_stride, zero-padded after cols), scales and per-row code sums, on the kernels of `which`;
+/// rows are shared out over up to `threads` threads when there are enough of them (each row is
+/// quantized whole by one thread, so the split never changes a result). Returns false if any
+/// input is not finite.
 template <class T>
 bool quantize_rows(isa which, const T* x, Index x_stride, Index rows, Index cols, std::int8_t* q, Index q_stride,
-                   T* scales, std::int32_t* sums) noexcept {
-  last_run_isa = which;
-  for (Index r = 0; r < rows; ++r) {
-    bool finite;
+                   T* scales, std::int32_t* sums, int threads = 1) noexcept {
+  struct split {
+    isa which;
+    const T* x;
+    Index x_stride, rows, cols;
+    std::int8_t* q;
+    Index q_stride;
+    T* scales;
+    std::int32_t* sums;
+    Index per_part;
+    mutable std::atomic<bool> finite{true};
+
+    bool range(Index begin, Index end) const noexcept {
+      for (Index r = begin; r < end; ++r) {
+        bool ok;
 #ifdef BITNET_X86
-    if constexpr (std::is_same_v<T, float>) {
-      if (which != isa::scalar)
-        finite = quantize_row_avx2(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
-      else
-        finite = quantize_row_scalar(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
-    } else
+        if constexpr (std::is_same_v<T, float>) {
+          if (which != isa::scalar)
+            ok = quantize_row_avx2(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
+          else
+            ok = quantize_row_scalar(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
+        } else
 #endif
-      finite = quantize_row_scalar(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
-    if (!finite) return false;
-  }
-  return true;
+          ok = quantize_row_scalar(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
+        if (!ok) return false;
+      }
+      return true;
+    }
+    static void run_part(const void* self, Index part) noexcept {
+      const split& s = *static_cast<const split*>(self);
+      const Index begin = part * s.per_part;
+      if (!s.range(begin, std::min(begin + s.per_part, s.rows))) s.finite.store(false);
+    }
+  };
+  last_run_isa = which;
+  // A part below ~64K values costs more to hand over than it saves.
+  const Index parts = std::clamp<Index>(rows * cols / (Index{1} << 16), 1, std::min<Index>(threads, rows));
+  split job{which, x, x_stride, rows, cols, q, q_stride, scales, sums, (rows + parts - 1) / parts};
+  if (parts == 1) return job.range(0, rows);
+  thread_pool::instance().run((rows + job.per_part - 1) / job.per_part, split::run_part, &job);
+  return job.finite.load();
 }
 
 /// rescale_rows_scalar on the kernels of `which` (bit-identical for every ISA).
 template <class T>
-void rescale_rows(isa which, const std::int32_t* acc, Index batch, Index out, const T* sx, T sw, const T* bias, T* y,
-                  Index y_stride) noexcept {
+void rescale_rows(isa which, const std::int32_t* acc, Index acc_stride, Index batch, Index cols, const T* sx, T sw,
+                  const T* bias, T* y, Index y_stride) noexcept {
 #ifdef BITNET_X86
   if constexpr (std::is_same_v<T, float>) {
     // AVX2 for every SIMD ISA: the rescale is a small part of a call, and 8 lanes of doubles suffice.
-    if (which != isa::scalar) return rescale_rows_avx2(acc, batch, out, sx, sw, bias, y, y_stride);
+    if (which != isa::scalar) return rescale_rows_avx2(acc, acc_stride, batch, cols, sx, sw, bias, y, y_stride);
   }
 #endif
   (void)which;
-  rescale_rows_scalar(acc, batch, out, sx, sw, bias, y, y_stride);
+  rescale_rows_scalar(acc, acc_stride, batch, cols, sx, sw, bias, y, y_stride);
 }
 
 }  // namespace BITNET_TU_ISA

@@ -69,6 +69,7 @@ BITNET_TARGET_AVX2 inline void gemv_block_avx2(const gemm_args& a, Eigen::Index 
     do {
       const __m256i x0 = broadcast_group_avx2(x), x1 = broadcast_group_avx2(x + 4),
                     x2 = broadcast_group_avx2(x + 8), x3 = broadcast_group_avx2(x + 12);
+#pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         const __m256i packed = load_avx2(w + 32 * h);
         const __m256i shifted = _mm256_srli_epi16(packed, 4);
@@ -153,13 +154,13 @@ BITNET_TARGET_AVX2 inline void ternary_gemm_avx2(const gemm_args& a, const std::
 
 /// rescale_rows_scalar<float>, vectorized: the same double products, the same rounding to float
 /// (vcvtpd2ps rounds to nearest even like the conversion), the same float addition.
-BITNET_TARGET_AVX2 inline void rescale_rows_avx2(const std::int32_t* acc, Eigen::Index batch, Eigen::Index out,
-                                                 const float* sx, float sw, const float* bias, float* y,
-                                                 Eigen::Index y_stride) noexcept {
+BITNET_TARGET_AVX2 inline void rescale_rows_avx2(const std::int32_t* acc, Eigen::Index acc_stride, Eigen::Index batch,
+                                                 Eigen::Index out, const float* sx, float sw, const float* bias,
+                                                 float* y, Eigen::Index y_stride) noexcept {
   for (Eigen::Index b = 0; b < batch; ++b) {
     const double inverse_scale = 1.0 / (double(sx[b]) * double(sw));
     const __m256d vscale = _mm256_set1_pd(inverse_scale);
-    const std::int32_t* row_acc = acc + b * out;
+    const std::int32_t* row_acc = acc + b * acc_stride;
     float* row_y = y + b * y_stride;
     Eigen::Index o = 0;
     for (; o + 8 <= out; o += 8) {

@@ -67,20 +67,22 @@ bool quantize_row_scalar(const T* x, Eigen::Index cols, Eigen::Index padded, std
   return true;
 }
 
-/// y[b, o] = T(double(acc[b, o]) / (double(sx[b]) * double(sw))) + bias[o], the one rescale of
-/// BitLinear: the product of the scales in double is exact for float scales, one rounding to T,
-/// then the bias added in T. The SIMD rescales compute exactly this.
+/// y[b, o] = T(double(acc[b, o]) / (double(sx[b]) * double(sw))) + bias[o] for o in [0, cols), the
+/// one rescale of BitLinear: the product of the scales in double is exact for float scales, one
+/// rounding to T, then the bias added in T. acc's rows are acc_stride apart, y's y_stride (a
+/// column range of a call's outputs is acc + c, bias + c, y + c). The SIMD rescales compute
+/// exactly this.
 template <class T>
-void rescale_rows_scalar(const std::int32_t* acc, Eigen::Index batch, Eigen::Index out, const T* sx, T sw,
-                         const T* bias, T* y, Eigen::Index y_stride) noexcept {
+void rescale_rows_scalar(const std::int32_t* acc, Eigen::Index acc_stride, Eigen::Index batch, Eigen::Index cols,
+                         const T* sx, T sw, const T* bias, T* y, Eigen::Index y_stride) noexcept {
   for (Eigen::Index b = 0; b < batch; ++b) {
     const double inverse_scale = 1.0 / (double(sx[b]) * double(sw));
-    const std::int32_t* row_acc = acc + b * out;
+    const std::int32_t* row_acc = acc + b * acc_stride;
     T* row_y = y + b * y_stride;
     if (bias)
-      for (Eigen::Index o = 0; o < out; ++o) row_y[o] = static_cast<T>(double(row_acc[o]) * inverse_scale) + bias[o];
+      for (Eigen::Index o = 0; o < cols; ++o) row_y[o] = static_cast<T>(double(row_acc[o]) * inverse_scale) + bias[o];
     else
-      for (Eigen::Index o = 0; o < out; ++o) row_y[o] = static_cast<T>(double(row_acc[o]) * inverse_scale);
+      for (Eigen::Index o = 0; o < cols; ++o) row_y[o] = static_cast<T>(double(row_acc[o]) * inverse_scale);
   }
 }
 
