@@ -18,12 +18,15 @@ endfunction()
 bitnet_arm_test(max max "scalar,neon,dotprod,i8mm")
 bitnet_arm_test(cortex_a76 cortex-a76 "scalar,neon,dotprod" "--test-case=kernels: *,BitLinear: forward*")
 bitnet_arm_test(cortex_a72 cortex-a72 "scalar,neon" "--test-case=kernels: *,BitLinear: forward*")
-# BITNET_ISA forces each kernel for the whole BitLinear suite; an invalid name is an error.
+# BITNET_ISA forces each kernel for the whole BitLinear suite; an invalid name, or an ISA the CPU
+# lacks, is an error.
 foreach(forced neon dotprod i8mm)
   add_test(NAME arm.forced_${forced} COMMAND bitnet_arm_tests "--test-case=BitLinear: *,kernels: ISA choice*")
   set_tests_properties(arm.forced_${forced} PROPERTIES ENVIRONMENT "QEMU_CPU=max;BITNET_ISA=${forced}")
 endforeach()
+add_test(NAME arm.invalid_isa COMMAND bitnet_arm_tests "--test-case=kernels: environment overrides*")
+set_tests_properties(arm.invalid_isa PROPERTIES ENVIRONMENT "QEMU_CPU=cortex-a72;BITNET_ISA=avx9")
 add_test(NAME arm.unsupported_isa COMMAND bitnet_arm_tests "--test-case=kernels: environment overrides*")
-set_tests_properties(arm.unsupported_isa PROPERTIES ENVIRONMENT "QEMU_CPU=cortex-a72;BITNET_ISA=avx9")
+set_tests_properties(arm.unsupported_isa PROPERTIES ENVIRONMENT "QEMU_CPU=cortex-a76;BITNET_ISA=i8mm")
 add_test(NAME arm.forward_alloc COMMAND bitnet_arm_forward_alloc_tests)
 set_tests_properties(arm.forward_alloc PROPERTIES ENVIRONMENT "QEMU_CPU=max")

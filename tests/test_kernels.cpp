@@ -362,6 +362,12 @@ TEST_CASE("kernels: environment overrides BITNET_ISA and BITNET_NUM_THREADS") {
     bitnet::force_isa(isa::scalar);  // an explicit choice still works
     CHECK(layer.forward(Matrix<float>::Ones(1, 3)).cols() == 2);
     bitnet::clear_forced_isa();
+  } else if (isa_env != nullptr && *isa_env != '\0' && !bitnet::isa_supported(*bitnet::detail::parse_isa(isa_env))) {
+    // A real ISA this CPU lacks (the ARM stage asks for i8mm on a CPU without it): an error too.
+    CHECK_THROWS_WITH_AS((void)bitnet::active_isa(), doctest::Contains("this CPU does not support it"),
+                         bitnet::value_error);
+    const bitnet::BitLinear<float> layer(Matrix<float>::Ones(2, 3));
+    CHECK_THROWS_AS((void)layer.forward(Matrix<float>::Ones(1, 3)), bitnet::value_error);
   } else {
     MESSAGE("BITNET_ISA is unset or valid here; ctest's bitnet_tests.invalid_isa checks an invalid value");
   }
