@@ -95,6 +95,7 @@ inline void gemm_block_neon(const gemm_args& a, Eigen::Index g, Eigen::Index tok
       for (int q = 0; q < 4; ++q) s[t][q][0] = s[t][q][1] = vdupq_n_s16(0);
     for (const std::uint8_t* const run_end = w + run * tile_bytes; w != run_end; w += tile_bytes) {
       int32x4_t xv[Tokens];
+#pragma GCC unroll 2
       for (int t = 0; t < Tokens; ++t) {
         xv[t] = vreinterpretq_s32_s8(vld1q_s8(x[t]));
         x[t] += tile_cols;
@@ -106,6 +107,7 @@ inline void gemm_block_neon(const gemm_args& a, Eigen::Index g, Eigen::Index tok
                                      vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v, 2), mask)),
                                      vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v, 4), mask)),
                                      vreinterpretq_s8_u8(vshrq_n_u8(v, 6))};
+#pragma GCC unroll 2
         for (int t = 0; t < Tokens; ++t) {
           const int8x16_t g0 = vreinterpretq_s8_s32(vdupq_laneq_s32(xv[t], 0));
           const int8x16_t g1 = vreinterpretq_s8_s32(vdupq_laneq_s32(xv[t], 1));
@@ -200,6 +202,7 @@ BITNET_TARGET_DOTPROD void gemm_block_dotprod(const gemm_args& a, Eigen::Index g
     for (int q = 0; q < 4; ++q) acc[t][q] = vdupq_n_s32(0);
   for (; w != w_end; w += tile_bytes, x += tile_cols) {
     int8x16_t xv[Tokens];
+#pragma GCC unroll 4
     for (int t = 0; t < Tokens; ++t) xv[t] = vld1q_s8(x + t * a.x_stride);
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) {
@@ -208,6 +211,7 @@ BITNET_TARGET_DOTPROD void gemm_block_dotprod(const gemm_args& a, Eigen::Index g
       const int8x16_t c1 = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v, 2), mask));
       const int8x16_t c2 = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v, 4), mask));
       const int8x16_t c3 = vreinterpretq_s8_u8(vshrq_n_u8(v, 6));
+#pragma GCC unroll 4
       for (int t = 0; t < Tokens; ++t) {
         acc[t][q] = vdotq_laneq_s32(acc[t][q], c0, xv[t], 0);
         acc[t][q] = vdotq_laneq_s32(acc[t][q], c1, xv[t], 1);
@@ -266,6 +270,7 @@ BITNET_TARGET_I8MM void gemm_block_i8mm(const gemm_args& a, Eigen::Index g, Eige
     for (int q = 0; q < 4; ++q) acc[m][q][0] = acc[m][q][1] = vdupq_n_s32(0);
   for (Eigen::Index k = 0; w != w_end; w += tile_bytes, k += tile_cols) {
     int8x16_t b_lo[Pairs], b_hi[Pairs];  // columns 0-7 / 8-15 of the pair's two tokens
+#pragma GCC unroll 2
     for (int m = 0; m < Pairs; ++m) {
       const int64x2_t t0 = vreinterpretq_s64_s8(vld1q_s8(x[2 * m] + k));
       const int64x2_t t1 = vreinterpretq_s64_s8(vld1q_s8(x[2 * m + 1] + k));
@@ -281,6 +286,7 @@ BITNET_TARGET_I8MM void gemm_block_i8mm(const gemm_args& a, Eigen::Index g, Eige
       const int8x16_t a23_lo = vreinterpretq_s8_u8(vandq_u8(z23, mask));
       const int8x16_t a01_hi = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(z01, 4), mask));
       const int8x16_t a23_hi = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(z23, 4), mask));
+#pragma GCC unroll 2
       for (int m = 0; m < Pairs; ++m) {
         acc[m][q][0] = vmmlaq_s32(vmmlaq_s32(acc[m][q][0], a01_lo, b_lo[m]), a01_hi, b_hi[m]);
         acc[m][q][1] = vmmlaq_s32(vmmlaq_s32(acc[m][q][1], a23_lo, b_lo[m]), a23_hi, b_hi[m]);
