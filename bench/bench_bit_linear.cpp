@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
       benchmark::RegisterBenchmark("eigen_float32", eigen_float32)
           ->Args({shape[0], shape[1], batch, 1})
           ->Unit(benchmark::kMicrosecond);
-  for (bitnet::isa kernels : {bitnet::isa::scalar, bitnet::isa::avx2, bitnet::isa::avx512, bitnet::isa::amx}) {
+  for (bitnet::isa kernels : bitnet::all_isas) {
     if (!bitnet::isa_supported(kernels)) continue;
     const std::string name = "bitlinear_" + std::string(bitnet::isa_name(kernels));
     for (const auto& shape : shapes)

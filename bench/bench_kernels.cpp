@@ -73,7 +73,8 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("clock_probe", clock_probe);
   if (bitnet::isa_supported(bitnet::isa::avx2)) benchmark::RegisterBenchmark("maddubs_probe", maddubs_probe);
 #endif
-  for (bitnet::isa which : {bitnet::isa::avx2, bitnet::isa::avx512}) {
+  using bitnet::isa;
+  for (isa which : {isa::avx2, isa::avx512, isa::neon, isa::dotprod, isa::i8mm}) {
     if (!bitnet::isa_supported(which)) continue;
     const std::string name = "kernel_" + std::string(bitnet::isa_name(which));
     // L2-resident weights (128 rows) and the model's 6912 x 2560 (from L3).
