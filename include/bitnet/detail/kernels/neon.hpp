@@ -12,8 +12,9 @@
 //              no broadcast. Batch 1 extracts planes 1 and 2 as 4c and 16c (one AND each, no
 //              shift) into their own accumulators, folded back with exact shifts.
 //   * i8mm:    SMMLA (2x8 by 8x2 -> 2x2 int32): planes p and p+1 of rows j, j+1 zipped are 2 rows x
-//              8 consecutive columns, multiplied with 8 columns of 2 tokens; batch > 1 only (the
-//              dotprod kernel runs batch 1, where a second token would be zeros).
+//              8 consecutive columns, multiplied with 8 columns of 2 tokens; half a row block
+//              against 8 tokens per pass; batch > 1 only (the dotprod kernel runs batch 1, where a
+//              second token would be zeros).
 //
 // Each kernel is its own symbol compiled with its own target attribute, so a program built for
 // plain armv8-a still runs SDOT/SMMLA where the CPU has them. GCC (10 and later) accepts
@@ -252,33 +253,35 @@ BITNET_TARGET_DOTPROD inline void ternary_gemm_dotprod(const gemm_args& a, Eigen
 
 #ifdef BITNET_HAS_I8MM_KERNEL
 
-/// Row block g against Pairs (1 or 2) pairs of tokens from `token`; `tokens` of them are real (a
-/// missing second token of the last pair repeats the first, and its results are not stored).
-/// Per quarter tile (rows 4q..4q+3): s = v >> 2; zip1(v, s) is rows 4q, 4q+1 with planes 0 and 1
-/// side by side (columns 0-7 after & 3) and planes 2 and 3 after >> 4 & 3 (columns 8-15); zip2(v, s)
-/// the same for rows 4q+2, 4q+3. Nine instructions feed 4 SMMLA per token pair.
+/// Half `half` (rows 8 half .. 8 half + 7) of row block g against Pairs (1-4) pairs of tokens
+/// from `token`; `tokens` of them are real (a missing second token of the last pair repeats the
+/// first, and its results are not stored). Per quarter tile (rows 4q..4q+3): s = v >> 2;
+/// zip1(v, s) is rows 4q, 4q+1 with planes 0 and 1 side by side (columns 0-7 after & 3) and planes
+/// 2 and 3 after >> 4 & 3 (columns 8-15); zip2(v, s) the same for rows 4q+2, 4q+3. Nine
+/// instructions feed 4 SMMLA per token pair; half a block at a time leaves registers for 8 tokens.
 template <int Pairs>
-BITNET_TARGET_I8MM void gemm_block_i8mm(const gemm_args& a, Eigen::Index g, Eigen::Index token,
-                                        Eigen::Index tokens) noexcept {
+BITNET_TARGET_I8MM void gemm_half_i8mm(const gemm_args& a, Eigen::Index g, int half, Eigen::Index token,
+                                       Eigen::Index tokens) noexcept {
   const uint8x16_t mask = vdupq_n_u8(3);
-  const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes;
+  const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes + 32 * half;
   const std::uint8_t* const w_end = w + a.col_tiles * tile_bytes;
   const std::int8_t* x[2 * Pairs];
+#pragma GCC unroll 8
   for (int t = 0; t < 2 * Pairs; ++t) x[t] = a.x + (token + std::min<Eigen::Index>(t, tokens - 1)) * a.x_stride;
-  int32x4_t acc[Pairs][4][2];  // [pair][quarter][rows 4q, 4q+1 | 4q+2, 4q+3]: (row0 t0, row0 t1, row1 t0, row1 t1)
+  int32x4_t acc[Pairs][2][2];  // [pair][quarter][rows 4q, 4q+1 | 4q+2, 4q+3]: (row0 t0, row0 t1, row1 t0, row1 t1)
   for (int m = 0; m < Pairs; ++m)
-    for (int q = 0; q < 4; ++q) acc[m][q][0] = acc[m][q][1] = vdupq_n_s32(0);
+    for (int q = 0; q < 2; ++q) acc[m][q][0] = acc[m][q][1] = vdupq_n_s32(0);
   for (Eigen::Index k = 0; w != w_end; w += tile_bytes, k += tile_cols) {
     int8x16_t b_lo[Pairs], b_hi[Pairs];  // columns 0-7 / 8-15 of the pair's two tokens
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int m = 0; m < Pairs; ++m) {
       const int64x2_t t0 = vreinterpretq_s64_s8(vld1q_s8(x[2 * m] + k));
       const int64x2_t t1 = vreinterpretq_s64_s8(vld1q_s8(x[2 * m + 1] + k));
       b_lo[m] = vreinterpretq_s8_s64(vzip1q_s64(t0, t1));
       b_hi[m] = vreinterpretq_s8_s64(vzip2q_s64(t0, t1));
     }
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) {
+#pragma GCC unroll 2
+    for (int q = 0; q < 2; ++q) {
       const uint32x4_t v = vreinterpretq_u32_u8(vld1q_u8(w + 16 * q));
       const uint32x4_t s = vreinterpretq_u32_u8(vshrq_n_u8(vreinterpretq_u8_u32(v), 2));
       const uint8x16_t z01 = vreinterpretq_u8_u32(vzip1q_u32(v, s)), z23 = vreinterpretq_u8_u32(vzip2q_u32(v, s));
@@ -286,7 +289,7 @@ BITNET_TARGET_I8MM void gemm_block_i8mm(const gemm_args& a, Eigen::Index g, Eige
       const int8x16_t a23_lo = vreinterpretq_s8_u8(vandq_u8(z23, mask));
       const int8x16_t a01_hi = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(z01, 4), mask));
       const int8x16_t a23_hi = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(z23, 4), mask));
-#pragma GCC unroll 2
+#pragma GCC unroll 4
       for (int m = 0; m < Pairs; ++m) {
         acc[m][q][0] = vmmlaq_s32(vmmlaq_s32(acc[m][q][0], a01_lo, b_lo[m]), a01_hi, b_hi[m]);
         acc[m][q][1] = vmmlaq_s32(vmmlaq_s32(acc[m][q][1], a23_lo, b_lo[m]), a23_hi, b_hi[m]);
@@ -294,12 +297,12 @@ BITNET_TARGET_I8MM void gemm_block_i8mm(const gemm_args& a, Eigen::Index g, Eige
     }
   }
   for (int m = 0; m < Pairs; ++m)
-    for (int q = 0; q < 4; ++q)
+    for (int q = 0; q < 2; ++q)
       for (int h = 0; h < 2; ++h) {
         std::int32_t lanes[4];
         vst1q_s32(lanes, acc[m][q][h]);
         for (int i = 0; i < 2; ++i) {
-          const Eigen::Index row = g * tile_rows + 4 * q + 2 * h + i;
+          const Eigen::Index row = g * tile_rows + 8 * half + 4 * q + 2 * h + i;
           for (int j = 0; j < 2 && 2 * m + j < tokens && row < a.rows; ++j) {
             const Eigen::Index t = token + 2 * m + j;
             a.acc[t * a.rows + row] = lanes[2 * i + j] - a.x_sums[t];
@@ -308,7 +311,7 @@ BITNET_TARGET_I8MM void gemm_block_i8mm(const gemm_args& a, Eigen::Index g, Eige
       }
 }
 
-inline constexpr int i8mm_token_group = 4;
+inline constexpr int i8mm_token_group = 8;
 
 /// Batch 1 runs gemv_block_dotprod: SMMLA would multiply a second token of zeros.
 BITNET_TARGET_I8MM inline void ternary_gemm_i8mm(const gemm_args& a, Eigen::Index block_begin,
@@ -323,10 +326,12 @@ BITNET_TARGET_I8MM inline void ternary_gemm_i8mm(const gemm_args& a, Eigen::Inde
     for (Eigen::Index token = 0; token < a.batch; token += i8mm_token_group) {
       const Eigen::Index tokens = std::min<Eigen::Index>(i8mm_token_group, a.batch - token);
       for (Eigen::Index g = g0; g < g1; ++g)
-        if (tokens > 2)
-          gemm_block_i8mm<2>(a, g, token, tokens);
-        else
-          gemm_block_i8mm<1>(a, g, token, tokens);
+        for (int half = 0; half < 2 && g * tile_rows + 8 * half < a.rows; ++half) switch ((tokens + 1) / 2) {
+            case 4: gemm_half_i8mm<4>(a, g, half, token, tokens); break;
+            case 3: gemm_half_i8mm<3>(a, g, half, token, tokens); break;
+            case 2: gemm_half_i8mm<2>(a, g, half, token, tokens); break;
+            default: gemm_half_i8mm<1>(a, g, half, token, tokens); break;
+          }
     }
   }
 }
