@@ -190,29 +190,30 @@ BITNET_TARGET_DOTPROD inline void gemv_block_dotprod(const gemm_args& a, Eigen::
   for (int q = 0; q < 4; ++q) store_rows_arm(a, total[q], g * tile_rows + 4 * q, 0);
 }
 
-/// Batch > 1: row block g against Tokens (1-4) tokens; each quarter tile unpacked once (three
-/// USHR, three AND) and multiplied by 4 SDOT per token.
+/// Batch > 1: half `half` (rows 8 half .. 8 half + 7) of row block g against Tokens (1-8) tokens;
+/// each quarter tile unpacked once (three USHR, three AND) and multiplied by 4 SDOT per token.
+/// Half a block at a time leaves registers for 8 tokens (16 accumulators, 8 activation vectors).
 template <int Tokens>
-BITNET_TARGET_DOTPROD void gemm_block_dotprod(const gemm_args& a, Eigen::Index g, Eigen::Index token) noexcept {
+BITNET_TARGET_DOTPROD void gemm_half_dotprod(const gemm_args& a, Eigen::Index g, int half,
+                                           Eigen::Index token) noexcept {
   const uint8x16_t mask = vdupq_n_u8(3);
-  const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes;
+  const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes + 32 * half;
   const std::uint8_t* const w_end = w + a.col_tiles * tile_bytes;
   const std::int8_t* x = a.x + token * a.x_stride;
-  int32x4_t acc[Tokens][4];
-  for (int t = 0; t < Tokens; ++t)
-    for (int q = 0; q < 4; ++q) acc[t][q] = vdupq_n_s32(0);
+  int32x4_t acc[Tokens][2];
+  for (int t = 0; t < Tokens; ++t) acc[t][0] = acc[t][1] = vdupq_n_s32(0);
   for (; w != w_end; w += tile_bytes, x += tile_cols) {
     int8x16_t xv[Tokens];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < Tokens; ++t) xv[t] = vld1q_s8(x + t * a.x_stride);
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) {
+#pragma GCC unroll 2
+    for (int q = 0; q < 2; ++q) {
       const uint8x16_t v = vld1q_u8(w + 16 * q);
       const int8x16_t c0 = vreinterpretq_s8_u8(vandq_u8(v, mask));
       const int8x16_t c1 = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v, 2), mask));
       const int8x16_t c2 = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v, 4), mask));
       const int8x16_t c3 = vreinterpretq_s8_u8(vshrq_n_u8(v, 6));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int t = 0; t < Tokens; ++t) {
         acc[t][q] = vdotq_laneq_s32(acc[t][q], c0, xv[t], 0);
         acc[t][q] = vdotq_laneq_s32(acc[t][q], c1, xv[t], 1);
@@ -222,10 +223,10 @@ BITNET_TARGET_DOTPROD void gemm_block_dotprod(const gemm_args& a, Eigen::Index g
     }
   }
   for (int t = 0; t < Tokens; ++t)
-    for (int q = 0; q < 4; ++q) store_rows_arm(a, acc[t][q], g * tile_rows + 4 * q, token + t);
+    for (int q = 0; q < 2; ++q) store_rows_arm(a, acc[t][q], g * tile_rows + 8 * half + 4 * q, token + t);
 }
 
-inline constexpr int dotprod_token_group = 4;
+inline constexpr int dotprod_token_group = 8;
 
 BITNET_TARGET_DOTPROD inline void ternary_gemm_dotprod(const gemm_args& a, Eigen::Index block_begin,
                                                        Eigen::Index block_end) noexcept {
@@ -236,13 +237,20 @@ BITNET_TARGET_DOTPROD inline void ternary_gemm_dotprod(const gemm_args& a, Eigen
   const Eigen::Index chunk = arm_blocks_per_chunk(a.col_tiles);
   for (Eigen::Index g0 = block_begin; g0 < block_end; g0 += chunk) {
     const Eigen::Index g1 = std::min(g0 + chunk, block_end);
-    for (Eigen::Index token = 0; token < a.batch; token += dotprod_token_group)
-      for (Eigen::Index g = g0; g < g1; ++g) switch (std::min<Eigen::Index>(dotprod_token_group, a.batch - token)) {
-          case 4: gemm_block_dotprod<4>(a, g, token); break;
-          case 3: gemm_block_dotprod<3>(a, g, token); break;
-          case 2: gemm_block_dotprod<2>(a, g, token); break;
-          default: gemm_block_dotprod<1>(a, g, token); break;
-        }
+    for (Eigen::Index token = 0; token < a.batch; token += dotprod_token_group) {
+      const Eigen::Index tokens = std::min<Eigen::Index>(dotprod_token_group, a.batch - token);
+      for (Eigen::Index g = g0; g < g1; ++g)
+        for (int half = 0; half < 2 && g * tile_rows + 8 * half < a.rows; ++half) switch (tokens) {
+            case 8: gemm_half_dotprod<8>(a, g, half, token); break;
+            case 7: gemm_half_dotprod<7>(a, g, half, token); break;
+            case 6: gemm_half_dotprod<6>(a, g, half, token); break;
+            case 5: gemm_half_dotprod<5>(a, g, half, token); break;
+            case 4: gemm_half_dotprod<4>(a, g, half, token); break;
+            case 3: gemm_half_dotprod<3>(a, g, half, token); break;
+            case 2: gemm_half_dotprod<2>(a, g, half, token); break;
+            default: gemm_half_dotprod<1>(a, g, half, token); break;
+          }
+    }
   }
 }
 
