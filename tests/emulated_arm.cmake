@@ -30,3 +30,16 @@ add_test(NAME arm.unsupported_isa COMMAND bitnet_arm_tests "--test-case=kernels:
 set_tests_properties(arm.unsupported_isa PROPERTIES ENVIRONMENT "QEMU_CPU=cortex-a76;BITNET_ISA=i8mm")
 add_test(NAME arm.forward_alloc COMMAND bitnet_arm_forward_alloc_tests)
 set_tests_properties(arm.forward_alloc PROPERTIES ENVIRONMENT "QEMU_CPU=max")
+
+# Clang 14 compiles the ARM kernels only where the translation unit enables SDOT / SMMLA (see
+# docs/kernels.md): the kernel tests must compile warning-free both ways (compile only: the stage's
+# time budget allows one cross compiler's binaries under qemu).
+find_program(BITNET_CLANG14 clang++-14)
+if(BITNET_CLANG14)
+  set(clang_arm_command "${BITNET_CLANG14}" --target=aarch64-linux-gnu -std=c++20 -fsyntax-only
+    -Wall -Wextra -Wpedantic -Werror "-I${PROJECT_SOURCE_DIR}/include"
+    "-I$<JOIN:$<TARGET_PROPERTY:Eigen3::Eigen,INTERFACE_INCLUDE_DIRECTORIES>,$<SEMICOLON>-I>"
+    "${CMAKE_CURRENT_SOURCE_DIR}/test_kernels.cpp")
+  add_test(NAME arm.clang14_armv8 COMMAND ${clang_arm_command} COMMAND_EXPAND_LISTS)
+  add_test(NAME arm.clang14_dotprod_i8mm COMMAND ${clang_arm_command} -march=armv8.2-a+dotprod+i8mm COMMAND_EXPAND_LISTS)
+endif()
