@@ -12,7 +12,9 @@
 #endif
 #endif
 
-#if defined(__aarch64__) || defined(_M_ARM64)
+// Little-endian AArch64 with the GCC/Clang vector extensions; elsewhere (big-endian, MSVC) the
+// scalar kernels run.
+#if defined(__aarch64__) && !defined(__AARCH64EB__) && (defined(__GNUC__) || defined(__clang__))
 #define BITNET_ARM64 1
 #if defined(__linux__)
 #include <sys/auxv.h>
