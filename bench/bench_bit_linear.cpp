@@ -43,7 +43,7 @@ void bitlinear(benchmark::State& state, bitnet::isa kernels) {
 
 int main(int argc, char** argv) {
   bench::register_eigen_float32("eigen_float32");
-  for (bitnet::isa kernels : {bitnet::isa::scalar, bitnet::isa::avx2, bitnet::isa::avx512, bitnet::isa::amx}) {
+  for (bitnet::isa kernels : bitnet::all_isas) {
     if (!bitnet::isa_supported(kernels)) continue;
     const std::string name = "bitlinear_" + std::string(bitnet::isa_name(kernels));
     for (const auto& shape : bench::shapes)

@@ -97,7 +97,8 @@ int main(int argc, char** argv) {
   if (bitnet::isa_supported(bitnet::isa::avx512))
     for (long bytes : {32L << 10, 1L << 20, 6912L * 2560 / 4}) benchmark::RegisterBenchmark("read_probe", read_probe)->Arg(bytes);
 #endif
-  for (bitnet::isa which : {bitnet::isa::avx2, bitnet::isa::avx512, bitnet::isa::amx}) {
+  using bitnet::isa;
+  for (isa which : {isa::avx2, isa::avx512, isa::amx, isa::neon, isa::dotprod, isa::i8mm}) {
     if (!bitnet::isa_supported(which)) continue;
     const std::string name = "kernel_" + std::string(bitnet::isa_name(which));
     // L2-resident weights (128 rows) and the model's 6912 x 2560 (from L3).

@@ -47,7 +47,7 @@ model make_model(unsigned seed) {
   };
   model m;
   m.layers.reserve(2);
-  for (int i = 0; i < 2; ++i) m.layers.emplace_back(linear(16, 16), mlp{linear(16, 43), linear(43, 16)});
+  for (int i = 0; i < 2; ++i) m.layers.push_back(decoder_layer{linear(16, 16), mlp{linear(16, 43), linear(43, 16)}});
   return m;
 }
 

@@ -2,10 +2,13 @@
 # The whole test suite, as CI runs it:
 #   1. dev:      -Wall -Wextra -Werror build, every public header compiled alone, all tests,
 #                examples, and the find_package / FetchContent consumer projects;
-#   2. sanitize: the same tests under AddressSanitizer + UndefinedBehaviorSanitizer (the header
-#                checks are left to dev);
+#   2. sanitize: the same tests under AddressSanitizer + UndefinedBehaviorSanitizer, built with
+#                clang++-14 (dev builds with GCC; the header checks are left to dev);
 #   3. tsan:     the concurrency tests (concurrent forward, thread counts) under ThreadSanitizer.
-#   4. fuzz:     when clang++-14 is installed, a 60 s libFuzzer run of the safetensors reader
+#   4. arm:      when g++-aarch64-linux-gnu and qemu-aarch64 are installed, the kernel, packing and
+#                BitLinear tests cross-built for AArch64 and run under qemu-user on CPUs with and
+#                without SDOT / SMMLA (about 3-4 minutes on 2 cores).
+#   5. fuzz:     when clang++-14 is installed, a 60 s libFuzzer run of the safetensors reader
 #                (ASan + UBSan), seeded with tests/safetensors_corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +16,12 @@ for preset in dev sanitize tsan; do
   echo "=== bitnet tests: workflow '${preset}'"
   cmake --workflow --preset "${preset}"
 done
+if command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && command -v qemu-aarch64 >/dev/null 2>&1; then
+  echo "=== bitnet tests: workflow 'arm' (AArch64 cross build, kernels under qemu-user)"
+  cmake --workflow --preset arm
+else
+  echo "=== bitnet tests: g++-aarch64-linux-gnu or qemu-aarch64 not found, skipping the emulated ARM stage"
+fi
 if command -v clang++-14 >/dev/null 2>&1; then
   echo "=== bitnet tests: fuzzing the safetensors reader for 60 s (clang++-14, libFuzzer + ASan + UBSan)"
   cmake --preset fuzz >/dev/null

@@ -189,7 +189,7 @@ struct kernel_settings_guard {
 
 std::vector<bitnet::isa> runnable_isas() {
   std::vector<bitnet::isa> isas;
-  for (bitnet::isa which : {bitnet::isa::scalar, bitnet::isa::avx2, bitnet::isa::avx512, bitnet::isa::amx})
+  for (bitnet::isa which : bitnet::all_isas)
     if (bitnet::isa_supported(which)) isas.push_back(which);
   return isas;
 }

@@ -32,8 +32,9 @@ constexpr bool emulated_avx512 = false;
 // this file is built with tests/avx512_emulation.hpp.
 std::vector<isa> runnable_isas() {
   std::vector<isa> isas{isa::scalar};
-  for (isa which : {isa::avx2, isa::avx512, isa::amx})
-    if (bitnet::isa_supported(which) || (which == isa::avx512 && emulated_avx512)) isas.push_back(which);
+  for (isa which : bitnet::all_isas)
+    if (which != isa::scalar && (bitnet::isa_supported(which) || (which == isa::avx512 && emulated_avx512)))
+      isas.push_back(which);
   return isas;
 }
 
@@ -85,6 +86,13 @@ void check_all_kernels(const Matrix<std::int8_t>& w, const Matrix<std::int8_t>& 
 }  // namespace
 
 TEST_CASE("kernels: the AVX-512 VNNI kernels run only where the CPU has them") {
+#ifndef BITNET_X86
+  MESSAGE("not an x86 CPU: the x86 kernels are not compiled here (the ARM stage checks its own ISAs)");
+  CHECK_FALSE(bitnet::isa_supported(isa::avx2));
+  CHECK_FALSE(bitnet::isa_supported(isa::avx512));
+  CHECK_FALSE(bitnet::isa_supported(isa::amx));
+  return;
+#endif
   if (bitnet::isa_supported(isa::avx512))
     MESSAGE("AVX-512 VNNI present: the avx512 kernels are compared with the reference in every kernel test");
   else if (emulated_avx512)
@@ -96,6 +104,30 @@ TEST_CASE("kernels: the AVX-512 VNNI kernels run only where the CPU has them") {
     WARN_MESSAGE(false, note);
   }
   CHECK(bitnet::isa_supported(isa::scalar));
+}
+
+// The emulated ARM stage (CMakePresets.json "arm") names the ISAs each emulated CPU must run in
+// BITNET_TEST_EXPECT_ISAS, so a kernel that silently stops being compiled or detected fails here.
+TEST_CASE("kernels: the ISAs the environment expects are the ones this CPU runs") {
+  const char* expected = std::getenv("BITNET_TEST_EXPECT_ISAS");
+  if (expected == nullptr || *expected == '\0') {
+    std::string supported;
+    for (isa which : bitnet::all_isas)
+      if (bitnet::isa_supported(which)) supported += std::string(" ") + std::string(bitnet::isa_name(which));
+    const std::string note = "ISAs this CPU runs:" + supported;
+    MESSAGE(note);
+    return;
+  }
+  std::string names = expected;
+  std::string listed;
+  for (isa which : bitnet::all_isas) {
+    const std::string name(bitnet::isa_name(which));
+    const bool wanted = ("," + names + ",").find("," + name + ",") != std::string::npos;
+    CAPTURE(name);
+    CHECK(bitnet::isa_supported(which) == wanted);
+    if (wanted) listed += name + ",";
+  }
+  CHECK(listed.size() == names.size() + 1);  // every name in the list is an ISA
 }
 
 TEST_CASE("kernels: every ISA equals the int32 reference on ragged shapes") {
@@ -270,12 +302,26 @@ TEST_CASE("kernels: ISA choice, override and thread count API") {
   CHECK(bitnet::isa_name(isa::avx2) == "avx2");
   CHECK(bitnet::isa_name(isa::avx512) == "avx512");
   CHECK(bitnet::isa_name(isa::amx) == "amx");
+  CHECK(bitnet::isa_name(isa::neon) == "neon");
+  CHECK(bitnet::isa_name(isa::dotprod) == "dotprod");
+  CHECK(bitnet::isa_name(isa::i8mm) == "i8mm");
+  for (isa which : bitnet::all_isas) CHECK(bitnet::detail::parse_isa(bitnet::isa_name(which)) == which);
   CHECK(bitnet::detail::parse_isa("amx") == isa::amx);
+  CHECK(bitnet::detail::parse_isa("i8mm") == isa::i8mm);
   CHECK(bitnet::isa_supported(bitnet::best_isa()));
-  if (bitnet::isa_supported(isa::amx))
-    CHECK(bitnet::best_isa() == isa::amx);
-  else if (bitnet::isa_supported(isa::avx512))
-    CHECK(bitnet::best_isa() == isa::avx512);
+  // best_isa: the first supported in this order of preference, per architecture.
+  for (isa which : {isa::amx, isa::avx512, isa::avx2, isa::i8mm, isa::dotprod, isa::neon})
+    if (bitnet::isa_supported(which)) {
+      CHECK(bitnet::best_isa() == which);
+      break;
+    }
+  // No CPU runs both architectures' kernels.
+  const bool x86 = bitnet::isa_supported(isa::avx2) || bitnet::isa_supported(isa::avx512);
+  const bool arm = bitnet::isa_supported(isa::neon) || bitnet::isa_supported(isa::dotprod);
+  CHECK_FALSE((x86 && arm));
+  // SMMLA needs SDOT (the i8mm ISA runs batch 1 on the SDOT kernel), SDOT needs NEON.
+  if (bitnet::isa_supported(isa::i8mm)) CHECK(bitnet::isa_supported(isa::dotprod));
+  if (bitnet::isa_supported(isa::dotprod)) CHECK(bitnet::isa_supported(isa::neon));
   const char* env = std::getenv("BITNET_ISA");
   if (env == nullptr || *env == '\0') {
     // This test binary is built without -march flags: the run-time choice still finds SIMD.
@@ -285,7 +331,7 @@ TEST_CASE("kernels: ISA choice, override and thread count API") {
   }
   bitnet::force_isa(isa::scalar);
   CHECK(bitnet::active_isa() == isa::scalar);
-  for (isa which : {isa::avx2, isa::avx512, isa::amx})
+  for (isa which : bitnet::all_isas)
     if (!bitnet::isa_supported(which)) {
       CHECK_THROWS_WITH_AS(bitnet::force_isa(which), doctest::Contains("this CPU does not support"),
                            bitnet::value_error);
@@ -316,6 +362,12 @@ TEST_CASE("kernels: environment overrides BITNET_ISA and BITNET_NUM_THREADS") {
     bitnet::force_isa(isa::scalar);  // an explicit choice still works
     CHECK(layer.forward(Matrix<float>::Ones(1, 3)).cols() == 2);
     bitnet::clear_forced_isa();
+  } else if (isa_env != nullptr && *isa_env != '\0' && !bitnet::isa_supported(*bitnet::detail::parse_isa(isa_env))) {
+    // A real ISA this CPU lacks (the ARM stage asks for i8mm on a CPU without it): an error too.
+    CHECK_THROWS_WITH_AS((void)bitnet::active_isa(), doctest::Contains("this CPU does not support it"),
+                         bitnet::value_error);
+    const bitnet::BitLinear<float> layer(Matrix<float>::Ones(2, 3));
+    CHECK_THROWS_AS((void)layer.forward(Matrix<float>::Ones(1, 3)), bitnet::value_error);
   } else {
     MESSAGE("BITNET_ISA is unset or valid here; ctest's bitnet_tests.invalid_isa checks an invalid value");
   }

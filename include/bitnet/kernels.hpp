@@ -1,13 +1,16 @@
 // bitnet/kernels.hpp - run-time choice of the int8 x ternary kernels, and their thread count.
 //
 // The kernel ISA is chosen at run time from the CPU, once, so a program built with plain -O2 and
-// no -march flags still runs the AVX2, AVX-512 VNNI or AMX kernels. Order of precedence:
-//   force_isa(...)  >  environment variable BITNET_ISA (scalar | avx2 | avx512 | amx)  >  best_isa().
+// no -march flags still runs the AVX2, AVX-512 VNNI or AMX kernels (x86-64), or the NEON, SDOT or
+// SMMLA kernels (AArch64). Order of precedence:
+//   force_isa(...)  >  environment variable BITNET_ISA (scalar | avx2 | avx512 | amx | neon |
+//   dotprod | i8mm)  >  best_isa().
 // Threads: set_num_threads(n)  >  BITNET_NUM_THREADS  >  std::thread::hardware_concurrency().
 // Every ISA and every thread count gives bit-identical results: the accumulators are exact int32.
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -23,6 +26,7 @@
 #include "detail/kernels/avx512.hpp"
 #include "detail/kernels/common.hpp"
 #include "detail/kernels/cpu_features.hpp"
+#include "detail/kernels/neon.hpp"
 #include "detail/kernels/scalar.hpp"
 #include "detail/kernels/thread_pool.hpp"
 #include "errors.hpp"
@@ -35,14 +39,22 @@ namespace bitnet {
 /// 256 * (2^23 - 128) < 2^31.
 inline constexpr Index max_in_features = (Index{1} << 23) - 128;
 
-/// The kernel families. amx is avx512 plus AMX-INT8 tiles for batches of 16 tokens and more.
-enum class isa { scalar, avx2, avx512, amx };
+/// The kernel families. amx is avx512 plus AMX-INT8 tiles for batches of 16 tokens and more;
+/// neon, dotprod (SDOT) and i8mm (SMMLA, batch > 1; SDOT for batch 1) are AArch64's.
+enum class isa { scalar, avx2, avx512, amx, neon, dotprod, i8mm };
+
+/// Every ISA, for loops over them (tests, benchmarks); isa_supported says which this CPU runs.
+inline constexpr std::array<isa, 7> all_isas{isa::scalar, isa::avx2,    isa::avx512, isa::amx,
+                                             isa::neon,   isa::dotprod, isa::i8mm};
 
 inline std::string_view isa_name(isa which) noexcept {
   switch (which) {
     case isa::avx2: return "avx2";
     case isa::avx512: return "avx512";
     case isa::amx: return "amx";
+    case isa::neon: return "neon";
+    case isa::dotprod: return "dotprod";
+    case isa::i8mm: return "i8mm";
     default: return "scalar";
   }
 }
@@ -58,13 +70,23 @@ inline bool isa_supported(isa which) noexcept {
 #else
     case isa::amx: return false;
 #endif
-    default: return true;
+#ifdef BITNET_ARM64
+    case isa::neon: return cpu.neon;
+#ifdef BITNET_HAS_DOTPROD_KERNEL
+    case isa::dotprod: return cpu.neon && cpu.dotprod;
+#endif
+#ifdef BITNET_HAS_I8MM_KERNEL
+    case isa::i8mm: return cpu.neon && cpu.dotprod && cpu.i8mm;
+#endif
+#endif
+    case isa::scalar: return true;
+    default: return false;  // an ISA of another architecture, or one this compiler cannot build
   }
 }
 
 /// The fastest ISA this CPU supports.
 inline isa best_isa() noexcept {
-  for (isa which : {isa::amx, isa::avx512, isa::avx2})
+  for (isa which : {isa::amx, isa::avx512, isa::avx2, isa::i8mm, isa::dotprod, isa::neon})
     if (isa_supported(which)) return which;
   return isa::scalar;
 }
@@ -77,7 +99,7 @@ inline std::atomic<int> requested_threads{0};
 inline thread_local isa last_run_isa = isa::scalar;
 
 inline std::optional<isa> parse_isa(std::string_view name) noexcept {
-  for (isa which : {isa::scalar, isa::avx2, isa::avx512, isa::amx})
+  for (isa which : all_isas)
     if (name == isa_name(which)) return which;
   return std::nullopt;
 }
@@ -96,7 +118,8 @@ inline const env_isa_choice& env_isa() {
     if (value == nullptr || *value == '\0') return r;
     const std::optional<isa> named = parse_isa(value);
     if (!named)
-      r.error = std::string("BITNET_ISA=") + value + " names no kernel ISA (use scalar, avx2, avx512 or amx)";
+      r.error = std::string("BITNET_ISA=") + value +
+                " names no kernel ISA (use scalar, avx2, avx512, amx, neon, dotprod or i8mm)";
     else if (!isa_supported(*named))
       r.error = std::string("BITNET_ISA=") + value + ": this CPU does not support it";
     else
@@ -220,6 +243,15 @@ struct gemm_job {
       case isa::avx512: ternary_gemm_avx512(args, interleaved, begin, end); break;
       case isa::avx2: ternary_gemm_avx2(args, interleaved, begin, end); break;
 #endif
+#ifdef BITNET_ARM64
+#ifdef BITNET_HAS_I8MM_KERNEL
+      case isa::i8mm: ternary_gemm_i8mm(args, begin, end); break;
+#endif
+#ifdef BITNET_HAS_DOTPROD_KERNEL
+      case isa::dotprod: ternary_gemm_dotprod(args, begin, end); break;
+#endif
+      case isa::neon: ternary_gemm_neon(args, begin, end); break;
+#endif
       default: ternary_gemm_scalar(args, begin, end); break;
     }
   }
@@ -306,6 +338,13 @@ bool quantize_rows(isa which, const T* x, Index x_stride, Index rows, Index cols
           else
             ok = quantize_row_scalar(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
         } else
+#elif defined(BITNET_ARM64)
+        if constexpr (std::is_same_v<T, float>) {
+          if (which != isa::scalar)
+            ok = quantize_row_neon(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
+          else
+            ok = quantize_row_scalar(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
+        } else
 #endif
           ok = quantize_row_scalar(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
         if (!ok) return false;
@@ -335,6 +374,10 @@ void rescale_rows(isa which, const std::int32_t* acc, Index acc_stride, Index ba
   if constexpr (std::is_same_v<T, float>) {
     // AVX2 for every SIMD ISA: the rescale is a small part of a call, and 8 lanes of doubles suffice.
     if (which != isa::scalar) return rescale_rows_avx2(acc, acc_stride, batch, cols, sx, sw, bias, y, y_stride);
+  }
+#elif defined(BITNET_ARM64)
+  if constexpr (std::is_same_v<T, float>) {
+    if (which != isa::scalar) return rescale_rows_neon(acc, acc_stride, batch, cols, sx, sw, bias, y, y_stride);
   }
 #endif
   (void)which;
