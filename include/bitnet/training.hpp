@@ -155,17 +155,21 @@ struct tape_access {
       tape.input_ = normed;
       output = float_output(layer, tape);
     } else {
-      // weight_quant(W) as forward() computes with it: the layer's codes and scale, not a second
-      // quantization (the same expression as quant.hpp's weight_quant, so bit-identical to it).
-      const Matrix<T> quantized_weight = (layer.ternary_weight().template cast<T>().array() / layer.weight_scale()).matrix();
-      const Matrix<T> quantized_input = batch > 0 ? activation_quant(normed) : Matrix<T>(0, x.cols());
+      // weight_quant(W) with the layer's scale sw (no second mean|W|): the code clamp(round(v), -1, 1)
+      // of v = W * sw is (v > 1/2) - (v < -1/2) (the ties +-1/2 round to 0, half to even), so this
+      // is one vectorized pass, bit-identical to quant.hpp's weight_quant (codes / sw).
+      const T sw = layer.weight_scale();
+      const auto scaled = latent.array() * sw;
+      const auto quantized_weight =
+          ((scaled > T(0.5)).template cast<T>() - (scaled < T(-0.5)).template cast<T>()) / sw;
+      Matrix<T> quantized_input = batch > 0 ? activation_quant(normed) : Matrix<T>(0, x.cols());
       if (lambda == T(1)) {
-        tape.weight_ = quantized_weight;
-        tape.input_ = quantized_input;
+        tape.weight_ = quantized_weight.matrix();
+        tape.input_ = std::move(quantized_input);
         output = layer.forward(x);  // the integer path, bit for bit
       } else {
         // PyTorch's order: v + lambda * (q(v) - v), each operation rounded in T.
-        tape.weight_ = (latent.array() + lambda * (quantized_weight.array() - latent.array())).matrix();
+        tape.weight_ = (latent.array() + lambda * (quantized_weight - latent.array())).matrix();
         tape.input_ = (normed.array() + lambda * (quantized_input.array() - normed.array())).matrix();
         output = float_output(layer, tape);
       }
@@ -187,9 +191,10 @@ struct tape_access {
     require_finite(dy, "bitnet::backward: output gradient");
 
     bit_linear_gradients<T> grads;
-    grads.weight = dy.transpose() * tape.input_;
+    // noalias: the products go straight into the results (no temporary of the size of W).
+    grads.weight.noalias() = dy.transpose() * tape.input_;
     if (tape.has_bias_) grads.bias = dy.colwise().sum().transpose();
-    grads.input = dy * tape.weight_;
+    grads.input.noalias() = dy * tape.weight_;
     if (tape.rms_norm_) {
       // n = x * r, r = (mean(x^2) + eps)^-1/2:  dx = r * (dn - n * mean(dn . n)).
       const Index features = tape.in_features();
@@ -209,7 +214,8 @@ struct tape_access {
   // x~ . W~^T + b, the expression Linear::forward evaluates.
   template <real_scalar T>
   static Matrix<T> float_output(const BitLinear<T>& layer, const bit_linear_tape<T>& tape) {
-    Matrix<T> y = tape.input_ * tape.weight_.transpose();
+    Matrix<T> y(tape.input_.rows(), tape.weight_.rows());
+    y.noalias() = tape.input_ * tape.weight_.transpose();
     if (layer.bias()) y.rowwise() += layer.bias()->transpose();
     return y;
   }
