@@ -246,6 +246,21 @@ TEST_CASE_TEMPLATE("training: hand-computed forward and backward at lambda 1, 1/
   }
 }
 
+TEST_CASE_TEMPLATE("training: weight ties +-1/2 go to the even code 0 in W~", T, float, double) {
+  // mean|W| = 4 / 4 = 1 -> sw = 1: W * sw = [0.5, -0.5, 1.5, -1.5] -> round half to even [0, 0, 2, -2]
+  // -> clamped codes [0, 0, 1, -1].
+  Matrix<T> w(1, 4);
+  w << T(0.5), T(-0.5), T(1.5), T(-1.5);
+  const BitLinear<T> layer(w);
+  const Matrix<T> x = Matrix<T>::Ones(1, 4);
+  Matrix<T> expected(1, 4);
+  expected << 0, 0, 1, -1;
+  CHECK(bitnet::train_forward(layer, x, 1.0).tape.weight_operand() == expected);
+  // lambda 1/2: W + (Wq - W) / 2 = [0.25, -0.25, 1.25, -1.25]
+  expected << T(0.25), T(-0.25), T(1.25), T(-1.25);
+  CHECK(bitnet::train_forward(layer, x, 0.5).tape.weight_operand() == expected);
+}
+
 TEST_CASE_TEMPLATE("training: RMSNorm backward against a hand derivation", T, float, double) {
   // x = [3, 4]: mean(x^2) = 12.5, r = 1 / sqrt(12.5 + eps); W = I (mean|W| = 1/2, sw = 2, Wq = W / ...).
   // Use lambda 0 so the product is exact: dn = dy . W = dy; dx = r (dn - n mean(dn n)).
