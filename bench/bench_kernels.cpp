@@ -1,7 +1,7 @@
-// Kernel-only throughput (no activation quantization, no rescale) and two probes of the machine:
-// the core clock (a chain of dependent adds runs at one per cycle) and the peak rate of
-// vpmaddubsw, the AVX2 kernels' only multiply. Together they show how close the kernels get to
-// the multiply port limit:  kernel MAC/s  /  (32 MAC per vpmaddubsw * peak vpmaddubsw/s).
+// Kernel-only throughput (no activation quantization, no rescale) and probes of the machine: the
+// core clock (a chain of dependent imul), the peak rate of vpmaddubsw (the AVX2 kernels' only
+// multiply) and the read bandwidth from L1, L2 and L3. Together they show how close the kernels get
+// to the port limit, or (batch 1, weights from L3) to the rate at which the weights can be read.
 #include <bitnet/bitnet.hpp>
 
 #include <random>
@@ -28,7 +28,7 @@ void kernel(benchmark::State& state, bitnet::isa which) {
   bitnet::detail::aligned_vector<std::int8_t> x(std::size_t(batch * packed.padded_cols()));
   for (std::int8_t& v : x) v = std::int8_t(activation(rng));
   std::vector<std::int32_t> sums(static_cast<std::size_t>(batch)), acc(static_cast<std::size_t>(batch * out));
-  const bitnet::detail::gemm_args args{packed.data(), packed.col_blocks(), out, x.data(), packed.padded_cols(),
+  const bitnet::detail::gemm_args args{packed.data(), packed.col_tiles(), out, x.data(), packed.padded_cols(),
                                        sums.data(), batch, acc.data()};
   for (auto _ : state) {
     bitnet::detail::ternary_gemm(which, args, packed.row_blocks(), 1);
@@ -38,13 +38,34 @@ void kernel(benchmark::State& state, bitnet::isa which) {
 }
 
 #if defined(__x86_64__)
-// 4096 dependent adds per iteration: one per cycle, so adds/s is the clock.
+// 4096 dependent imul per iteration, 3 cycles each, so 3 x imul/s is the clock. (A chain of
+// immediate adds is not: Golden Cove folds several of them per cycle at rename.)
 void clock_probe(benchmark::State& state) {
-  long value = 0;
+  long value = 1;
   for (auto _ : state) {
-    for (int i = 0; i < 1024; ++i) __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(value));
+    for (int i = 0; i < 1024; ++i)
+      __asm__ volatile("imul %0, %0\n\timul %0, %0\n\timul %0, %0\n\timul %0, %0" : "+r"(value));
   }
-  state.counters["cycles/s"] = benchmark::Counter(4096.0, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["cycles/s"] = benchmark::Counter(3 * 4096.0, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// The read bandwidth the batch-1 kernels stream their weights at: a buffer of state.range(0)
+// bytes summed with 512-bit loads, 4 independent accumulators, again and again (so from L1, L2 or
+// L3 by its size).
+__attribute__((target("avx512f"))) void read_probe(benchmark::State& state) {
+  const std::size_t bytes = std::size_t(state.range(0));
+  bitnet::detail::aligned_vector<std::int8_t> buffer(bytes, 1);
+  for (auto _ : state) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+    for (std::size_t i = 0; i < bytes; i += 256) {
+      s0 = _mm512_add_epi32(s0, _mm512_load_si512(buffer.data() + i));
+      s1 = _mm512_add_epi32(s1, _mm512_load_si512(buffer.data() + i + 64));
+      s2 = _mm512_add_epi32(s2, _mm512_load_si512(buffer.data() + i + 128));
+      s3 = _mm512_add_epi32(s3, _mm512_load_si512(buffer.data() + i + 192));
+    }
+    benchmark::DoNotOptimize(_mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3)));
+  }
+  state.counters["bytes/s"] = benchmark::Counter(double(bytes), benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // 12 independent vpmaddubsw per inner step (more than latency x ports), register operands only.
@@ -72,8 +93,11 @@ int main(int argc, char** argv) {
 #if defined(__x86_64__)
   benchmark::RegisterBenchmark("clock_probe", clock_probe);
   if (bitnet::isa_supported(bitnet::isa::avx2)) benchmark::RegisterBenchmark("maddubs_probe", maddubs_probe);
+  // 32 KiB (L1), 1 MiB (L2), 4.4 MB (a 6912 x 2560 layer's packed weights: L3 on most CPUs)
+  if (bitnet::isa_supported(bitnet::isa::avx512))
+    for (long bytes : {32L << 10, 1L << 20, 6912L * 2560 / 4}) benchmark::RegisterBenchmark("read_probe", read_probe)->Arg(bytes);
 #endif
-  for (bitnet::isa which : {bitnet::isa::avx2, bitnet::isa::avx512}) {
+  for (bitnet::isa which : {bitnet::isa::avx2, bitnet::isa::avx512, bitnet::isa::amx}) {
     if (!bitnet::isa_supported(which)) continue;
     const std::string name = "kernel_" + std::string(bitnet::isa_name(which));
     // L2-resident weights (128 rows) and the model's 6912 x 2560 (from L3).

@@ -1,49 +1,53 @@
 #!/usr/bin/env python3
-"""Turns bitnet_bench JSON (--benchmark_out=FILE --benchmark_repetitions=N) into the ratio table of
-docs/benchmarks.md: BitLinear speedup over Eigen float32 measured in the same run.
+"""Ratio tables of docs/benchmarks.md from Google Benchmark JSON files of one session:
 
-One-thread rows compare CPU times (robust to other load on a shared machine); two-thread rows
-compare wall-clock times, as does the "2 thr / 1 thr" column. Medians when repetitions were run.
+    python3 bench/ratios.py bitnet.json eigen_native.json
+
+bitnet.json from bitnet_bench (BitLinear per ISA and Eigen float32, both without -march flags),
+eigen_native.json from bitnet_bench_eigen_native (Eigen float32 built -O3 -march=native). One table
+per kernel ISA: BitLinear's time with 1 and 2 threads and its speedup over both Eigen builds.
+Medians when the files hold repetitions (--benchmark_repetitions=N). Real (wall-clock) times
+throughout: the runs are meant for a quiet machine.
 """
 import json
 import sys
 
 
-def load(path):
+def load(paths):
     runs = {}
-    for b in json.load(open(path))["benchmarks"]:
-        if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
-            continue
-        name = b["run_name"] if "run_name" in b else b["name"]
-        runs[name] = (b["real_time"], b["cpu_time"])
+    for path in paths:
+        for b in json.load(open(path))["benchmarks"]:
+            if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
+                continue
+            name = b.get("run_name", b["name"])
+            runs[name] = b["real_time"]
     return runs
 
 
-def main(path):
-    runs = load(path)
+def main(paths):
+    runs = load(paths)
+    shapes = [tuple(int(v) for v in n.split("/")[1:4]) for n in runs if n.startswith("eigen_float32/")]
     isas = sorted({n.split("/")[0][len("bitlinear_"):] for n in runs if n.startswith("bitlinear_")})
-    print("| out x in | batch | Eigen f32 (us) | " + " | ".join(
-        f"{i} 1 thr (us) | {i} speedup 1 thr | {i} speedup 2 thr | {i} 2 thr / 1 thr" for i in isas) + " |")
-    print("|---|---|---|" + "---|---|---|---|" * len(isas))
-    shapes = []
-    for n in runs:
-        if n.startswith("eigen_float32/"):
-            out, inp, batch = n.split("/")[1:4]
-            shapes.append((int(out), int(inp), int(batch)))
-    for out, inp, batch in shapes:
-        eigen_real, eigen_cpu = runs[f"eigen_float32/{out}/{inp}/{batch}/1"]
-        cells = [f"{out}x{inp}", str(batch), f"{eigen_cpu:.0f}"]
-        for i in isas:
-            one = runs.get(f"bitlinear_{i}/{out}/{inp}/{batch}/1")
-            two = runs.get(f"bitlinear_{i}/{out}/{inp}/{batch}/2")
-            if not one:
-                cells += ["-"] * 4
+    for isa in isas:
+        print(f"\n{isa}:\n")
+        print("| out x in | batch | Eigen -march=native (us) | Eigen plain (us) | BitLinear 1 thr (us) "
+              "| vs native | vs plain | BitLinear 2 thr (us) | 2 thr vs native | 2 thr / 1 thr |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for out, inp, batch in shapes:
+            key = f"{out}/{inp}/{batch}"
+            native = runs.get(f"eigen_float32_native/{key}/1")
+            plain = runs[f"eigen_float32/{key}/1"]
+            one = runs.get(f"bitlinear_{isa}/{key}/1")
+            two = runs.get(f"bitlinear_{isa}/{key}/2")
+            if one is None:
                 continue
-            cells += [f"{one[1]:.0f}", f"{eigen_cpu / one[1]:.1f}x",
-                      f"{eigen_real / two[0]:.1f}x" if two else "-",
-                      f"{one[0] / two[0]:.2f}x" if two else "-"]
-        print("| " + " | ".join(cells) + " |")
+            cell = lambda v: f"{v:.1f}" if v < 100 else f"{v:.0f}"
+            print("| " + " | ".join([
+                f"{out}x{inp}", str(batch), cell(native) if native else "-", cell(plain), cell(one),
+                f"{native / one:.1f}x" if native else "-", f"{plain / one:.1f}x",
+                cell(two) if two else "-", f"{native / two:.1f}x" if native and two else "-",
+                f"{one / two:.2f}x" if two else "-"]) + " |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

@@ -1,5 +1,5 @@
 // Force-included (-include) into bitnet_avx512_emulated_tests: runs the AVX-512 VNNI kernels of
-// detail/kernels_avx512.hpp on any x86-64 CPU by routing their intrinsics through SIMDe's portable
+// detail/kernels/avx512.hpp on any x86-64 CPU by routing their intrinsics through SIMDe's portable
 // implementations, so their logic (tiles, tails, row pairs, token tiles, horizontal sums) is
 // checked against the scalar reference even where no AVX-512 hardware exists. The real kernels
 // run on AVX-512 CPUs in bitnet_tests; this catches logic errors, not code generation ones. The

@@ -189,7 +189,7 @@ struct kernel_settings_guard {
 
 std::vector<bitnet::isa> runnable_isas() {
   std::vector<bitnet::isa> isas;
-  for (bitnet::isa which : {bitnet::isa::scalar, bitnet::isa::avx2, bitnet::isa::avx512})
+  for (bitnet::isa which : {bitnet::isa::scalar, bitnet::isa::avx2, bitnet::isa::avx512, bitnet::isa::amx})
     if (bitnet::isa_supported(which)) isas.push_back(which);
   return isas;
 }
@@ -200,7 +200,9 @@ TEST_CASE_TEMPLATE("BitLinear: forward is bit-identical for every ISA and thread
   kernel_settings_guard guard;
   std::mt19937 rng(21);
   // 256 x 2048 at batch 8 is 4M multiply-adds: enough for the kernels to split it over 2 threads.
-  for (Index batch : {1, 8}) {
+  // Batch 3 and 8 take the AVX-512 per-plane and shared-plane kernels, 33 the AMX tiles (with a
+  // tail), 70 also quantizes its activations on two threads.
+  for (Index batch : {1, 3, 8, 33, 70}) {
     const Matrix<T> w = reference::random_matrix<T>(257, 2048, rng, 0.05);
     const Vector<T> b = reference::random_matrix<T>(257, 1, rng);
     const Matrix<T> x = reference::random_matrix<T>(batch, 2048, rng, 4.0);
@@ -216,6 +218,11 @@ TEST_CASE_TEMPLATE("BitLinear: forward is bit-identical for every ISA and thread
         bitnet::set_num_threads(threads);
         CHECK(layer.forward(x) == expected);
         CHECK(bitnet::last_isa() == which);
+        // a non-finite value in the last row (the second thread's share of the quantization)
+        Matrix<T> bad = x;
+        bad(batch - 1, 2047) = std::numeric_limits<T>::infinity();
+        const std::string message = "non-finite value (+inf) at row " + std::to_string(batch - 1);
+        CHECK_THROWS_WITH_AS((void)layer.forward(bad), doctest::Contains(message.c_str()), bitnet::value_error);
       }
   }
 }
@@ -455,4 +462,40 @@ TEST_CASE_TEMPLATE("BitLinear::from_ternary: bad input is rejected with a clear 
   options.rms_eps = -1;
   CHECK_THROWS_WITH_AS(BitLinear<T>::from_ternary(codes, T(1), std::nullopt, options), doctest::Contains("rms_eps"),
                        bitnet::value_error);
+}
+
+TEST_CASE_TEMPLATE("BitLinear::forward into a caller's matrix: same bits, storage reused, x may be y", T, float, double) {
+  kernel_settings_guard guard;
+  std::mt19937 rng(46);
+  for (bool rms_norm : {false, true}) {
+    bitnet::bitlinear_options options;
+    options.rms_norm = rms_norm;
+    const BitLinear<T> layer(reference::random_matrix<T>(40, 40, rng, 0.05), reference::random_matrix<T>(40, 1, rng),
+                             options);
+    const Matrix<T> x = reference::random_matrix<T>(5, 40, rng, 4.0);
+    for (bitnet::isa which : runnable_isas()) {
+      CAPTURE(bitnet::isa_name(which));
+      CAPTURE(rms_norm);
+      bitnet::force_isa(which);
+      const Matrix<T> expected = layer.forward(x);
+      Matrix<T> y(5, 40);
+      const T* storage = y.data();
+      layer.forward(x, y);
+      CHECK(y == expected);
+      CHECK(y.data() == storage);  // the right shape: written in place
+      Matrix<T> wrong_shape(2, 3);
+      layer.forward(x, wrong_shape);
+      CHECK(wrong_shape == expected);
+      Matrix<T> in_place = x;  // y is the input itself (a square layer)
+      layer.forward(in_place, in_place);
+      CHECK(in_place == expected);
+      // an error leaves y as it was
+      Matrix<T> bad = x;
+      bad(3, 7) = std::numeric_limits<T>::quiet_NaN();
+      Matrix<T> untouched = expected;
+      CHECK_THROWS_WITH_AS(layer.forward(bad, untouched), doctest::Contains("non-finite value (nan) at row 3, column 7"),
+                           bitnet::value_error);
+      CHECK(untouched == expected);
+    }
+  }
 }

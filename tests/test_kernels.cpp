@@ -32,7 +32,7 @@ constexpr bool emulated_avx512 = false;
 // this file is built with tests/avx512_emulation.hpp.
 std::vector<isa> runnable_isas() {
   std::vector<isa> isas{isa::scalar};
-  for (isa which : {isa::avx2, isa::avx512})
+  for (isa which : {isa::avx2, isa::avx512, isa::amx})
     if (bitnet::isa_supported(which) || (which == isa::avx512 && emulated_avx512)) isas.push_back(which);
   return isas;
 }
@@ -50,7 +50,7 @@ std::vector<std::int32_t> run_kernel(isa which, int threads, const bitnet::packe
       sums[std::size_t(b)] += x(b, k);
     }
   std::vector<std::int32_t> acc(std::size_t(batch * packed.rows()), std::numeric_limits<std::int32_t>::min());
-  const bitnet::detail::gemm_args args{packed.data(), packed.col_blocks(), packed.rows(), xq.data(),
+  const bitnet::detail::gemm_args args{packed.data(), packed.col_tiles(), packed.rows(), xq.data(),
                                        stride,        sums.data(),         batch,          acc.data()};
   bitnet::detail::ternary_gemm(which, args, packed.row_blocks(), threads, 0.0);
   CHECK(bitnet::last_isa() == which);
@@ -104,9 +104,11 @@ TEST_CASE("kernels: every ISA equals the int32 reference on ragged shapes") {
   // (512 and 1024 columns), primes and the model sizes.
   const Index ins[] = {1,   2,   31,  32,  33,  63,  64,  65,   96,   97,   127,  128,  129,  255,  256, 257,
                        383, 384, 385, 511, 512, 513, 640, 1023, 1024, 1025, 1031, 2047, 2049, 2560, 6912};
+  // out: one to six 16-row blocks, ragged (the batch-1 kernel takes blocks in fours, AMX in pairs);
+  // batch: every kernel variant (1-4 per-plane, 5-16 shared planes, AMX from 16, partial token tiles).
   for (Index in : ins)
-    for (Index out : {1, 3, 4, 5, 9, 33})
-      for (Index batch : {1, 2, 3, 4, 5, 8, 9})
+    for (Index out : {1, 3, 5, 16, 17, 33, 83})
+      for (Index batch : {1, 2, 3, 4, 5, 8, 9, 16, 17, 35})
         if (in * out * batch <= 2'000'000) {
           CAPTURE(in);
           CAPTURE(out);
@@ -137,8 +139,8 @@ TEST_CASE("kernels: worst-case values (all +-127, all -128, all +1 / all -1 weig
     for (int value : {127, -127, -128}) {
       CAPTURE(in);
       CAPTURE(value);
+      for (Index batch : {1, 2, 5, 16}) check_all_kernels(w, Matrix<std::int8_t>::Constant(batch, in, std::int8_t(value)));
       const Matrix<std::int8_t> x = Matrix<std::int8_t>::Constant(5, in, std::int8_t(value));
-      check_all_kernels(w, x);
       // and the value by hand: row 0 sums x, row 1 sums -x
       const std::vector<std::int32_t> acc = run_kernel(bitnet::best_isa(), 1, bitnet::packed_ternary(w), x);
       CHECK(acc[0] == value * std::int32_t(in));
@@ -159,22 +161,29 @@ TEST_CASE("kernels: exact at max_in_features with extreme values") {
   for (Index k = 0; k < in; ++k) w(3, k) = std::int8_t(k % 3 - 1);
   w.row(4).setConstant(1);
   const bitnet::packed_ternary packed(w);
-  for (int value : {-128, 127}) {
-    const Matrix<std::int8_t> x = Matrix<std::int8_t>::Constant(1, in, std::int8_t(value));
-    const std::int64_t total = std::int64_t(value) * in;
-    std::int64_t alternating = 0;
-    for (Index k = 0; k < in; ++k) alternating += std::int64_t(value) * (k % 3 - 1);
-    for (isa which : runnable_isas()) {
-      CAPTURE(bitnet::isa_name(which));
-      CAPTURE(value);
-      const std::vector<std::int32_t> acc = run_kernel(which, 2, packed, x);
-      CHECK(acc[0] == total);
-      CHECK(acc[1] == -total);
-      CHECK(acc[2] == 0);
-      CHECK(acc[3] == alternating);
-      CHECK(acc[4] == total);
+  // Batch 1 and 3 reach the per-plane kernels' runs of 2^14 tiles; 16 the AMX tiles. The scalar
+  // kernel's loop does not depend on the batch, so it runs batch 1 only.
+  for (int value : {-128, 127})
+    for (Index batch : {1, 3, 16}) {
+      const Matrix<std::int8_t> x = Matrix<std::int8_t>::Constant(batch, in, std::int8_t(value));
+      const std::int64_t total = std::int64_t(value) * in;
+      std::int64_t alternating = 0;
+      for (Index k = 0; k < in; ++k) alternating += std::int64_t(value) * (k % 3 - 1);
+      for (isa which : runnable_isas()) {
+        if ((batch == 16 && which != isa::amx) || (batch == 3 && which == isa::scalar)) continue;
+        CAPTURE(bitnet::isa_name(which));
+        CAPTURE(value);
+        CAPTURE(batch);
+        const std::vector<std::int32_t> acc = run_kernel(which, 2, packed, x);
+        bool exact = true;
+        for (Index b = 0; b < batch; ++b) {
+          const std::int32_t* row = acc.data() + b * 5;
+          exact = exact && row[0] == total && row[1] == -total && row[2] == 0 && row[3] == alternating &&
+                  row[4] == total;
+        }
+        CHECK(exact);
+      }
     }
-  }
 }
 
 TEST_CASE("kernels: vectorized activation quantization equals the reference, ties included") {
@@ -260,8 +269,13 @@ TEST_CASE("kernels: ISA choice, override and thread count API") {
   CHECK(bitnet::isa_name(isa::scalar) == "scalar");
   CHECK(bitnet::isa_name(isa::avx2) == "avx2");
   CHECK(bitnet::isa_name(isa::avx512) == "avx512");
+  CHECK(bitnet::isa_name(isa::amx) == "amx");
+  CHECK(bitnet::detail::parse_isa("amx") == isa::amx);
   CHECK(bitnet::isa_supported(bitnet::best_isa()));
-  if (bitnet::isa_supported(isa::avx512)) CHECK(bitnet::best_isa() == isa::avx512);
+  if (bitnet::isa_supported(isa::amx))
+    CHECK(bitnet::best_isa() == isa::amx);
+  else if (bitnet::isa_supported(isa::avx512))
+    CHECK(bitnet::best_isa() == isa::avx512);
   const char* env = std::getenv("BITNET_ISA");
   if (env == nullptr || *env == '\0') {
     // This test binary is built without -march flags: the run-time choice still finds SIMD.
@@ -271,7 +285,7 @@ TEST_CASE("kernels: ISA choice, override and thread count API") {
   }
   bitnet::force_isa(isa::scalar);
   CHECK(bitnet::active_isa() == isa::scalar);
-  for (isa which : {isa::avx2, isa::avx512})
+  for (isa which : {isa::avx2, isa::avx512, isa::amx})
     if (!bitnet::isa_supported(which)) {
       CHECK_THROWS_WITH_AS(bitnet::force_isa(which), doctest::Contains("this CPU does not support"),
                            bitnet::value_error);

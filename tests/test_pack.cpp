@@ -36,10 +36,11 @@ TEST_CASE("packed_ternary: pack then unpack is the identity for every ragged sha
       const packed_ternary packed(codes);
       REQUIRE(packed.rows() == rows);
       REQUIRE(packed.cols() == cols);
-      CHECK(packed.padded_rows() == round_up(rows, 4));
-      CHECK(packed.padded_cols() == round_up(cols, 128));
+      CHECK(packed.padded_rows() == round_up(rows, 16));
+      CHECK(packed.padded_cols() == round_up(cols, 64));
+      CHECK(packed.col_tiles() == round_up(cols, 64) / 16);
       // 2 bits per (padded) weight, nothing else
-      CHECK(packed.size_bytes() == std::size_t(round_up(rows, 4) * round_up(cols, 128) / 4));
+      CHECK(packed.size_bytes() == std::size_t(round_up(rows, 16) * round_up(cols, 64) / 4));
       CHECK(reinterpret_cast<std::uintptr_t>(packed.data()) % 64 == 0);
       CHECK(packed.unpack() == codes);
       bool every_element = true;
@@ -51,25 +52,27 @@ TEST_CASE("packed_ternary: pack then unpack is the identity for every ragged sha
 }
 
 // The layout written out in pack.hpp, checked bit by bit: a kernel and the writer must agree.
+// Every byte and plane of the buffer is decoded back to its (row, column) by the inverse formula.
 TEST_CASE("packed_ternary: each weight sits at the documented byte and bits; padding holds weight 0") {
-  const Index rows = 6, cols = 300;  // 2 row blocks, 3 column blocks, both padded
-  const Index col_blocks = 3;
-  for (Index r = 0; r < rows; ++r)
-    for (Index c = 0; c < cols; c += 7) {
+  const Index rows = 19, cols = 83;  // 2 row blocks (16 + 3), 128 padded columns (5 full tiles + 3 columns)
+  const Index col_tiles = 128 / 16;
+  for (Index r = 0; r < rows; r += 2)
+    for (Index c = 0; c < cols; c += 5) {
       Matrix<std::int8_t> codes = Matrix<std::int8_t>::Constant(rows, cols, -1);  // code 0 everywhere
       codes(r, c) = 1;                                                           // code 2 here
       const packed_ternary packed(codes);
-      const Index byte = ((r / 4 * col_blocks + c / 128) * 4 + r % 4) * 32 + c % 32;
-      const int shift = int(c % 128 / 32) * 2;
+      REQUIRE(packed.size_bytes() == std::size_t(32 * 128 / 4));
+      const Index byte = (r / 16 * col_tiles + c / 16) * 64 + r % 16 * 4 + c % 4;
+      const int shift = int(c % 16 / 4) * 2;
       bool only_there = true;
       for (Index i = 0; i < Index(packed.size_bytes()); ++i) {
-        const Index row = i / 32 % 4 + i / (32 * 4 * col_blocks) * 4;
-        const Index col = i / 128 % col_blocks * 128 + i % 32;
+        const Index tile = i / 64, row = tile / col_tiles * 16 + i % 64 / 4;
         for (int plane = 0; plane < 4; ++plane) {
+          const Index col = tile % col_tiles * 16 + 4 * plane + i % 4;
           const int code = (packed.data()[i] >> (2 * plane)) & 3;
-          const bool padding = row >= rows || col + 32 * plane >= cols;
-          const int expected = padding ? 1 : (i == byte && 2 * plane == shift) ? 2 : 0;
-          only_there = only_there && code == expected;
+          const bool padding = row >= rows || col >= cols;
+          const int expected = padding ? 1 : (row == r && col == c) ? 2 : 0;
+          only_there = only_there && code == expected && (row != r || col != c || (i == byte && 2 * plane == shift));
         }
       }
       CAPTURE(r);

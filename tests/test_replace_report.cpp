@@ -44,11 +44,11 @@ TEST_CASE("replace_report: per-layer numbers computed independently, totals, ali
   CHECK(row.zero_fraction == doctest::Approx(zeros / 30));
   CHECK(row.reconstruction_error == doctest::Approx(std::sqrt(err / norm)));
   CHECK(row.latent_bytes == 30 * sizeof(float));
-  // the packed format pads rows to blocks of 4 and columns to blocks of 128, 2 bits per code
-  CHECK(row.packed_bytes == 4 * 128 / 4);
-  CHECK(report.layers[1].packed_bytes == 8 * 128 / 4);
+  // the packed format pads rows to blocks of 16 and columns to a multiple of 64, 2 bits per code
+  CHECK(row.packed_bytes == 16 * 64 / 4);
+  CHECK(report.layers[1].packed_bytes == 16 * 64 / 4);
   CHECK(report.total_latent_bytes() == (30 + 20) * sizeof(float));
-  CHECK(report.total_packed_bytes() == 128 + 256);
+  CHECK(report.total_packed_bytes() == 256 + 256);
   CHECK(report.total_weights() == 50);
 
   std::ostringstream out;

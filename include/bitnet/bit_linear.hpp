@@ -149,54 +149,87 @@ class BitLinear {
 
   /// x: batch x in  ->  batch x out. Throws shape_error for a wrong feature count and value_error
   /// for a non-finite input. A batch of 0 rows gives 0 rows. Safe to call from several threads at
-  /// once: all scratch memory belongs to the call.
+  /// once: the scratch memory is the calling thread's own.
   template <class Derived>
   Matrix<T> forward(const Eigen::MatrixBase<Derived>& x) const {
+    Matrix<T> y;
+    forward(x, y);
+    return y;
+  }
+
+  /// forward(x) into y, resized to batch x out only if its shape differs: with a y of the right
+  /// shape and a batch seen before on this thread, the call allocates nothing. y may be the
+  /// matrix x refers to (x is read whole before y is written). On an exception y is unchanged.
+  template <class Derived>
+  void forward(const Eigen::MatrixBase<Derived>& x, Matrix<T>& y) const {
     static_assert(std::is_same_v<typename Derived::Scalar, T>,
                   "BitLinear<T>::forward: the input's scalar type must be T");
     if (x.cols() != in_features())
       throw shape_error("BitLinear::forward: input has " + std::to_string(x.cols()) +
                         " features, the layer expects " + std::to_string(in_features()));
     const Index batch = x.rows();
-    Matrix<T> y(batch, out_features());
-    if (batch == 0) return y;
+    if (batch == 0) {
+      Matrix<T> empty(0, out_features());
+      return y.swap(empty);
+    }
 
     const isa kernels = active_isa();
     const int threads = num_threads();
     const Eigen::Ref<const Matrix<T>, 0, Eigen::OuterStride<>> input(x.derived());
-    Matrix<T> normed;
-    if (options_.rms_norm) normed = rms_norm(input, T(options_.rms_eps));
-    const T* rows = options_.rms_norm ? normed.data() : input.data();
-    const Index row_stride = options_.rms_norm ? normed.outerStride() : input.outerStride();
-
     const packed_ternary& packed = quantized_.packed;
     const Index x_stride = packed.padded_cols();
-    detail::aligned_vector<std::int8_t> xq(static_cast<std::size_t>(batch * x_stride));
-    std::vector<T> scales(static_cast<std::size_t>(batch));
-    std::vector<std::int32_t> sums(static_cast<std::size_t>(batch));
-    if (!detail::quantize_rows(kernels, rows, row_stride, batch, in_features(), xq.data(), x_stride, scales.data(),
-                               sums.data()))
-      detail::require_finite(input, "activation_quant: input");  // throws, naming the element
-
-    std::vector<std::int32_t> acc(static_cast<std::size_t>(batch * out_features()));
-    const detail::gemm_args args{packed.data(), packed.col_blocks(), out_features(), xq.data(),
-                                 x_stride,      sums.data(),         batch,          acc.data()};
-    detail::ternary_gemm(kernels, args, packed.row_blocks(), threads);
-    const T* bias = bias_ ? bias_->data() : nullptr;
-    for (Index b = 0; b < batch; ++b) {
-      // sx * sw in double is exact for float scales; one rounding to T, then the bias added in T.
-      const double inverse_scale = 1.0 / (double(scales[std::size_t(b)]) * double(quantized_.scale));
-      const std::int32_t* row_acc = acc.data() + b * out_features();
-      T* row_y = y.data() + b * out_features();
-      if (bias)
-        for (Index o = 0; o < out_features(); ++o) row_y[o] = static_cast<T>(double(row_acc[o]) * inverse_scale) + bias[o];
-      else
-        for (Index o = 0; o < out_features(); ++o) row_y[o] = static_cast<T>(double(row_acc[o]) * inverse_scale);
+    using detail::scratch_slot;
+    std::int8_t* xq = detail::thread_scratch_of<std::int8_t, scratch_slot::activations>(std::size_t(batch * x_stride));
+    T* scales = detail::thread_scratch_of<T, scratch_slot::scales>(std::size_t(batch));
+    std::int32_t* sums = detail::thread_scratch_of<std::int32_t, scratch_slot::sums>(std::size_t(batch));
+    std::int32_t* acc =
+        detail::thread_scratch_of<std::int32_t, scratch_slot::accumulators>(std::size_t(batch * out_features()));
+    const T* rows = input.data();
+    Index row_stride = input.outerStride();
+    if (options_.rms_norm) {
+      detail::require_finite(input, "BitLinear::forward: input");  // throws, naming the element
+      T* normed = detail::thread_scratch_of<T, scratch_slot::normed>(std::size_t(batch * in_features()));
+      for (Index b = 0; b < batch; ++b)
+        detail::rms_norm_row(rows + b * row_stride, in_features(), T(options_.rms_eps), normed + b * in_features());
+      rows = normed;
+      row_stride = in_features();
     }
-    return y;
+    if (!detail::quantize_rows(kernels, rows, row_stride, batch, in_features(), xq, x_stride, scales, sums, threads))
+      detail::require_finite(input, "BitLinear::forward: input");  // throws, naming the element
+
+    // The rescale runs on each kernel thread for the rows it computed, straight into the output
+    // (a new matrix if y's shape differs, swapped in only once nothing can fail).
+    Matrix<T> shaped;
+    const bool reshape = y.rows() != batch || y.cols() != out_features();
+    if (reshape) shaped = Matrix<T>(batch, out_features());  // not y.resize: Eigen's is not exception-safe
+    Matrix<T>& out = reshape ? shaped : y;
+    const rescale_job rescale{kernels, acc, batch, out_features(), scales, quantized_.scale,
+                              bias_ ? bias_->data() : nullptr, out.data(), out.outerStride()};
+    const detail::gemm_args args{packed.data(), packed.col_tiles(), out_features(), xq, x_stride, sums, batch, acc};
+    detail::ternary_gemm(kernels, args, packed.row_blocks(), threads, detail::min_work_per_thread,
+                         {rescale_job::run, &rescale});
+    if (reshape) y.swap(shaped);
   }
 
  private:
+  /// The rescale of output columns [begin, end) of one forward call (the gemm epilogue).
+  struct rescale_job {
+    isa which;
+    const std::int32_t* acc;
+    Index batch, out;
+    const T* scales;
+    T weight_scale;
+    const T* bias;
+    T* y;
+    Index y_stride;
+
+    static void run(const void* self, Index begin, Index end) noexcept {
+      const rescale_job& r = *static_cast<const rescale_job*>(self);
+      detail::rescale_rows(r.which, r.acc + begin, r.out, r.batch, end - begin, r.scales, r.weight_scale,
+                           r.bias ? r.bias + begin : nullptr, r.y + begin, r.y_stride);
+    }
+  };
+
   struct quantized_weights {
     packed_ternary packed;
     T scale;

@@ -1,8 +1,8 @@
 // bitnet/kernels.hpp - run-time choice of the int8 x ternary kernels, and their thread count.
 //
 // The kernel ISA is chosen at run time from the CPU, once, so a program built with plain -O2 and
-// no -march flags still runs the AVX2 or AVX-512 VNNI kernels. Order of precedence:
-//   force_isa(...)  >  environment variable BITNET_ISA (scalar | avx2 | avx512)  >  best_isa().
+// no -march flags still runs the AVX2, AVX-512 VNNI or AMX kernels. Order of precedence:
+//   force_isa(...)  >  environment variable BITNET_ISA (scalar | avx2 | avx512 | amx)  >  best_isa().
 // Threads: set_num_threads(n)  >  BITNET_NUM_THREADS  >  std::thread::hardware_concurrency().
 // Every ISA and every thread count gives bit-identical results: the accumulators are exact int32.
 #pragma once
@@ -11,17 +11,20 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
 #include <type_traits>
 
-#include "detail/cpu_features.hpp"
-#include "detail/kernels_avx2.hpp"
-#include "detail/kernels_avx512.hpp"
-#include "detail/kernels_scalar.hpp"
-#include "detail/thread_pool.hpp"
+#include "detail/kernels/amx.hpp"
+#include "detail/kernels/avx2.hpp"
+#include "detail/kernels/avx512.hpp"
+#include "detail/kernels/common.hpp"
+#include "detail/kernels/cpu_features.hpp"
+#include "detail/kernels/scalar.hpp"
+#include "detail/kernels/thread_pool.hpp"
 #include "errors.hpp"
 #include "matrix.hpp"
 
@@ -32,12 +35,14 @@ namespace bitnet {
 /// 256 * (2^23 - 128) < 2^31.
 inline constexpr Index max_in_features = (Index{1} << 23) - 128;
 
-enum class isa { scalar, avx2, avx512 };
+/// The kernel families. amx is avx512 plus AMX-INT8 tiles for batches of 16 tokens and more.
+enum class isa { scalar, avx2, avx512, amx };
 
 inline std::string_view isa_name(isa which) noexcept {
   switch (which) {
     case isa::avx2: return "avx2";
     case isa::avx512: return "avx512";
+    case isa::amx: return "amx";
     default: return "scalar";
   }
 }
@@ -48,13 +53,20 @@ inline bool isa_supported(isa which) noexcept {
   switch (which) {
     case isa::avx2: return cpu.avx2;
     case isa::avx512: return cpu.avx512_vnni;
+#ifdef BITNET_HAS_AMX_KERNEL
+    case isa::amx: return cpu.avx512_vnni && detail::amx_int8_usable();
+#else
+    case isa::amx: return false;
+#endif
     default: return true;
   }
 }
 
 /// The fastest ISA this CPU supports.
 inline isa best_isa() noexcept {
-  return isa_supported(isa::avx512) ? isa::avx512 : isa_supported(isa::avx2) ? isa::avx2 : isa::scalar;
+  for (isa which : {isa::amx, isa::avx512, isa::avx2})
+    if (isa_supported(which)) return which;
+  return isa::scalar;
 }
 
 namespace detail {
@@ -65,7 +77,7 @@ inline std::atomic<int> requested_threads{0};
 inline thread_local isa last_run_isa = isa::scalar;
 
 inline std::optional<isa> parse_isa(std::string_view name) noexcept {
-  for (isa which : {isa::scalar, isa::avx2, isa::avx512})
+  for (isa which : {isa::scalar, isa::avx2, isa::avx512, isa::amx})
     if (name == isa_name(which)) return which;
   return std::nullopt;
 }
@@ -84,7 +96,7 @@ inline const env_isa_choice& env_isa() {
     if (value == nullptr || *value == '\0') return r;
     const std::optional<isa> named = parse_isa(value);
     if (!named)
-      r.error = std::string("BITNET_ISA=") + value + " names no kernel ISA (use scalar, avx2 or avx512)";
+      r.error = std::string("BITNET_ISA=") + value + " names no kernel ISA (use scalar, avx2, avx512 or amx)";
     else if (!isa_supported(*named))
       r.error = std::string("BITNET_ISA=") + value + ": this CPU does not support it";
     else
@@ -155,83 +167,178 @@ inline namespace BITNET_TU_ISA {
 /// Below this many multiply-adds per thread a thread costs more than it saves.
 inline constexpr double min_work_per_thread = 1 << 21;
 
-inline void run_gemm_range(isa which, const gemm_args& a, Index begin, Index end) noexcept {
-  switch (which) {
-#ifdef BITNET_X86
-    case isa::avx512: ternary_gemm_avx512(a, begin, end); break;
-    case isa::avx2: ternary_gemm_avx2(a, begin, end); break;
-#endif
-    default: ternary_gemm_scalar(a, begin, end); break;
+/// Copies the activations of each token tile of `tile` tokens (the last may be shorter, n tokens)
+/// into dst interleaved by 4-byte groups: group q of the tile's token t at (q * n + t) * 4 from the
+/// tile's start, t0 * x_stride. The SIMD products then broadcast every group from one pointer.
+inline void interleave_tokens(const gemm_args& a, Index tile, std::int8_t* dst) noexcept {
+  const Index groups = a.x_stride / group_cols;
+  for (Index t0 = 0; t0 < a.batch; t0 += tile) {
+    const Index n = std::min(tile, a.batch - t0);
+    std::int8_t* to = dst + t0 * a.x_stride;
+    for (Index t = 0; t < n; ++t) {
+      const std::int8_t* from = a.x + (t0 + t) * a.x_stride;
+      for (Index q = 0; q < groups; ++q) std::memcpy(to + (q * n + t) * group_cols, from + q * group_cols, group_cols);
+    }
   }
 }
 
-/// One kernel call's share-out over the pool: part i computes row blocks
-/// [i * per_part, min((i + 1) * per_part, row_blocks)).
-struct gemm_split {
+/// What a kernel call does next with the rows it has just computed, on the same thread, so it is
+/// shared out over the threads with them (BitLinear's rescale): run(context, row_begin, row_end).
+struct gemm_epilogue {
+  void (*run)(const void* context, Index row_begin, Index row_end) noexcept = nullptr;
+  const void* context = nullptr;
+};
+
+/// One kernel call, prepared for its ISA and shared out over the pool: part i computes row blocks
+/// [i * per_part, min((i + 1) * per_part, row_blocks)), then runs the epilogue on their rows.
+struct gemm_job {
   isa which;
-  const gemm_args* args;
+  gemm_args args;
+  const std::int8_t* interleaved;  // avx2 / avx512 batch > 1: the activations by token tile; else args.x
+  const std::int8_t* token_tail;   // amx: the last partial token tile, zero-padded to 16 rows
+  std::int8_t* unpacked;           // amx: unpacked B tiles, unpacked_bytes per part
+  Index unpacked_bytes;
   Index per_part, row_blocks;
+  gemm_epilogue epilogue;
+
+  void run_range(Index part, Index begin, Index end) const noexcept {
+    run_kernel(part, begin, end);
+    if (epilogue.run) epilogue.run(epilogue.context, begin * tile_rows, std::min(end * tile_rows, args.rows));
+  }
+
+  void run_kernel([[maybe_unused]] Index part, Index begin, Index end) const noexcept {
+    switch (which) {
+#ifdef BITNET_X86
+#ifdef BITNET_HAS_AMX_KERNEL
+      case isa::amx:
+        if (args.batch >= amx_min_batch) {
+          ternary_gemm_amx(args, token_tail, begin, end, unpacked + part * unpacked_bytes);
+          break;
+        }
+        [[fallthrough]];
+#endif
+      case isa::avx512: ternary_gemm_avx512(args, interleaved, begin, end); break;
+      case isa::avx2: ternary_gemm_avx2(args, interleaved, begin, end); break;
+#endif
+      default: ternary_gemm_scalar(args, begin, end); break;
+    }
+  }
 
   static void run_part(const void* self, Index part) noexcept {
-    const gemm_split& s = *static_cast<const gemm_split*>(self);
-    const Index begin = part * s.per_part;
-    run_gemm_range(s.which, *s.args, begin, std::min(begin + s.per_part, s.row_blocks));
+    const gemm_job& job = *static_cast<const gemm_job*>(self);
+    const Index begin = part * job.per_part;
+    job.run_range(part, begin, std::min(begin + job.per_part, job.row_blocks));
   }
 };
 
-/// The product of gemm_args for the row blocks, split into contiguous row ranges over at most
-/// `threads` threads (the caller's and the pool's, detail/thread_pool.hpp), each given at least
-/// min_work multiply-adds. Every output is computed whole by one thread, so the split never
-/// changes a result.
-inline void run_gemm_split(isa which, const gemm_args& a, Index row_blocks, int threads, double min_work) {
-  const double work = double(a.batch) * double(row_blocks) * double(a.col_blocks) * 512.0;
-  const Index by_work = min_work > 0 ? Index(std::min(work / min_work, 1e9)) : row_blocks;
-  const Index parts = std::clamp<Index>(by_work, 1, std::min<Index>(threads, row_blocks));
-  if (parts == 1) return run_gemm_range(which, a, 0, row_blocks);  // the pool is not even created
-  const Index per_part = (row_blocks + parts - 1) / parts;
-  const gemm_split split{which, &a, per_part, row_blocks};
-  thread_pool::instance().run((row_blocks + per_part - 1) / per_part, gemm_split::run_part, &split);
-}
-
-/// The product of gemm_args for all row_blocks on the kernels of `which` (see run_gemm_split).
+/// The product of gemm_args for all row_blocks on the kernels of `which` (then the epilogue on
+/// each range's rows, by the thread that computed them), split into contiguous row ranges over at
+/// most `threads` threads (the caller's and the pool's, thread_pool.hpp), each
+/// given at least min_work multiply-adds. Every output is computed whole by one thread, so the
+/// split never changes a result. Scratch memory is the calling thread's (common.hpp): a call of a
+/// shape seen before allocates nothing. Throws bad_alloc only before any work starts.
 inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int threads,
-                         double min_work = min_work_per_thread) {
+                         double min_work = min_work_per_thread, gemm_epilogue epilogue = {}) {
   last_run_isa = which;
+  gemm_job job{which, a, a.x, nullptr, nullptr, 0, row_blocks, row_blocks, epilogue};
+  // Parts start at multiples of `granule` blocks: the AMX kernel takes blocks in pairs, the
+  // AVX-512 batch-1 kernel in twos.
+  Index granule = 1;
 #ifdef BITNET_X86
-  aligned_vector<std::int8_t> doubled;
-  if (which == isa::avx512) {  // the AVX-512 kernels read every activation plane twice side by side
-    doubled = duplicate_planes_avx512(a);
-    gemm_args widened = a;
-    widened.x = doubled.data();
-    widened.x_stride = 2 * a.x_stride;
-    run_gemm_split(which, widened, row_blocks, threads, min_work);
-    return;
+  const bool amx_tiles = which == isa::amx && a.batch >= 16;
+  if (amx_tiles) {
+    granule = 2;
+    if (const Index tail = a.batch % 16; tail != 0) {
+      std::int8_t* rows = thread_scratch_of<std::int8_t, scratch_slot::token_tail>(std::size_t(16 * a.x_stride));
+      std::memcpy(rows, a.x + (a.batch - tail) * a.x_stride, std::size_t(tail * a.x_stride));
+      std::memset(rows + tail * a.x_stride, 0, std::size_t((16 - tail) * a.x_stride));
+      job.token_tail = rows;
+    }
+  } else if (which != isa::scalar && a.batch > 1) {
+    std::int8_t* xi = thread_scratch_of<std::int8_t, scratch_slot::interleaved>(std::size_t(a.batch * a.x_stride));
+    interleave_tokens(a, which == isa::avx2 ? avx2_token_tile : avx512_token_tile, xi);
+    job.interleaved = xi;
+  } else if (which != isa::scalar && which != isa::avx2) {
+    granule = 2;
   }
 #endif
-  run_gemm_split(which, a, row_blocks, threads, min_work);
+  const double work = double(a.batch) * double(row_blocks) * double(a.col_tiles) * double(tile_rows * tile_cols);
+  const Index by_work = min_work > 0 ? Index(std::min(work / min_work, 1e9)) : row_blocks;
+  const Index parts = std::clamp<Index>(by_work, 1, std::min<Index>(threads, row_blocks));
+  job.per_part = ((row_blocks + parts - 1) / parts + granule - 1) / granule * granule;
+  const Index used_parts = (row_blocks + job.per_part - 1) / job.per_part;
+#ifdef BITNET_HAS_AMX_KERNEL
+  if (amx_tiles) {
+    job.unpacked_bytes = 4 * amx_tile_bytes;
+    job.unpacked = thread_scratch_of<std::int8_t, scratch_slot::unpacked>(std::size_t(used_parts * job.unpacked_bytes));
+  }
+#endif
+  if (used_parts == 1) return job.run_range(0, 0, row_blocks);  // the pool is not even created
+  thread_pool::instance().run(used_parts, gemm_job::run_part, &job);
 }
 
 /// quantize_activations for `rows` rows of x (row stride x_stride), into q (row stride
-/// q_stride, zero-padded after cols), scales and per-row code sums. Returns false if any input
-/// is not finite.
+/// q_stride, zero-padded after cols), scales and per-row code sums, on the kernels of `which`;
+/// rows are shared out over up to `threads` threads when there are enough of them (each row is
+/// quantized whole by one thread, so the split never changes a result). Returns false if any
+/// input is not finite.
 template <class T>
 bool quantize_rows(isa which, const T* x, Index x_stride, Index rows, Index cols, std::int8_t* q, Index q_stride,
-                   T* scales, std::int32_t* sums) noexcept {
-  last_run_isa = which;
-  for (Index r = 0; r < rows; ++r) {
-    bool finite;
+                   T* scales, std::int32_t* sums, int threads = 1) noexcept {
+  struct split {
+    isa which;
+    const T* x;
+    Index x_stride, rows, cols;
+    std::int8_t* q;
+    Index q_stride;
+    T* scales;
+    std::int32_t* sums;
+    Index per_part;
+    mutable std::atomic<bool> finite{true};
+
+    bool range(Index begin, Index end) const noexcept {
+      for (Index r = begin; r < end; ++r) {
+        bool ok;
 #ifdef BITNET_X86
-    if constexpr (std::is_same_v<T, float>) {
-      if (which != isa::scalar)
-        finite = quantize_row_avx2(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
-      else
-        finite = quantize_row_scalar(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
-    } else
+        if constexpr (std::is_same_v<T, float>) {
+          if (which != isa::scalar)
+            ok = quantize_row_avx2(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
+          else
+            ok = quantize_row_scalar(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
+        } else
 #endif
-      finite = quantize_row_scalar(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
-    if (!finite) return false;
+          ok = quantize_row_scalar(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
+        if (!ok) return false;
+      }
+      return true;
+    }
+    static void run_part(const void* self, Index part) noexcept {
+      const split& s = *static_cast<const split*>(self);
+      const Index begin = part * s.per_part;
+      if (!s.range(begin, std::min(begin + s.per_part, s.rows))) s.finite.store(false);
+    }
+  };
+  last_run_isa = which;
+  // A part below ~64K values costs more to hand over than it saves.
+  const Index parts = std::clamp<Index>(rows * cols / (Index{1} << 16), 1, std::min<Index>(threads, rows));
+  split job{which, x, x_stride, rows, cols, q, q_stride, scales, sums, (rows + parts - 1) / parts};
+  if (parts == 1) return job.range(0, rows);
+  thread_pool::instance().run((rows + job.per_part - 1) / job.per_part, split::run_part, &job);
+  return job.finite.load();
+}
+
+/// rescale_rows_scalar on the kernels of `which` (bit-identical for every ISA).
+template <class T>
+void rescale_rows(isa which, const std::int32_t* acc, Index acc_stride, Index batch, Index cols, const T* sx, T sw,
+                  const T* bias, T* y, Index y_stride) noexcept {
+#ifdef BITNET_X86
+  if constexpr (std::is_same_v<T, float>) {
+    // AVX2 for every SIMD ISA: the rescale is a small part of a call, and 8 lanes of doubles suffice.
+    if (which != isa::scalar) return rescale_rows_avx2(acc, acc_stride, batch, cols, sx, sw, bias, y, y_stride);
   }
-  return true;
+#endif
+  (void)which;
+  rescale_rows_scalar(acc, acc_stride, batch, cols, sx, sw, bias, y, y_stride);
 }
 
 }  // namespace BITNET_TU_ISA

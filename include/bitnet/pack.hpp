@@ -2,16 +2,21 @@
 //
 // A ternary matrix W (out x in, values {-1, 0, +1}) is stored as codes c = w + 1 in {0, 1, 2}:
 //
-//   * rows are grouped in blocks of 4 (block_rows); the last block is padded with zero weights;
-//   * columns are grouped in blocks of 128 (block_cols); the last block is padded with zero weights;
-//   * one (row block, column block) tile is 4 x 32 bytes, row after row, and the tiles of a row block
-//     follow each other, so each row block is one sequential stream;
-//   * inside a row's 32 bytes, byte i holds the codes of columns i, i+32, i+64 and i+96 of the
-//     column block in bits 0-1, 2-3, 4-5 and 6-7 ("planes"): a 32-byte vector load, a shift and an
-//     AND give 32 consecutive codes, which meet 32 consecutive int8 activations.
+//   * rows are grouped in blocks of 16 (block_rows); the last block is padded with zero weights;
+//   * columns are padded with zero weights to a multiple of 64 (block_cols);
+//   * a tile is 16 rows x 16 columns in 64 bytes: byte 4 * j + c (row j of the block, c in 0..3)
+//     holds the code of the tile's column 4 * p + c in bits 2p and 2p + 1 ("plane" p = 0..3);
+//   * the tiles of a row block follow each other along the columns, so each row block is one
+//     sequential stream, and the row blocks follow each other.
 //
-// Byte of (row r, column k):  ((r / 4 * column_blocks + k / 128) * 4 + r % 4) * 32 + k % 32,
-// bits 2 * (k % 128 / 32) and up. Storage: padded_rows * padded_cols / 4 bytes, 64-byte aligned.
+// Why: one 512-bit load is a whole tile, one 32-bit lane per row. Plane p, extracted with a shift
+// and an AND, is 16 rows x 4 consecutive columns: exactly what vpdpbusd (or SDOT, per 128 bits)
+// multiplies with one broadcast 4-byte group of a token's activations, so a token's activations
+// are read 4 bytes at a time and shared by 16 rows, and an unpacked plane is shared by every token.
+// Sixteen unpacked planes (64 columns) are also one AMX-INT8 B tile as they stand.
+//
+// Byte of (row r, column k):  (r / 16 * (padded_cols / 16) + k / 16) * 64 + r % 16 * 4 + k % 4,
+// bits 2 * (k % 16 / 4) and up. Storage: padded_rows * padded_cols / 4 bytes, 64-byte aligned.
 #pragma once
 
 #include <cstddef>
@@ -30,10 +35,11 @@ namespace bitnet {
 
 class packed_ternary {
  public:
-  static constexpr Index block_rows = 4;
-  static constexpr Index block_cols = 128;
-  static constexpr Index plane_cols = 32;  // columns per 2-bit plane = bytes per row of a tile
-  static constexpr Index tile_bytes = block_rows * plane_cols;
+  static constexpr Index block_rows = 16;
+  static constexpr Index block_cols = 64;
+  static constexpr Index tile_cols = 16;   // columns of one 64-byte tile
+  static constexpr Index group_cols = 4;   // consecutive columns of a row in one plane (one byte each when unpacked)
+  static constexpr Index tile_bytes = block_rows * tile_cols / 4;
 
   /// An empty (0 x 0) matrix.
   packed_ternary() = default;
@@ -69,7 +75,8 @@ class packed_ternary {
   Index padded_rows() const noexcept { return round_up(rows_, block_rows); }
   Index padded_cols() const noexcept { return round_up(cols_, block_cols); }
   Index row_blocks() const noexcept { return padded_rows() / block_rows; }
-  Index col_blocks() const noexcept { return padded_cols() / block_cols; }
+  /// Tiles per row block (padded_cols / 16).
+  Index col_tiles() const noexcept { return padded_cols() / tile_cols; }
 
   /// The packed bytes in the layout above (size_bytes() of them).
   const std::uint8_t* data() const noexcept { return bytes_.data(); }
@@ -94,11 +101,10 @@ class packed_ternary {
 
  private:
   static Index round_up(Index n, Index block) noexcept { return (n + block - 1) / block * block; }
-  static int shift_of(Index col) noexcept { return int(col % block_cols / plane_cols) * 2; }
+  static int shift_of(Index col) noexcept { return int(col % tile_cols / group_cols) * 2; }
   std::size_t offset(Index row, Index col) const noexcept {
-    return std::size_t(((row / block_rows * col_blocks() + col / block_cols) * block_rows + row % block_rows) *
-                           plane_cols +
-                       col % plane_cols);
+    return std::size_t((row / block_rows * col_tiles() + col / tile_cols) * tile_bytes +
+                       row % block_rows * group_cols + col % group_cols);
   }
 
   Index rows_ = 0;

@@ -170,6 +170,19 @@ Matrix<detail::scalar_of<Derived>> activation_quant(const Eigen::MatrixBase<Deri
   return y;
 }
 
+namespace detail {
+/// One row of rms_norm: out[c] = x[c] * (1 / sqrt(mean(x^2) + eps)), squares summed in double.
+/// out may be x.
+template <real_scalar S>
+void rms_norm_row(const S* x, Index cols, S eps, S* out) noexcept {
+  double sum_squares = 0;
+  for (Index c = 0; c < cols; ++c) sum_squares += double(x[c]) * double(x[c]);
+  const S mean_square = static_cast<S>(sum_squares / double(cols));
+  const S inverse = S(1) / std::sqrt(mean_square + eps);
+  for (Index c = 0; c < cols; ++c) out[c] = x[c] * inverse;
+}
+}  // namespace detail
+
 /// RMSNorm without a learnable weight, per row: x * rsqrt(mean(x^2) + eps).
 template <class Derived>
   requires real_scalar<detail::scalar_of<Derived>>
@@ -180,12 +193,7 @@ Matrix<detail::scalar_of<Derived>> rms_norm(const Eigen::MatrixBase<Derived>& x,
     throw value_error("rms_norm: eps must be finite and > 0, got " + std::to_string(eps));
   detail::require_real_matrix(x, "rms_norm: input");
   Matrix<S> y = x;
-  for (Index r = 0; r < y.rows(); ++r) {
-    double sum_squares = 0;
-    for (Index c = 0; c < y.cols(); ++c) sum_squares += double(y(r, c)) * double(y(r, c));
-    const S mean_square = static_cast<S>(sum_squares / double(y.cols()));
-    y.row(r) *= S(1) / std::sqrt(mean_square + eps);
-  }
+  for (Index r = 0; r < y.rows(); ++r) detail::rms_norm_row(y.data() + r * y.cols(), y.cols(), eps, y.data() + r * y.cols());
   return y;
 }
 

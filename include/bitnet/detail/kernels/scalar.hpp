@@ -8,8 +8,8 @@
 
 #include <Eigen/Core>
 
-#include "../quant.hpp"
-#include "cpu_features.hpp"
+#include "../../quant.hpp"
+#include "common.hpp"
 
 namespace bitnet::detail {
 
@@ -27,40 +27,23 @@ inline void ternary_gemm_reference(const std::int8_t* x, Eigen::Index batch, con
     }
 }
 
-/// One product of packed ternary weights (see pack.hpp) with int8 activations:
-///   acc[b * rows + o] = sum_k x[b * x_stride + k] * w(o, k)   for the rows of blocks [begin, end).
-/// The kernels compute sum_k x * (w + 1) from the codes and subtract x_sums[b] = sum_k x[b, k].
-/// x rows are zero-padded to col_blocks * 128 and 64-byte aligned (x_stride a multiple of 64).
-struct gemm_args {
-  const std::uint8_t* weights;  // packed_ternary::data()
-  Eigen::Index col_blocks;
-  Eigen::Index rows;            // the real output rows (acc's row stride)
-  const std::int8_t* x;
-  Eigen::Index x_stride;
-  const std::int32_t* x_sums;
-  Eigen::Index batch;
-  std::int32_t* acc;            // batch x rows
-};
-
-inline constexpr Eigen::Index tile_cols = 128;  // packed_ternary::block_cols
-inline constexpr Eigen::Index tile_rows = 4;    // packed_ternary::block_rows
-inline constexpr Eigen::Index plane_bytes = 32; // packed_ternary::plane_cols
-
 inline namespace BITNET_TU_ISA {
 
+/// The packed layout read the plain way: row j of block g, plane p of tile kt, byte c is the code
+/// of column 16 kt + 4 p + c.
 inline void ternary_gemm_scalar(const gemm_args& a, Eigen::Index block_begin, Eigen::Index block_end) noexcept {
   for (Eigen::Index g = block_begin; g < block_end; ++g)
-    for (Eigen::Index r = 0; r < tile_rows && g * tile_rows + r < a.rows; ++r)
+    for (Eigen::Index j = 0; j < tile_rows && g * tile_rows + j < a.rows; ++j)
       for (Eigen::Index b = 0; b < a.batch; ++b) {
         const std::int8_t* x = a.x + b * a.x_stride;
         std::int32_t sum = 0;  // |sum| <= 2 * 128 * padded in < 2^31 (max_in_features)
-        for (Eigen::Index kb = 0; kb < a.col_blocks; ++kb) {
-          const std::uint8_t* tile = a.weights + ((g * a.col_blocks + kb) * tile_rows + r) * plane_bytes;
-          for (int plane = 0; plane < 4; ++plane)
-            for (Eigen::Index i = 0; i < plane_bytes; ++i)
-              sum += std::int32_t((tile[i] >> (2 * plane)) & 3) * x[kb * tile_cols + plane * plane_bytes + i];
+        for (Eigen::Index kt = 0; kt < a.col_tiles; ++kt) {
+          const std::uint8_t* lane = a.weights + (g * a.col_tiles + kt) * tile_bytes + j * group_cols;
+          for (int p = 0; p < 4; ++p)
+            for (int c = 0; c < group_cols; ++c)
+              sum += std::int32_t((lane[c] >> (2 * p)) & 3) * x[kt * tile_cols + p * group_cols + c];
         }
-        a.acc[b * a.rows + g * tile_rows + r] = sum - a.x_sums[b];
+        a.acc[b * a.rows + g * tile_rows + j] = sum - a.x_sums[b];
       }
 }
 
@@ -82,6 +65,25 @@ bool quantize_row_scalar(const T* x, Eigen::Index cols, Eigen::Index padded, std
   }
   std::fill(q + cols, q + padded, std::int8_t{0});
   return true;
+}
+
+/// y[b, o] = T(double(acc[b, o]) / (double(sx[b]) * double(sw))) + bias[o] for o in [0, cols), the
+/// one rescale of BitLinear: the product of the scales in double is exact for float scales, one
+/// rounding to T, then the bias added in T. acc's rows are acc_stride apart, y's y_stride (a
+/// column range of a call's outputs is acc + c, bias + c, y + c). The SIMD rescales compute
+/// exactly this.
+template <class T>
+void rescale_rows_scalar(const std::int32_t* acc, Eigen::Index acc_stride, Eigen::Index batch, Eigen::Index cols,
+                         const T* sx, T sw, const T* bias, T* y, Eigen::Index y_stride) noexcept {
+  for (Eigen::Index b = 0; b < batch; ++b) {
+    const double inverse_scale = 1.0 / (double(sx[b]) * double(sw));
+    const std::int32_t* row_acc = acc + b * acc_stride;
+    T* row_y = y + b * y_stride;
+    if (bias)
+      for (Eigen::Index o = 0; o < cols; ++o) row_y[o] = static_cast<T>(double(row_acc[o]) * inverse_scale) + bias[o];
+    else
+      for (Eigen::Index o = 0; o < cols; ++o) row_y[o] = static_cast<T>(double(row_acc[o]) * inverse_scale);
+  }
 }
 
 }  // namespace BITNET_TU_ISA

@@ -1,0 +1,209 @@
+// AVX-512 VNNI kernels: vpdpbusd multiplies unsigned codes c in {0, 1, 2} by int8 activations and
+// adds groups of four straight into int32 lanes, so there is no int16 intermediate at all.
+//
+// Both products read a whole 64-byte tile of pack.hpp per load: one 32-bit lane per row of the
+// 16-row block. Plane p of the tile is 16 rows x 4 consecutive columns, so one vpdpbusd multiplies
+// it with a broadcast 4-byte group of one token's activations ({1to16} from memory: a load, no
+// shuffle). A token's activations are read 4 bytes per 64 multiply-adds, and an unpacked plane is
+// reused by every token of a tile: activations come from L1, not duplicated planes from L2.
+//
+// Two ways to unpack a plane (docs/kernels.md has the counts):
+//   * per-plane accumulators (batch 1 to 4): plane p is extracted with one AND alone, as 4^p c,
+//     into an accumulator of its own. A lane gains at most 4 * 128 * 128 = 2^16 per tile (p = 3),
+//     so a run of per_plane_tiles_per_run = 2^14 tiles stays below 2^30 before the planes are
+//     scaled back (an exact arithmetic shift: every term is a multiple of 4^p) and summed;
+//   * shift and AND (batch 5 and more): one accumulator per token and row block, the three shifts
+//     per tile shared by every token. A lane gains at most 4 * 4 * 256 per tile; the int32 bound
+//     is max_in_features.
+// Activation quantization reuses the AVX2 routine (every AVX-512 CPU has AVX2).
+#pragma once
+
+#include "avx2.hpp"
+#include "common.hpp"
+#include "scalar.hpp"
+
+#ifdef BITNET_X86
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+
+// GCC 12 warns (-Wuninitialized) about its own avx512fintrin.h helpers once they are inlined here;
+// users building with -Werror must not see it.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+// tests/avx512_emulation.hpp predefines these (and routes the intrinsics through SIMDe) so the
+// kernels below also run, emulated, in CI on CPUs without AVX-512.
+#ifndef BITNET_TARGET_AVX512
+#define BITNET_TARGET_AVX512 __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define BITNET_INLINE_AVX512 __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) inline
+#endif
+
+namespace bitnet::detail {
+inline namespace BITNET_TU_ISA {
+
+BITNET_INLINE_AVX512 __m512i load_avx512(const void* p) noexcept { return _mm512_load_si512(p); }
+
+BITNET_INLINE_AVX512 __m512i broadcast_group_avx512(const std::int8_t* p) noexcept {
+  return _mm512_set1_epi32(load_u32(p));
+}
+
+/// acc + the dot products of groups of four u8 codes and s8 activations (vpdpbusd). Inline assembly
+/// where it is real AVX-512: GCC 12 wraps every vpdpbusd intrinsic in a register move to and from
+/// a copy of the accumulator (two moves per multiply in the compiled loops); the asm names the
+/// accumulator as read and written in place, so the moves are gone.
+BITNET_INLINE_AVX512 __m512i dpbusd_avx512(__m512i acc, __m512i codes, __m512i x) noexcept {
+#if defined(BITNET_TEST_EMULATED_AVX512)
+  return _mm512_dpbusd_epi32(acc, codes, x);
+#else
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(codes), "v"(x));
+  return acc;
+#endif
+}
+
+/// v >> shift (arithmetic), per 256-bit half: once per run of tiles, and SIMDe 0.7.4 (the emulated
+/// test) has no _mm512_srai_epi32.
+BITNET_INLINE_AVX512 __m512i shift_right_avx512(__m512i v, int shift) noexcept {
+  const __m256i low = _mm256_srai_epi32(_mm512_castsi512_si256(v), shift);
+  const __m256i high = _mm256_srai_epi32(_mm512_extracti64x4_epi64(v, 1), shift);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+}
+
+/// Writes the 16 int32 row sums of row block g for one token, minus the token's activation sum.
+BITNET_INLINE_AVX512 void store_rows_avx512(const gemm_args& a, __m512i sums, Eigen::Index g, Eigen::Index token) noexcept {
+  alignas(64) std::int32_t lanes[tile_rows];
+  _mm512_store_si512(lanes, sums);
+  const Eigen::Index first = g * tile_rows, count = std::min(tile_rows, a.rows - first);
+  std::int32_t* out = a.acc + token * a.rows + first;
+  const std::int32_t offset = a.x_sums[token];
+  for (Eigen::Index j = 0; j < count; ++j) out[j] = lanes[j] - offset;
+}
+
+inline constexpr Eigen::Index per_plane_tiles_per_run = Eigen::Index{1} << 14;
+
+/// Blocks row blocks g .. g + Blocks - 1 against Tokens tokens (activations interleaved by 4-byte
+/// groups, interleave_tokens; for one token that is the row itself), with per-plane accumulators.
+template <int Blocks, int Tokens>
+BITNET_TARGET_AVX512 void gemm_per_plane_avx512(const gemm_args& a, const std::int8_t* xi, Eigen::Index g,
+                                                Eigen::Index token) noexcept {
+  const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes;
+  const Eigen::Index stream = a.col_tiles * tile_bytes;  // bytes from one row block to the next
+  // The run totals live in memory, touched once per run, so the loop keeps its registers for the
+  // accumulators (GCC 12 otherwise spills accumulators inside the loop).
+  alignas(64) std::int32_t total[Blocks][Tokens][tile_rows] = {};
+  for (Eigen::Index remaining = a.col_tiles; remaining > 0;) {
+    const Eigen::Index run = std::min(remaining, per_plane_tiles_per_run);
+    remaining -= run;
+    const std::uint8_t* const run_end = w + run * tile_bytes;
+    __m512i acc[Blocks][Tokens][4];
+    for (int r = 0; r < Blocks; ++r)
+      for (int t = 0; t < Tokens; ++t)
+        for (int p = 0; p < 4; ++p) acc[r][t][p] = _mm512_setzero_si512();
+    do {
+#pragma GCC unroll 4
+      for (int r = 0; r < Blocks; ++r) {
+        const __m512i tile = load_avx512(w + r * stream);
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p) {
+          const __m512i codes = _mm512_and_si512(tile, _mm512_set1_epi8(static_cast<char>(3 << (2 * p))));
+#pragma GCC unroll 4
+          for (int t = 0; t < Tokens; ++t)
+            acc[r][t][p] = dpbusd_avx512(acc[r][t][p], codes, broadcast_group_avx512(xi + (p * Tokens + t) * 4));
+        }
+      }
+      w += tile_bytes;
+      xi += tile_cols * Tokens;
+    } while (w != run_end);
+    for (int r = 0; r < Blocks; ++r)
+      for (int t = 0; t < Tokens; ++t) {
+        const __m512i unscaled =
+            _mm512_add_epi32(_mm512_add_epi32(acc[r][t][0], shift_right_avx512(acc[r][t][1], 2)),
+                             _mm512_add_epi32(shift_right_avx512(acc[r][t][2], 4), shift_right_avx512(acc[r][t][3], 6)));
+        _mm512_store_si512(total[r][t], _mm512_add_epi32(load_avx512(total[r][t]), unscaled));
+      }
+  }
+  for (int r = 0; r < Blocks; ++r)
+    if ((g + r) * tile_rows < a.rows)
+      for (int t = 0; t < Tokens; ++t) store_rows_avx512(a, load_avx512(total[r][t]), g + r, token + t);
+}
+
+/// Row block g against Tokens tokens (interleaved activations), planes unpacked by shift and AND
+/// once per tile for all tokens.
+template <int Tokens>
+BITNET_TARGET_AVX512 void gemm_shared_planes_avx512(const gemm_args& a, const std::int8_t* xi, Eigen::Index g,
+                                                    Eigen::Index token) noexcept {
+  const __m512i mask = _mm512_set1_epi8(3);
+  const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes;
+  const std::uint8_t* const end = w + a.col_tiles * tile_bytes;
+  __m512i acc[Tokens];
+  for (int t = 0; t < Tokens; ++t) acc[t] = _mm512_setzero_si512();
+  for (; w != end; w += tile_bytes, xi += tile_cols * Tokens) {
+    const __m512i tile = load_avx512(w);
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {
+      const __m512i codes = _mm512_and_si512(p == 0 ? tile : _mm512_srli_epi16(tile, 2 * p), mask);
+#pragma GCC unroll 16
+      for (int t = 0; t < Tokens; ++t)
+        acc[t] = dpbusd_avx512(acc[t], codes, broadcast_group_avx512(xi + (p * Tokens + t) * 4));
+    }
+  }
+  for (int t = 0; t < Tokens; ++t) store_rows_avx512(a, acc[t], g, token + t);
+}
+
+inline constexpr int avx512_token_tile = 16;
+
+/// Row blocks [begin, end) against one token tile of `tokens` (1 to 16) tokens.
+template <int Tokens>
+BITNET_TARGET_AVX512 void gemm_token_tile_avx512(const gemm_args& a, const std::int8_t* xt, Eigen::Index begin,
+                                                 Eigen::Index end, Eigen::Index token) noexcept {
+  if constexpr (Tokens <= 4) {
+    // Independent vpdpbusd chains: 4 planes x Tokens x blocks (8 to 16; two blocks for 1 token were
+    // measured faster than four, which GCC 12 cannot keep in registers).
+    constexpr int blocks = Tokens <= 2 ? 2 : 1;
+    Eigen::Index g = begin;
+    for (; g + blocks <= end; g += blocks) gemm_per_plane_avx512<blocks, Tokens>(a, xt, g, token);
+    for (; g < end; ++g) gemm_per_plane_avx512<1, Tokens>(a, xt, g, token);
+  } else {
+    for (Eigen::Index g = begin; g < end; ++g) gemm_shared_planes_avx512<Tokens>(a, xt, g, token);
+  }
+}
+
+template <int... Tokens>
+BITNET_TARGET_AVX512 void gemm_any_tile_avx512(std::integer_sequence<int, Tokens...>, int tokens, const gemm_args& a,
+                                               const std::int8_t* xt, Eigen::Index begin, Eigen::Index end,
+                                               Eigen::Index token) noexcept {
+  ((tokens == Tokens + 1 ? gemm_token_tile_avx512<Tokens + 1>(a, xt, begin, end, token) : void()), ...);
+}
+
+/// Row blocks per cache block: about 256 KiB of packed weights, kept in L2 for every token tile.
+inline Eigen::Index avx512_blocks_per_chunk(Eigen::Index col_tiles) noexcept {
+  return std::max<Eigen::Index>(4, (Eigen::Index{1} << 18) / (col_tiles * tile_bytes));
+}
+
+/// xi: the activations interleaved for token tiles of avx512_token_tile (for batch 1, a.x itself).
+BITNET_TARGET_AVX512 inline void ternary_gemm_avx512(const gemm_args& a, const std::int8_t* xi,
+                                                     Eigen::Index block_begin, Eigen::Index block_end) noexcept {
+  const Eigen::Index chunk = a.batch == 1 ? block_end - block_begin : avx512_blocks_per_chunk(a.col_tiles);
+  for (Eigen::Index g0 = block_begin; g0 < block_end; g0 += chunk) {
+    const Eigen::Index g1 = std::min(g0 + chunk, block_end);
+    for (Eigen::Index token = 0; token < a.batch; token += avx512_token_tile) {
+      const int tokens = int(std::min<Eigen::Index>(avx512_token_tile, a.batch - token));
+      gemm_any_tile_avx512(std::make_integer_sequence<int, avx512_token_tile>{}, tokens, a, xi + token * a.x_stride,
+                           g0, g1, token);
+    }
+  }
+}
+
+}  // namespace BITNET_TU_ISA
+}  // namespace bitnet::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#endif  // BITNET_X86

@@ -1,0 +1,63 @@
+// What every kernel shares: the call's arguments, the packed tile geometry (pack.hpp), and the
+// calling thread's reusable scratch memory.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include <Eigen/Core>
+
+#include "../aligned_allocator.hpp"
+#include "cpu_features.hpp"
+
+namespace bitnet::detail {
+
+/// One product of packed ternary weights (pack.hpp) with int8 activations:
+///   acc[b * rows + o] = sum_k x[b * x_stride + k] * w(o, k)   for the rows of the blocks asked for.
+/// The kernels compute sum_k x * (w + 1) from the codes c = w + 1 and subtract x_sums[b] = sum_k x[b, k].
+/// x rows are zero-padded to col_tiles * 16 columns (a multiple of 64) and 64-byte aligned.
+struct gemm_args {
+  const std::uint8_t* weights;  // packed_ternary::data()
+  Eigen::Index col_tiles;       // 64-byte tiles per row block
+  Eigen::Index rows;            // the real output rows (acc's row stride)
+  const std::int8_t* x;
+  Eigen::Index x_stride;
+  const std::int32_t* x_sums;
+  Eigen::Index batch;
+  std::int32_t* acc;            // batch x rows
+};
+
+inline constexpr Eigen::Index tile_rows = 16;   // packed_ternary::block_rows
+inline constexpr Eigen::Index tile_cols = 16;   // packed_ternary::tile_cols
+inline constexpr Eigen::Index tile_bytes = 64;  // packed_ternary::tile_bytes
+inline constexpr Eigen::Index group_cols = 4;   // columns of one plane of one row (a 32-bit lane)
+
+inline std::int32_t load_u32(const void* p) noexcept {
+  std::int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+/// The scratch buffers a kernel call reuses, one of each per thread.
+enum class scratch_slot { activations, scales, sums, accumulators, normed, interleaved, token_tail, unpacked };
+
+/// The calling thread's buffer `Slot`, at least `bytes` long and 64-byte aligned. It grows and
+/// never shrinks, so calls of a steady shape allocate nothing; a failed growth throws bad_alloc and
+/// leaves no buffer behind. The pointer is valid until the thread asks for the same slot again.
+template <scratch_slot Slot>
+std::byte* thread_scratch(std::size_t bytes) {
+  thread_local aligned_vector<std::byte> buffer;
+  if (buffer.size() < bytes) {
+    aligned_vector<std::byte>().swap(buffer);
+    buffer.resize(bytes);
+  }
+  return buffer.data();
+}
+
+template <class U, scratch_slot Slot>
+U* thread_scratch_of(std::size_t count) {
+  return reinterpret_cast<U*>(thread_scratch<Slot>(count * sizeof(U)));
+}
+
+}  // namespace bitnet::detail
