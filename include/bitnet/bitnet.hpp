@@ -13,6 +13,7 @@
 #include "replace.hpp"
 #include "replace_options.hpp"
 #include "replace_report.hpp"
+#include "training.hpp"
 #include "transfer.hpp"
 #include "verify.hpp"
 // bitnet/safetensors.hpp, bitnet/hf_safetensors.hpp and bitnet/state_dict.hpp need

@@ -7,7 +7,8 @@
 //
 // round() is torch.round: half to even. We use std::nearbyint, which rounds half to even in the
 // default floating-point environment (FE_TONEAREST); a caller that changes the rounding mode
-// changes the result, exactly as it would for the SIMD conversions.
+// changes the activation codes, exactly as it would for the SIMD conversions. The ternary weight
+// codes are computed by comparison with +-1/2 (the same values in the default mode, in every mode).
 //
 // The fake-quant functions (weight_quant, activation_quant) return dequantized values, like the
 // reference. The integer forms (quantize_weights, quantize_activations) return the int8 codes and
@@ -122,10 +123,14 @@ ternary_weights<detail::scalar_of<Derived>> quantize_weights(const Eigen::Matrix
   using S = detail::scalar_of<Derived>;
   const S s = weight_scale(w);
   ternary_weights<S> q{Matrix<std::int8_t>(w.rows(), w.cols()), s};
+  // clamp(round_half_even(v), -1, 1) of a finite v is (v > 1/2) - (v < -1/2): the ties +-1/2 go to
+  // the even 0 and everything past +-3/2 clamps to +-1. Comparisons vectorize where nearbyint is a
+  // libm call per weight (set_weight runs this after every optimizer step when fine-tuning).
   for (Index r = 0; r < w.rows(); ++r)
-    for (Index c = 0; c < w.cols(); ++c)
-      q.values(r, c) = static_cast<std::int8_t>(
-          std::clamp(detail::round_half_even(S(w.coeff(r, c)) * s), S(-1), S(1)));
+    for (Index c = 0; c < w.cols(); ++c) {
+      const S v = S(w.coeff(r, c)) * s;
+      q.values(r, c) = static_cast<std::int8_t>(int(v > S(0.5)) - int(v < S(-0.5)));
+    }
   return q;
 }
 
