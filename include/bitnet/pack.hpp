@@ -51,23 +51,40 @@ class packed_ternary {
     static_assert(std::is_same_v<typename Derived::Scalar, std::int8_t>,
                   "packed_ternary: codes must be an int8 matrix");
     detail::require_non_empty(codes, "packed_ternary: codes");
-    for (Index r = 0; r < codes.rows(); ++r)
-      for (Index c = 0; c < codes.cols(); ++c) {
-        const int v = codes.coeff(r, c);
-        if (v < -1 || v > 1)
-          throw value_error("packed_ternary: code " + std::to_string(v) + " at row " + std::to_string(r) +
-                            ", column " + std::to_string(c) + " is not -1, 0 or +1");
-      }
     rows_ = codes.rows();
     cols_ = codes.cols();
     // Padding holds code 1 (weight 0): 0b01010101 per byte.
     bytes_.assign(std::size_t(padded_rows() * padded_cols() / 4), std::uint8_t{0x55});
-    for (Index r = 0; r < rows_; ++r)
-      for (Index c = 0; c < cols_; ++c) {
-        std::uint8_t& byte = bytes_[offset(r, c)];
-        const int shift = shift_of(c);
-        byte = std::uint8_t((byte & ~(3 << shift)) | ((codes.coeff(r, c) + 1) << shift));
+    // One pass, a byte (4 codes of one row, one per plane) at a time; a code outside {-1, 0, 1}
+    // is noted and reported after the pass (this runs after every optimizer step when fine-tuning).
+    const Index full_tiles = cols_ / tile_cols;
+    bool all_ternary = true;
+    for (Index r = 0; r < rows_; ++r) {
+      std::uint8_t* lane = bytes_.data() + r / block_rows * col_tiles() * tile_bytes + r % block_rows * group_cols;
+      for (Index kt = 0; kt < full_tiles; ++kt, lane += tile_bytes)
+        for (Index c = 0; c < group_cols; ++c) {
+          unsigned byte = 0;
+          for (int p = 0; p < 4; ++p) {
+            const unsigned code = unsigned(codes.coeff(r, kt * tile_cols + p * group_cols + c) + 1);
+            all_ternary = all_ternary && code <= 2;
+            byte |= (code & 3) << (2 * p);
+          }
+          lane[c] = std::uint8_t(byte);
+        }
+      for (Index col = full_tiles * tile_cols; col < cols_; ++col) {  // the last, partial tile
+        const unsigned code = unsigned(codes.coeff(r, col) + 1);
+        all_ternary = all_ternary && code <= 2;
+        std::uint8_t& byte = lane[col % group_cols];
+        const int shift = shift_of(col);
+        byte = std::uint8_t((byte & ~(3u << shift)) | ((code & 3) << shift));
       }
+    }
+    if (!all_ternary)
+      for (Index r = 0; r < codes.rows(); ++r)
+        for (Index c = 0; c < codes.cols(); ++c)
+          if (const int v = codes.coeff(r, c); v < -1 || v > 1)
+            throw value_error("packed_ternary: code " + std::to_string(v) + " at row " + std::to_string(r) +
+                              ", column " + std::to_string(c) + " is not -1, 0 or +1");
   }
 
   Index rows() const noexcept { return rows_; }
