@@ -47,7 +47,13 @@ model make_model(unsigned seed) {
   };
   model m;
   m.layers.reserve(2);
-  for (int i = 0; i < 2; ++i) m.layers.push_back(decoder_layer{linear(16, 16), mlp{linear(16, 43), linear(43, 16)}});
+  for (int i = 0; i < 2; ++i) {
+    // Named parts, then one move: GCC 12 warns falsely (-Wmaybe-uninitialized) about a nested
+    // temporary here, and Clang 14 has no parenthesized aggregate initialization for emplace_back.
+    slot q_proj = linear(16, 16);
+    mlp ffn{linear(16, 43), linear(43, 16)};
+    m.layers.push_back(decoder_layer{std::move(q_proj), std::move(ffn)});
+  }
   return m;
 }
 

@@ -256,7 +256,7 @@ class BitLinear {
   static quantized_weights quantize_checked(const Matrix<T>& weight) {
     check_shape(weight, "BitLinear: weight");
     detail::require_finite(weight, "BitLinear: weight");
-    ternary_weights<T> ternary = quantize_weights(weight);
+    ternary_weights<T> ternary = detail::quantize_finite_weights(weight, "BitLinear: weight");
     return {packed_ternary(ternary.values), ternary.scale};
   }
 

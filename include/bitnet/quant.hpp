@@ -87,16 +87,23 @@ void require_real_matrix(const Eigen::MatrixBase<Derived>& m, const char* what) 
 
 }  // namespace detail
 
+namespace detail {
+/// weight_scale of a w already checked non-empty and finite; `what` names it in the one error left.
+template <class Derived>
+scalar_of<Derived> weight_scale_of_finite(const Eigen::MatrixBase<Derived>& w, const char* what) {
+  using S = scalar_of<Derived>;
+  const S mean = static_cast<S>(mean_abs(w));
+  if (!std::isfinite(mean)) throw value_error(std::string(what) + ": mean |w| overflows the scalar type");
+  return S(1) / std::max(mean, scale_floor<S>);
+}
+}  // namespace detail
+
 /// The per-matrix weight scale s = 1 / mean(|w|).clamp(min=1e-5). Throws for empty or non-finite w.
 template <class Derived>
   requires real_scalar<detail::scalar_of<Derived>>
 detail::scalar_of<Derived> weight_scale(const Eigen::MatrixBase<Derived>& w) {
-  using S = detail::scalar_of<Derived>;
   detail::require_real_matrix(w, "weight_quant: weight");
-  const S mean = static_cast<S>(detail::mean_abs(w));
-  if (!std::isfinite(mean))
-    throw value_error("weight_quant: weight: mean |w| overflows the scalar type");
-  return S(1) / std::max(mean, scale_floor<S>);
+  return detail::weight_scale_of_finite(w, "weight_quant: weight");
 }
 
 /// The per-row activation scales s_i = 127 / max(|x_i|).clamp(min=1e-5), evaluated as PyTorch
@@ -116,12 +123,13 @@ Vector<detail::scalar_of<Derived>> activation_scales(const Eigen::MatrixBase<Der
   return scales;
 }
 
-/// Integer form of weight_quant: ternary codes and the scale. w ~ values / scale.
+namespace detail {
+/// quantize_weights of a w already checked non-empty and finite (BitLinear checks with its own
+/// name, so set_weight scans the weights once).
 template <class Derived>
-  requires real_scalar<detail::scalar_of<Derived>>
-ternary_weights<detail::scalar_of<Derived>> quantize_weights(const Eigen::MatrixBase<Derived>& w) {
-  using S = detail::scalar_of<Derived>;
-  const S s = weight_scale(w);
+ternary_weights<scalar_of<Derived>> quantize_finite_weights(const Eigen::MatrixBase<Derived>& w, const char* what) {
+  using S = scalar_of<Derived>;
+  const S s = weight_scale_of_finite(w, what);
   ternary_weights<S> q{Matrix<std::int8_t>(w.rows(), w.cols()), s};
   // clamp(round_half_even(v), -1, 1) of a finite v is (v > 1/2) - (v < -1/2): the ties +-1/2 go to
   // the even 0 and everything past +-3/2 clamps to +-1. Comparisons vectorize where nearbyint is a
@@ -132,6 +140,15 @@ ternary_weights<detail::scalar_of<Derived>> quantize_weights(const Eigen::Matrix
       q.values(r, c) = static_cast<std::int8_t>(int(v > S(0.5)) - int(v < S(-0.5)));
     }
   return q;
+}
+}  // namespace detail
+
+/// Integer form of weight_quant: ternary codes and the scale. w ~ values / scale.
+template <class Derived>
+  requires real_scalar<detail::scalar_of<Derived>>
+ternary_weights<detail::scalar_of<Derived>> quantize_weights(const Eigen::MatrixBase<Derived>& w) {
+  detail::require_real_matrix(w, "weight_quant: weight");
+  return detail::quantize_finite_weights(w, "weight_quant: weight");
 }
 
 /// Integer form of activation_quant: int8 codes and one scale per row. x.row(i) ~ values.row(i) / scales(i).
