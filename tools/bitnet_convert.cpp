@@ -248,7 +248,10 @@ conversion_summary convert(const options& opt) {
   const st::reader check(opt.output);
   summary.bytes_out = check.file_size();
   for (const layer_record& layer : layers) {
-    const hf::packed_layer<float> packed = hf::read_packed_layer<float>(check, layer.prefix, layer.out, opt.convention);
+    // The convention as a reader finds it: declared by the file, never passed in.
+    const hf::packed_layer<float> packed = hf::read_packed_layer<float>(check, layer.prefix, layer.out);
+    if (packed.convention != opt.convention)
+      throw bitnet::io_error(opt.output.string() + ": verification failed: the file declares another scale convention");
     const Matrix<std::int8_t> codes = hf::unpack_weights(packed.weight, layer.out);
     fingerprint f;
     f.add(std::as_bytes(std::span(codes.data(), std::size_t(codes.size()))));
@@ -278,7 +281,7 @@ void reload_as_bit_linear(const options& opt) {
     if (!is_convertible(t, opt.excludes)) continue;
     const bitnet::BitLinear<float> reference(source.read_matrix<float>(t.name));
     const bitnet::BitLinear<float> loaded =
-        hf::load_bit_linear<float>(converted, prefix_of(t.name), reference.out_features(), opt.convention);
+        hf::load_bit_linear<float>(converted, prefix_of(t.name), reference.out_features());
     Matrix<float> x(4, reference.in_features());
     for (Index i = 0; i < x.size(); ++i) x.data()[i] = dist(rng);
     identical += loaded.ternary_weight() == reference.ternary_weight() &&

@@ -58,8 +58,12 @@ struct state_dict_options {
   /// Loading: missing and unexpected keys are errors (all reported in one io_error). Shape and
   /// dtype mismatches are errors in either mode, as in PyTorch.
   bool strict = true;
-  /// The meaning of P.weight_scale in the Hugging Face packed form (load and save).
-  hf::scale_convention scale_convention = hf::default_scale_convention;
+  /// The meaning of P.weight_scale in the Hugging Face packed form. Loading: empty (the default)
+  /// takes it from the file's declaration (its "__metadata__" quantization_config, or a model
+  /// folder's config.json); a choice that contradicts the declaration is an io_error naming both,
+  /// and packed layers that nothing declares need a choice. Saving (hf_packed): empty is
+  /// hf::default_scale_convention; the file records the one used.
+  std::optional<hf::scale_convention> scale_convention{};
   /// Saving: the form of BitLinear layers.
   bit_linear_storage bit_linear = bit_linear_storage::latent;
   /// Saving: the dtype of floating tensors (F32, F64, F16 or BF16); empty: the layer's own type,
@@ -126,6 +130,16 @@ inline std::string state_key(std::string_view prefix, std::string_view path, std
   return key += tensor;
 }
 
+/// The dotted module name of the layer at `path` ("model." + "layers.0.fc" = "model.layers.0.fc").
+inline std::string layer_name(std::string_view prefix, std::string_view path) {
+  std::string name(prefix);
+  if (path.empty()) {
+    if (name.ends_with('.')) name.pop_back();
+    return name;
+  }
+  return name += path;
+}
+
 /// One layer's new state, staged off to the side; commit() moves it in without failing.
 class staged_state {
  public:
@@ -177,7 +191,8 @@ class staged_bit_linear_state final : public staged_state {
 /// every tensor is read and the new layer states are built. Nothing touches the graph.
 class state_loader {
  public:
-  state_loader(const safetensors::reader& file, const state_dict_options& options) : file_(file), options_(options) {}
+  state_loader(const safetensors::reader& file, const state_dict_options& options)
+      : file_(file), options_(options), declared_(hf::declared_quantization(file)) {}
 
   template <class L>
   void linear(const std::string& path, L& layer) {
@@ -211,14 +226,15 @@ class state_loader {
     const bool has_bias = layer.bias().has_value();
 
     if (file_.contains(scale_key)) {  // the Hugging Face packed form
-      bool ok = expect(weight_key, safetensors::dtype::U8,
-                       {std::uint64_t(hf::packed_rows(out)), std::uint64_t(in)}, "packed ");
+      bool ok = packed_convention();
+      ok = expect(weight_key, safetensors::dtype::U8, {std::uint64_t(hf::packed_rows(out)), std::uint64_t(in)},
+                  "packed ") && ok;
       ok = expect_scale(scale_key) && ok;
       const bool load_bias = has_bias && expect_floating(bias_key, {std::uint64_t(out)});
       if (!ok) return;
       jobs_.push_back([this, &layer, weight_key, scale_key, bias_key, load_bias]() {
         hf::packed_layer<T> packed;
-        packed.convention = options_.scale_convention;
+        packed.convention = *convention_;
         packed.out_features = layer.out_features();
         packed.weight = read([&] { return file_.read_matrix<std::uint8_t>(weight_key); }, weight_key);
         packed.weight_scale = read([&] { return file_.read_values<T>(scale_key); }, scale_key)[0];
@@ -347,6 +363,21 @@ class state_loader {
     loaded_.push_back(key);
     return true;
   }
+  // The scale convention of the packed layers, resolved at the first one (so files without packed
+  // layers need no declaration); false when it cannot be (the problem is recorded once).
+  bool packed_convention() {
+    if (convention_) return true;
+    if (convention_problem_) return false;
+    try {
+      convention_ = hf::resolve_scale_convention(declared_, file_.source_name(), options_.scale_convention);
+      return true;
+    } catch (const io_error& e) {
+      problems_.push_back(e.what());
+      convention_problem_ = true;
+      return false;
+    }
+  }
+
   void packed_hint(const std::string& path) {
     const std::string scale_key = key(path, "weight_scale");
     used_.insert(scale_key);
@@ -370,6 +401,9 @@ class state_loader {
 
   const safetensors::reader& file_;
   const state_dict_options& options_;
+  std::optional<hf::quantization_config> declared_;
+  std::optional<hf::scale_convention> convention_;
+  bool convention_problem_ = false;
   std::set<std::string, std::less<>> used_;
   std::vector<std::string> loaded_;
   std::vector<std::string> problems_;
@@ -415,13 +449,16 @@ class state_saver {
     }
     const std::string weight_key = key(path, "weight"), scale_key = key(path, "weight_scale");
     if (!out_) {
+      packed_ = true;
+      if (layer.out_features() % hf::values_per_byte != 0)  // the packed rows cannot tell it
+        config_.out_features[layer_name(options_.prefix, path)] = layer.out_features();
       specs_.push_back({weight_key, safetensors::dtype::U8,
                         {std::uint64_t(hf::packed_rows(layer.out_features())), std::uint64_t(layer.in_features())}});
       specs_.push_back({scale_key, floating_type<T>(), {1}});
       if (layer.bias()) specs_.push_back({key(path, "bias"), floating_type<T>(), {std::uint64_t(layer.out_features())}});
       return;
     }
-    const hf::packed_layer<T> packed = hf::to_packed(layer, options_.scale_convention);
+    const hf::packed_layer<T> packed = hf::to_packed(layer, convention());
     out_->write(weight_key, packed.weight);
     const T scale[1] = {packed.weight_scale};
     out_->write_values<T>(scale_key, scale);
@@ -431,7 +468,15 @@ class state_saver {
   template <class Graph>
   void save(Graph& graph, const std::filesystem::path& file) {
     walk_state(graph, *this);
-    safetensors::writer out(file, std::move(specs_), options_.metadata);
+    std::map<std::string, std::string> metadata = options_.metadata;
+    if (packed_) {  // the convention travels with the data
+      if (metadata.contains(std::string(hf::metadata_key)))
+        throw value_error("save_state_dict: metadata key \"" + std::string(hf::metadata_key) +
+                          "\" is written by save_state_dict for packed layers; set scale_convention instead");
+      config_.linear_class = convention();
+      metadata.insert(hf::metadata_entry(config_));
+    }
+    safetensors::writer out(file, std::move(specs_), std::move(metadata));
     out_ = &out;
     walk_state(graph, *this);
     out.finish();
@@ -457,9 +502,13 @@ class state_saver {
       specs_.push_back({key, floating_type<S>(), {std::uint64_t(values.rows()), std::uint64_t(values.cols())}});
   }
 
+  hf::scale_convention convention() const { return options_.scale_convention.value_or(hf::default_scale_convention); }
+
   const state_dict_options& options_;
   std::vector<safetensors::tensor_spec> specs_;
   safetensors::writer* out_ = nullptr;
+  bool packed_ = false;
+  hf::quantization_config config_;
 };
 
 template <class Graph>
