@@ -37,6 +37,7 @@
 #include "detail/walker.hpp"
 #include "errors.hpp"
 #include "hf.hpp"
+#include "hf_model.hpp"
 #include "hf_safetensors.hpp"
 #include "layer_traits.hpp"
 #include "matrix.hpp"
@@ -191,8 +192,7 @@ class staged_bit_linear_state final : public staged_state {
 /// every tensor is read and the new layer states are built. Nothing touches the graph.
 class state_loader {
  public:
-  state_loader(const safetensors::reader& file, const state_dict_options& options)
-      : file_(file), options_(options), declared_(hf::declared_quantization(file)) {}
+  state_loader(const hf::checkpoint& file, const state_dict_options& options) : file_(file), options_(options) {}
 
   template <class L>
   void linear(const std::string& path, L& layer) {
@@ -273,8 +273,8 @@ class state_loader {
 
   /// After the walk: the unexpected keys, then one io_error for every problem found so far.
   void check() {
-    for (const safetensors::tensor_info& t : file_.tensors())
-      if (t.name.starts_with(options_.prefix) && !used_.contains(t.name)) report_.unexpected.push_back(t.name);
+    for (const safetensors::tensor_info* t : file_.tensors())
+      if (t->name.starts_with(options_.prefix) && !used_.contains(t->name)) report_.unexpected.push_back(t->name);
     std::sort(report_.unexpected.begin(), report_.unexpected.end());
     std::vector<std::string> all;
     if (options_.strict) {
@@ -369,7 +369,7 @@ class state_loader {
     if (convention_) return true;
     if (convention_problem_) return false;
     try {
-      convention_ = hf::resolve_scale_convention(declared_, file_.source_name(), options_.scale_convention);
+      convention_ = file_.convention(options_.scale_convention);
       return true;
     } catch (const io_error& e) {
       problems_.push_back(e.what());
@@ -399,9 +399,8 @@ class state_loader {
     }
   }
 
-  const safetensors::reader& file_;
+  const hf::checkpoint& file_;
   const state_dict_options& options_;
-  std::optional<hf::quantization_config> declared_;
   std::optional<hf::scale_convention> convention_;
   bool convention_problem_ = false;
   std::set<std::string, std::less<>> used_;
@@ -529,7 +528,7 @@ void check_state_graph() {
 /// a tensor that cannot be read or converted (a value out of range, a non-finite BitLinear weight,
 /// an invalid packed code).
 template <class Graph>
-state_dict_report load_state_dict(Graph& graph, const safetensors::reader& file, const state_dict_options& options = {}) {
+state_dict_report load_state_dict(Graph& graph, const hf::checkpoint& file, const state_dict_options& options = {}) {
   detail::check_state_graph<Graph>();
   detail::state_loader loader(file, options);
   detail::walk_state(graph, loader);
@@ -540,11 +539,19 @@ state_dict_report load_state_dict(Graph& graph, const safetensors::reader& file,
   return report;
 }
 
-/// Opens and validates `file`, then loads it as above.
+/// Loads from one open file.
 template <class Graph>
-state_dict_report load_state_dict(Graph& graph, const std::filesystem::path& file,
+state_dict_report load_state_dict(Graph& graph, const safetensors::reader& file, const state_dict_options& options = {}) {
+  return load_state_dict(graph, hf::checkpoint(file), options);
+}
+
+/// Opens and validates `path` - a .safetensors file or a Hugging Face model folder (single file or
+/// shards with model.safetensors.index.json; config.json's quantization_config is read) - then
+/// loads it as above.
+template <class Graph>
+state_dict_report load_state_dict(Graph& graph, const std::filesystem::path& path,
                                   const state_dict_options& options = {}) {
-  return load_state_dict(graph, safetensors::reader(file), options);
+  return load_state_dict(graph, hf::checkpoint(path), options);
 }
 
 /// Writes the weight and bias of every linear layer and BitLinear of `graph` to `file` (replaced
