@@ -24,6 +24,7 @@
 #include <exception>
 #include <fstream>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <optional>
 #include <random>
@@ -526,7 +527,7 @@ void reload_as_bit_linear(const options& opt) {
 /// order into `shards` files model-0000K-of-0000N.safetensors (or model.safetensors for 1) with
 /// model.safetensors.index.json, a config.json and small tokenizer files. Tensors are generated
 /// and written one row at a time.
-void generate(const fs::path& path, int layers, int divide, int shards) {
+void generate(const fs::path& path, int layers, int divide, int shards, const std::string& nan_tensor = {}) {
   const auto dim = [&](std::uint64_t full) { return std::max<std::uint64_t>(1, full / std::uint64_t(divide)); };
   const std::uint64_t hidden = dim(2560), intermediate = dim(6912), kv = dim(640), vocab = dim(128256);
   std::vector<st::tensor_spec> specs{{"model.embed_tokens.weight", st::dtype::BF16, {vocab, hidden}}};
@@ -582,6 +583,7 @@ void generate(const fs::path& path, int layers, int divide, int shards) {
       std::vector<float> row(static_cast<std::size_t>(row_length));  // one row at a time: nothing else is held
       for (std::uint64_t r = 0; r < rows; ++r) {
         for (float& v : row) v = (vector ? 1.0f : 0.0f) + dist(rng);
+        if (spec.name == nan_tensor && r == 1) row[2] = std::numeric_limits<float>::quiet_NaN();  // --nan
         out.append_values<float>(spec.name, row);
       }
     }
@@ -618,7 +620,7 @@ int usage() {
                "                      [--scale-convention bitlinear|autobitlinear] [--scale-dtype F32|BF16|F16]\n"
                "         IN, OUT: .safetensors files, or model folders (config.json, model.safetensors or shards\n"
                "         with model.safetensors.index.json, tokenizer files)\n"
-               "       bitnet-convert --generate OUT [--layers N] [--divide D] [--shards N]\n"
+               "       bitnet-convert --generate OUT [--layers N] [--divide D] [--shards N] [--nan TENSOR]\n"
                "       bitnet-convert          (demo on a generated small BitNet-shaped checkpoint)\n");
   return 2;
 }
@@ -649,15 +651,17 @@ int run(int argc, char** argv) {
   if (args[0] == "--generate") {
     if (args.size() < 2) return usage();
     int layers = 2, divide = 1, shards = 0;
+    std::string nan_tensor;
     for (std::size_t i = 2; i < args.size(); i += 2) {
       if (i + 1 >= args.size()) return usage();
       if (args[i] == "--layers") layers = std::stoi(std::string(args[i + 1]));
       else if (args[i] == "--divide") divide = std::stoi(std::string(args[i + 1]));
       else if (args[i] == "--shards") shards = std::stoi(std::string(args[i + 1]));
+      else if (args[i] == "--nan") nan_tensor = std::string(args[i + 1]);  // tests: a NaN at row 1, column 2
       else return usage();
     }
     if (layers < 0 || divide < 1 || shards < 0) return usage();
-    generate(fs::path(args[1]), layers, divide, shards);
+    generate(fs::path(args[1]), layers, divide, shards, nan_tensor);
     std::printf("generated %s\n", std::string(args[1]).c_str());
     return 0;
   }
