@@ -72,6 +72,8 @@ struct state_dict_options {
   std::optional<safetensors::dtype> dtype{};
   /// Saving: the "__metadata__" of the file.
   std::map<std::string, std::string> metadata{};
+  /// Loading: the options of the BitLinear layers built in empty std::optional<BitLinear<T>> slots.
+  bitlinear_options new_layers{};
 };
 
 /// What load_state_dict did. In strict mode `missing` and `unexpected` are always empty.
@@ -92,6 +94,7 @@ class state_visitor {
   // A pointee that is neither a layer nor a graph holds no weights to load or save.
   static constexpr bool finds_bit_linear_nodes = true;
   static constexpr bool skips_opaque_pointees = true;
+  static constexpr bool visits_parameters = true;
 
   template <class Node>
   static void unwalkable() {
@@ -111,6 +114,17 @@ class state_visitor {
   template <class B, class Slot>
   void bit_linear(const std::string& path, B& layer, const Slot&) {
     handler_.bit_linear(path, layer);
+  }
+  template <real_scalar T>
+  void optional_bit_linear(const std::string& path, std::optional<BitLinear<T>>& slot) {
+    if (slot)
+      handler_.bit_linear(path, *slot);
+    else
+      handler_.empty_bit_linear(path, slot);
+  }
+  template <class P>
+  void parameter(const std::string& path, P& tensor) {
+    handler_.parameter(path, tensor);
   }
 
  private:
@@ -188,6 +202,38 @@ class staged_bit_linear_state final : public staged_state {
   BitLinear<T> staged_;
 };
 
+/// An empty std::optional<BitLinear<T>> slot: the layer built from the file goes in.
+template <real_scalar T>
+class staged_new_bit_linear final : public staged_state {
+ public:
+  staged_new_bit_linear(std::optional<BitLinear<T>>& target, BitLinear<T> staged)
+      : target_(&target), staged_(std::move(staged)) {}
+  void commit() noexcept override { target_->emplace(std::move(staged_)); }  // BitLinear's move cannot throw
+
+ private:
+  std::optional<BitLinear<T>>* target_;
+  BitLinear<T> staged_;
+};
+
+/// A parameter tensor: a plain Eigen object takes the staged one by swap (an empty dynamic one
+/// thereby takes the file's shape); a Map is assigned (same shape, checked: no allocation).
+template <class P>
+class staged_parameter final : public staged_state {
+ public:
+  using plain = typename P::PlainObject;
+  staged_parameter(P& target, plain staged) : target_(&target), staged_(std::move(staged)) {}
+  void commit() noexcept override {
+    if constexpr (std::is_same_v<P, plain>)
+      target_->swap(staged_);
+    else
+      *target_ = staged_;
+  }
+
+ private:
+  P* target_;
+  plain staged_;
+};
+
 /// Plans and stages a load: first every key is checked against the file (no tensor read), then
 /// every tensor is read and the new layer states are built. Nothing touches the graph.
 class state_loader {
@@ -231,6 +277,12 @@ class state_loader {
                   "packed ") && ok;
       ok = expect_scale(scale_key) && ok;
       const bool load_bias = has_bias && expect_floating(bias_key, {std::uint64_t(out)});
+      const Index declared = file_.declared_out_features(layer_name(options_.prefix, path));
+      if (declared && declared != out) {
+        problems_.push_back("size mismatch for " + quote_key(weight_key) + ": the file declares " +
+                            std::to_string(declared) + " output features, the layer has " + std::to_string(out));
+        ok = false;
+      }
       if (!ok) return;
       jobs_.push_back([this, &layer, weight_key, scale_key, bias_key, load_bias]() {
         hf::packed_layer<T> packed;
@@ -268,6 +320,98 @@ class state_loader {
         return kept;
       };
       staged_.push_back(std::make_unique<staged_bit_linear_state<T>>(layer, build()));
+    });
+  }
+
+  /// A non-linear parameter at `path` is the tensor of that name (prefix + path). Same shape as the
+  /// graph's, except that an empty resizable one takes the file's shape.
+  template <class P>
+  void parameter(const std::string& path, P& tensor) {
+    using S = typename P::Scalar;
+    const std::string name = layer_name(options_.prefix, path);
+    constexpr bool vector = P::IsVectorAtCompileTime;
+    constexpr bool resizable = std::is_same_v<P, typename P::PlainObject> &&
+                               (P::RowsAtCompileTime == Eigen::Dynamic || P::ColsAtCompileTime == Eigen::Dynamic);
+    std::vector<std::uint64_t> shape = vector ? std::vector<std::uint64_t>{std::uint64_t(tensor.size())}
+                                              : std::vector<std::uint64_t>{std::uint64_t(tensor.rows()),
+                                                                           std::uint64_t(tensor.cols())};
+    if (resizable && tensor.size() == 0) {  // shape from the file, rank from the type
+      const safetensors::tensor_info* t = file_.find(name);
+      if (t && t->shape.size() == shape.size()) shape = t->shape;
+    }
+    if (!expect_floating(name, shape)) return;
+    jobs_.push_back([this, &tensor, name, shape]() {
+      typename P::PlainObject staged;
+      if constexpr (vector) {
+        const Vector<S> values = read([&] { return file_.read_vector<S>(name); }, name);
+        staged.resize(values.size());
+        std::copy(values.data(), values.data() + values.size(), staged.data());
+      } else {
+        staged = read([&] { return file_.read_matrix<S>(name); }, name);
+      }
+      staged_.push_back(std::make_unique<staged_parameter<P>>(tensor, std::move(staged)));
+    });
+  }
+
+  /// An empty BitLinear slot is filled from the file, with the file's shapes: the packed form
+  /// (out_features from the declaration, else the bias, else 4 x packed rows, transformers' rule),
+  /// or latent weights.
+  template <real_scalar T>
+  void empty_bit_linear(const std::string& path, std::optional<BitLinear<T>>& slot) {
+    const std::string weight_key = key(path, "weight"), scale_key = key(path, "weight_scale"),
+                      bias_key = key(path, "bias");
+    const safetensors::tensor_info* weight = file_.find(weight_key);
+    const safetensors::tensor_info* bias = file_.find(bias_key);
+    used_.insert(weight_key);
+    if (!weight) {
+      report_.missing.push_back(weight_key);
+      return;
+    }
+    const bool packed = file_.contains(scale_key);
+    if (weight->shape.size() != 2 || weight->shape[0] == 0 || weight->shape[1] == 0 ||
+        (packed ? weight->type != safetensors::dtype::U8 : !safetensors::is_floating(weight->type))) {
+      problems_.push_back("size mismatch for " + quote_key(weight_key) + ": the file has " +
+                          std::string(safetensors::dtype_name(weight->type)) + " " +
+                          safetensors::detail::shape_text(weight->shape) + ", an empty BitLinear slot needs " +
+                          (packed ? "packed U8" : "floating") + " [out, in]");
+      return;
+    }
+    Index out = Index(weight->shape[0]);
+    if (packed) {
+      if (!packed_convention()) return;
+      const Index declared = file_.declared_out_features(layer_name(options_.prefix, path));
+      const Index rows = Index(weight->shape[0]);
+      out = declared ? declared
+            : bias && bias->shape.size() == 1 ? Index(bias->shape[0])
+                                              : hf::values_per_byte * rows;
+      if (hf::packed_rows(out) != rows) {
+        problems_.push_back("size mismatch for " + quote_key(weight_key) + ": " + std::to_string(rows) +
+                            " packed rows cannot hold " + std::to_string(out) + " output features (" +
+                            (declared ? "declared by the file" : "the bias size") + ")");
+        return;
+      }
+      if (!expect_scale(scale_key)) return;
+    }
+    loaded_.push_back(weight_key);
+    const bool load_bias = bias && expect_floating(bias_key, {std::uint64_t(out)});
+    if (bias && !load_bias) return;
+    jobs_.push_back([this, &slot, weight_key, scale_key, bias_key, load_bias, packed, out]() {
+      std::optional<Vector<T>> b;
+      if (load_bias) b = read([&] { return file_.read_vector<T>(bias_key); }, bias_key);
+      BitLinear<T> built = [&] {
+        if (!packed) {
+          Matrix<T> w = read([&] { return file_.read_matrix<T>(weight_key); }, weight_key);
+          return read([&] { return BitLinear<T>(std::move(w), std::move(b), options_.new_layers); }, weight_key);
+        }
+        hf::packed_layer<T> layer;
+        layer.convention = *convention_;
+        layer.out_features = out;
+        layer.weight = read([&] { return file_.read_matrix<std::uint8_t>(weight_key); }, weight_key);
+        layer.weight_scale = read([&] { return file_.read_values<T>(scale_key); }, scale_key)[0];
+        layer.bias = std::move(b);
+        return read([&] { return hf::to_bit_linear(layer, options_.new_layers); }, weight_key);
+      }();
+      staged_.push_back(std::make_unique<staged_new_bit_linear<T>>(slot, std::move(built)));
     });
   }
 
@@ -464,6 +608,17 @@ class state_saver {
     if (packed.bias) out_->write(key(path, "bias"), *packed.bias);
   }
 
+  template <class P>
+  void parameter(const std::string& path, P& tensor) {
+    put<typename P::Scalar>(layer_name(options_.prefix, path), tensor);
+  }
+
+  template <real_scalar T>
+  void empty_bit_linear(const std::string& path, std::optional<BitLinear<T>>&) {
+    throw state_error("save_state_dict: the BitLinear slot " + (path.empty() ? std::string("(the root)") : quote_key(path)) +
+                      " holds no layer (an empty std::optional), so there is nothing to save for it");
+  }
+
   template <class Graph>
   void save(Graph& graph, const std::filesystem::path& file) {
     walk_state(graph, *this);
@@ -561,10 +716,12 @@ state_dict_report load_state_dict(Graph& graph, const std::filesystem::path& pat
 /// without latent weights (released, or loaded from a packed checkpoint) can only be saved packed:
 /// in latent mode it is a state_error naming its path, thrown before the file is touched.
 template <class Graph>
-void save_state_dict(Graph& graph, const std::filesystem::path& file, const state_dict_options& options = {}) {
+void save_state_dict(const Graph& graph, const std::filesystem::path& file, const state_dict_options& options = {}) {
   detail::check_state_graph<Graph>();
   detail::state_saver saver(options);
-  saver.save(graph, file);
+  // The walk hands out non-const references (it is shared with load and replace_linear); saving
+  // only reads through them.
+  saver.save(const_cast<Graph&>(graph), file);
 }
 
 }  // namespace bitnet
