@@ -109,6 +109,15 @@ endif()
 file(READ "${WORK}/out/model.safetensors.index.json" index)
 string(JSON shard GET "${index}" weight_map model.layers.1.mlp.down_proj.weight_scale)
 
+# The converted folder loads strictly into the user's own types, convention read from the folder.
+if(DEFINED LOADER)
+  execute_process(COMMAND "${LOADER}" "${WORK}/out" RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0 OR NOT out MATCHES "2 file\\(s\\), scale convention autobitlinear \\(declared in .*config.json\\); 39 tensors loaded")
+    message(FATAL_ERROR "the converted folder did not load strictly (${rc}):\n${out}\n${err}")
+  endif()
+  message(STATUS "${out}")
+endif()
+
 # Online export: latent weights byte for byte, AutoBitLinear online.
 run(TRUE in online --mode online)
 file(READ "${WORK}/online/config.json" online_config)
