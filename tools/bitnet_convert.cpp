@@ -220,9 +220,14 @@ void require_finite(const Matrix<float>& w, const st::reader& file, const std::s
 
 /// Decides every layer, refuses converted input and settings transformers would misread.
 plan make_plan(const hf::checkpoint& in, const options& opt) {
-  if (const auto& declared = in.quantization())
+  // Latent weights declared for AutoBitLinear's online mode (microsoft/bitnet-b1.58-2B-4T-bf16) are
+  // what we convert from; any other declaration means the weights are already quantized.
+  if (const auto& declared = in.quantization();
+      declared && !(declared->quant_method == "bitnet" && declared->mode == hf::quantization_mode::online))
     throw bitnet::io_error(in.quantization_source() + " declares a quantization_config (quant_method \"" +
-                           declared->quant_method + "\"): the model is already quantized" +
+                           declared->quant_method + "\"" +
+                           (declared->quant_method == "bitnet" ? ", quantization_mode \"offline\"" : "") +
+                           "): the model is already quantized" +
                            (declared->quant_method == "bitnet" ? " (converted by bitnet-convert?)" : "") +
                            "; convert the dense model instead");
   plan p;
@@ -404,13 +409,16 @@ void commit_folder(const fs::path& built, const fs::path& target) {
   fs::remove_all(built, ec);  // now the old target
 }
 
-conversion_summary convert(const options& opt) {
+conversion_summary convert(options opt) {
   const auto start = std::chrono::steady_clock::now();
   std::error_code ec;
   if (!fs::exists(opt.input, ec)) throw bitnet::io_error(opt.input.string() + ": no such file or folder");
   const bool folder = fs::is_directory(opt.input, ec);
   refuse_same_place(opt.input, opt.output, folder);
   const hf::checkpoint in(opt.input);
+  if (const auto& declared = in.quantization())  // an online model's dense modules stay dense
+    opt.excludes.insert(opt.excludes.end(), declared->modules_to_not_convert.begin(),
+                        declared->modules_to_not_convert.end());
   const plan p = make_plan(in, opt);
 
   std::uint64_t total_bytes = 0;

@@ -127,6 +127,14 @@ if(NOT mode STREQUAL "online" OR NOT class STREQUAL "autobitlinear")
   message(FATAL_ERROR "online quantization_config: ${online_config}")
 endif()
 run(FALSE in online2 --mode online --scale-convention bitlinear)
+# An online model (latent weights, as microsoft/bitnet-b1.58-2B-4T-bf16) converts to the packed form.
+run(TRUE online packed_again --scale-convention bitlinear)
+file(READ "${WORK}/packed_again/config.json" again_config)
+string(JSON mode GET "${again_config}" quantization_config quantization_mode)
+string(JSON class GET "${again_config}" quantization_config linear_class)
+if(NOT mode STREQUAL "offline" OR NOT class STREQUAL "bitlinear")
+  message(FATAL_ERROR "online -> offline quantization_config: ${again_config}")
+endif()
 
 # Refusals.
 refused("are the same folder" in in)
@@ -135,7 +143,7 @@ refused("one folder is inside the other" in in/sub)
 refused("are the same file" in.safetensors in.safetensors)
 refused("are the same file" in.safetensors hard.safetensors)
 refused("are the same file" in.safetensors soft.safetensors)
-refused("the model is already quantized (converted by bitnet-convert?)" out again)
+refused("quantization_mode \"offline\"): the model is already quantized (converted by bitnet-convert?)" out again)
 run(TRUE in.safetensors converted.safetensors)
 refused("the model is already quantized (converted by bitnet-convert?)" converted.safetensors again.safetensors)
 # A NaN in the last shard: nothing of the output folder remains, an existing one is untouched.
