@@ -11,10 +11,12 @@
 #include <fstream>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
 #include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
 
 #include "reference.hpp"
 
@@ -389,4 +391,34 @@ TEST_CASE("hf model: folders are validated and config.json declares the conventi
   write_text(dir / "wrong" / "model.safetensors.index.json", R"({"weight_map": {"x": "../a.safetensors"}})");
   CHECK_THROWS_WITH_AS((void)hf::checkpoint(dir / "wrong"), doctest::Contains("file names in the folder"),
                        bitnet::io_error);
+}
+
+TEST_CASE("hf model: the quantization_config block has exactly BitNetQuantConfig's keys, in its domain") {
+  // transformers' BitNetQuantConfig.__init__(modules_to_not_convert=None, linear_class="bitlinear",
+  // quantization_mode="offline", use_rms_norm=False, rms_norm_eps=1e-6) plus quant_method "bitnet";
+  // linear_class in {bitlinear, autobitlinear}, quantization_mode in {online, offline}.
+  const std::set<std::string> expected{"quant_method",  "linear_class", "quantization_mode",
+                                       "modules_to_not_convert", "use_rms_norm", "rms_norm_eps"};
+  for (const auto convention : {hf::scale_convention::bitlinear, hf::scale_convention::autobitlinear})
+    for (const auto mode : {hf::quantization_mode::offline, hf::quantization_mode::online}) {
+      hf::quantization_config config;
+      config.linear_class = convention;
+      config.mode = mode;
+      const auto block = nlohmann::json::parse(hf::to_json(config));
+      std::set<std::string> keys;
+      for (const auto& [key, value] : block.items()) keys.insert(key);
+      CHECK(keys == expected);
+      CHECK(block["quant_method"] == "bitnet");
+      CHECK(block["linear_class"] == (convention == hf::scale_convention::bitlinear ? "bitlinear" : "autobitlinear"));
+      CHECK(block["quantization_mode"] == (mode == hf::quantization_mode::online ? "online" : "offline"));
+      CHECK(block["modules_to_not_convert"].is_null());
+      CHECK(block["use_rms_norm"] == false);
+      CHECK(block["rms_norm_eps"].get<double>() == 1e-6);
+    }
+  hf::quantization_config kept;
+  kept.modules_to_not_convert = {"lm_head"};
+  kept.out_features = {{"a.b", 7}};
+  const auto block = nlohmann::json::parse(hf::to_json(kept));
+  CHECK(block["modules_to_not_convert"] == nlohmann::json::array({"lm_head"}));
+  CHECK(block["bitnet_out_features"]["a.b"] == 7);  // the one extra key, which BitNetQuantConfig's **kwargs takes
 }
