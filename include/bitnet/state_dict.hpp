@@ -7,9 +7,13 @@
 // The walk is the one replace_linear does (docs/customization.md): every linear-like layer and
 // every BitLinear at path P owns the tensors P.weight (out x in) and, when the layer has a bias,
 // P.bias. A BitLinear may also be stored in the Hugging Face packed form: P.weight (U8, packed as
-// bitnet/hf.hpp says) plus P.weight_scale. Loading that form gives a BitLinear with exactly the
-// file's codes and scale and no latent weights (hf::to_bit_linear): its weight() throws
-// state_error, and saving it again needs bit_linear_storage::hf_packed.
+// bitnet/hf.hpp says) plus P.weight_scale, in the scale convention the file or folder declares
+// (never a default). Loading that form gives a BitLinear with exactly the file's codes and scale
+// and no latent weights (hf::to_bit_linear): its weight() throws state_error, and saving it again
+// needs bit_linear_storage::hf_packed. The whole model's state is covered: non-linear parameters
+// (Eigen members, bitnet_parameters) are the tensors named by their path, and an empty
+// std::optional<BitLinear<T>> slot is filled from the file with the file's shapes. The source may
+// be one file or a Hugging Face model folder (hf::checkpoint, bitnet/hf_model.hpp).
 //
 // Loading is all or nothing: every tensor is read, converted and checked off to the side first;
 // only then are they moved into the graph with operations that cannot fail. On any error -
