@@ -8,14 +8,13 @@
 // Needs nlohmann/json (CMake target bitnet::safetensors).
 #pragma once
 
-#include <algorithm>
 #include <cstddef>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <map>
 #include <optional>
 #include <set>
+#include <variant>
 #include <string>
 #include <string_view>
 #include <utility>
