@@ -374,6 +374,15 @@ TEST_CASE("hf model: folders are validated and config.json declares the conventi
   bitnet::load_state_dict(loaded, good);
   CHECK(ternary_of(loaded) == ternary_of(source));
 
+  // One layer straight from the folder: its shard, the folder's convention, the declared out_features.
+  const BitLinear<float> k = hf::load_bit_linear<float>(good, "model.layers.1.self_attn.k_proj");
+  CHECK(k.out_features() == 6);
+  CHECK(k.ternary_weight() == source.model.layers[1].self_attn.k_proj->ternary_weight());
+  CHECK(k.weight_scale() == source.model.layers[1].self_attn.k_proj->weight_scale());
+  CHECK_THROWS_WITH_AS(
+      hf::load_bit_linear<float>(good, "model.layers.1.self_attn.k_proj", 0, hf::scale_convention::autobitlinear),
+      doctest::Contains("but the caller asked for the scale convention \"autobitlinear\""), bitnet::io_error);
+
   make_folder(dir / "conflict", R"({"quant_method": "bitnet", "linear_class": "autobitlinear"})", false);
   CHECK_THROWS_WITH_AS((void)hf::checkpoint(dir / "conflict"),
                        doctest::Contains("declares linear_class \"autobitlinear\", but"), bitnet::io_error);

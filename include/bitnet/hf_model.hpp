@@ -240,4 +240,21 @@ class checkpoint {
   std::string declared_where_;
 };
 
+/// Reads the packed layer at `path` from the files of `model` that hold its tensors, in the convention the
+/// model declares (config.json or the files; `convention` must agree, or stands in when nothing
+/// declares one), with out_features from the declaration when 0 is given (see read_packed_layer).
+template <real_scalar T>
+packed_layer<T> read_packed_layer(const checkpoint& model, std::string_view path, Index out_features = 0,
+                                  std::optional<scale_convention> convention = std::nullopt) {
+  const scale_convention resolved = model.convention(convention);
+  return detail::read_packed_from<T>(model, path, out_features, resolved, model.declared_out_features(path));
+}
+
+/// The BitLinear the packed layer at `path` of `model` describes (hf::to_bit_linear).
+template <real_scalar T>
+BitLinear<T> load_bit_linear(const checkpoint& model, std::string_view path, Index out_features = 0,
+                             std::optional<scale_convention> convention = std::nullopt, bitlinear_options options = {}) {
+  return to_bit_linear(read_packed_layer<T>(model, path, out_features, convention), options);
+}
+
 }  // namespace bitnet::hf

@@ -187,10 +187,13 @@ inline scale_convention resolve_scale_convention(const std::optional<quantizatio
 /// The scale convention is the file's (resolve_scale_convention; `convention` must agree with it,
 /// or stands in for a file that declares none). Throws io_error for missing or mis-typed tensors
 /// and convention problems, shape_error for inconsistent shapes; unpacking checks the codes later.
-template <real_scalar T>
-packed_layer<T> read_packed_layer(const safetensors::reader& file, std::string_view path, Index out_features = 0,
-                                  std::optional<scale_convention> convention = std::nullopt) {
-  const std::optional<quantization_config> declared = declared_quantization(file);
+namespace detail {
+
+/// read_packed_layer over any source of named tensors (a reader, an hf::checkpoint whose layer may
+/// span files), with the convention already resolved and the declared out_features (or 0).
+template <real_scalar T, class Source>
+packed_layer<T> read_packed_from(const Source& file, std::string_view path, Index out_features,
+                                 scale_convention convention, Index declared_out_features) {
   const std::string prefix(path);
   const safetensors::tensor_info& weight = file.info(prefix + ".weight");
   if (weight.type != safetensors::dtype::U8)
@@ -198,17 +201,14 @@ packed_layer<T> read_packed_layer(const safetensors::reader& file, std::string_v
                                                 "is " + std::string(safetensors::dtype_name(weight.type)) +
                                                     ", a packed BitNet weight must be U8"));
   packed_layer<T> layer;
-  layer.weight = file.read_matrix<std::uint8_t>(weight.name);
-  const std::vector<T> scale = file.read_values<T>(prefix + ".weight_scale");
+  layer.weight = file.template read_matrix<std::uint8_t>(weight.name);
+  const std::vector<T> scale = file.template read_values<T>(prefix + ".weight_scale");
   if (scale.size() != 1)
     throw shape_error(safetensors::detail::message(file.source_name(), prefix + ".weight_scale",
                                                    "has " + std::to_string(scale.size()) + " elements, expected 1"));
   layer.weight_scale = scale[0];
-  if (file.contains(prefix + ".bias")) layer.bias = file.read_vector<T>(prefix + ".bias");
-  if (out_features == 0 && declared) {
-    const auto found = declared->out_features.find(prefix);
-    if (found != declared->out_features.end()) out_features = found->second;
-  }
+  if (file.contains(prefix + ".bias")) layer.bias = file.template read_vector<T>(prefix + ".bias");
+  if (out_features == 0) out_features = declared_out_features;
   if (out_features == 0) out_features = layer.bias ? layer.bias->size() : values_per_byte * layer.weight.rows();
   if (packed_rows(out_features) != layer.weight.rows() || (layer.bias && layer.bias->size() != out_features))
     throw shape_error(safetensors::detail::message(
@@ -217,6 +217,29 @@ packed_layer<T> read_packed_layer(const safetensors::reader& file, std::string_v
             (layer.bias ? " and the bias " + std::to_string(layer.bias->size()) + " elements" : std::string()) +
             ", inconsistent with " + std::to_string(out_features) + " output features"));
   layer.out_features = out_features;
+  layer.convention = convention;
+  return layer;
+}
+
+}  // namespace detail
+
+/// Reads the packed layer at `path` (tensors path.weight, path.weight_scale, optional path.bias).
+/// `out_features` is needed because the packed rows only give ceil(out/4); pass 0 to take it from
+/// the file's declaration (bitnet_out_features), the bias, or 4 x packed rows (transformers' rule).
+/// The scale convention is the file's (resolve_scale_convention; `convention` must agree with it,
+/// or stands in for a file that declares none). Throws io_error for missing or mis-typed tensors
+/// and convention problems, shape_error for inconsistent shapes; unpacking checks the codes later.
+template <real_scalar T>
+packed_layer<T> read_packed_layer(const safetensors::reader& file, std::string_view path, Index out_features = 0,
+                                  std::optional<scale_convention> convention = std::nullopt) {
+  const std::optional<quantization_config> declared = declared_quantization(file);
+  Index declared_out = 0;
+  if (declared) {
+    const auto found = declared->out_features.find(path);
+    if (found != declared->out_features.end()) declared_out = found->second;
+  }
+  // Shapes first, so a malformed layer is reported as such; then the convention.
+  packed_layer<T> layer = detail::read_packed_from<T>(file, path, out_features, scale_convention::bitlinear, declared_out);
   layer.convention = resolve_scale_convention(declared, file.source_name(), convention);
   return layer;
 }
