@@ -36,7 +36,9 @@ int main() {
     std::vector<st::tensor_spec> specs;
     for (const auto& [name, layer] : layers)
       hf::declare_packed_layer(specs, name, layer.out_features(), layer.in_features(), false);
-    st::writer out(path, specs, {{"format", "pt"}});
+    hf::quantization_config config;  // recorded in the file: readers take the convention from it
+    config.linear_class = convention;
+    st::writer out(path, specs, {{"format", "pt"}, hf::metadata_entry(config)});
     for (const auto& [name, layer] : layers) hf::write_packed_layer(out, name, hf::to_packed(layer, convention));
     out.finish();
   }
@@ -51,7 +53,8 @@ int main() {
 
   bool all_same = true;
   for (const auto& [name, layer] : layers) {
-    const bitnet::BitLinear<float> loaded = hf::load_bit_linear<float>(file, name, layer.out_features(), convention);
+    // No convention given: the file's __metadata__ declares it (a contradicting one would throw).
+    const bitnet::BitLinear<float> loaded = hf::load_bit_linear<float>(file, name, layer.out_features());
     Matrix<float> x = Matrix<float>::Random(3, layer.in_features());
     const bool same = loaded.ternary_weight() == layer.ternary_weight() &&
                       loaded.weight_scale() == layer.weight_scale() && loaded.forward(x) == layer.forward(x);

@@ -296,7 +296,19 @@ TEST_CASE("hf: a layer of zeros and invalid scales") {
 
 TEST_CASE("hf: quantization_config snippets name the convention") {
   CHECK(hf::quantization_config_json() ==
-        R"({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"})");
+        R"({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline", )"
+        R"("modules_to_not_convert": null, "use_rms_norm": false, "rms_norm_eps": 1e-06})");
   CHECK(hf::quantization_config_json(hf::scale_convention::bitlinear) ==
-        R"({"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"})");
+        R"({"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline", )"
+        R"("modules_to_not_convert": null, "use_rms_norm": false, "rms_norm_eps": 1e-06})");
+  hf::quantization_config config;
+  config.mode = hf::quantization_mode::online;
+  config.modules_to_not_convert = {"lm_head", "a\"b\\c"};
+  config.use_rms_norm = true;
+  config.rms_norm_eps = 1e-5;
+  config.out_features = {{"model.layers.0.mlp.down_proj", 2563}};
+  CHECK(hf::to_json(config) ==
+        R"({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online", )"
+        R"("modules_to_not_convert": ["lm_head", "a\"b\\c"], "use_rms_norm": true, "rms_norm_eps": 1e-05, )"
+        R"("bitnet_out_features": {"model.layers.0.mlp.down_proj": 2563}})");
 }

@@ -47,10 +47,11 @@ TEST_CASE("hf files: a packed layer as transformers stores it (out = 5, BF16 sca
   // R = 2: packed row 0 = rows 0,2,4 in bits 0,2,4; packed row 1 = rows 1,3 in bits 0,2.
   //   (0,0) = 2 | 0<<2 | 1<<4 = 18   (0,1) = 0 | 2<<2 | 0<<4 = 8
   //   (1,0) = 1 | 2<<2 = 9           (1,1) = 1 | 2<<2 = 9
-  // weight_scale BF16 0x3d40 = 0.046875 (autobitlinear: mean|W|).
+  // weight_scale BF16 0x3d40 = 0.046875 (autobitlinear: mean|W|, as the file's __metadata__ declares).
   const std::string header =
       R"({"model.layers.0.mlp.down_proj.weight":{"dtype":"U8","shape":[2,2],"data_offsets":[0,4]},)"
-      R"("model.layers.0.mlp.down_proj.weight_scale":{"dtype":"BF16","shape":[1],"data_offsets":[4,6]}})";
+      R"("model.layers.0.mlp.down_proj.weight_scale":{"dtype":"BF16","shape":[1],"data_offsets":[4,6]},)"
+      R"("__metadata__":{"quantization_config":"{\"quant_method\": \"bitnet\", \"linear_class\": \"autobitlinear\"}"}})";
   const auto file = st::reader::from_bytes(image(header, {18, 8, 9, 9, 0x40, 0x3d}));
   const hf::packed_layer<float> packed = hf::read_packed_layer<float>(file, "model.layers.0.mlp.down_proj", 5);
   CHECK(packed.weight_scale == 0.046875f);
@@ -74,8 +75,9 @@ TEST_CASE("hf files: mis-typed tensors are reported") {
       R"("m.weight":{"dtype":"U8","shape":[1,2],"data_offsets":[10,12]},)"
       R"("m.weight_scale":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}})";
   const auto file = st::reader::from_bytes(image(header, {0, 0, 0, 0, 128, 63, 0, 0, 128, 63, 0, 0, 0, 0, 128, 63, 0, 0, 128, 63}));
-  CHECK_THROWS_WITH_AS(hf::read_packed_layer<float>(file, "l"), doctest::Contains("must be U8"), bitnet::io_error);
-  CHECK_THROWS_WITH_AS(hf::read_packed_layer<float>(file, "m"), doctest::Contains("expected 1"), bitnet::shape_error);
+  const auto bitlinear = hf::scale_convention::bitlinear;
+  CHECK_THROWS_WITH_AS(hf::read_packed_layer<float>(file, "l", 0, bitlinear), doctest::Contains("must be U8"), bitnet::io_error);
+  CHECK_THROWS_WITH_AS(hf::read_packed_layer<float>(file, "m", 0, bitlinear), doctest::Contains("expected 1"), bitnet::shape_error);
 }
 
 TEST_CASE_TEMPLATE("hf files: write and reload BitLinear layers in both conventions", T, float, double) {

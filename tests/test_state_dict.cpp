@@ -413,7 +413,7 @@ TEST_CASE("state dict: the graph is unchanged after a value error, a bad code or
     const st::reader good(dir / "packed.safetensors");
     std::vector<st::tensor_spec> specs;
     for (const auto& t : good.tensors()) specs.push_back({t.name, t.type, t.shape});
-    st::writer out(dir / "code3.safetensors", specs);
+    st::writer out(dir / "code3.safetensors", specs, {good.metadata().begin(), good.metadata().end()});
     for (const auto& t : good.tensors()) {
       if (t.name != "blocks.0.mlp.down.weight") {
         out.copy_tensor(t.name, good, t.name);
@@ -644,4 +644,114 @@ TEST_CASE("state dict: a released BitLinear cannot be saved in the latent form; 
   CHECK_FALSE(fs::exists(dir / "m.safetensors"));
   bitnet::save_state_dict(graph, dir / "m.safetensors", {.bit_linear = bitnet::bit_linear_storage::hf_packed});
   CHECK(st::reader(dir / "m.safetensors").contains("lean.weight_scale"));
+}
+
+TEST_CASE("state dict: the scale convention is read from the file, never assumed") {
+  scratch_dir dir;
+  transformer source = make_transformer(1, 8, 41);
+  bitnet::replace_linear(source);
+  // Written in the bitlinear convention: the file's __metadata__ says so.
+  bitnet::save_state_dict(source, dir / "bitlinear.safetensors",
+                          {.scale_convention = hf::scale_convention::bitlinear,
+                           .bit_linear = bitnet::bit_linear_storage::hf_packed});
+  const st::reader file(dir / "bitlinear.safetensors");
+  const hf::quantization_config declared = hf::parse_quantization_config(file.metadata().at("quantization_config"), "m");
+  CHECK(declared.quant_method == "bitnet");
+  CHECK(declared.linear_class == hf::scale_convention::bitlinear);
+  CHECK(declared.mode == hf::quantization_mode::offline);
+
+  // The default reads it: the loaded scales are the source's, not 1 / them (the reported bug: a
+  // bitlinear file read as autobitlinear gave outputs ~150x too large, silently).
+  transformer target = make_transformer(1, 8, 42);
+  bitnet::replace_linear(target);
+  bitnet::load_state_dict(target, file);
+  CHECK(ternary_of(target) == ternary_of(source));
+  std::mt19937 rng(43);
+  const Matrix<float> x = reference::random_matrix<float>(2, 8, rng);
+  const auto& up = std::get<BitLinear<float>>(source.blocks[0].mlp.up);
+  CHECK(std::get<BitLinear<float>>(target.blocks[0].mlp.up).forward(x) == up.forward(x));
+
+  // An explicit choice that contradicts the file is an error naming both; the graph is unchanged.
+  transformer other = make_transformer(1, 8, 44);
+  bitnet::replace_linear(other);
+  const auto before = snapshot(other);
+  const std::string text = message_of(
+      [&] { bitnet::load_state_dict(other, file, {.scale_convention = hf::scale_convention::autobitlinear}); });
+  CHECK(text.find("declares linear_class \"bitlinear\"") != std::string::npos);
+  CHECK(text.find("asked for the scale convention \"autobitlinear\"") != std::string::npos);
+  CHECK(snapshot(other) == before);
+  // The agreeing explicit choice loads.
+  bitnet::load_state_dict(other, file, {.scale_convention = hf::scale_convention::bitlinear});
+  CHECK(ternary_of(other) == ternary_of(source));
+
+  // The same tensors without the declaration: an error unless the caller says which convention.
+  {
+    std::vector<st::tensor_spec> specs;
+    for (const auto& t : file.tensors()) specs.push_back({t.name, t.type, t.shape});
+    st::writer out(dir / "undeclared.safetensors", specs, {{"format", "pt"}});
+    for (const auto& t : file.tensors()) out.copy_tensor(t.name, file, t.name);
+    out.finish();
+  }
+  transformer fresh = make_transformer(1, 8, 45);
+  bitnet::replace_linear(fresh);
+  const auto fresh_before = snapshot(fresh);
+  const std::string missing = message_of([&] { bitnet::load_state_dict(fresh, dir / "undeclared.safetensors"); });
+  CHECK(missing.find("declares no scale convention") != std::string::npos);
+  CHECK(missing.find("bitnet never guesses it") != std::string::npos);
+  CHECK(snapshot(fresh) == fresh_before);
+  bitnet::load_state_dict(fresh, dir / "undeclared.safetensors", {.scale_convention = hf::scale_convention::bitlinear});
+  CHECK(ternary_of(fresh) == ternary_of(source));
+  // hf::load_bit_linear follows the same rule.
+  const st::reader undeclared(dir / "undeclared.safetensors");
+  CHECK_THROWS_AS(hf::load_bit_linear<float>(undeclared, "blocks.0.mlp.up"), bitnet::io_error);
+  CHECK(hf::load_bit_linear<float>(file, "blocks.0.mlp.up").weight_scale() == up.weight_scale());
+  CHECK_THROWS_WITH_AS(hf::load_bit_linear<float>(file, "blocks.0.mlp.up", 0, hf::scale_convention::autobitlinear),
+                       doctest::Contains("declares linear_class \"bitlinear\""), bitnet::io_error);
+  // A latent-only file needs no declaration.
+  bitnet::save_state_dict(source, dir / "latent.safetensors");
+  CHECK_FALSE(st::reader(dir / "latent.safetensors").metadata().contains("quantization_config"));
+  bitnet::load_state_dict(fresh, dir / "latent.safetensors");
+}
+
+TEST_CASE("state dict: quantization_config blocks are parsed strictly and resolved without defaults") {
+  const hf::quantization_config full = hf::parse_quantization_config(
+      R"({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online",
+          "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.up_proj"], "use_rms_norm": true,
+          "rms_norm_eps": 1e-05, "bitnet_out_features": {"a.b": 7}, "future_key": {"x": [1, 2]}})",
+      "cfg");
+  CHECK(full.linear_class == hf::scale_convention::autobitlinear);
+  CHECK(full.mode == hf::quantization_mode::online);
+  CHECK(full.modules_to_not_convert == std::vector<std::string>{"lm_head", "model.layers.0.mlp.up_proj"});
+  CHECK(full.use_rms_norm);
+  CHECK(full.rms_norm_eps == 1e-5);
+  CHECK(full.out_features.at("a.b") == 7);
+  // to_json and parse are inverse.
+  const hf::quantization_config again = hf::parse_quantization_config(hf::to_json(full), "again");
+  CHECK(hf::to_json(again) == hf::to_json(full));
+
+  const hf::quantization_config bare = hf::parse_quantization_config(R"({"quant_method": "bitnet"})", "cfg");
+  CHECK_FALSE(bare.linear_class.has_value());
+  CHECK_THROWS_WITH_AS(hf::resolve_scale_convention(bare, "cfg", std::nullopt),
+                       doctest::Contains("transformers would read it as \"bitlinear\""), bitnet::io_error);
+  CHECK(hf::resolve_scale_convention(bare, "cfg", hf::scale_convention::bitlinear) == hf::scale_convention::bitlinear);
+  CHECK_THROWS_WITH_AS(hf::resolve_scale_convention(std::nullopt, "f.safetensors", std::nullopt),
+                       doctest::Contains("f.safetensors declares no scale convention"), bitnet::io_error);
+  const hf::quantization_config fp8 = hf::parse_quantization_config(R"({"quant_method": "fp8"})", "cfg");
+  CHECK_THROWS_WITH_AS(hf::resolve_scale_convention(fp8, "cfg", hf::scale_convention::bitlinear),
+                       doctest::Contains("quant_method \"fp8\""), bitnet::io_error);
+
+  CHECK_THROWS_WITH_AS(hf::parse_quantization_config(R"({"linear_class": "BitLinear"})", "cfg"),
+                       doctest::Contains("cfg: quantization_config.linear_class must be"), bitnet::io_error);
+  CHECK_THROWS_WITH_AS(hf::parse_quantization_config(R"({"modules_to_not_convert": [1]})", "cfg"),
+                       doctest::Contains("modules_to_not_convert must be null or a list of strings"), bitnet::io_error);
+  CHECK_THROWS_WITH_AS(hf::parse_quantization_config(R"([1])", "cfg"), doctest::Contains("not an object"),
+                       bitnet::io_error);
+  CHECK_THROWS_WITH_AS(hf::parse_quantization_config(R"({"quant_method": )", "cfg"),
+                       doctest::Contains("cfg: invalid JSON"), bitnet::io_error);
+  CHECK(hf::config_json_quantization(R"({"hidden_size": 8, "quantization_config": null})", "c") == std::nullopt);
+  CHECK(hf::config_json_quantization(R"({"hidden_size": 8})", "c") == std::nullopt);
+  CHECK(hf::config_json_quantization(R"({"a": {"quantization_config": {"linear_class": "bitlinear"}},
+                                         "quantization_config": {"quant_method": "bitnet", "linear_class": "bitlinear"}})",
+                                     "c")
+            ->linear_class == hf::scale_convention::bitlinear);
 }

@@ -15,12 +15,17 @@
 #pragma once
 
 #include <algorithm>
+#include <charconv>
+#include <functional>
+#include <map>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
+#include <vector>
 
 #include "bit_linear.hpp"
 #include "detail/validate.hpp"
@@ -35,6 +40,8 @@ enum class scale_convention {
   autobitlinear,  // weight_scale = mean|W|, multiplies the output (microsoft/bitnet-b1.58-2B-4T)
 };
 
+/// What writers (hf::to_packed, save_state_dict, bitnet-convert) use when not told otherwise; they
+/// always record the convention they used. Readers never fall back to it.
 inline constexpr scale_convention default_scale_convention = scale_convention::autobitlinear;
 
 inline constexpr std::string_view convention_name(scale_convention convention) noexcept {
@@ -103,10 +110,113 @@ inline Matrix<std::int8_t> unpack_weights(const Matrix<std::uint8_t>& packed, In
   return q;
 }
 
-/// The quantization_config block of a model's config.json for the given convention.
+enum class quantization_mode {
+  offline,  // packed ternary weights + weight_scale (what bitnet-convert writes by default)
+  online,   // latent weights in their own dtype, quantized on the fly (AutoBitLinear; fine-tuning)
+};
+
+inline constexpr std::string_view mode_name(quantization_mode mode) noexcept {
+  return mode == quantization_mode::online ? "online" : "offline";
+}
+
+/// The "quantization_config" block of a model's config.json, as transformers' BitNetQuantConfig
+/// reads it (quant_method "bitnet"). bitnet writes it into config.json and, as a JSON string under
+/// the same key, into the "__metadata__" of every safetensors file it writes packed layers to, so
+/// the scale convention travels with the data. Readers take linear_class from there (or from an
+/// explicit choice that must agree); they never assume one.
+struct quantization_config {
+  std::string quant_method = "bitnet";
+  /// The scale convention. Empty only when read from a block that does not declare one
+  /// (transformers then uses "bitlinear"; bitnet's readers refuse to guess).
+  std::optional<scale_convention> linear_class = default_scale_convention;
+  quantization_mode mode = quantization_mode::offline;
+  /// Module names transformers leaves dense (matched as substrings of module names, as
+  /// transformers' replace_with_bitnet_linear does). Written as null when empty.
+  std::vector<std::string> modules_to_not_convert{};
+  bool use_rms_norm = false;
+  double rms_norm_eps = 1e-6;
+  /// bitnet's own key "bitnet_out_features": the out_features of packed layers that are not a
+  /// multiple of 4, which the packed rows (ceil(out/4)) cannot tell. transformers ignores it.
+  std::map<std::string, Index, std::less<>> out_features{};
+};
+
+namespace detail {
+
+inline void append_json_string(std::string& out, std::string_view text) {
+  out += '"';
+  for (const char c : text) {
+    const auto u = static_cast<unsigned char>(c);
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (u < 0x20) {
+      constexpr char hex[] = "0123456789abcdef";
+      out += "\\u00";
+      out += hex[u >> 4];
+      out += hex[u & 15];
+    } else {
+      out += c;
+    }
+  }
+  out += '"';
+}
+
+/// The shortest text that reads back as `value` (1e-06 -> "1e-06"), as Python's json writes it.
+inline std::string json_number(double value) {
+  char text[64];
+  const auto result = std::to_chars(text, text + sizeof text, value);
+  std::string out(text, result.ptr);
+  if (out.find_first_of(".eEn") == std::string::npos) out += ".0";  // a float stays a float
+  return out;
+}
+
+}  // namespace detail
+
+/// The JSON text of a quantization_config block, keys in the order BitNetQuantConfig lists them:
+/// {"quant_method": "bitnet", "linear_class": ..., "quantization_mode": ..., "modules_to_not_convert":
+/// null or [...], "use_rms_norm": false, "rms_norm_eps": 1e-06} (+ "bitnet_out_features" if any).
+inline std::string to_json(const quantization_config& config) {
+  std::string out = "{\"quant_method\": ";
+  detail::append_json_string(out, config.quant_method);
+  if (config.linear_class) {
+    out += ", \"linear_class\": ";
+    detail::append_json_string(out, convention_name(*config.linear_class));
+  }
+  out += ", \"quantization_mode\": ";
+  detail::append_json_string(out, mode_name(config.mode));
+  out += ", \"modules_to_not_convert\": ";
+  if (config.modules_to_not_convert.empty()) {
+    out += "null";
+  } else {
+    out += '[';
+    for (std::size_t i = 0; i < config.modules_to_not_convert.size(); ++i) {
+      if (i) out += ", ";
+      detail::append_json_string(out, config.modules_to_not_convert[i]);
+    }
+    out += ']';
+  }
+  out += ", \"use_rms_norm\": ";
+  out += config.use_rms_norm ? "true" : "false";
+  out += ", \"rms_norm_eps\": " + detail::json_number(config.rms_norm_eps);
+  if (!config.out_features.empty()) {
+    out += ", \"bitnet_out_features\": {";
+    bool first = true;
+    for (const auto& [name, out_features] : config.out_features) {
+      if (!first) out += ", ";
+      first = false;
+      detail::append_json_string(out, name);
+      out += ": " + std::to_string(out_features);
+    }
+    out += '}';
+  }
+  return out += '}';
+}
+
+/// The quantization_config block for packed layers in the given convention (offline mode).
 inline std::string quantization_config_json(scale_convention convention = default_scale_convention) {
-  return std::string(R"({"quant_method": "bitnet", "linear_class": ")") + std::string(convention_name(convention)) +
-         R"(", "quantization_mode": "offline"})";
+  quantization_config config;
+  config.linear_class = convention;
+  return to_json(config);
 }
 
 /// One layer in the Hugging Face form, with values as they are stored in the file.

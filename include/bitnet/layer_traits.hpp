@@ -11,10 +11,15 @@
 //       bitnet_make_replacement(linear, bit)   polymorphic trees: the node that replaces it in its slot
 //       bitnet_as_bit_linear(base)             polymorphic trees: the BitLinear behind a base, or nullptr
 //                                              (optional; lets load_state_dict/save_state_dict see it)
+//       bitnet_parameters(node, visit)         calls visit(name, tensor) for each non-linear parameter
+//                                              (a norm weight, an embedding ...): an Eigen matrix or
+//                                              vector of float/double, or an Eigen::Map of one, so that
+//                                              load_state_dict/save_state_dict cover the whole model
 //   * the trait bitnet::layer_traits<T> (the full form) for types the user cannot touch. Its primary
 //     template forwards to the hooks; specialize it to provide the same static functions.
 //
-// Built in: bitnet::Linear<T>, std::vector / std::array / std::deque (children "0", "1", ...),
+// Built in: bitnet::Linear<T>, Eigen matrices and vectors of float/double as children (parameters
+// named by their path), std::optional<BitLinear<T>> (a slot a packed checkpoint fills), std::vector / std::array / std::deque (children "0", "1", ...),
 // string-keyed std::map / std::unordered_map (named by key), std::variant slots listing a BitLinear<T>
 // alternative (bitnet::linear_slot<L>), std::unique_ptr / std::shared_ptr slots, and BITNET_LAYERS.
 // See docs/customization.md.
@@ -84,10 +89,24 @@ struct child_visitor_archetype {
   void operator()(std::string_view name, Child& child) const;
 };
 
+/// Stands for the visitor load_state_dict passes to bitnet_parameters when concepts check a node type.
+struct parameter_visitor_archetype {
+  template <class Tensor>
+  void operator()(std::string_view name, Tensor& tensor) const;
+};
+
 template <class T>
 inline constexpr bool is_linear_view = false;
 template <class S, int Order>
 inline constexpr bool is_linear_view<linear_view<S, Order>> = true;
+
+template <class P>
+inline constexpr bool is_parameter_tensor = false;
+template <class S, int R, int C, int O, int MR, int MC>
+inline constexpr bool is_parameter_tensor<Eigen::Matrix<S, R, C, O, MR, MC>> = real_scalar<S>;
+template <class S, int R, int C, int O, int MR, int MC, int MapOptions, class Stride>
+inline constexpr bool is_parameter_tensor<Eigen::Map<Eigen::Matrix<S, R, C, O, MR, MC>, MapOptions, Stride>> =
+    real_scalar<S>;
 
 template <class T>
 inline constexpr bool is_bit_linear = false;
@@ -145,6 +164,12 @@ struct layer_traits {
     requires requires { bitnet_as_bit_linear(base); }
   {
     return bitnet_as_bit_linear(base);
+  }
+
+  template <class Visit>
+    requires requires(T& node, Visit& visit) { bitnet_parameters(node, visit); }
+  static void parameters(T& node, Visit& visit) {
+    bitnet_parameters(node, visit);
   }
 
   template <class Linear, class Bit>
@@ -207,12 +232,29 @@ concept layer_node = requires(N& node, detail::child_visitor_archetype& visit) {
   layer_traits<N>::children(node, visit);
 };
 
+/// A non-linear parameter load_state_dict / save_state_dict can read and write in place: an Eigen
+/// matrix or vector (or an Eigen::Map of one) of float or double with direct storage access. A
+/// vector is a 1-D tensor, any other matrix a 2-D one.
+template <class P>
+concept parameter_tensor = detail::is_parameter_tensor<P>;
+
+/// A node with non-linear parameters (bitnet_parameters or layer_traits<N>::parameters).
+template <class N>
+concept parameter_node = requires(N& node, detail::parameter_visitor_archetype& visit) {
+  layer_traits<N>::parameters(node, visit);
+};
+
 namespace detail {
 
 template <class V>
 inline constexpr bool is_variant = false;
 template <class... Alternatives>
 inline constexpr bool is_variant<std::variant<Alternatives...>> = true;
+
+template <class O>
+inline constexpr bool is_optional_bit_linear = false;
+template <class T>
+inline constexpr bool is_optional_bit_linear<std::optional<BitLinear<T>>> = true;
 
 template <class P>
 inline constexpr bool is_owning_pointer = false;
@@ -256,10 +298,12 @@ concept polymorphic_slot = detail::is_owning_pointer<P> && requires(typename P::
       std::remove_cvref_t<decltype(*layer_traits<typename P::element_type>::as_linear(base))>>;
 };
 
-/// Something replace_linear can walk: a node with children, a linear layer, a BitLinear, a variant
-/// slot, or an owning pointer to one of these.
+/// Something replace_linear can walk: a node with children or parameters, a linear layer, a
+/// BitLinear (or a std::optional<BitLinear<T>> slot), a parameter tensor, a variant slot, or an
+/// owning pointer to one of these.
 template <class G>
-concept layer_graph = layer_node<G> || linear_layer<G> || detail::is_bit_linear<G> || detail::is_variant<G> ||
+concept layer_graph = layer_node<G> || parameter_node<G> || linear_layer<G> || detail::is_bit_linear<G> ||
+                      detail::is_optional_bit_linear<G> || parameter_tensor<G> || detail::is_variant<G> ||
                       detail::is_owning_pointer<G>;
 
 namespace detail {

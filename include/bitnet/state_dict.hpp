@@ -7,9 +7,13 @@
 // The walk is the one replace_linear does (docs/customization.md): every linear-like layer and
 // every BitLinear at path P owns the tensors P.weight (out x in) and, when the layer has a bias,
 // P.bias. A BitLinear may also be stored in the Hugging Face packed form: P.weight (U8, packed as
-// bitnet/hf.hpp says) plus P.weight_scale. Loading that form gives a BitLinear with exactly the
-// file's codes and scale and no latent weights (hf::to_bit_linear): its weight() throws
-// state_error, and saving it again needs bit_linear_storage::hf_packed.
+// bitnet/hf.hpp says) plus P.weight_scale, in the scale convention the file or folder declares
+// (never a default). Loading that form gives a BitLinear with exactly the file's codes and scale
+// and no latent weights (hf::to_bit_linear): its weight() throws state_error, and saving it again
+// needs bit_linear_storage::hf_packed. The whole model's state is covered: non-linear parameters
+// (Eigen members, bitnet_parameters) are the tensors named by their path, and an empty
+// std::optional<BitLinear<T>> slot is filled from the file with the file's shapes. The source may
+// be one file or a Hugging Face model folder (hf::checkpoint, bitnet/hf_model.hpp).
 //
 // Loading is all or nothing: every tensor is read, converted and checked off to the side first;
 // only then are they moved into the graph with operations that cannot fail. On any error -
@@ -37,6 +41,7 @@
 #include "detail/walker.hpp"
 #include "errors.hpp"
 #include "hf.hpp"
+#include "hf_model.hpp"
 #include "hf_safetensors.hpp"
 #include "layer_traits.hpp"
 #include "matrix.hpp"
@@ -58,8 +63,12 @@ struct state_dict_options {
   /// Loading: missing and unexpected keys are errors (all reported in one io_error). Shape and
   /// dtype mismatches are errors in either mode, as in PyTorch.
   bool strict = true;
-  /// The meaning of P.weight_scale in the Hugging Face packed form (load and save).
-  hf::scale_convention scale_convention = hf::default_scale_convention;
+  /// The meaning of P.weight_scale in the Hugging Face packed form. Loading: empty (the default)
+  /// takes it from the file's declaration (its "__metadata__" quantization_config, or a model
+  /// folder's config.json); a choice that contradicts the declaration is an io_error naming both,
+  /// and packed layers that nothing declares need a choice. Saving (hf_packed): empty is
+  /// hf::default_scale_convention; the file records the one used.
+  std::optional<hf::scale_convention> scale_convention{};
   /// Saving: the form of BitLinear layers.
   bit_linear_storage bit_linear = bit_linear_storage::latent;
   /// Saving: the dtype of floating tensors (F32, F64, F16 or BF16); empty: the layer's own type,
@@ -67,6 +76,8 @@ struct state_dict_options {
   std::optional<safetensors::dtype> dtype{};
   /// Saving: the "__metadata__" of the file.
   std::map<std::string, std::string> metadata{};
+  /// Loading: the options of the BitLinear layers built in empty std::optional<BitLinear<T>> slots.
+  bitlinear_options new_layers{};
 };
 
 /// What load_state_dict did. In strict mode `missing` and `unexpected` are always empty.
@@ -87,6 +98,7 @@ class state_visitor {
   // A pointee that is neither a layer nor a graph holds no weights to load or save.
   static constexpr bool finds_bit_linear_nodes = true;
   static constexpr bool skips_opaque_pointees = true;
+  static constexpr bool visits_parameters = true;
 
   template <class Node>
   static void unwalkable() {
@@ -107,6 +119,17 @@ class state_visitor {
   void bit_linear(const std::string& path, B& layer, const Slot&) {
     handler_.bit_linear(path, layer);
   }
+  template <real_scalar T>
+  void optional_bit_linear(const std::string& path, std::optional<BitLinear<T>>& slot) {
+    if (slot)
+      handler_.bit_linear(path, *slot);
+    else
+      handler_.empty_bit_linear(path, slot);
+  }
+  template <class P>
+  void parameter(const std::string& path, P& tensor) {
+    handler_.parameter(path, tensor);
+  }
 
  private:
   Handler& handler_;
@@ -124,6 +147,16 @@ inline std::string state_key(std::string_view prefix, std::string_view path, std
   std::string key(prefix);
   if (!path.empty()) (key += path) += '.';
   return key += tensor;
+}
+
+/// The dotted module name of the layer at `path` ("model." + "layers.0.fc" = "model.layers.0.fc").
+inline std::string layer_name(std::string_view prefix, std::string_view path) {
+  std::string name(prefix);
+  if (path.empty()) {
+    if (name.ends_with('.')) name.pop_back();
+    return name;
+  }
+  return name += path;
 }
 
 /// One layer's new state, staged off to the side; commit() moves it in without failing.
@@ -173,11 +206,43 @@ class staged_bit_linear_state final : public staged_state {
   BitLinear<T> staged_;
 };
 
+/// An empty std::optional<BitLinear<T>> slot: the layer built from the file goes in.
+template <real_scalar T>
+class staged_new_bit_linear final : public staged_state {
+ public:
+  staged_new_bit_linear(std::optional<BitLinear<T>>& target, BitLinear<T> staged)
+      : target_(&target), staged_(std::move(staged)) {}
+  void commit() noexcept override { target_->emplace(std::move(staged_)); }  // BitLinear's move cannot throw
+
+ private:
+  std::optional<BitLinear<T>>* target_;
+  BitLinear<T> staged_;
+};
+
+/// A parameter tensor: a plain Eigen object takes the staged one by swap (an empty dynamic one
+/// thereby takes the file's shape); a Map is assigned (same shape, checked: no allocation).
+template <class P>
+class staged_parameter final : public staged_state {
+ public:
+  using plain = typename P::PlainObject;
+  staged_parameter(P& target, plain staged) : target_(&target), staged_(std::move(staged)) {}
+  void commit() noexcept override {
+    if constexpr (std::is_same_v<P, plain>)
+      target_->swap(staged_);
+    else
+      *target_ = staged_;
+  }
+
+ private:
+  P* target_;
+  plain staged_;
+};
+
 /// Plans and stages a load: first every key is checked against the file (no tensor read), then
 /// every tensor is read and the new layer states are built. Nothing touches the graph.
 class state_loader {
  public:
-  state_loader(const safetensors::reader& file, const state_dict_options& options) : file_(file), options_(options) {}
+  state_loader(const hf::checkpoint& file, const state_dict_options& options) : file_(file), options_(options) {}
 
   template <class L>
   void linear(const std::string& path, L& layer) {
@@ -211,14 +276,21 @@ class state_loader {
     const bool has_bias = layer.bias().has_value();
 
     if (file_.contains(scale_key)) {  // the Hugging Face packed form
-      bool ok = expect(weight_key, safetensors::dtype::U8,
-                       {std::uint64_t(hf::packed_rows(out)), std::uint64_t(in)}, "packed ");
+      bool ok = packed_convention();
+      ok = expect(weight_key, safetensors::dtype::U8, {std::uint64_t(hf::packed_rows(out)), std::uint64_t(in)},
+                  "packed ") && ok;
       ok = expect_scale(scale_key) && ok;
       const bool load_bias = has_bias && expect_floating(bias_key, {std::uint64_t(out)});
+      const Index declared = file_.declared_out_features(layer_name(options_.prefix, path));
+      if (declared && declared != out) {
+        problems_.push_back("size mismatch for " + quote_key(weight_key) + ": the file declares " +
+                            std::to_string(declared) + " output features, the layer has " + std::to_string(out));
+        ok = false;
+      }
       if (!ok) return;
       jobs_.push_back([this, &layer, weight_key, scale_key, bias_key, load_bias]() {
         hf::packed_layer<T> packed;
-        packed.convention = options_.scale_convention;
+        packed.convention = *convention_;
         packed.out_features = layer.out_features();
         packed.weight = read([&] { return file_.read_matrix<std::uint8_t>(weight_key); }, weight_key);
         packed.weight_scale = read([&] { return file_.read_values<T>(scale_key); }, scale_key)[0];
@@ -255,10 +327,102 @@ class state_loader {
     });
   }
 
+  /// A non-linear parameter at `path` is the tensor of that name (prefix + path). Same shape as the
+  /// graph's, except that an empty resizable one takes the file's shape.
+  template <class P>
+  void parameter(const std::string& path, P& tensor) {
+    using S = typename P::Scalar;
+    const std::string name = layer_name(options_.prefix, path);
+    constexpr bool vector = P::IsVectorAtCompileTime;
+    constexpr bool resizable = std::is_same_v<P, typename P::PlainObject> &&
+                               (P::RowsAtCompileTime == Eigen::Dynamic || P::ColsAtCompileTime == Eigen::Dynamic);
+    std::vector<std::uint64_t> shape = vector ? std::vector<std::uint64_t>{std::uint64_t(tensor.size())}
+                                              : std::vector<std::uint64_t>{std::uint64_t(tensor.rows()),
+                                                                           std::uint64_t(tensor.cols())};
+    if (resizable && tensor.size() == 0) {  // shape from the file, rank from the type
+      const safetensors::tensor_info* t = file_.find(name);
+      if (t && t->shape.size() == shape.size()) shape = t->shape;
+    }
+    if (!expect_floating(name, shape)) return;
+    jobs_.push_back([this, &tensor, name, shape]() {
+      typename P::PlainObject staged;
+      if constexpr (vector) {
+        const Vector<S> values = read([&] { return file_.read_vector<S>(name); }, name);
+        staged.resize(values.size());
+        std::copy(values.data(), values.data() + values.size(), staged.data());
+      } else {
+        staged = read([&] { return file_.read_matrix<S>(name); }, name);
+      }
+      staged_.push_back(std::make_unique<staged_parameter<P>>(tensor, std::move(staged)));
+    });
+  }
+
+  /// An empty BitLinear slot is filled from the file, with the file's shapes: the packed form
+  /// (out_features from the declaration, else the bias, else 4 x packed rows, transformers' rule),
+  /// or latent weights.
+  template <real_scalar T>
+  void empty_bit_linear(const std::string& path, std::optional<BitLinear<T>>& slot) {
+    const std::string weight_key = key(path, "weight"), scale_key = key(path, "weight_scale"),
+                      bias_key = key(path, "bias");
+    const safetensors::tensor_info* weight = file_.find(weight_key);
+    const safetensors::tensor_info* bias = file_.find(bias_key);
+    used_.insert(weight_key);
+    if (!weight) {
+      report_.missing.push_back(weight_key);
+      return;
+    }
+    const bool packed = file_.contains(scale_key);
+    if (weight->shape.size() != 2 || weight->shape[0] == 0 || weight->shape[1] == 0 ||
+        (packed ? weight->type != safetensors::dtype::U8 : !safetensors::is_floating(weight->type))) {
+      problems_.push_back("size mismatch for " + quote_key(weight_key) + ": the file has " +
+                          std::string(safetensors::dtype_name(weight->type)) + " " +
+                          safetensors::detail::shape_text(weight->shape) + ", an empty BitLinear slot needs " +
+                          (packed ? "packed U8" : "floating") + " [out, in]");
+      return;
+    }
+    Index out = Index(weight->shape[0]);
+    if (packed) {
+      if (!packed_convention()) return;
+      const Index declared = file_.declared_out_features(layer_name(options_.prefix, path));
+      const Index rows = Index(weight->shape[0]);
+      out = declared ? declared
+            : bias && bias->shape.size() == 1 ? Index(bias->shape[0])
+                                              : hf::values_per_byte * rows;
+      if (hf::packed_rows(out) != rows) {
+        problems_.push_back("size mismatch for " + quote_key(weight_key) + ": " + std::to_string(rows) +
+                            " packed rows cannot hold " + std::to_string(out) + " output features (" +
+                            (declared ? "declared by the file" : "the bias size") + ")");
+        return;
+      }
+      if (!expect_scale(scale_key)) return;
+    }
+    loaded_.push_back(weight_key);
+    const bool load_bias = bias && expect_floating(bias_key, {std::uint64_t(out)});
+    if (bias && !load_bias) return;
+    jobs_.push_back([this, &slot, weight_key, scale_key, bias_key, load_bias, packed, out]() {
+      std::optional<Vector<T>> b;
+      if (load_bias) b = read([&] { return file_.read_vector<T>(bias_key); }, bias_key);
+      BitLinear<T> built = [&] {
+        if (!packed) {
+          Matrix<T> w = read([&] { return file_.read_matrix<T>(weight_key); }, weight_key);
+          return read([&] { return BitLinear<T>(std::move(w), std::move(b), options_.new_layers); }, weight_key);
+        }
+        hf::packed_layer<T> layer;
+        layer.convention = *convention_;
+        layer.out_features = out;
+        layer.weight = read([&] { return file_.read_matrix<std::uint8_t>(weight_key); }, weight_key);
+        layer.weight_scale = read([&] { return file_.read_values<T>(scale_key); }, scale_key)[0];
+        layer.bias = std::move(b);
+        return read([&] { return hf::to_bit_linear(layer, options_.new_layers); }, weight_key);
+      }();
+      staged_.push_back(std::make_unique<staged_new_bit_linear<T>>(slot, std::move(built)));
+    });
+  }
+
   /// After the walk: the unexpected keys, then one io_error for every problem found so far.
   void check() {
-    for (const safetensors::tensor_info& t : file_.tensors())
-      if (t.name.starts_with(options_.prefix) && !used_.contains(t.name)) report_.unexpected.push_back(t.name);
+    for (const safetensors::tensor_info* t : file_.tensors())
+      if (t->name.starts_with(options_.prefix) && !used_.contains(t->name)) report_.unexpected.push_back(t->name);
     std::sort(report_.unexpected.begin(), report_.unexpected.end());
     std::vector<std::string> all;
     if (options_.strict) {
@@ -347,6 +511,21 @@ class state_loader {
     loaded_.push_back(key);
     return true;
   }
+  // The scale convention of the packed layers, resolved at the first one (so files without packed
+  // layers need no declaration); false when it cannot be (the problem is recorded once).
+  bool packed_convention() {
+    if (convention_) return true;
+    if (convention_problem_) return false;
+    try {
+      convention_ = file_.convention(options_.scale_convention);
+      return true;
+    } catch (const io_error& e) {
+      problems_.push_back(e.what());
+      convention_problem_ = true;
+      return false;
+    }
+  }
+
   void packed_hint(const std::string& path) {
     const std::string scale_key = key(path, "weight_scale");
     used_.insert(scale_key);
@@ -368,8 +547,10 @@ class state_loader {
     }
   }
 
-  const safetensors::reader& file_;
+  const hf::checkpoint& file_;
   const state_dict_options& options_;
+  std::optional<hf::scale_convention> convention_;
+  bool convention_problem_ = false;
   std::set<std::string, std::less<>> used_;
   std::vector<std::string> loaded_;
   std::vector<std::string> problems_;
@@ -415,23 +596,45 @@ class state_saver {
     }
     const std::string weight_key = key(path, "weight"), scale_key = key(path, "weight_scale");
     if (!out_) {
+      packed_ = true;
+      if (layer.out_features() % hf::values_per_byte != 0)  // the packed rows cannot tell it
+        config_.out_features[layer_name(options_.prefix, path)] = layer.out_features();
       specs_.push_back({weight_key, safetensors::dtype::U8,
                         {std::uint64_t(hf::packed_rows(layer.out_features())), std::uint64_t(layer.in_features())}});
       specs_.push_back({scale_key, floating_type<T>(), {1}});
       if (layer.bias()) specs_.push_back({key(path, "bias"), floating_type<T>(), {std::uint64_t(layer.out_features())}});
       return;
     }
-    const hf::packed_layer<T> packed = hf::to_packed(layer, options_.scale_convention);
+    const hf::packed_layer<T> packed = hf::to_packed(layer, convention());
     out_->write(weight_key, packed.weight);
     const T scale[1] = {packed.weight_scale};
     out_->write_values<T>(scale_key, scale);
     if (packed.bias) out_->write(key(path, "bias"), *packed.bias);
   }
 
+  template <class P>
+  void parameter(const std::string& path, P& tensor) {
+    put<typename P::Scalar>(layer_name(options_.prefix, path), tensor);
+  }
+
+  template <real_scalar T>
+  void empty_bit_linear(const std::string& path, std::optional<BitLinear<T>>&) {
+    throw state_error("save_state_dict: the BitLinear slot " + (path.empty() ? std::string("(the root)") : quote_key(path)) +
+                      " holds no layer (an empty std::optional), so there is nothing to save for it");
+  }
+
   template <class Graph>
   void save(Graph& graph, const std::filesystem::path& file) {
     walk_state(graph, *this);
-    safetensors::writer out(file, std::move(specs_), options_.metadata);
+    std::map<std::string, std::string> metadata = options_.metadata;
+    if (packed_) {  // the convention travels with the data
+      if (metadata.contains(std::string(hf::metadata_key)))
+        throw value_error("save_state_dict: metadata key \"" + std::string(hf::metadata_key) +
+                          "\" is written by save_state_dict for packed layers; set scale_convention instead");
+      config_.linear_class = convention();
+      metadata.insert(hf::metadata_entry(config_));
+    }
+    safetensors::writer out(file, std::move(specs_), std::move(metadata));
     out_ = &out;
     walk_state(graph, *this);
     out.finish();
@@ -457,9 +660,13 @@ class state_saver {
       specs_.push_back({key, floating_type<S>(), {std::uint64_t(values.rows()), std::uint64_t(values.cols())}});
   }
 
+  hf::scale_convention convention() const { return options_.scale_convention.value_or(hf::default_scale_convention); }
+
   const state_dict_options& options_;
   std::vector<safetensors::tensor_spec> specs_;
   safetensors::writer* out_ = nullptr;
+  bool packed_ = false;
+  hf::quantization_config config_;
 };
 
 template <class Graph>
@@ -480,7 +687,7 @@ void check_state_graph() {
 /// a tensor that cannot be read or converted (a value out of range, a non-finite BitLinear weight,
 /// an invalid packed code).
 template <class Graph>
-state_dict_report load_state_dict(Graph& graph, const safetensors::reader& file, const state_dict_options& options = {}) {
+state_dict_report load_state_dict(Graph& graph, const hf::checkpoint& file, const state_dict_options& options = {}) {
   detail::check_state_graph<Graph>();
   detail::state_loader loader(file, options);
   detail::walk_state(graph, loader);
@@ -491,11 +698,19 @@ state_dict_report load_state_dict(Graph& graph, const safetensors::reader& file,
   return report;
 }
 
-/// Opens and validates `file`, then loads it as above.
+/// Loads from one open file.
 template <class Graph>
-state_dict_report load_state_dict(Graph& graph, const std::filesystem::path& file,
+state_dict_report load_state_dict(Graph& graph, const safetensors::reader& file, const state_dict_options& options = {}) {
+  return load_state_dict(graph, hf::checkpoint(file), options);
+}
+
+/// Opens and validates `path` - a .safetensors file or a Hugging Face model folder (single file or
+/// shards with model.safetensors.index.json; config.json's quantization_config is read) - then
+/// loads it as above.
+template <class Graph>
+state_dict_report load_state_dict(Graph& graph, const std::filesystem::path& path,
                                   const state_dict_options& options = {}) {
-  return load_state_dict(graph, safetensors::reader(file), options);
+  return load_state_dict(graph, hf::checkpoint(path), options);
 }
 
 /// Writes the weight and bias of every linear layer and BitLinear of `graph` to `file` (replaced
@@ -505,10 +720,12 @@ state_dict_report load_state_dict(Graph& graph, const std::filesystem::path& fil
 /// without latent weights (released, or loaded from a packed checkpoint) can only be saved packed:
 /// in latent mode it is a state_error naming its path, thrown before the file is touched.
 template <class Graph>
-void save_state_dict(Graph& graph, const std::filesystem::path& file, const state_dict_options& options = {}) {
+void save_state_dict(const Graph& graph, const std::filesystem::path& file, const state_dict_options& options = {}) {
   detail::check_state_graph<Graph>();
   detail::state_saver saver(options);
-  saver.save(graph, file);
+  // The walk hands out non-const references (it is shared with load and replace_linear); saving
+  // only reads through them.
+  saver.save(const_cast<Graph&>(graph), file);
 }
 
 }  // namespace bitnet

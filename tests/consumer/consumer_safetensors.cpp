@@ -14,7 +14,8 @@ int main() {
   const auto path = std::filesystem::temp_directory_path() / "bitnet_consumer.safetensors";
   std::vector<bitnet::safetensors::tensor_spec> specs;
   bitnet::hf::declare_packed_layer(specs, "fc", 2, 4, false);
-  bitnet::safetensors::writer out(path, specs);
+  // The file declares its scale convention; readers take it from there.
+  bitnet::safetensors::writer out(path, specs, {bitnet::hf::metadata_entry(bitnet::hf::quantization_config{})});
   bitnet::hf::write_packed_layer(out, "fc", bitnet::hf::to_packed(layer));
   out.finish();
   const bitnet::BitLinear<float> loaded =

@@ -20,6 +20,14 @@ inline constexpr bool always_false = false;
 /// The place of a layer that no other layer can take: a plain member or element of a container.
 struct fixed_place {};
 
+template <class Visitor>
+concept visits_parameters = Visitor::visits_parameters;
+
+template <class Visitor, class Slot>
+concept visits_optional_slots = requires(Visitor& v, const std::string& path, Slot& slot) {
+  v.optional_bit_linear(path, slot);
+};
+
 template <class B>
 concept has_bit_linear_hook = requires(B& base) {
   { layer_traits<B>::as_bit_linear(base) };
@@ -31,6 +39,10 @@ concept has_bit_linear_hook = requires(B& base) {
 ///
 ///   visitor.linear(path, layer, slot)        a linear-like layer (bitnet_linear, layer_traits)
 ///   visitor.bit_linear(path, layer, slot)    a BitLinear<T>
+///   visitor.optional_bit_linear(path, slot)  a std::optional<BitLinear<T>> (if the visitor has it;
+///                                            else its layer, when it holds one, as a BitLinear)
+///   visitor.parameter(path, tensor)          a non-linear parameter: an Eigen child or one named by
+///                                            bitnet_parameters (if Visitor::visits_parameters)
 ///   Visitor::unwalkable<Node>()              a node the walk cannot open: a static_assert naming
 ///                                            the entry point
 ///   Visitor::finds_bit_linear_nodes          pointer slots are asked bitnet_as_bit_linear first
@@ -45,21 +57,43 @@ class graph_walker {
   void walk(Node& node) {
     if constexpr (is_bit_linear<Node>) {
       visitor_.bit_linear(path_, node, fixed_);
+    } else if constexpr (is_optional_bit_linear<Node>) {
+      if constexpr (visits_optional_slots<Visitor, Node>)
+        visitor_.optional_bit_linear(path_, node);
+      else if (node)
+        visitor_.bit_linear(path_, *node, fixed_);
     } else if constexpr (linear_layer<Node>) {
       visitor_.linear(path_, node, fixed_);
+    } else if constexpr (parameter_tensor<Node>) {
+      if constexpr (visits_parameters<Visitor>) visitor_.parameter(path_, node);
     } else if constexpr (is_variant<Node>) {
       walk_variant(node);
     } else if constexpr (is_owning_pointer<Node>) {
       walk_pointer(node);
-    } else if constexpr (layer_node<Node>) {
-      auto visit = [this](std::string_view name, auto& child) {
-        const std::size_t length = path_.size();
-        if (!path_.empty()) path_ += '.';
-        path_ += name;
-        walk(child);
-        path_.resize(length);
-      };
-      layer_traits<Node>::children(node, visit);
+    } else if constexpr (layer_node<Node> || parameter_node<Node>) {
+      if constexpr (parameter_node<Node> && visits_parameters<Visitor>) {
+        auto visit = [this](std::string_view name, auto& tensor) {
+          static_assert(parameter_tensor<std::remove_cvref_t<decltype(tensor)>>,
+                        "bitnet_parameters: visit(name, tensor) takes an Eigen matrix or vector of float or "
+                        "double (or an Eigen::Map of one); see docs/customization.md");
+          const std::size_t length = path_.size();
+          if (!path_.empty()) path_ += '.';
+          path_ += name;
+          visitor_.parameter(path_, tensor);
+          path_.resize(length);
+        };
+        layer_traits<Node>::parameters(node, visit);
+      }
+      if constexpr (layer_node<Node>) {
+        auto visit = [this](std::string_view name, auto& child) {
+          const std::size_t length = path_.size();
+          if (!path_.empty()) path_ += '.';
+          path_ += name;
+          walk(child);
+          path_.resize(length);
+        };
+        layer_traits<Node>::children(node, visit);
+      }
     } else {
       Visitor::template unwalkable<Node>();
     }

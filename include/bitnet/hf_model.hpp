@@ -1,0 +1,260 @@
+// bitnet/hf_model.hpp - a Hugging Face model's weights: one safetensors file, or a model folder
+// (config.json, model.safetensors or shards listed in model.safetensors.index.json), read as one
+// set of named tensors with the quantization_config the folder and its files declare.
+//
+//   const bitnet::hf::checkpoint model("path/to/model");            // a folder or a .safetensors file
+//   bitnet::load_state_dict(graph, model, {.prefix = "model."});    // bitnet/state_dict.hpp
+//
+// Needs nlohmann/json (CMake target bitnet::safetensors).
+#pragma once
+
+#include <cstddef>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <set>
+#include <variant>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "detail/json_leaves.hpp"
+#include "errors.hpp"
+#include "hf.hpp"
+#include "hf_safetensors.hpp"
+#include "matrix.hpp"
+#include "safetensors.hpp"
+
+namespace bitnet::hf {
+
+inline constexpr std::string_view config_file_name = "config.json";
+inline constexpr std::string_view single_file_name = "model.safetensors";
+inline constexpr std::string_view index_file_name = "model.safetensors.index.json";
+
+namespace detail {
+
+/// The text of a small JSON file (config.json, an index), at most 100 MB as a safetensors header.
+inline std::string read_text_file(const std::filesystem::path& path) {
+  std::error_code ec;
+  const auto size = std::filesystem::file_size(path, ec);
+  if (ec) throw io_error(path.string() + ": cannot get the file size: " + ec.message());
+  if (size > safetensors::max_header_length) throw io_error(path.string() + ": larger than 100 MB, not a JSON config");
+  std::ifstream in(path, std::ios::binary);
+  std::string text(static_cast<std::size_t>(size), '\0');
+  in.read(text.data(), static_cast<std::streamsize>(size));
+  if (!in || static_cast<std::uint64_t>(in.gcount()) != size) throw io_error(path.string() + ": cannot read the file");
+  return text;
+}
+
+/// A shard name from an index must be a plain file name in the model folder.
+inline bool plain_file_name(std::string_view name) {
+  return !name.empty() && name != "." && name != ".." && name.find_first_of("/\\") == std::string_view::npos &&
+         name.find('\0') == std::string_view::npos;
+}
+
+}  // namespace detail
+
+/// The weights of a model, from one safetensors file or a model folder. Opening validates every
+/// file header and, for a folder, that the index and the shards agree exactly (every listed tensor
+/// is in its shard, every tensor of a shard is listed there, no tensor is in two shards), and that
+/// config.json and the files do not declare different quantization settings. Tensors are read on
+/// demand. Throws io_error naming the file and the reason.
+class checkpoint {
+ public:
+  /// `path` is a .safetensors file or a model folder.
+  explicit checkpoint(const std::filesystem::path& path) : name_(path.string()) {
+    std::error_code ec;
+    if (!std::filesystem::is_directory(path, ec)) {
+      add_shard(safetensors::reader(path));
+      declare(declared_quantization(shards_.back()), shards_.back().source_name());
+      return;
+    }
+    folder_ = true;
+    const auto config = path / config_file_name;
+    if (std::filesystem::exists(config, ec)) {
+      config_path_ = config;
+      declare(config_json_quantization(detail::read_text_file(config), config.string()), config.string());
+    }
+    const auto single = path / single_file_name, index = path / index_file_name;
+    const bool has_single = std::filesystem::exists(single, ec), has_index = std::filesystem::exists(index, ec);
+    if (has_single && has_index)
+      throw io_error(name_ + ": holds both " + std::string(single_file_name) + " and " + std::string(index_file_name) +
+                     "; which one is the model is ambiguous");
+    if (!has_single && !has_index)
+      throw io_error(name_ + ": no " + std::string(single_file_name) + " and no " + std::string(index_file_name) +
+                     ": not a Hugging Face model folder");
+    if (has_single) {
+      add_shard(safetensors::reader(single));
+    } else {
+      open_index(path, index);
+    }
+    for (const safetensors::reader& shard : shards_) declare(declared_quantization(shard), shard.source_name());
+  }
+
+  /// One open file (copies of a reader share the open file).
+  explicit checkpoint(safetensors::reader file) : name_(file.source_name()) {
+    add_shard(std::move(file));
+    declare(declared_quantization(shards_.back()), shards_.back().source_name());
+  }
+
+  /// The folder or the file, for messages.
+  const std::string& source_name() const noexcept { return name_; }
+  bool is_folder() const noexcept { return folder_; }
+  const std::optional<std::filesystem::path>& config_path() const noexcept { return config_path_; }
+  /// The files, in the order of their names (the index's shards) or the one file.
+  const std::vector<safetensors::reader>& shards() const noexcept { return shards_; }
+
+  const safetensors::tensor_info* find(std::string_view name) const noexcept {
+    const auto found = where_.find(name);
+    return found == where_.end() ? nullptr : shards_[found->second].find(name);
+  }
+  bool contains(std::string_view name) const noexcept { return find(name) != nullptr; }
+  const safetensors::tensor_info& info(std::string_view name) const { return shard_of(name).info(name); }
+  /// The file that holds tensor `name`; io_error when none does.
+  const safetensors::reader& shard_of(std::string_view name) const {
+    const auto found = where_.find(name);
+    if (found == where_.end())
+      throw io_error(name_ + ": no tensor " + safetensors::detail::quote(name));
+    return shards_[found->second];
+  }
+  /// Every tensor: file by file, each in data order.
+  std::vector<const safetensors::tensor_info*> tensors() const {
+    std::vector<const safetensors::tensor_info*> all;
+    for (const safetensors::reader& shard : shards_)
+      for (const safetensors::tensor_info& t : shard.tensors()) all.push_back(&t);
+    return all;
+  }
+
+  template <safetensors::element T>
+  std::vector<T> read_values(std::string_view name) const {
+    return shard_of(name).template read_values<T>(name);
+  }
+  template <safetensors::element T>
+  Matrix<T> read_matrix(std::string_view name) const {
+    return shard_of(name).template read_matrix<T>(name);
+  }
+  template <safetensors::element T>
+  Vector<T> read_vector(std::string_view name) const {
+    return shard_of(name).template read_vector<T>(name);
+  }
+
+  /// The quantization_config declared by config.json or the files (merged; they never disagree).
+  const std::optional<quantization_config>& quantization() const noexcept { return declared_; }
+  /// Where quantization() was declared (config.json or a file), for messages.
+  const std::string& quantization_source() const noexcept { return declared_where_; }
+  /// The scale convention of the packed layers (hf::resolve_scale_convention).
+  scale_convention convention(std::optional<scale_convention> requested) const {
+    return resolve_scale_convention(declared_, declared_where_.empty() ? name_ : declared_where_, requested);
+  }
+  /// The out_features a declaration gives for a packed layer (bitnet_out_features), or 0.
+  Index declared_out_features(std::string_view layer) const {
+    if (!declared_) return 0;
+    const auto found = declared_->out_features.find(layer);
+    return found == declared_->out_features.end() ? 0 : found->second;
+  }
+
+ private:
+  void add_shard(safetensors::reader shard) {
+    const std::size_t index = shards_.size();
+    for (const safetensors::tensor_info& t : shard.tensors()) {
+      const auto [it, inserted] = where_.emplace(t.name, index);
+      if (!inserted)
+        throw io_error(name_ + ": tensor " + safetensors::detail::quote(t.name) + " is in both " +
+                       shards_[it->second].source_name() + " and " + shard.source_name());
+    }
+    shards_.push_back(std::move(shard));
+  }
+
+  void open_index(const std::filesystem::path& folder, const std::filesystem::path& index) {
+    const std::string source = index.string();
+    std::map<std::string, std::string, std::less<>> weight_map;
+    bool has_map = false;
+    bitnet::detail::parse_json_leaves(
+        detail::read_text_file(index), source,
+        [&](const bitnet::detail::json_leaf& leaf) {
+          if (leaf.path.empty() || leaf.path[0] != "weight_map") return;
+          const auto* shard = std::get_if<std::string>(&leaf.value);
+          if (leaf.path.size() != 2 || !shard || !detail::plain_file_name(*shard))
+            throw io_error(source + ": weight_map must map tensor names to file names in the folder");
+          weight_map[leaf.path[1]] = *shard;
+        },
+        [&](const std::vector<std::string>& path, bitnet::detail::json_container kind) {
+          if (path.size() == 1 && path[0] == "weight_map") {
+            if (kind != bitnet::detail::json_container::object) throw io_error(source + ": weight_map is not an object");
+            has_map = true;
+          }
+        });
+    if (!has_map) throw io_error(source + ": no weight_map");
+    std::set<std::string, std::less<>> files;
+    for (const auto& [tensor, file] : weight_map) files.insert(file);
+    std::map<std::string, std::size_t, std::less<>> file_index;
+    for (const std::string& file : files) {
+      file_index[file] = shards_.size();
+      add_shard(safetensors::reader(folder / file));
+    }
+    for (const auto& [tensor, file] : weight_map) {
+      const auto found = where_.find(tensor);
+      if (found == where_.end() || found->second != file_index.at(file))
+        throw io_error(source + ": lists tensor " + safetensors::detail::quote(tensor) + " in " + file +
+                       ", which does not hold it");
+    }
+    for (const auto& [tensor, shard] : where_)
+      if (!weight_map.contains(tensor))
+        throw io_error(shards_[shard].source_name() + ": holds tensor " + safetensors::detail::quote(tensor) +
+                       ", which " + source + " does not list");
+  }
+
+  // Merges one declaration; two that name different settings are an io_error naming both.
+  void declare(const std::optional<quantization_config>& config, const std::string& where) {
+    if (!config) return;
+    if (!declared_) {
+      declared_ = config;
+      declared_where_ = where;
+      return;
+    }
+    const auto conflict = [&](std::string_view what, std::string_view mine, std::string_view theirs) {
+      throw io_error(declared_where_ + " declares " + std::string(what) + " \"" + std::string(mine) + "\", but " +
+                     where + " declares \"" + std::string(theirs) + "\"");
+    };
+    if (config->quant_method != declared_->quant_method)
+      conflict("quant_method", declared_->quant_method, config->quant_method);
+    if (config->linear_class && declared_->linear_class && *config->linear_class != *declared_->linear_class)
+      conflict("linear_class", convention_name(*declared_->linear_class), convention_name(*config->linear_class));
+    if (config->mode != declared_->mode) conflict("quantization_mode", mode_name(declared_->mode), mode_name(config->mode));
+    if (!declared_->linear_class) declared_->linear_class = config->linear_class;
+    for (const auto& [layer, out] : config->out_features) {
+      const auto [it, inserted] = declared_->out_features.emplace(layer, out);
+      if (!inserted && it->second != out)
+        conflict("out_features of " + layer, std::to_string(it->second), std::to_string(out));
+    }
+  }
+
+  std::string name_;
+  bool folder_ = false;
+  std::optional<std::filesystem::path> config_path_;
+  std::vector<safetensors::reader> shards_;
+  std::map<std::string, std::size_t, std::less<>> where_;
+  std::optional<quantization_config> declared_;
+  std::string declared_where_;
+};
+
+/// Reads the packed layer at `path` from the files of `model` that hold its tensors, in the convention the
+/// model declares (config.json or the files; `convention` must agree, or stands in when nothing
+/// declares one), with out_features from the declaration when 0 is given (see read_packed_layer).
+template <real_scalar T>
+packed_layer<T> read_packed_layer(const checkpoint& model, std::string_view path, Index out_features = 0,
+                                  std::optional<scale_convention> convention = std::nullopt) {
+  const scale_convention resolved = model.convention(convention);
+  return detail::read_packed_from<T>(model, path, out_features, resolved, model.declared_out_features(path));
+}
+
+/// The BitLinear the packed layer at `path` of `model` describes (hf::to_bit_linear).
+template <real_scalar T>
+BitLinear<T> load_bit_linear(const checkpoint& model, std::string_view path, Index out_features = 0,
+                             std::optional<scale_convention> convention = std::nullopt, bitlinear_options options = {}) {
+  return to_bit_linear(read_packed_layer<T>(model, path, out_features, convention), options);
+}
+
+}  // namespace bitnet::hf
