@@ -108,9 +108,11 @@ BITNET_TARGET_AVX2 void gemm_half_avx2(const gemm_args& a, const std::int8_t* xi
     for (int t = 0; t < Tokens; ++t) s[t] = _mm256_setzero_si256();
     do {
       const __m256i packed = load_avx2(w);
+      const __m256i shifted[4] = {packed, _mm256_srli_epi16(packed, 2), _mm256_srli_epi16(packed, 4),
+                                  _mm256_srli_epi16(packed, 6)};
 #pragma GCC unroll 4
       for (int p = 0; p < 4; ++p) {
-        const __m256i codes = _mm256_and_si256(p == 0 ? packed : _mm256_srli_epi16(packed, 2 * p), mask);
+        const __m256i codes = _mm256_and_si256(shifted[p], mask);
 #pragma GCC unroll 4
         for (int t = 0; t < Tokens; ++t)
           s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(codes, broadcast_group_avx2(xi + (p * Tokens + t) * 4)));

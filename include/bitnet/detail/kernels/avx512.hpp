@@ -144,9 +144,11 @@ BITNET_TARGET_AVX512 void gemm_shared_planes_avx512(const gemm_args& a, const st
   for (int t = 0; t < Tokens; ++t) acc[t] = _mm512_setzero_si512();
   for (; w != end; w += tile_bytes, xi += tile_cols * Tokens) {
     const __m512i tile = load_avx512(w);
+    // Immediate shift counts spelled out: SIMDe (the emulated test) under Clang needs constants.
+    const __m512i shifted[4] = {tile, _mm512_srli_epi16(tile, 2), _mm512_srli_epi16(tile, 4), _mm512_srli_epi16(tile, 6)};
 #pragma GCC unroll 4
     for (int p = 0; p < 4; ++p) {
-      const __m512i codes = _mm512_and_si512(p == 0 ? tile : _mm512_srli_epi16(tile, 2 * p), mask);
+      const __m512i codes = _mm512_and_si512(shifted[p], mask);
 #pragma GCC unroll 16
       for (int t = 0; t < Tokens; ++t)
         acc[t] = dpbusd_avx512(acc[t], codes, broadcast_group_avx512(xi + (p * Tokens + t) * 4));
