@@ -193,7 +193,10 @@ struct tape_access {
     bit_linear_gradients<T> grads;
     // noalias: the products go straight into the results (no temporary of the size of W).
     grads.weight.noalias() = dy.transpose() * tape.input_;
-    if (tape.has_bias_) grads.bias = dy.colwise().sum().transpose();
+    // The bias gradient sums dy's rows; Eigen's colwise() of a 0-row matrix makes a block of a null
+    // pointer (undefined behaviour, caught by Clang's UBSan), so an empty batch is zeros by hand.
+    if (tape.has_bias_)
+      grads.bias = dy.rows() == 0 ? Vector<T>(Vector<T>::Zero(dy.cols())) : Vector<T>(dy.colwise().sum().transpose());
     grads.input.noalias() = dy * tape.weight_;
     if (tape.rms_norm_) {
       // n = x * r, r = (mean(x^2) + eps)^-1/2:  dx = r * (dn - n * mean(dn . n)).
