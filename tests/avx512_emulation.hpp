@@ -1,4 +1,4 @@
-// Force-included (-include) into bitnet_avx512_emulated_tests: runs the AVX-512 VNNI kernels of
+// Force-included (-include) into bitnet_x86_emulated_tests: runs the AVX-512 VNNI kernels of
 // detail/kernels/avx512.hpp on any x86-64 CPU by routing their intrinsics through SIMDe's portable
 // implementations, so their logic (tiles, tails, row pairs, token tiles, horizontal sums) is
 // checked against the scalar reference even where no AVX-512 hardware exists. The real kernels
@@ -17,3 +17,15 @@
 #define BITNET_INLINE_AVX512 inline
 
 #define BITNET_TEST_EMULATED_AVX512 1
+
+// SIMDe 0.7.4 has no masked 32-bit store (the AMX kernel's partial tiles use it): lanes whose
+// mask bit is set are stored, the others leave memory untouched.
+#include <cstdint>
+#include <cstring>
+inline void bitnet_test_mask_storeu_epi32(void* to, __mmask16 mask, simde__m512i v) noexcept {
+  std::int32_t lanes[16];
+  simde_mm512_storeu_si512(lanes, v);
+  for (int i = 0; i < 16; ++i)
+    if ((mask >> i) & 1) std::memcpy(static_cast<char*>(to) + 4 * i, &lanes[i], 4);
+}
+#define _mm512_mask_storeu_epi32(to, mask, v) bitnet_test_mask_storeu_epi32(to, mask, v)

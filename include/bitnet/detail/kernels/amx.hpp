@@ -15,14 +15,19 @@
 #include "avx512.hpp"
 #include "common.hpp"
 
-#if defined(BITNET_X86) && !defined(BITNET_TEST_EMULATED_AVX512)
+// tests/amx_emulation.hpp predefines BITNET_TARGET_AMX and replaces the tile intrinsics with a
+// model of the tile registers, so that this kernel also runs (over emulated AVX-512) on CPUs
+// without AMX.
+#if defined(BITNET_X86) && (!defined(BITNET_TEST_EMULATED_AVX512) || defined(BITNET_TEST_EMULATED_AMX))
 #define BITNET_HAS_AMX_KERNEL 1
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#ifndef BITNET_TARGET_AMX
 #define BITNET_TARGET_AMX __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
+#endif
 
 namespace bitnet::detail {
 inline namespace BITNET_TU_ISA {
