@@ -9,6 +9,9 @@
 
 #include <immintrin.h>  // the compiler's own declarations first, so SIMDe reuses its vector types
 
+#include <cstdint>
+#include <cstring>
+
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 
@@ -20,8 +23,6 @@
 
 // SIMDe 0.7.4 has no masked 32-bit store (the AMX kernel's partial tiles use it): lanes whose
 // mask bit is set are stored, the others leave memory untouched.
-#include <cstdint>
-#include <cstring>
 inline void bitnet_test_mask_storeu_epi32(void* to, __mmask16 mask, simde__m512i v) noexcept {
   std::int32_t lanes[16];
   simde_mm512_storeu_si512(lanes, v);
