@@ -110,7 +110,7 @@ TEST_CASE_TEMPLATE("BitLinear: integer forward agrees with the references on see
         check_against_references(BitLinear<T>(w), x, w, static_cast<const Vector<T>*>(nullptr), x);
         bitnet::bitlinear_options rms;
         rms.rms_norm = true;
-        check_against_references(BitLinear<T>(w, b, rms), x, w, &b, reference::rms_norm(x, T(1e-6f)));
+        check_against_references(BitLinear<T>(w, b, rms), x, w, &b, reference::rms_norm(x, T(1e-6)));
       }
     }
   }

@@ -40,7 +40,7 @@ void check_computes_with(const BitLinear<float>& layer, const original& source, 
   const Matrix<float> x = reference::random_matrix<float>(3, source.weight.cols(), rng);
   const Matrix<float> y = layer.forward(x);
   CHECK(y == BitLinear<float>(source.weight, source.bias, opt).forward(x));
-  const Matrix<float> normed = opt.rms_norm ? reference::rms_norm(x, opt.rms_eps) : x;
+  const Matrix<float> normed = opt.rms_norm ? reference::rms_norm(x, float(opt.rms_eps)) : x;
   const Matrix<long double> fake =
       reference::bitlinear_fake_quant(normed, source.weight, source.bias ? &*source.bias : nullptr);
   for (Index i = 0; i < y.size(); ++i) CHECK(std::abs((long double)y.data()[i] - fake.data()[i]) < 1e-3L);

@@ -755,3 +755,48 @@ TEST_CASE("state dict: quantization_config blocks are parsed strictly and resolv
                                      "c")
             ->linear_class == hf::scale_convention::bitlinear);
 }
+
+namespace map_hook {
+// A norm that keeps its weight in a std::vector and names it through an Eigen::Map built inside the
+// hook (docs/customization.md allows a Map): the Map is gone when the hook returns.
+struct vector_norm {
+  std::vector<float> gain;
+};
+template <class Visit>
+void bitnet_parameters(vector_norm& n, Visit& visit) {
+  Eigen::Map<bitnet::Vector<float>> view(n.gain.data(), bitnet::Index(n.gain.size()));
+  visit("weight", view);
+}
+struct model {
+  vector_norm norm;
+  std::vector<float> table_storage;
+  bitnet::Matrix<float> dense{2, 2};
+};
+template <class Visit>
+void bitnet_parameters(model& m, Visit& visit) {
+  Eigen::Map<bitnet::Matrix<float>> table(m.table_storage.data(), 2, 3);
+  visit("table", table);
+}
+BITNET_LAYERS(model, norm, dense);
+}  // namespace map_hook
+
+TEST_CASE("state dict: a bitnet_parameters hook may pass an Eigen::Map it built for the call") {
+  scratch_dir dir;
+  map_hook::model source{{{1.5f, -2.0f, 0.25f}}, {1, 2, 3, 4, 5, 6}, bitnet::Matrix<float>{{7, 8}, {9, 10}}};
+  bitnet::save_state_dict(source, dir / "m.safetensors");
+  // Loading writes through the hook's Maps after the hooks returned (the load stages everything
+  // first): the values must land in the vectors, and nothing may touch freed stack memory (ASan).
+  map_hook::model target{{{0, 0, 0}}, std::vector<float>(6, 0.0f), bitnet::Matrix<float>::Zero(2, 2)};
+  const float* gain_data = target.norm.gain.data();
+  bitnet::load_state_dict(target, dir / "m.safetensors", {.strict = true});
+  CHECK(target.norm.gain == source.norm.gain);
+  CHECK(target.norm.gain.data() == gain_data);  // written in place, not reallocated
+  CHECK(target.table_storage == source.table_storage);
+  CHECK(target.dense == source.dense);
+  // A Map of the wrong shape is refused by name, and nothing is written.
+  map_hook::model wrong{{{9, 9}}, std::vector<float>(6, 0.0f), bitnet::Matrix<float>::Zero(2, 2)};
+  CHECK_THROWS_WITH_AS(bitnet::load_state_dict(wrong, dir / "m.safetensors"), doctest::Contains("norm.weight"),
+                       bitnet::error);
+  CHECK(wrong.norm.gain == std::vector<float>{9, 9});
+  CHECK(wrong.table_storage == std::vector<float>(6, 0.0f));
+}

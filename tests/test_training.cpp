@@ -125,7 +125,7 @@ void check_against_torch(const reference_case& c) {
   const Matrix<T> dy = tensor<T>(c, "dy", c.batch, c.out);
   std::optional<Vector<T>> b;
   if (c.bias) b = Vector<T>(tensor<T>(c, "b", c.out, 1));
-  const BitLinear<T> layer(w, b, {.rms_norm = c.rms, .rms_eps = float(c.eps)});
+  const BitLinear<T> layer(w, b, {.rms_norm = c.rms, .rms_eps = c.eps});
   const T lambda = T(c.lambda);
   const auto [y, tape] = bitnet::train_forward(layer, x, lambda);
   const bitnet::bit_linear_gradients<T> grads = bitnet::backward(tape, dy);
@@ -305,7 +305,7 @@ TEST_CASE_TEMPLATE("training: lambda 1 is forward() bit for bit, also after opti
         CHECK(same_bits(y, layer.forward(x)));
         // The tape's operands are the quantized ones, exactly.
         CHECK(same_bits(tape.weight_operand(), bitnet::weight_quant(layer.weight())));
-        CHECK(same_bits(tape.input_operand(), bitnet::activation_quant(rms ? bitnet::rms_norm(x, T(1e-6f)) : x)));
+        CHECK(same_bits(tape.input_operand(), bitnet::activation_quant(rms ? bitnet::rms_norm(x, T(1e-6)) : x)));
         const auto g = bitnet::backward(tape, reference::random_matrix<T>(batch, out, rng));
         layer.set_weight(layer.weight() - T(0.05) * g.weight);
         const BitLinear<T> fresh(layer.weight(), layer.bias(), layer.options());
@@ -321,9 +321,12 @@ TEST_CASE_TEMPLATE("training: lambda 0 is the float layer (on the normalized inp
   const Matrix<T> x = reference::random_matrix<T>(4, 11, rng, 2.0);
   const bitnet::Linear<T> dense(w, b);
   CHECK(same_bits(bitnet::train_forward(BitLinear<T>(w, b), x, 0.0).output, dense.forward(x)));
-  // The layer's eps is a float (bitlinear_options::rms_eps), widened to T.
+  // The layer's eps is 1e-6 in T (bitlinear_options::rms_eps is a double): for double exactly what
+  // rms_norm<double> and PyTorch float64 use, not the float 9.99999997e-7.
   CHECK(same_bits(bitnet::train_forward(BitLinear<T>(w, b, {.rms_norm = true}), x, 0.0).output,
-                  dense.forward(bitnet::rms_norm(x, T(1e-6f)))));
+                  dense.forward(bitnet::rms_norm(x, T(1e-6)))));
+  CHECK(same_bits(BitLinear<T>(w, b, {.rms_norm = true}).forward(x),
+                  BitLinear<T>(w, b).forward(bitnet::rms_norm(x))));
 }
 
 TEST_CASE("training: lambda mixes each operand in PyTorch's order, v + lambda * (q(v) - v)") {
@@ -427,6 +430,21 @@ TEST_CASE("training: bad lambda, input and output gradient are clear errors") {
   CHECK(bitnet::backward(taken, Matrix<float>::Ones(4, 2)).weight.rows() == 2);
   CHECK_THROWS_WITH_AS(bitnet::backward(tape, Matrix<float>::Ones(4, 2)), doctest::Contains("the tape is empty"),
                        bitnet::state_error);
+}
+
+TEST_CASE("training: tapes kept in a map by path, as the docs' loop does") {
+  std::mt19937 rng(13);
+  const BitLinear<float> layer(reference::random_matrix<float>(3, 5, rng, 0.5));
+  const Matrix<float> x = reference::random_matrix<float>(2, 5, rng, 1.0);
+  std::map<std::string, bitnet::bit_linear_tape<float>> tapes;
+  CHECK_THROWS_WITH_AS(bitnet::backward(tapes["fc1"], Matrix<float>::Ones(2, 3)),
+                       doctest::Contains("the tape is empty (default-constructed"), bitnet::state_error);
+  auto [y, tape] = bitnet::train_forward(layer, x, 0.5);
+  const auto expected = bitnet::backward(tape, Matrix<float>::Ones(2, 3));
+  tapes["fc1"] = std::move(tape);
+  const auto from_map = bitnet::backward(tapes["fc1"], Matrix<float>::Ones(2, 3));
+  CHECK(from_map.weight == expected.weight);
+  CHECK(from_map.input == expected.input);
 }
 
 TEST_CASE("training: quantization_warmup is min(step / warmup_steps, 1)") {

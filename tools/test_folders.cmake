@@ -150,6 +150,14 @@ refused("the model is already quantized (converted by bitnet-convert?)" converte
 refused("tensor \"model.layers.1.mlp.down_proj.weight\": non-finite value (nan) at row 1, column 2" nan nan_out)
 refused("non-finite value (nan) at row 1, column 2" nan out)
 refused("non-finite value (nan) at row 1, column 2" nan/model-00002-of-00002.safetensors x.safetensors)
+# A folder that is not an earlier output is never replaced without --force; trailing slashes (shell
+# completion) name the same folders.
+file(WRITE "${WORK}/precious/notes.txt" "mine")
+refused("exists and is not an earlier bitnet-convert output" in/ precious/)
+run(TRUE in/ precious/ --force)
+if(EXISTS "${WORK}/precious/notes.txt" OR NOT EXISTS "${WORK}/precious/config.json")
+  message(FATAL_ERROR "--force did not replace precious/")
+endif()
 
 # An existing output folder is replaced whole on success.
 file(WRITE "${WORK}/out/stale.txt" "old")
@@ -157,7 +165,7 @@ run(TRUE in out --scale-convention bitlinear)
 if(EXISTS "${WORK}/out/stale.txt")
   message(FATAL_ERROR "the old output folder was not replaced")
 endif()
-file(GLOB leftovers "${WORK}/.out.tmp-*")
+file(GLOB leftovers "${WORK}/.out.bitnet-convert-*")
 if(leftovers)
   message(FATAL_ERROR "temporary folders left: ${leftovers}")
 endif()

@@ -37,7 +37,7 @@ namespace bitnet {
 
 struct bitlinear_options {
   bool rms_norm = false;  // apply RMSNorm (no learnable weight) to the input before quantizing
-  float rms_eps = 1e-6f;  // RMSNorm epsilon, > 0
+  double rms_eps = 1e-6;  // RMSNorm epsilon, > 0; used in the layer's precision (float(1e-6) == 1e-6f)
 };
 
 /// Tag of the BitLinear constructor that adopts the caller's buffers (see transfer::move).

@@ -79,15 +79,17 @@ class checkpoint {
     }
     const auto single = path / single_file_name, index = path / index_file_name;
     const bool has_single = std::filesystem::exists(single, ec), has_index = std::filesystem::exists(index, ec);
-    if (has_single && has_index)
-      throw io_error(name_ + ": holds both " + std::string(single_file_name) + " and " + std::string(index_file_name) +
-                     "; which one is the model is ambiguous");
+    if (has_single && has_index)  // transformers' rule (from_pretrained): the single file wins
+      notes_.push_back(name_ + " holds both " + std::string(single_file_name) + " and " + std::string(index_file_name) +
+                       ": " + std::string(single_file_name) + " is the model, as transformers loads it; the index " +
+                       "and the files it lists are not read");
     if (!has_single && !has_index)
       throw io_error(name_ + ": no " + std::string(single_file_name) + " and no " + std::string(index_file_name) +
                      ": not a Hugging Face model folder");
     if (has_single) {
       add_shard(safetensors::reader(single));
     } else {
+      uses_index_ = true;
       open_index(path, index);
     }
     for (const safetensors::reader& shard : shards_) declare(declared_quantization(shard), shard.source_name());
@@ -103,6 +105,10 @@ class checkpoint {
   const std::string& source_name() const noexcept { return name_; }
   bool is_folder() const noexcept { return folder_; }
   const std::optional<std::filesystem::path>& config_path() const noexcept { return config_path_; }
+  /// Whether the model is the shards model.safetensors.index.json lists (else one file).
+  bool uses_index() const noexcept { return uses_index_; }
+  /// What opening decided that a user should know (which of two candidate files is the model).
+  const std::vector<std::string>& notes() const noexcept { return notes_; }
   /// The files, in the order of their names (the index's shards) or the one file.
   const std::vector<safetensors::reader>& shards() const noexcept { return shards_; }
 
@@ -233,6 +239,8 @@ class checkpoint {
 
   std::string name_;
   bool folder_ = false;
+  bool uses_index_ = false;
+  std::vector<std::string> notes_;
   std::optional<std::filesystem::path> config_path_;
   std::vector<safetensors::reader> shards_;
   std::map<std::string, std::size_t, std::less<>> where_;

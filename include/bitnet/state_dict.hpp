@@ -219,22 +219,43 @@ class staged_new_bit_linear final : public staged_state {
   BitLinear<T> staged_;
 };
 
+/// Where a parameter's new values go: a plain Eigen object by address (it lives in the graph); an
+/// Eigen::Map by value, since a bitnet_parameters hook may pass a Map it built for the call, which
+/// is gone when the hook returns (the copy views the same memory).
+template <class P>
+class parameter_target {
+ public:
+  explicit parameter_target(P& tensor) : held_(hold(tensor)) {}
+  P& get() noexcept {
+    if constexpr (plain_object) return *held_;
+    else return held_;
+  }
+
+ private:
+  static constexpr bool plain_object = std::is_same_v<P, typename P::PlainObject>;
+  static auto hold(P& tensor) {
+    if constexpr (plain_object) return &tensor;
+    else return P(tensor);
+  }
+  std::conditional_t<plain_object, P*, P> held_;
+};
+
 /// A parameter tensor: a plain Eigen object takes the staged one by swap (an empty dynamic one
 /// thereby takes the file's shape); a Map is assigned (same shape, checked: no allocation).
 template <class P>
 class staged_parameter final : public staged_state {
  public:
   using plain = typename P::PlainObject;
-  staged_parameter(P& target, plain staged) : target_(&target), staged_(std::move(staged)) {}
+  staged_parameter(parameter_target<P> target, plain staged) : target_(std::move(target)), staged_(std::move(staged)) {}
   void commit() noexcept override {
     if constexpr (std::is_same_v<P, plain>)
-      target_->swap(staged_);
+      target_.get().swap(staged_);
     else
-      *target_ = staged_;
+      target_.get() = staged_;
   }
 
  private:
-  P* target_;
+  parameter_target<P> target_;
   plain staged_;
 };
 
@@ -344,7 +365,7 @@ class state_loader {
       if (t && t->shape.size() == shape.size()) shape = t->shape;
     }
     if (!expect_floating(name, shape)) return;
-    jobs_.push_back([this, &tensor, name, shape]() {
+    jobs_.push_back([this, target = parameter_target<P>(tensor), name, shape]() {
       typename P::PlainObject staged;
       if constexpr (vector) {
         const Vector<S> values = read([&] { return file_.read_vector<S>(name); }, name);
@@ -353,7 +374,7 @@ class state_loader {
       } else {
         staged = read([&] { return file_.read_matrix<S>(name); }, name);
       }
-      staged_.push_back(std::make_unique<staged_parameter<P>>(tensor, std::move(staged)));
+      staged_.push_back(std::make_unique<staged_parameter<P>>(target, std::move(staged)));
     });
   }
 

@@ -69,6 +69,10 @@ struct tape_access;
 template <real_scalar T>
 class bit_linear_tape {
  public:
+  /// An empty tape, so that tapes can sit in maps (`tapes[name] = train_forward(...).tape`);
+  /// backward on it throws state_error.
+  bit_linear_tape() = default;
+
   T lambda() const noexcept { return lambda_; }
   Index batch() const noexcept { return input_.rows(); }
   Index in_features() const noexcept { return weight_.cols(); }
@@ -85,13 +89,12 @@ class bit_linear_tape {
 
  private:
   friend struct detail::tape_access;
-  bit_linear_tape() = default;
 
   T lambda_ = 0;
   bool has_bias_ = false;
   bool rms_norm_ = false;
   Matrix<T> input_;    // x~
-  Matrix<T> weight_;   // W~; empty only in a moved-from tape
+  Matrix<T> weight_;   // W~; empty only in a default-constructed or moved-from tape
   Matrix<T> normed_;   // n = RMSNorm(x), with rms_norm
   Vector<T> inv_rms_;  // 1 / sqrt(mean(x^2) + eps) per row, with rms_norm
 };
@@ -183,7 +186,7 @@ struct tape_access {
     static_assert(std::is_same_v<typename Derived::Scalar, T>,
                   "bitnet::backward: the output gradient's scalar type must be the layer's T");
     if (tape.weight_.size() == 0)
-      throw state_error("bitnet::backward: the tape is empty (moved from); use the tape train_forward returned");
+      throw state_error("bitnet::backward: the tape is empty (default-constructed or moved from); use the tape train_forward returned");
     if (dy_in.rows() != tape.batch() || dy_in.cols() != tape.out_features())
       throw shape_error("bitnet::backward: output gradient is " + shape_string(dy_in.rows(), dy_in.cols()) +
                         ", the forward's output was " + shape_string(tape.batch(), tape.out_features()));

@@ -1,0 +1,784 @@
+// bitnet/convert.hpp - converts a safetensors checkpoint (one file, or a Hugging Face model folder)
+// into the Hugging Face BitNet packed form, in-process: what the bitnet-convert tool runs.
+//
+//   bitnet::convert_report report = bitnet::convert_model("Llama-3.2-1B", "Llama-3.2-1B-bitnet");
+//   std::cout << report.layers.size() << " layers converted\n";
+//
+// The promises, for files and folders alike:
+//   - nothing is written outside OUT, except the staging folder beside it (".OUT.bitnet-convert-<pid>-<n>"),
+//     which is renamed into place at the end; a failure, a cancel or an exception removes it, and the
+//     next run removes ones left by a killed process;
+//   - OUT appears complete or not at all; an existing OUT is replaced only when it is an earlier
+//     output of this converter (or with force);
+//   - linked input files (a Hugging Face hub cache snapshot links every file into ../../blobs) are
+//     read through their links and written into OUT as regular files;
+//   - the output is reopened and verified before it is committed: codes, scales and copied bytes,
+//     and each converted layer's outputs (bias included) against the source layer.
+// Needs nlohmann/json (CMake target bitnet::safetensors).
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <map>
+#include <optional>
+#include <random>
+#include <regex>
+#include <set>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "bit_linear.hpp"
+#include "detail/float_formats.hpp"
+#include "errors.hpp"
+#include "hf.hpp"
+#include "hf_model.hpp"
+#include "hf_safetensors.hpp"
+#include "matrix.hpp"
+#include "quant.hpp"
+#include "safetensors.hpp"
+
+#if __has_include(<unistd.h>)
+#include <unistd.h>
+#endif
+#if defined(__linux__)
+#include <fcntl.h>   // AT_FDCWD
+#include <signal.h>  // kill(pid, 0)
+#include <stdio.h>   // renameat2
+#endif
+
+namespace bitnet {
+
+/// What convert_model does. The defaults are bitnet-convert's.
+struct convert_options {
+  /// A 2-D F32/F16/BF16 tensor named "*.weight" is converted unless its name contains one of these
+  /// (substrings, as transformers matches modules_to_not_convert).
+  std::vector<std::string> exclude{"embed", "norm", "lm_head"};
+  /// offline: packed ternary weights (U8) + weight_scale; online: the latent weights kept, for
+  /// transformers' AutoBitLinear online mode (always the autobitlinear convention).
+  hf::quantization_mode mode = hf::quantization_mode::offline;
+  hf::scale_convention scale_convention = hf::default_scale_convention;
+  /// The element type of weight_scale: F32 (exact), BF16 or F16 (rounded; the report says by how much).
+  safetensors::dtype scale_dtype = safetensors::dtype::F32;
+  /// Replace an existing OUT that is not an earlier output of this converter.
+  bool force = false;
+  /// Asked between tensors and files; true stops the conversion (io_error, nothing left behind).
+  std::function<bool()> cancelled{};
+};
+
+/// One converted layer, as the report and the progress callback show it.
+struct converted_layer {
+  std::string name;  // the module path, "model.layers.0.mlp.down_proj"
+  std::string file;  // the output file that holds it
+  Index out_features = 0, in_features = 0;
+  double weight_scale = 0;      // as stored, in the output's convention and scale_dtype
+  double scale_rounding = 0;    // relative change of the scale by scale_dtype (0 for F32)
+  double zero_fraction = 0;     // of the ternary codes
+  double relative_error = 0;    // ||W - q / s|| / ||W||
+  bool has_bias = false;        // stored as the convention defines it (hf.hpp)
+};
+
+/// What convert_model did.
+struct convert_report {
+  std::filesystem::path input, output;
+  bool folder = false;
+  hf::quantization_config config;                     // written to config.json and every file's __metadata__
+  std::vector<std::string> model_files;               // the input files that hold the model, in order
+  std::vector<converted_layer> layers;
+  std::vector<std::string> copied_tensors;            // byte for byte (norms, embeddings, online latent weights)
+  std::vector<std::string> copied_files;              // folder files that are not the model, relative paths
+  std::vector<std::pair<std::string, std::vector<std::string>>> exclude_matches;  // rule -> the weights it kept dense
+  std::vector<std::string> notes;                     // warnings and decisions the user should know about
+  std::uint64_t bytes_in = 0, bytes_out = 0;
+  std::size_t tensors_in = 0;
+  double seconds = 0;
+};
+
+/// Progress, reported after every tensor and file.
+struct convert_progress {
+  std::uint64_t bytes_done = 0, bytes_total = 0;
+  std::size_t tensors_done = 0, tensors_total = 0;
+  const converted_layer* layer = nullptr;  // the layer just converted, or none
+};
+
+/// The metadata key every file written by convert_model carries; an OUT whose files carry it may be
+/// replaced without convert_options::force.
+inline constexpr std::string_view converter_metadata_key = "bitnet_converter";
+
+namespace detail {
+
+namespace fs = std::filesystem;
+namespace st = safetensors;
+using ordered_json = nlohmann::ordered_json;
+
+/// FNV-1a over 8-byte words (then the tail bytes): lets the verification compare the file with
+/// what was computed without keeping the tensors. Whole tensors are fed in chunks that are
+/// multiples of 8 bytes, so the result does not depend on the chunking.
+struct fingerprint {
+  std::uint64_t value = 1469598103934665603ull;
+  void add(std::span<const std::byte> bytes) {
+    std::size_t i = 0;
+    for (; i + 8 <= bytes.size(); i += 8) {
+      std::uint64_t word;
+      std::memcpy(&word, bytes.data() + i, 8);
+      value = (value ^ word) * 1099511628211ull;
+    }
+    for (; i < bytes.size(); ++i) value = (value ^ std::uint64_t(bytes[i])) * 1099511628211ull;
+  }
+};
+
+inline std::uint64_t fingerprint_of(const st::reader& file, const std::string& name) {
+  const std::uint64_t size = file.info(name).byte_size();
+  fingerprint f;
+  std::vector<std::byte> chunk(std::size_t(std::min<std::uint64_t>(size, 1 << 20)));
+  for (std::uint64_t done = 0; done < size; done += chunk.size()) {
+    const auto n = std::size_t(std::min<std::uint64_t>(chunk.size(), size - done));
+    file.read_bytes(name, done, std::span(chunk.data(), n));
+    f.add(std::span(chunk.data(), n));
+  }
+  return f.value;
+}
+
+/// `value` rounded as storing it in `type` (F32, BF16 or F16) rounds it.
+inline float stored_value(float value, st::dtype type, const std::string& layer) {
+  const float_format format = type == st::dtype::BF16 ? bfloat16 : type == st::dtype::F16 ? binary16 : binary32;
+  const std::optional<double> rounded = round_to_format(value, format);
+  if (!rounded || !(*rounded > 0))
+    throw value_error(layer + ": weight_scale " + std::to_string(value) + " cannot be stored as " +
+                      std::string(st::dtype_name(type)));
+  return static_cast<float>(*rounded);
+}
+
+inline bool is_linear_weight(const st::tensor_info& t) {
+  return t.name.size() > 7 && t.name.ends_with(".weight") && t.shape.size() == 2 && t.shape[0] > 0 &&
+         t.shape[1] > 0 && (t.type == st::dtype::F32 || t.type == st::dtype::F16 || t.type == st::dtype::BF16);
+}
+
+inline std::string module_of(const std::string& tensor_name) {
+  const auto dot = tensor_name.rfind('.');
+  return dot == std::string::npos ? std::string() : tensor_name.substr(0, dot);
+}
+
+/// Whether transformers keeps `module` dense given modules_to_not_convert `keys`, by either rule it
+/// has used: substring of the dotted path (integrations/bitnet.py, 4.4x-4.5x), or
+/// quantizers_utils.should_convert_module (re.match(key + "\."), re.match(key), or a suffix).
+inline bool transformers_keeps_dense(const std::string& module, const std::vector<std::string>& keys) {
+  for (const std::string& key : keys) {
+    if (module.find(key) != std::string::npos || module.ends_with(key)) return true;
+    try {
+      if (std::regex_search(module, std::regex(key), std::regex_constants::match_continuous)) return true;
+    } catch (const std::regex_error&) {
+      throw value_error("modules_to_not_convert entry \"" + key + "\" is not a valid regular expression");
+    }
+  }
+  return false;
+}
+
+/// A path with no trailing separator and no "." / ".." parts: "out/" and "out" are one folder.
+inline fs::path normalized(const fs::path& path) {
+  fs::path p = fs::absolute(path).lexically_normal();
+  while (!p.has_filename() && p.has_parent_path() && p != p.root_path()) p = p.parent_path();
+  return p;
+}
+
+inline bool is_inside(const fs::path& inner, const fs::path& outer) {
+  const auto [o, i] = std::mismatch(outer.begin(), outer.end(), inner.begin(), inner.end());
+  return o == outer.end();
+}
+
+/// IN and OUT must be different files or folders (also through symlinks and hard links), and
+/// neither folder inside the other.
+inline void refuse_same_place(const fs::path& in, const fs::path& out, bool folder) {
+  std::error_code ec;
+  if (fs::exists(out, ec) && fs::equivalent(in, out, ec))
+    throw io_error(in.string() + " and " + out.string() + " are the same " + (folder ? "folder" : "file") +
+                   " (directly, through a symlink or a hard link): refusing to overwrite the source");
+  if (folder) {
+    const fs::path ci = fs::weakly_canonical(in), co = fs::weakly_canonical(out);
+    if (is_inside(co, ci) || is_inside(ci, co))
+      throw io_error(in.string() + " and " + out.string() + ": one folder is inside the other; refusing");
+    if (fs::exists(out, ec) && !fs::is_directory(out, ec))
+      throw io_error(out.string() + " exists and is not a folder");
+  } else if (fs::is_directory(out, ec)) {
+    throw io_error(out.string() + " is a folder; the input is a single file");
+  }
+}
+
+inline bool written_by_converter(const st::reader& file) {
+  return file.metadata().find(std::string(converter_metadata_key)) != file.metadata().end();
+}
+
+/// An existing OUT may be replaced when it is empty or an earlier output of convert_model (every
+/// model file carries converter_metadata_key), or with force.
+inline void refuse_foreign_output(const fs::path& out, bool folder, bool force) {
+  std::error_code ec;
+  if (force || !fs::exists(out, ec)) return;
+  if (folder && fs::is_empty(out, ec)) return;
+  bool ours = false;
+  try {
+    const hf::checkpoint old(out);
+    ours = std::all_of(old.shards().begin(), old.shards().end(), written_by_converter);
+  } catch (const error&) {
+    ours = false;
+  }
+  if (!ours)
+    throw io_error(out.string() + " exists and is not an earlier bitnet-convert output: refusing to replace it "
+                   "(choose another OUT, remove it, or pass --force / convert_options::force)");
+}
+
+/// The first non-finite element of a weight, named by tensor, row and column.
+inline void require_finite(const Matrix<float>& w, const st::reader& file, const std::string& name) {
+  for (Index r = 0; r < w.rows(); ++r)
+    for (Index c = 0; c < w.cols(); ++c)
+      if (!std::isfinite(w(r, c)))
+        throw value_error(file.source_name() + ": tensor \"" + name + "\": non-finite value (" +
+                          (std::isnan(w(r, c)) ? "nan" : w(r, c) > 0 ? "inf" : "-inf") + ") at row " +
+                          std::to_string(r) + ", column " + std::to_string(c) + "; nothing was written");
+}
+
+inline ordered_json read_json(const fs::path& path) {
+  try {
+    return ordered_json::parse(hf::detail::read_text_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw io_error(path.string() + ": invalid JSON: " + e.what());
+  }
+}
+
+inline void write_text(const fs::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+  out.close();
+  if (!out) throw io_error(path.string() + ": cannot write the file");
+}
+
+/// A layer's output on a fixed probe, as the source layer computes it: kept to compare the written
+/// layer with (2 rows; the bias included).
+struct probe_record {
+  std::uint32_t seed = 0;
+  Matrix<float> expected;
+};
+
+inline Matrix<float> probe_input(std::uint32_t seed, Index in_features) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  Matrix<float> x(2, in_features);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = dist(rng);
+  return x;
+}
+
+struct layer_record {
+  converted_layer layer;
+  float stored_scale = 0;
+  std::uint64_t codes_fingerprint = 0;
+  probe_record probe;
+};
+
+/// The whole conversion, one object per call.
+class converter {
+ public:
+  converter(const fs::path& input, const fs::path& output, convert_options options,
+            std::function<void(const convert_progress&)> on_progress)
+      : opt_(std::move(options)), on_progress_(std::move(on_progress)) {
+    report_.input = normalized(input);
+    report_.output = normalized(output);
+  }
+
+  convert_report run() {
+    const auto start = std::chrono::steady_clock::now();
+    const fs::path& in_path = report_.input;
+    const fs::path& out_path = report_.output;
+    std::error_code ec;
+    if (!fs::exists(in_path, ec)) throw io_error(in_path.string() + ": no such file or folder");
+    report_.folder = fs::is_directory(in_path, ec);
+    refuse_same_place(in_path, out_path, report_.folder);
+    refuse_foreign_output(out_path, report_.folder, opt_.force);
+    const hf::checkpoint in(in_path);
+    for (const std::string& note : in.notes()) report_.notes.push_back(note);
+    if (const auto& declared = in.quantization())  // an online model's dense modules stay dense
+      opt_.exclude.insert(opt_.exclude.end(), declared->modules_to_not_convert.begin(),
+                          declared->modules_to_not_convert.end());
+    plan(in);
+    for (const st::reader& shard : in.shards()) {
+      report_.bytes_in += shard.file_size();
+      report_.tensors_in += shard.tensors().size();
+      report_.model_files.push_back(fs::path(shard.source_name()).filename().string());
+    }
+    progress_.bytes_total = report_.bytes_in;
+    progress_.tensors_total = report_.tensors_in;
+
+    if (!report_.folder) {
+      convert_file(in, in.shards().front(), out_path);
+      verify(out_path);
+    } else {
+      convert_folder(in);
+    }
+    report_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return std::move(report_);
+  }
+
+ private:
+  bool offline() const { return opt_.mode == hf::quantization_mode::offline; }
+
+  void check_cancel() const {
+    if (opt_.cancelled && opt_.cancelled())
+      throw io_error("conversion cancelled; nothing was written to " + report_.output.string());
+  }
+
+  void tick(std::uint64_t bytes, const converted_layer* layer = nullptr) {
+    progress_.bytes_done += bytes;
+    ++progress_.tensors_done;
+    progress_.layer = layer;
+    if (on_progress_) on_progress_(progress_);
+    check_cancel();
+  }
+
+  bool converts(const st::tensor_info& t) const {
+    return is_linear_weight(t) && std::none_of(opt_.exclude.begin(), opt_.exclude.end(), [&](const std::string& rule) {
+             return t.name.find(rule) != std::string::npos;
+           });
+  }
+
+  /// Decides every layer from the headers alone; refuses converted input and settings transformers
+  /// would misread.
+  void plan(const hf::checkpoint& in) {
+    // Latent weights declared for AutoBitLinear's online mode (microsoft/bitnet-b1.58-2B-4T-bf16) are
+    // what we convert from; any other declaration means the weights are already quantized.
+    if (const auto& declared = in.quantization();
+        declared && !(declared->quant_method == "bitnet" && declared->mode == hf::quantization_mode::online))
+      throw io_error(in.quantization_source() + " declares a quantization_config (quant_method \"" +
+                     declared->quant_method + "\"" +
+                     (declared->quant_method == "bitnet" ? ", quantization_mode \"offline\"" : "") +
+                     "): the model is already quantized" +
+                     (declared->quant_method == "bitnet" ? " (converted by bitnet-convert?)" : "") +
+                     "; convert the dense model instead");
+    hf::quantization_config& config = report_.config;
+    config.linear_class = offline() ? opt_.scale_convention : hf::scale_convention::autobitlinear;
+    config.mode = opt_.mode;
+    std::vector<std::string> converted;
+    std::set<std::string> kept;
+    for (const std::string& rule : opt_.exclude) report_.exclude_matches.push_back({rule, {}});
+    for (const st::tensor_info* t : in.tensors()) {
+      if (t->name.ends_with(".weight_scale")) {
+        const std::string layer = module_of(t->name);
+        const st::tensor_info* weight = in.find(layer + ".weight");
+        if (weight && weight->type == st::dtype::U8)
+          throw io_error(in.source_name() + ": " + layer + " is a packed BitNet layer (U8 weight + weight_scale): "
+                         "the model is already converted; convert the dense model instead");
+      }
+      if (!is_linear_weight(*t)) {
+        if (t->name.size() > 7 && t->name.ends_with(".weight") && t->shape.size() == 2 && st::is_floating(t->type))
+          kept.insert(module_of(t->name));  // an F64 matrix, say: copied, and transformers must keep it too
+        continue;
+      }
+      for (auto& [rule, matches] : report_.exclude_matches)
+        if (t->name.find(rule) != std::string::npos) matches.push_back(module_of(t->name));
+      if (!converts(*t)) {
+        kept.insert(module_of(t->name));
+        continue;
+      }
+      const std::string module = module_of(t->name);
+      converted.push_back(module);
+      if (offline() && t->shape[0] % 4 != 0) {
+        config.out_features[module] = Index(t->shape[0]);
+        report_.notes.push_back("warning: " + module + ": out_features " + std::to_string(t->shape[0]) +
+                                " is not a multiple of 4: transformers' BitLinear / AutoBitLinear cannot load this "
+                                "layer (they size the packed rows as out_features // 4); bitnet loads it (the file "
+                                "records out_features)");
+      }
+    }
+    // A tied output head has no tensor of its own (tie_word_embeddings: BitNet 2B-4T, Llama 3.2 1B), yet
+    // transformers builds an lm_head Linear that reads the embedding; a modules_to_not_convert list
+    // replaces transformers' defaults (which would have kept it), so it must name lm_head itself.
+    if (!in.contains("lm_head.weight") && ties_embeddings(in)) {
+      kept.insert("lm_head");
+      report_.notes.push_back("lm_head has no tensor (tied to the embedding): listed in modules_to_not_convert so that "
+                              "transformers keeps it dense");
+    }
+    config.modules_to_not_convert.assign(kept.begin(), kept.end());
+    if (offline())
+      for (const std::string& layer : converted)
+        if (transformers_keeps_dense(layer, config.modules_to_not_convert))
+          throw io_error("the converted layer \"" + layer + "\" matches a kept-dense module of modules_to_not_convert (" +
+                         nlohmann::json(config.modules_to_not_convert).dump() +
+                         "): transformers (substring, prefix or suffix rules) would leave it dense and fail to load "
+                         "its packed weight; exclude it as well");
+  }
+
+  /// Whether transformers would build an lm_head tied to the embedding: config.json's
+  /// tie_word_embeddings (true when absent, PretrainedConfig's default); without a config.json,
+  /// whether there is an embedding table at all.
+  static bool ties_embeddings(const hf::checkpoint& in) {
+    if (in.config_path()) {
+      const ordered_json config = read_json(*in.config_path());
+      const auto found = config.is_object() ? config.find("tie_word_embeddings") : config.end();
+      return found == config.end() || !found->is_boolean() || found->get<bool>();
+    }
+    const auto tensors = in.tensors();
+    return std::any_of(tensors.begin(), tensors.end(),
+                       [](const st::tensor_info* t) { return t->name.find("embed_tokens") != std::string::npos; });
+  }
+
+  /// Converts (or, online, checks and copies) the tensors of one file of `model` into `output`.
+  void convert_file(const hf::checkpoint& model, const st::reader& in, const fs::path& output) {
+    std::vector<st::tensor_spec> specs;
+    for (const st::tensor_info& t : in.tensors()) {
+      if (offline() && converts(t))
+        hf::declare_packed_layer(specs, module_of(t.name), Index(t.shape[0]), Index(t.shape[1]), false, opt_.scale_dtype);
+      else if (scaled_bias(model, t))
+        specs.push_back({t.name, st::dtype::F32, t.shape});
+      else
+        specs.push_back({t.name, t.type, t.shape});
+    }
+    std::map<std::string, std::string> metadata(in.metadata().begin(), in.metadata().end());
+    metadata.insert_or_assign(std::string(hf::metadata_key), hf::to_json(report_.config));
+    metadata.insert_or_assign(std::string(converter_metadata_key), "bitnet-convert");
+    const std::string shard = output.filename().string();
+    st::writer out(output, std::move(specs), std::move(metadata));
+    for (const st::tensor_info& t : in.tensors()) {
+      if (offline() && converts(t)) {
+        convert_layer(model, in, t, out, shard);
+      } else if (scaled_bias(model, t)) {
+        // (x.q + b s) * m = x.q m + b: AutoBitLinear's bias times its weight scale is the layer's bias.
+        const std::string module = module_of(t.name);
+        const Vector<float> bias = read_bias(model, module, Index(model.info(module + ".weight").shape[0]));
+        out.write(t.name, Vector<float>(bias * scale_of(model, module)));
+        tick(t.byte_size());
+      } else {
+        if (converts(t)) require_finite(in.read_matrix<float>(t.name), in, t.name);  // online: latent weights
+        out.copy_tensor(t.name, in, t.name);
+        copies_[t.name] = fingerprint_of(in, t.name);
+        report_.copied_tensors.push_back(t.name);
+        tick(t.byte_size());
+      }
+    }
+    out.finish();
+  }
+
+  /// The bias of a converted layer in the autobitlinear convention (stored as b * s, in F32);
+  /// the bitlinear convention stores b itself (a byte-for-byte copy).
+  bool scaled_bias(const hf::checkpoint& model, const st::tensor_info& t) const {
+    if (!offline() || opt_.scale_convention != hf::scale_convention::autobitlinear || !t.name.ends_with(".bias"))
+      return false;
+    const st::tensor_info* weight = model.find(module_of(t.name) + ".weight");
+    return weight && converts(*weight);
+  }
+
+  std::optional<Vector<float>> read_bias_if_any(const hf::checkpoint& model, const std::string& module, Index out) const {
+    if (!model.contains(module + ".bias")) return std::nullopt;
+    return read_bias(model, module, out);
+  }
+
+  Vector<float> read_bias(const hf::checkpoint& model, const std::string& module, Index out) const {
+    const std::string name = module + ".bias";
+    const st::tensor_info& info = model.info(name);
+    if (info.shape.size() != 1 || info.shape[0] != std::uint64_t(out))
+      throw shape_error(model.shard_of(name).source_name() + ": " + name + " has shape " +
+                        safetensors::detail::shape_text(info.shape) + ", the layer has " + std::to_string(out) +
+                        " outputs");
+    Vector<float> bias = model.read_vector<float>(name);
+    for (Index i = 0; i < bias.size(); ++i)
+      if (!std::isfinite(bias(i)))
+        throw value_error(model.shard_of(name).source_name() + ": tensor \"" + name + "\": non-finite value at " +
+                          std::to_string(i) + "; nothing was written");
+    return bias;
+  }
+
+  /// A layer's weight_scale in its convention (exact: as float), as stored (scale_dtype), and the s
+  /// the stored value stands for, as hf::to_bit_linear computes it.
+  struct layer_scale {
+    float exact, stored, scale;
+  };
+  layer_scale stored_scale(const Matrix<float>& w, const std::string& module, float quantized_scale) const {
+    const bool autobitlinear = opt_.scale_convention == hf::scale_convention::autobitlinear;
+    const float mean = std::max(static_cast<float>(bitnet::detail::mean_abs(w)), scale_floor<float>);
+    const float exact = autobitlinear ? mean : quantized_scale;
+    const float stored = stored_value(exact, opt_.scale_dtype, module);
+    return {exact, stored, autobitlinear ? 1.0f / stored : stored};
+  }
+
+  /// s of a converted layer: from its conversion, or (a bias in a shard before its weight's) from the weight.
+  float scale_of(const hf::checkpoint& model, const std::string& module) {
+    if (const auto found = scales_.find(module); found != scales_.end()) return found->second;
+    const Matrix<float> w = model.read_matrix<float>(module + ".weight");
+    require_finite(w, model.shard_of(module + ".weight"), module + ".weight");
+    const float scale = stored_scale(w, module, quantize_weights(w).scale).scale;
+    scales_.emplace(module, scale);
+    return scale;
+  }
+
+  void convert_layer(const hf::checkpoint& model, const st::reader& in, const st::tensor_info& t, st::writer& out,
+                     const std::string& shard) {
+    const std::string module = module_of(t.name);
+    const Matrix<float> w = in.read_matrix<float>(t.name);
+    require_finite(w, in, t.name);
+    const std::optional<Vector<float>> bias = read_bias_if_any(model, module, w.rows());
+    const auto q = quantize_weights(w);
+    const auto [exact, stored, scale] = stored_scale(w, module, q.scale);
+    scales_.emplace(module, scale);
+    double error2 = 0, norm2 = 0;
+    Index zeros = 0;
+    for (Index i = 0; i < w.size(); ++i) {
+      const double v = w.data()[i], r = double(q.values.data()[i]) / double(scale);
+      error2 += (v - r) * (v - r);
+      norm2 += v * v;
+      zeros += q.values.data()[i] == 0;
+    }
+    hf::write_packed_layer(out, module, hf::packed_layer<float>{hf::pack_weights(q.values), w.rows(), stored, std::nullopt,
+                                                                opt_.scale_convention});
+    layer_record record;
+    record.layer = {module, shard, w.rows(), w.cols(), double(stored), double(stored) / double(exact) - 1,
+                    double(zeros) / double(w.size()), norm2 > 0 ? std::sqrt(error2 / norm2) : 0.0, bias.has_value()};
+    record.stored_scale = stored;
+    fingerprint f;
+    f.add(std::as_bytes(std::span(q.values.data(), std::size_t(q.values.size()))));
+    record.codes_fingerprint = f.value;
+    // The source layer with the scale as stored: what the written layer must compute.
+    record.probe.seed = std::uint32_t(records_.size() + 1);
+    record.probe.expected =
+        BitLinear<float>::from_ternary(q.values, scale, bias).forward(probe_input(record.probe.seed, w.cols()));
+    records_.push_back(std::move(record));
+    report_.layers.push_back(records_.back().layer);
+    tick(t.byte_size(), &report_.layers.back());
+  }
+
+  /// Reopens the output (full validation, index and config.json included) and checks it: the declared
+  /// quantization_config is the one used, every converted layer unpacks to the computed codes and
+  /// scale and computes the source layer's outputs (bias included) from what any reader finds in the
+  /// files, every copied tensor is byte-identical.
+  void verify(const fs::path& output) {
+    const hf::checkpoint check(output);
+    report_.bytes_out = 0;
+    for (const st::reader& shard : check.shards()) report_.bytes_out += shard.file_size();
+    const auto& declared = check.quantization();
+    if (!declared || hf::to_json(*declared) != hf::to_json(report_.config))
+      throw io_error(output.string() + ": verification failed: the quantization_config read back differs");
+    for (const layer_record& record : records_) {
+      const converted_layer& layer = record.layer;
+      // The convention as any reader finds it: declared by the files, never passed in.
+      const hf::packed_layer<float> packed = hf::read_packed_layer<float>(check, layer.name);
+      const Matrix<std::int8_t> codes = hf::unpack_weights(packed.weight, layer.out_features);
+      fingerprint f;
+      f.add(std::as_bytes(std::span(codes.data(), std::size_t(codes.size()))));
+      if (f.value != record.codes_fingerprint || packed.weight_scale != record.stored_scale ||
+          codes.cols() != layer.in_features || packed.out_features != layer.out_features ||
+          packed.convention != *report_.config.linear_class || packed.bias.has_value() != layer.has_bias)
+        throw io_error(output.string() + ": verification failed for layer " + layer.name + ": codes, scale or shape differ");
+      const BitLinear<float> loaded = hf::to_bit_linear(packed);
+      const Matrix<float> y = loaded.forward(probe_input(record.probe.seed, layer.in_features));
+      // Only the bias may round (autobitlinear stores b * s and reads it back times m: two roundings),
+      // and the output's sum with it; a bias stored in the wrong convention is off by |b| (1 - m).
+      const Matrix<float>& expected = record.probe.expected;
+      constexpr float eps = std::numeric_limits<float>::epsilon();
+      for (Index i = 0; i < y.size(); ++i) {
+        const Index column = i % layer.out_features;
+        const float bias = loaded.bias() ? std::fabs((*loaded.bias())(column)) : 0.0f;
+        const float bound = 4 * eps * (std::fabs(expected.data()[i]) + bias);
+        if (!(std::fabs(y.data()[i] - expected.data()[i]) <= bound))
+          throw io_error(output.string() + ": verification failed for layer " + layer.name + ": output " +
+                         std::to_string(i % layer.out_features) + " is " + std::to_string(y.data()[i]) +
+                         " as the file is read, " + std::to_string(expected.data()[i]) + " from the source" +
+                         (layer.has_bias ? " (bias included)" : ""));
+      }
+    }
+    for (const auto& [name, expected] : copies_)
+      if (fingerprint_of(check.shard_of(name), name) != expected)
+        throw io_error(output.string() + ": verification failed for tensor " + name);
+  }
+
+  /// Removes folders a killed run left beside OUT (".OUT.bitnet-convert-<pid>-<n>" of a process
+  /// that no longer runs).
+  void remove_stale_staging(const fs::path& parent, const std::string& stem) {
+    std::error_code ec;
+    for (const auto& entry : fs::directory_iterator(parent, ec)) {
+      const std::string name = entry.path().filename().string();
+      if (!name.starts_with(stem)) continue;
+      const std::string rest = name.substr(stem.size());
+      const auto dash = rest.find('-');
+      if (dash == std::string::npos || dash == 0) continue;
+      long pid = 0;
+      try {
+        pid = std::stol(rest.substr(0, dash));
+      } catch (const std::exception&) {
+        continue;
+      }
+#if defined(__linux__)
+      if (pid > 0 && (kill(pid_t(pid), 0) == 0 || errno != ESRCH)) continue;  // that run is alive
+#endif
+      std::error_code removed;
+      fs::remove_all(entry.path(), removed);
+      if (!removed) report_.notes.push_back("removed " + entry.path().string() + ", left by an interrupted run");
+    }
+  }
+
+  /// Copies the folder files that are not the model, following links (a linked file becomes a
+  /// regular file of OUT; a linked folder is copied as a folder; a loop or a dangling link is an error).
+  void copy_other_files(const fs::path& from, const fs::path& to, const std::set<std::string>& model_files,
+                        const fs::path& relative, std::set<fs::path>& visited) {
+    std::vector<fs::directory_entry> entries;
+    for (const fs::directory_entry& entry : fs::directory_iterator(from)) entries.push_back(entry);
+    std::sort(entries.begin(), entries.end());
+    for (const fs::directory_entry& entry : entries) {
+      const std::string name = entry.path().filename().string();
+      const fs::path rel = relative / name;
+      if (relative.empty() && model_files.contains(name)) continue;
+      if (relative.empty() && name == ".git") {
+        report_.notes.push_back(".git (version control data) was not copied");
+        continue;
+      }
+      std::error_code ec;
+      const fs::file_status status = fs::status(entry.path(), ec);  // through links
+      if (ec || !fs::exists(status))
+        throw io_error(entry.path().string() + ": a link to " +
+                       (fs::is_symlink(entry.symlink_status()) ? fs::read_symlink(entry.path()).string() : "nothing") +
+                       ", which does not exist: cannot copy it; nothing was written");
+      if (fs::is_directory(status)) {
+        const fs::path real = fs::canonical(entry.path());
+        if (!visited.insert(real).second)
+          throw io_error(entry.path().string() + ": linked folders form a loop; nothing was written");
+        fs::create_directory(to / rel);
+        copy_other_files(entry.path(), to, model_files, rel, visited);
+        visited.erase(real);
+      } else if (fs::is_regular_file(status)) {
+        fs::copy_file(entry.path(), to / rel);  // reads through a link, writes a regular file
+        report_.copied_files.push_back(rel.generic_string());
+        if (relative.empty() && entry.path().extension() == ".safetensors")
+          report_.notes.push_back(name + " is not part of the model (" + std::string(hf::index_file_name) +
+                                  " does not list it): copied byte for byte, not converted");
+        check_cancel();
+      } else {
+        throw io_error(entry.path().string() + ": not a regular file or folder; nothing was written");
+      }
+    }
+  }
+
+  void convert_folder(const hf::checkpoint& in) {
+    const fs::path& target = report_.output;
+    const fs::path parent = target.parent_path();
+    const std::string stem = "." + target.filename().string() + ".bitnet-convert-";
+    remove_stale_staging(parent, stem);
+    std::random_device rd;
+#if __has_include(<unistd.h>)
+    const long pid = long(getpid());
+#else
+    const long pid = 0;
+#endif
+    const fs::path staging = parent / (stem + std::to_string(pid) + "-" + std::to_string(rd()));
+    struct guard {
+      fs::path path;
+      ~guard() {
+        std::error_code ec;
+        fs::remove_all(path, ec);
+      }
+    } remove_unless_committed{staging};
+    fs::create_directories(staging);
+
+    std::set<std::string> model_files{std::string(hf::config_file_name)};
+    if (in.uses_index()) model_files.insert(std::string(hf::index_file_name));
+    for (const st::reader& shard : in.shards()) {
+      const std::string name = fs::path(shard.source_name()).filename().string();
+      model_files.insert(name);
+      convert_file(in, shard, staging / name);
+    }
+    std::set<fs::path> visited{fs::canonical(report_.input)};
+    copy_other_files(report_.input, staging, model_files, {}, visited);
+
+    const ordered_json block = ordered_json::parse(hf::to_json(report_.config));
+    if (in.config_path()) {  // every key kept, quantization_config added
+      ordered_json config = read_json(*in.config_path());
+      if (!config.is_object()) throw io_error(in.config_path()->string() + ": not a JSON object");
+      config["quantization_config"] = block;
+      write_text(staging / hf::config_file_name, config.dump(2) + "\n");
+    } else {
+      report_.notes.push_back("warning: " + report_.input.string() +
+                              " has no config.json; transformers needs one, with \"quantization_config\": " +
+                              hf::to_json(report_.config));
+    }
+    if (in.uses_index()) write_index(in, staging);
+    verify(staging);
+    commit_folder(staging, target);
+  }
+
+  /// The input index with the converted tensor names: exactly what the input lists, in the same
+  /// shards (unlisted files in the folder are not part of the model).
+  void write_index(const hf::checkpoint& in, const fs::path& staging) {
+    ordered_json index = read_json(report_.input / hf::index_file_name);
+    if (!index.is_object()) throw io_error((report_.input / hf::index_file_name).string() + ": not a JSON object");
+    std::map<std::string, std::string> weight_map;
+    std::uint64_t total_size = 0;
+    for (const st::reader& shard : in.shards()) {
+      const std::string name = fs::path(shard.source_name()).filename().string();
+      const st::reader written(staging / name);
+      for (const st::tensor_info& t : written.tensors()) {
+        weight_map[t.name] = name;
+        total_size += t.byte_size();
+      }
+    }
+    index["metadata"]["total_size"] = total_size;
+    index["weight_map"] = weight_map;
+    write_text(staging / hf::index_file_name, index.dump(2) + "\n");
+  }
+
+  /// Moves the finished folder to `target`: a rename, or an atomic exchange with an existing target
+  /// (whose old contents are then removed with the staging folder).
+  static void commit_folder(const fs::path& staging, const fs::path& target) {
+    std::error_code ec;
+    if (!fs::exists(target, ec)) {
+      fs::rename(staging, target);
+      return;
+    }
+#if defined(__linux__) && defined(RENAME_EXCHANGE)
+    if (renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) != 0)
+      throw io_error(target.string() + ": cannot replace the folder: " + std::strerror(errno));
+#else
+    const fs::path old = target.string() + ".old-" + staging.filename().string();
+    fs::rename(target, old);
+    fs::rename(staging, target);
+    fs::rename(old, staging);
+#endif
+  }
+
+  convert_options opt_;
+  std::function<void(const convert_progress&)> on_progress_;
+  convert_report report_;
+  convert_progress progress_;
+  std::vector<layer_record> records_;
+  std::map<std::string, std::uint64_t> copies_;  // tensor name -> fingerprint of its bytes
+  std::map<std::string, float> scales_;          // converted module -> the s its stored scale stands for
+};
+
+}  // namespace detail
+
+/// Converts the safetensors checkpoint `input` (a .safetensors file, or a Hugging Face model folder:
+/// config.json, model.safetensors or shards with model.safetensors.index.json, tokenizer and other
+/// files) into the Hugging Face BitNet packed form at `output` (a file for a file, a folder for a
+/// folder). Memory is bounded by the largest tensor. Throws io_error / value_error / shape_error
+/// naming the file, tensor or layer and the reason; OUT is then as it was. `on_progress` is called
+/// after every tensor (on the calling thread).
+inline convert_report convert_model(const std::filesystem::path& input, const std::filesystem::path& output,
+                                    const convert_options& options = {},
+                                    std::function<void(const convert_progress&)> on_progress = {}) {
+  if (options.mode == hf::quantization_mode::online && options.scale_convention != hf::scale_convention::autobitlinear)
+    throw value_error("convert_model: online mode is transformers' AutoBitLinear: it needs the autobitlinear scale convention");
+  if (options.scale_dtype != safetensors::dtype::F32 && options.scale_dtype != safetensors::dtype::BF16 &&
+      options.scale_dtype != safetensors::dtype::F16)
+    throw value_error("convert_model: scale_dtype must be F32, BF16 or F16, got " +
+                      std::string(safetensors::dtype_name(options.scale_dtype)));
+  for (const std::string& rule : options.exclude)
+    if (rule.empty()) throw value_error("convert_model: an empty exclude rule would exclude every layer");
+  return detail::converter(input, output, options, std::move(on_progress)).run();
+}
+
+}  // namespace bitnet
