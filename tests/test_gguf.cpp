@@ -263,6 +263,11 @@ TEST_CASE("gguf: ternary encoding refuses what the formats cannot hold") {
   CHECK_THROWS_AS(gguf::encode_ternary(tensor_type::TQ2_0, zero_codes(1, 256), 70000.0), bitnet::value_error);
   CHECK_THROWS_AS(gguf::encode_ternary(tensor_type::TQ1_0, zero_codes(1, 256), std::nan("")), bitnet::value_error);
   CHECK_THROWS_AS(gguf::encode_ternary(tensor_type::TQ1_0, zero_codes(1, 256), -1.0), bitnet::value_error);
+  CHECK_THROWS_WITH_AS(gguf::encode_ternary(tensor_type::TQ2_0, zero_codes(1, 256), 1e-9), doctest::Contains("rounds to 0 in fp16"),
+                       bitnet::value_error);
+  CHECK_THROWS_WITH_AS(gguf::encode_ternary(tensor_type::I2_S, zero_codes(1, 128), 1e-50), doctest::Contains("rounds to 0 in float32"),
+                       bitnet::value_error);
+  CHECK(gguf::encode_ternary(tensor_type::TQ2_0, zero_codes(1, 256), 6e-8).scale.stored == std::ldexp(1.0, -24));  // subnormal
   CHECK_THROWS_AS(gguf::decode_ternary(tensor_type::TQ2_0, std::vector<std::byte>(65), 1, 256), bitnet::io_error);
 }
 
@@ -641,6 +646,29 @@ TEST_CASE("gguf: malformed tensor infos") {
   CHECK(rejection(with_data(image{}.header(2, 0).tensor("a", {0}, 0, 0).tensor("b", {4}, 0, 0), 16)).empty());
 }
 
+TEST_CASE("gguf: tensor byte sizes of ggml's types (sizeof the block structs of ggml-common.h)") {
+  // block_q4_0: fp16 d + 16 bytes for 32 weights = 18; block_q8_0: 2 + 32 = 34; block_q4_K: 2 fp16 +
+  // 12 scale bytes + 128 = 144 per 256; block_q6_K: 128 + 64 + 16 + 2 = 210; block_tq1_0: 48 + 4 + 2 = 54;
+  // block_tq2_0: 64 + 2 = 66; block_iq4_nl: 2 + 16 = 18 per 32; block_mxfp4: 1 + 16 = 17 per 32.
+  struct expectation {
+    tensor_type type;
+    std::uint64_t row, bytes_per_row;
+  };
+  for (const expectation& e : {expectation{tensor_type::F32, 3, 12}, {tensor_type::F16, 3, 6}, {tensor_type::BF16, 3, 6},
+                               {tensor_type::F64, 3, 24}, {tensor_type::I8, 3, 3}, {tensor_type::Q4_0, 64, 36},
+                               {tensor_type::Q8_0, 64, 68}, {tensor_type::Q4_K, 256, 144}, {tensor_type::Q6_K, 512, 420},
+                               {tensor_type::TQ1_0, 512, 108}, {tensor_type::TQ2_0, 256, 66}, {tensor_type::IQ4_NL, 32, 18},
+                               {tensor_type::MXFP4, 64, 34}}) {
+    const std::vector<std::uint64_t> ne{e.row, 5};
+    CHECK(gguf::tensor_byte_size(e.type, ne) == 5 * e.bytes_per_row);
+  }
+  // I2_S: the whole tensor, count / 4 code bytes + 32 (float32 d and padding), as ggml_nbytes.
+  CHECK(gguf::tensor_byte_size(tensor_type::I2_S, std::vector<std::uint64_t>{128, 5}) == 160 + 32);
+  CHECK(gguf::find_tensor_type(35)->name == "TQ2_0");
+  CHECK(gguf::find_tensor_type(36)->name == "I2_S");
+  for (std::uint32_t retired : {4u, 5u, 31u, 32u, 33u, 37u, 38u, 43u, 134u}) CHECK_FALSE(gguf::find_tensor_type(retired));
+}
+
 TEST_CASE("gguf: the reader opens files and names them in messages") {
   temp_dir dir;
   CHECK_THROWS_WITH_AS(gguf::reader(dir.path / "missing.gguf"), doctest::Contains("not a regular file"), bitnet::io_error);
@@ -651,4 +679,213 @@ TEST_CASE("gguf: the reader opens files and names them in messages") {
   }
   CHECK_THROWS_WITH_AS(gguf::reader{path}, ("gguf: " + path.string() + ": truncated: the version needs 4 bytes at byte 4, the file has 4").c_str(),
                        bitnet::io_error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole models: arch "llama"
+
+TEST_CASE("gguf: Hugging Face Llama names map to llama.cpp's") {
+  CHECK(gguf::llama_tensor_name("model.embed_tokens.weight") == "token_embd.weight");
+  CHECK(gguf::llama_tensor_name("model.norm.weight") == "output_norm.weight");
+  CHECK(gguf::llama_tensor_name("lm_head.weight") == "output.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.0.input_layernorm.weight") == "blk.0.attn_norm.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.12.self_attn.q_proj.weight") == "blk.12.attn_q.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.3.self_attn.k_proj.weight") == "blk.3.attn_k.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.3.self_attn.v_proj.weight") == "blk.3.attn_v.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.3.self_attn.o_proj.weight") == "blk.3.attn_output.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.3.post_attention_layernorm.weight") == "blk.3.ffn_norm.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.3.mlp.gate_proj.weight") == "blk.3.ffn_gate.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.3.mlp.up_proj.weight") == "blk.3.ffn_up.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.3.mlp.down_proj.weight") == "blk.3.ffn_down.weight");
+  for (const char* other : {"model.layers.3.self_attn.rotary_emb.inv_freq", "model.layers.x.mlp.up_proj.weight",
+                            "model.layers.03.mlp.up_proj.weight", "model.layers..mlp.up_proj.weight",
+                            "model.layers.3.mlp.up_proj.bias", "model.layers.3", "lm_head.bias", ""})
+    CHECK_FALSE(gguf::llama_tensor_name(other).has_value());
+}
+
+TEST_CASE("gguf: q / k rows are permuted for rope as the converters do, by hand") {
+  // Within a head of size hd, row a * hd/2 + b moves to 2b + a. hd = 6: rows 0..5 -> 0 3 1 4 2 5;
+  // two heads of 4: 0 2 1 3 | 4 6 5 7.
+  Matrix<int> six(6, 2), eight(8, 1);
+  for (int r = 0; r < 6; ++r) six(r, 0) = r, six(r, 1) = 10 * r;
+  for (int r = 0; r < 8; ++r) eight(r, 0) = r;
+  const Matrix<int> p6 = gguf::permute_rope_rows(six, 1);
+  const std::vector<int> want6{0, 3, 1, 4, 2, 5}, want8{0, 2, 1, 3, 4, 6, 5, 7};
+  for (int r = 0; r < 6; ++r) {
+    CHECK(p6(r, 0) == want6[std::size_t(r)]);
+    CHECK(p6(r, 1) == 10 * want6[std::size_t(r)]);
+  }
+  const Matrix<int> p8 = gguf::permute_rope_rows(eight, 2);
+  for (int r = 0; r < 8; ++r) CHECK(p8(r, 0) == want8[std::size_t(r)]);
+  CHECK_THROWS_AS(gguf::permute_rope_rows(eight, 3), bitnet::shape_error);
+  CHECK_THROWS_AS(gguf::permute_rope_rows(six, 2), bitnet::shape_error);  // heads of 3: odd
+}
+
+namespace {
+
+gguf::llama_hparams tiny_llama() {
+  gguf::llama_hparams h;
+  h.context_length = 128, h.embedding_length = 256, h.block_count = 2, h.feed_forward_length = 512;
+  h.head_count = 4, h.head_count_kv = 2, h.vocab_size = 16, h.rms_norm_eps = 1e-5f, h.rope_freq_base = 500000.0f;
+  h.name = "tiny";
+  return h;
+}
+
+/// A tiny Llama-named model: ternary projections with power-of-two scales (d exact in fp16), float
+/// embeddings, norms and lm_head.
+struct tiny_model {
+  std::map<std::string, BitLinear<float>> layers;
+  std::map<std::string, Matrix<float>> floats;
+
+  explicit tiny_model(const gguf::llama_hparams& h) {
+    unsigned seed = 11;
+    auto add_layer = [&](const std::string& name, Index out, Index in) {
+      Matrix<std::int8_t> codes(out, in);
+      std::mt19937 rng(seed++);
+      for (Index i = 0; i < codes.size(); ++i) codes.data()[i] = std::int8_t(int(rng() % 3) - 1);
+      layers.emplace(name, BitLinear<float>::from_ternary(codes, std::ldexp(1.0f, int(seed % 5))));
+    };
+    const Index hidden = h.embedding_length, ff = h.feed_forward_length, hd = h.head_dim();
+    floats.emplace("model.embed_tokens.weight", random_matrix(h.vocab_size, hidden, seed++));
+    floats.emplace("model.norm.weight", random_matrix(1, hidden, seed++));
+    floats.emplace("lm_head.weight", random_matrix(h.vocab_size, hidden, seed++));
+    for (std::uint32_t b = 0; b < h.block_count; ++b) {
+      const std::string p = "model.layers." + std::to_string(b) + ".";
+      floats.emplace(p + "input_layernorm.weight", random_matrix(hidden, 1, seed++));
+      floats.emplace(p + "post_attention_layernorm.weight", random_matrix(1, hidden, seed++));
+      add_layer(p + "self_attn.q_proj.weight", h.head_count * hd, hidden);
+      add_layer(p + "self_attn.k_proj.weight", h.head_count_kv * hd, hidden);
+      add_layer(p + "self_attn.v_proj.weight", h.head_count_kv * hd, hidden);
+      add_layer(p + "self_attn.o_proj.weight", hidden, hidden);
+      add_layer(p + "mlp.gate_proj.weight", ff, hidden);
+      add_layer(p + "mlp.up_proj.weight", ff, hidden);
+      add_layer(p + "mlp.down_proj.weight", hidden, ff);
+    }
+  }
+
+  std::vector<gguf::model_tensor<float>> tensors() const {
+    std::vector<gguf::model_tensor<float>> out;
+    for (const auto& [name, layer] : layers) out.push_back({name, std::cref(layer)});
+    for (const auto& [name, m] : floats) out.push_back({name, std::cref(m)});
+    return out;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("gguf: llama metadata: the keys and types llama.cpp's loader reads") {
+  const auto m = gguf::llama_metadata(tiny_llama());
+  const std::vector<gguf::metadata_entry> expected{
+      {"general.architecture", std::string("llama")},
+      {"general.name", std::string("tiny")},
+      {"general.quantization_version", std::uint32_t(2)},
+      {"llama.context_length", std::uint32_t(128)},
+      {"llama.embedding_length", std::uint32_t(256)},
+      {"llama.block_count", std::uint32_t(2)},
+      {"llama.feed_forward_length", std::uint32_t(512)},
+      {"llama.rope.dimension_count", std::uint32_t(64)},
+      {"llama.attention.head_count", std::uint32_t(4)},
+      {"llama.attention.head_count_kv", std::uint32_t(2)},
+      {"llama.attention.layer_norm_rms_epsilon", 1e-5f},
+      {"llama.rope.freq_base", 500000.0f},
+      {"llama.vocab_size", std::uint32_t(16)}};
+  CHECK(m == expected);
+  auto bad = tiny_llama();
+  bad.head_count_kv = 3;
+  CHECK_THROWS_WITH_AS(gguf::llama_metadata(bad), doctest::Contains("head_count 4 is not a multiple of head_count_kv 3"),
+                       bitnet::value_error);
+  bad = tiny_llama();
+  bad.embedding_length = 250;
+  CHECK_THROWS_AS(gguf::llama_metadata(bad), bitnet::value_error);
+  bad = tiny_llama();
+  bad.rms_norm_eps = 0;
+  CHECK_THROWS_AS(gguf::llama_metadata(bad), bitnet::value_error);
+  bad = tiny_llama();
+  bad.block_count = 0;
+  CHECK_THROWS_AS(gguf::llama_metadata(bad), bitnet::value_error);
+}
+
+TEST_CASE("gguf: a Llama-named model written whole and read back") {
+  temp_dir dir;
+  const fs::path path = dir.path / "tiny.gguf";
+  const gguf::llama_hparams h = tiny_llama();
+  const tiny_model model(h);
+  gguf::model_options options;
+  options.tokenizer = {{"tokenizer.ggml.model", std::string("gpt2")},
+                       {"tokenizer.ggml.tokens", gguf::array(std::vector<std::string>(16, "t"))}};
+  const auto report = gguf::write_llama_model(path, h, model.tensors(), options);
+  REQUIRE(report.size() == 1 + 2 * 9 + 2);
+  CHECK(report.front().gguf_name == "token_embd.weight");
+  CHECK(report.front().type == tensor_type::F16);
+  CHECK(report[2].gguf_name == "blk.0.attn_q.weight");
+  CHECK(report[2].source_name == "model.layers.0.self_attn.q_proj.weight");
+  CHECK(report[2].ne == std::vector<std::uint64_t>{256, 256});
+  REQUIRE(report[2].scale.has_value());
+  CHECK(report[2].scale->relative_error() == 0);  // power-of-two scales: d exact in fp16
+  CHECK(report.back().gguf_name == "output.weight");
+
+  const gguf::reader file(path);
+  CHECK(file.get<std::string>("general.architecture") == "llama");
+  CHECK(file.get<std::uint32_t>("llama.attention.head_count_kv") == 2u);
+  CHECK(file.get<float>("llama.rope.freq_base") == 500000.0f);
+  CHECK(file.get<std::string>("tokenizer.ggml.model") == "gpt2");
+  CHECK(file.tensors().size() == report.size());
+  const auto& q = model.layers.at("model.layers.1.self_attn.q_proj.weight");
+  const auto& k = model.layers.at("model.layers.1.self_attn.k_proj.weight");
+  const auto& v = model.layers.at("model.layers.1.self_attn.v_proj.weight");
+  const auto& down = model.layers.at("model.layers.1.mlp.down_proj.weight");
+  CHECK(file.read_ternary("blk.1.attn_q.weight").codes == gguf::permute_rope_rows(q.ternary_weight(), 4));
+  CHECK(file.read_ternary("blk.1.attn_k.weight").codes == gguf::permute_rope_rows(k.ternary_weight(), 2));
+  CHECK(file.read_ternary("blk.1.attn_v.weight").codes == v.ternary_weight());
+  const BitLinear<float> down_back = file.read_bit_linear<float>("blk.1.ffn_down.weight");
+  const Matrix<float> x = random_matrix(3, 512, 99);
+  CHECK(down_back.weight_scale() == down.weight_scale());
+  CHECK(down_back.forward(x) == down.forward(x));
+  CHECK(file.info("blk.0.attn_norm.weight").type == tensor_type::F32);
+  CHECK(file.read_matrix<float>("blk.0.attn_norm.weight") ==
+        model.floats.at("model.layers.0.input_layernorm.weight").transpose());
+  const Matrix<float> embd = file.read_matrix<float>("token_embd.weight");
+  const Matrix<float>& embd_source = model.floats.at("model.embed_tokens.weight");
+  CHECK(embd.rows() == 16);
+  CHECK((embd - embd_source).cwiseAbs().maxCoeff() <= embd_source.cwiseAbs().maxCoeff() * std::ldexp(1.0f, -11));
+}
+
+TEST_CASE("gguf: write_llama_model refuses an incomplete or mis-shaped model and writes nothing") {
+  temp_dir dir;
+  const fs::path path = dir.path / "tiny.gguf";
+  const gguf::llama_hparams h = tiny_llama();
+  const tiny_model model(h);
+  auto without = [&](const std::string& name) {
+    auto t = model.tensors();
+    t.erase(std::remove_if(t.begin(), t.end(), [&](const auto& x) { return x.name == name; }), t.end());
+    return t;
+  };
+  CHECK_THROWS_WITH_AS(gguf::write_llama_model(path, h, without("model.layers.1.mlp.up_proj.weight")),
+                       doctest::Contains("the model has no \"blk.1.ffn_up.weight\""), bitnet::value_error);
+  const auto no_output = gguf::write_llama_model(path, h, without("lm_head.weight"));  // tied embeddings
+  CHECK(no_output.back().gguf_name == "output_norm.weight");
+  CHECK(gguf::reader(path).get<std::string>("tokenizer.ggml.model") == "none");
+  fs::remove(path);
+
+  auto extra = model.tensors();
+  const Matrix<float> norm = Matrix<float>::Ones(1, 256);
+  extra.push_back({"model.layers.2.input_layernorm.weight", std::cref(norm)});
+  CHECK_THROWS_WITH_AS(gguf::write_llama_model(path, h, extra), doctest::Contains("block index beyond block_count 2"),
+                       bitnet::value_error);
+  auto unknown = model.tensors();
+  unknown.push_back({"model.layers.0.self_attn.rotary_emb.inv_freq", std::cref(norm)});
+  CHECK_THROWS_WITH_AS(gguf::write_llama_model(path, h, unknown), doctest::Contains("not a tensor of arch llama"),
+                       bitnet::value_error);
+  auto swapped = without("model.layers.0.self_attn.k_proj.weight");
+  swapped.push_back({"model.layers.0.self_attn.k_proj.weight", std::cref(model.layers.at("model.layers.0.self_attn.q_proj.weight"))});
+  CHECK_THROWS_WITH_AS(gguf::write_llama_model(path, h, swapped), doctest::Contains("is 256x256, expected 128x256"),
+                       bitnet::value_error);
+  auto float_norm_as_layer = without("model.norm.weight");
+  float_norm_as_layer.push_back({"model.norm.weight", std::cref(model.layers.at("model.layers.0.mlp.up_proj.weight"))});
+  CHECK_THROWS_WITH_AS(gguf::write_llama_model(path, h, float_norm_as_layer), doctest::Contains("is a BitLinear"),
+                       bitnet::value_error);
+  gguf::model_options i2s;
+  i2s.ternary_type = tensor_type::F16;
+  CHECK_THROWS_AS(gguf::write_llama_model(path, h, model.tensors(), i2s), bitnet::value_error);
+  CHECK(dir.snapshot().empty());
 }

@@ -29,6 +29,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <map>
 #include <memory>
@@ -655,7 +656,8 @@ std::vector<std::byte> encode_i2_s(const Eigen::MatrixBase<Derived>& codes, floa
 /// Encodes an out x in matrix of codes as `type` with one scale d for every block (TQ2_0 / TQ1_0:
 /// fp16, rounded to nearest; I2_S: the float32 `d_f32` when given, else d rounded to nearest).
 /// Throws shape_error when in is not a multiple of row_multiple(type), value_error for a code
-/// outside {-1, 0, +1}, a d that is not finite and >= 0, or one too large for fp16.
+/// outside {-1, 0, +1}, a d that is not finite and >= 0, one too large for the format, or a
+/// positive d that rounds to 0 (the layer would vanish).
 template <class Derived>
 encoded_ternary encode_ternary(tensor_type type, const Eigen::MatrixBase<Derived>& codes, double d,
                                std::optional<float> d_f32 = std::nullopt) {
@@ -679,12 +681,15 @@ encoded_ternary encode_ternary(tensor_type type, const Eigen::MatrixBase<Derived
     if (!d_f32 && !rounded) throw value_error(what + ": scale d = " + detail::number_text(d) + " overflows float32");
     const float stored = d_f32 ? *d_f32 : static_cast<float>(*rounded);
     detail::check_d(stored, what);
+    if (d > 0 && stored == 0) throw value_error(what + ": scale d = " + detail::number_text(d) + " rounds to 0 in float32");
     result.scale.stored = stored;
     result.bytes = encode_i2_s(codes, stored);
     return result;
   }
   const auto rounded = detail::round_to_format(d, detail::binary16);
   if (!rounded) throw value_error(what + ": scale d = " + detail::number_text(d) + " overflows fp16 (max 65504)");
+  if (d > 0 && *rounded == 0)
+    throw value_error(what + ": scale d = " + detail::number_text(d) + " rounds to 0 in fp16 (smallest 5.96e-8)");
   const std::uint16_t d_bits = detail::encode_half(*rounded);
   result.scale.stored = *rounded;
   const bool tq2 = type == tensor_type::TQ2_0;
@@ -1304,5 +1309,252 @@ class writer {
   std::vector<bool> written_;
   bool finished_ = false;
 };
+
+
+// ---------------------------------------------------------------------------------------------
+// Whole models: arch "llama" (llama.cpp's loader, convert_hf_to_gguf.py LlamaModel, gguf-py names)
+
+/// What llama.cpp reads for arch "llama", with the config.json field each comes from.
+struct llama_hparams {
+  std::uint32_t context_length = 0;       // max_position_embeddings
+  std::uint32_t embedding_length = 0;     // hidden_size
+  std::uint32_t block_count = 0;          // num_hidden_layers
+  std::uint32_t feed_forward_length = 0;  // intermediate_size
+  std::uint32_t head_count = 0;           // num_attention_heads
+  std::uint32_t head_count_kv = 0;        // num_key_value_heads (== head_count without GQA)
+  std::uint32_t vocab_size = 0;           // vocab_size
+  float rms_norm_eps = 1e-6f;             // rms_norm_eps
+  float rope_freq_base = 10000.0f;        // rope_theta
+  std::string name;                       // general.name (left out when empty)
+
+  std::uint32_t head_dim() const noexcept { return head_count ? embedding_length / head_count : 0; }
+};
+
+/// The key-value pairs of arch "llama" for `h`, typed exactly as the loader checks them (counts
+/// UINT32, epsilon and rope base FLOAT32). head_count_kv and rope.freq_base are always written: the
+/// loader silently falls back to defaults when they are missing. Throws value_error naming the
+/// field for a zero count, a hidden size that the heads do not divide, kv heads that do not divide
+/// the heads, an odd head size (rope rotates pairs), or an epsilon / rope base not finite and > 0.
+inline std::vector<metadata_entry> llama_metadata(const llama_hparams& h) {
+  auto require = [](bool ok, const std::string& what) {
+    if (!ok) throw value_error("gguf::llama_metadata: " + what);
+  };
+  require(h.context_length > 0, "context_length is 0");
+  require(h.embedding_length > 0, "embedding_length is 0");
+  require(h.block_count > 0, "block_count is 0");
+  require(h.feed_forward_length > 0, "feed_forward_length is 0");
+  require(h.head_count > 0, "head_count is 0");
+  require(h.head_count_kv > 0, "head_count_kv is 0");
+  require(h.vocab_size > 0, "vocab_size is 0");
+  require(h.embedding_length % h.head_count == 0, "embedding_length " + std::to_string(h.embedding_length) +
+                                                      " is not a multiple of head_count " + std::to_string(h.head_count));
+  require(h.head_count % h.head_count_kv == 0, "head_count " + std::to_string(h.head_count) +
+                                                   " is not a multiple of head_count_kv " + std::to_string(h.head_count_kv));
+  require(h.head_dim() % 2 == 0, "the head size " + std::to_string(h.head_dim()) + " is odd (rope rotates pairs)");
+  require(std::isfinite(h.rms_norm_eps) && h.rms_norm_eps > 0, "rms_norm_eps is not finite and > 0");
+  require(std::isfinite(h.rope_freq_base) && h.rope_freq_base > 0, "rope_freq_base is not finite and > 0");
+  std::vector<metadata_entry> m{{"general.architecture", std::string("llama")}};
+  if (!h.name.empty()) m.push_back({"general.name", h.name});
+  m.push_back({"general.quantization_version", std::uint32_t(2)});
+  m.push_back({"llama.context_length", h.context_length});
+  m.push_back({"llama.embedding_length", h.embedding_length});
+  m.push_back({"llama.block_count", h.block_count});
+  m.push_back({"llama.feed_forward_length", h.feed_forward_length});
+  m.push_back({"llama.rope.dimension_count", h.head_dim()});
+  m.push_back({"llama.attention.head_count", h.head_count});
+  m.push_back({"llama.attention.head_count_kv", h.head_count_kv});
+  m.push_back({"llama.attention.layer_norm_rms_epsilon", h.rms_norm_eps});
+  m.push_back({"llama.rope.freq_base", h.rope_freq_base});
+  m.push_back({"llama.vocab_size", h.vocab_size});
+  return m;
+}
+
+/// The GGUF name of a Hugging Face Llama tensor (gguf-py's tensor map), or nullopt for a name
+/// arch "llama" has no tensor for.
+inline std::optional<std::string> llama_tensor_name(std::string_view hf) {
+  if (hf == "model.embed_tokens.weight") return "token_embd.weight";
+  if (hf == "model.norm.weight") return "output_norm.weight";
+  if (hf == "lm_head.weight") return "output.weight";
+  constexpr std::string_view prefix = "model.layers.";
+  if (!hf.starts_with(prefix)) return std::nullopt;
+  hf.remove_prefix(prefix.size());
+  const std::size_t dot = hf.find('.');
+  const std::string_view block = hf.substr(0, dot);
+  if (dot == std::string_view::npos || block.empty() || block.size() > 9 || (block.size() > 1 && block[0] == '0') ||
+      !std::all_of(block.begin(), block.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    return std::nullopt;
+  static constexpr std::array<std::pair<std::string_view, std::string_view>, 9> parts{{
+      {"input_layernorm.weight", "attn_norm.weight"},
+      {"self_attn.q_proj.weight", "attn_q.weight"},
+      {"self_attn.k_proj.weight", "attn_k.weight"},
+      {"self_attn.v_proj.weight", "attn_v.weight"},
+      {"self_attn.o_proj.weight", "attn_output.weight"},
+      {"post_attention_layernorm.weight", "ffn_norm.weight"},
+      {"mlp.gate_proj.weight", "ffn_gate.weight"},
+      {"mlp.up_proj.weight", "ffn_up.weight"},
+      {"mlp.down_proj.weight", "ffn_down.weight"},
+  }};
+  for (const auto& [from, to] : parts)
+    if (hf.substr(dot + 1) == from) return "blk." + std::string(block) + "." + std::string(to);
+  return std::nullopt;
+}
+
+/// The rows of a q or k projection reordered as llama.cpp's rope expects for arch "llama": within
+/// each of `heads` heads of size hd, row a * hd / 2 + b moves to 2 b + a (the converters' permute;
+/// k uses the kv head count). Exact: it only moves rows. Throws shape_error when the rows are not
+/// `heads` heads of an even size.
+template <class Derived>
+Matrix<typename Derived::Scalar> permute_rope_rows(const Eigen::MatrixBase<Derived>& rows, Index heads) {
+  if (heads <= 0 || rows.rows() % heads != 0 || (rows.rows() / heads) % 2 != 0)
+    throw shape_error("gguf::permute_rope_rows: " + std::to_string(rows.rows()) + " rows are not " + std::to_string(heads) +
+                      " heads of an even size");
+  const Index hd = rows.rows() / heads;
+  Matrix<typename Derived::Scalar> out(rows.rows(), rows.cols());
+  for (Index h = 0; h < heads; ++h)
+    for (Index a = 0; a < 2; ++a)
+      for (Index b = 0; b < hd / 2; ++b) out.row(h * hd + 2 * b + a) = rows.row(h * hd + a * hd / 2 + b);
+  return out;
+}
+
+/// One tensor of a model, by its Hugging Face name: a ternary layer or float weights (a norm
+/// weight as a 1 x n or n x 1 matrix).
+template <real_scalar T>
+struct model_tensor {
+  std::string name;
+  std::variant<std::reference_wrapper<const BitLinear<T>>, std::reference_wrapper<const Matrix<T>>> value;
+};
+
+struct model_options {
+  tensor_type ternary_type = tensor_type::TQ2_0;  // TQ2_0 (mainline), TQ1_0 (mainline), I2_S (ik_llama.cpp)
+  tensor_type float_type = tensor_type::F16;      // 2-D float tensors (F32, F16, BF16); norms are always F32
+  /// tokenizer.ggml.* entries as the converters write them; when empty the file declares
+  /// tokenizer.ggml.model = "none" (the engine then loads the model but cannot tokenize text).
+  std::vector<metadata_entry> tokenizer;
+};
+
+/// What was written for one tensor.
+struct model_tensor_report {
+  std::string source_name;
+  std::string gguf_name;
+  tensor_type type = tensor_type::F32;
+  std::vector<std::uint64_t> ne;
+  std::optional<scale_rounding> scale;  // ternary tensors: what the storage did to d = 1 / sw
+};
+
+/// Writes a whole arch "llama" model: the metadata of `h` (llama_metadata) and the tokenizer
+/// entries, then token_embd, each block (attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm,
+/// ffn_gate, ffn_up, ffn_down), output_norm and output (optional: llama.cpp ties it to token_embd
+/// when absent). q and k rows are permuted for rope (permute_rope_rows). Every name, shape and
+/// type is checked before anything is written (value_error / shape_error naming the tensor), and
+/// the file appears only when complete (writer). Returns one report per tensor, in file order.
+template <real_scalar T>
+std::vector<model_tensor_report> write_llama_model(const std::filesystem::path& path, const llama_hparams& h,
+                                                   const std::vector<model_tensor<T>>& tensors,
+                                                   const model_options& options = {}) {
+  std::vector<metadata_entry> metadata = llama_metadata(h);
+  if (!is_ternary(options.ternary_type))
+    throw value_error("gguf::write_llama_model: ternary_type " + std::string(tensor_type_name(options.ternary_type)) +
+                      " is not TQ2_0, TQ1_0 or I2_S");
+  if (options.float_type != tensor_type::F32 && options.float_type != tensor_type::F16 &&
+      options.float_type != tensor_type::BF16)
+    throw value_error("gguf::write_llama_model: float_type " + std::string(tensor_type_name(options.float_type)) +
+                      " is not F32, F16 or BF16");
+  bool has_tokenizer_model = false;
+  for (const metadata_entry& e : options.tokenizer) {
+    if (!e.key.starts_with("tokenizer."))
+      throw value_error("gguf::write_llama_model: tokenizer entry " + detail::quote(e.key) + " is not a tokenizer.* key");
+    has_tokenizer_model = has_tokenizer_model || e.key == "tokenizer.ggml.model";
+  }
+  metadata.insert(metadata.end(), options.tokenizer.begin(), options.tokenizer.end());
+  if (!has_tokenizer_model) metadata.push_back({"tokenizer.ggml.model", std::string("none")});
+
+  auto fail = [](const std::string& name, const std::string& what) -> void {
+    throw value_error("gguf::write_llama_model: tensor " + detail::quote(name) + ": " + what);
+  };
+  std::map<std::string, const model_tensor<T>*> by_gguf_name;
+  for (const model_tensor<T>& t : tensors) {
+    const std::optional<std::string> gguf_name = llama_tensor_name(t.name);
+    if (!gguf_name) fail(t.name, "not a tensor of arch llama");
+    if (!by_gguf_name.emplace(*gguf_name, &t).second) fail(t.name, "given twice");
+  }
+  const auto hidden = Index(h.embedding_length), ff = Index(h.feed_forward_length), hd = Index(h.head_dim());
+  struct planned {
+    std::string gguf_name;
+    Index rows, cols;
+    bool norm, linear;
+    Index rope_heads;  // 0: not permuted
+  };
+  std::vector<planned> plan{{"token_embd.weight", Index(h.vocab_size), hidden, false, false, 0}};
+  for (std::uint32_t b = 0; b < h.block_count; ++b) {
+    const std::string blk = "blk." + std::to_string(b) + ".";
+    plan.push_back({blk + "attn_norm.weight", 1, hidden, true, false, 0});
+    plan.push_back({blk + "attn_q.weight", Index(h.head_count) * hd, hidden, false, true, Index(h.head_count)});
+    plan.push_back({blk + "attn_k.weight", Index(h.head_count_kv) * hd, hidden, false, true, Index(h.head_count_kv)});
+    plan.push_back({blk + "attn_v.weight", Index(h.head_count_kv) * hd, hidden, false, true, 0});
+    plan.push_back({blk + "attn_output.weight", hidden, Index(h.head_count) * hd, false, true, 0});
+    plan.push_back({blk + "ffn_norm.weight", 1, hidden, true, false, 0});
+    plan.push_back({blk + "ffn_gate.weight", ff, hidden, false, true, 0});
+    plan.push_back({blk + "ffn_up.weight", ff, hidden, false, true, 0});
+    plan.push_back({blk + "ffn_down.weight", hidden, ff, false, true, 0});
+  }
+  plan.push_back({"output_norm.weight", 1, hidden, true, false, 0});
+  if (by_gguf_name.contains("output.weight")) plan.push_back({"output.weight", Index(h.vocab_size), hidden, false, true, 0});
+  for (const auto& [gguf_name, t] : by_gguf_name)
+    if (std::none_of(plan.begin(), plan.end(), [&](const planned& p) { return p.gguf_name == gguf_name; }))
+      fail(t->name, "block index beyond block_count " + std::to_string(h.block_count));
+
+  std::vector<tensor_spec> specs;
+  std::vector<const model_tensor<T>*> sources;
+  for (const planned& p : plan) {
+    const auto it = by_gguf_name.find(p.gguf_name);
+    if (it == by_gguf_name.end())
+      throw value_error("gguf::write_llama_model: the model has no " + detail::quote(p.gguf_name) + " (arch llama needs it)");
+    const model_tensor<T>& t = *it->second;
+    const std::string expected = std::to_string(p.rows) + "x" + std::to_string(p.cols);
+    tensor_type type = p.norm ? tensor_type::F32 : options.float_type;
+    if (const auto* layer = std::get_if<0>(&t.value)) {
+      const BitLinear<T>& l = layer->get();
+      if (!p.linear) fail(t.name, "is a BitLinear, arch llama stores it as float weights");
+      if (l.out_features() != p.rows || l.in_features() != p.cols)
+        fail(t.name, "is " + std::to_string(l.out_features()) + "x" + std::to_string(l.in_features()) + ", expected " + expected);
+      if (l.bias()) fail(t.name, "has a bias; arch llama here takes none");
+      if (std::uint64_t(p.cols) % row_multiple(options.ternary_type) != 0)
+        fail(t.name, "rows of " + std::to_string(p.cols) + " weights are not a multiple of " +
+                         std::to_string(row_multiple(options.ternary_type)) + " (" +
+                         std::string(tensor_type_name(options.ternary_type)) + ")");
+      type = options.ternary_type;
+    } else {
+      const Matrix<T>& m = std::get<1>(t.value).get();
+      const bool fits = p.norm ? m.size() == p.cols && (m.rows() == 1 || m.cols() == 1)
+                               : m.rows() == p.rows && m.cols() == p.cols;
+      if (!fits) fail(t.name, "is " + std::to_string(m.rows()) + "x" + std::to_string(m.cols()) + ", expected " + expected);
+    }
+    specs.push_back({p.gguf_name, type, p.norm ? std::vector<std::uint64_t>{std::uint64_t(p.cols)}
+                                               : std::vector<std::uint64_t>{std::uint64_t(p.cols), std::uint64_t(p.rows)}});
+    sources.push_back(&t);
+  }
+
+  writer out(path, std::move(metadata), specs);
+  std::vector<model_tensor_report> report;
+  for (std::size_t i = 0; i < plan.size(); ++i) {
+    const planned& p = plan[i];
+    const model_tensor<T>& t = *sources[i];
+    model_tensor_report r{t.name, p.gguf_name, out.layout()[i].type, out.layout()[i].ne, std::nullopt};
+    if (const auto* layer = std::get_if<0>(&t.value)) {
+      const BitLinear<T>& l = layer->get();
+      if (p.rope_heads) r.scale = out.write_bit_linear(p.gguf_name, BitLinear<T>::from_ternary(
+                                                          permute_rope_rows(l.ternary_weight(), p.rope_heads), l.weight_scale()));
+      else r.scale = out.write_bit_linear(p.gguf_name, l);
+    } else {
+      const Matrix<T>& m = std::get<1>(t.value).get();
+      if (p.rope_heads) out.write_floats(p.gguf_name, permute_rope_rows(m, p.rope_heads));
+      else if (p.norm) out.write_floats(p.gguf_name, m.reshaped().eval());
+      else out.write_floats(p.gguf_name, m);
+    }
+    report.push_back(std::move(r));
+  }
+  out.finish();
+  return report;
+}
 
 }  // namespace bitnet::gguf
