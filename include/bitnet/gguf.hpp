@@ -1499,9 +1499,9 @@ std::vector<model_tensor_report> write_llama_model(const std::filesystem::path& 
   }
   plan.push_back({"output_norm.weight", 1, hidden, true, false, 0});
   if (by_gguf_name.contains("output.weight")) plan.push_back({"output.weight", Index(h.vocab_size), hidden, false, true, 0});
-  for (const auto& [gguf_name, t] : by_gguf_name)
-    if (std::none_of(plan.begin(), plan.end(), [&](const planned& p) { return p.gguf_name == gguf_name; }))
-      fail(t->name, "block index beyond block_count " + std::to_string(h.block_count));
+  for (const auto& entry : by_gguf_name)  // (Clang 14 cannot capture a structured binding)
+    if (std::none_of(plan.begin(), plan.end(), [&](const planned& p) { return p.gguf_name == entry.first; }))
+      fail(entry.second->name, "block index beyond block_count " + std::to_string(h.block_count));
 
   std::vector<tensor_spec> specs;
   std::vector<const model_tensor<T>*> sources;
