@@ -394,13 +394,6 @@ class cursor {
   std::vector<std::byte> window_;
 };
 
-template <class T>
-std::string scalar_text(T v) {
-  if constexpr (std::is_same_v<T, bool>) return v ? "true" : "false";
-  else if constexpr (std::is_floating_point_v<T>) return number_text(v);
-  else return std::to_string(v);
-}
-
 /// Reads one value of `type` for key `key` (arrays recursively, up to max_array_depth).
 inline value read_value(cursor& in, std::string_view file, const std::string& key, value_type type, int depth);
 
@@ -546,6 +539,9 @@ T scale_from_d(double d) noexcept {
   return static_cast<T>(1.0 / d);
 }
 
+// The block codecs below take codes already checked to be -1, 0 or +1 (encode_ternary does).
+namespace detail {
+
 // --- TQ2_0: per 256 weights, 64 code bytes then fp16 d. Byte 32 * h + m holds the weights
 // 128 * h + 32 * n + m (n = 0..3) in bits 2n, 2n + 1, as code + 1 (ggml-quants.c).
 
@@ -558,7 +554,7 @@ inline void encode_tq2_0_block(std::span<const std::int8_t, 256> codes, std::uin
       for (std::size_t n = 0; n < 4; ++n) byte |= unsigned(codes[128 * h + 32 * n + m] + 1) << (2 * n);
       out[32 * h + m] = std::byte(byte);
     }
-  detail::store_little_endian(out.data() + 64, d_bits);
+  store_little_endian(out.data() + 64, d_bits);
 }
 
 /// Decodes one TQ2_0 block. Returns the index of the first weight whose 2-bit code is 3 (not a
@@ -576,7 +572,7 @@ inline std::optional<std::size_t> decode_tq2_0_block(std::span<const std::byte, 
         codes[i] = static_cast<std::int8_t>(int(code) - 1);
       }
     }
-  d_bits = detail::load_little_endian<std::uint16_t>(in.data() + 64);
+  d_bits = load_little_endian<std::uint16_t>(in.data() + 64);
   return bad;
 }
 
@@ -585,7 +581,6 @@ inline std::optional<std::size_t> decode_tq2_0_block(std::span<const std::byte, 
 // ((uint8)(byte * 3^k) * 3) >> 8. qs[m] (m < 32): trit n is weight 32 n + m; qs[32 + m] (m < 16):
 // weight 160 + 16 n + m; qh[j] (j < 4): trit n (n < 4) is weight 240 + 4 n + j, trit 4 is 0.
 
-namespace detail {
 inline std::byte pack_trits(std::span<const unsigned, 5> trits) noexcept {
   unsigned q = 0;
   for (const unsigned t : trits) q = q * 3 + t;
@@ -596,37 +591,36 @@ inline unsigned trit(std::byte byte, unsigned k) noexcept {
   const unsigned q = (unsigned(byte) * pow3[k]) & 0xff;
   return (q * 3) >> 8;
 }
-}  // namespace detail
 
 inline void encode_tq1_0_block(std::span<const std::int8_t, 256> codes, std::uint16_t d_bits,
                                std::span<std::byte, tq1_0_block_bytes> out) noexcept {
   std::array<unsigned, 5> t{};
   for (std::size_t m = 0; m < 32; ++m) {
     for (std::size_t n = 0; n < 5; ++n) t[n] = unsigned(codes[32 * n + m] + 1);
-    out[m] = detail::pack_trits(t);
+    out[m] = pack_trits(t);
   }
   for (std::size_t m = 0; m < 16; ++m) {
     for (std::size_t n = 0; n < 5; ++n) t[n] = unsigned(codes[160 + 16 * n + m] + 1);
-    out[32 + m] = detail::pack_trits(t);
+    out[32 + m] = pack_trits(t);
   }
   for (std::size_t j = 0; j < 4; ++j) {
     for (std::size_t n = 0; n < 4; ++n) t[n] = unsigned(codes[240 + 4 * n + j] + 1);
     t[4] = 0;
-    out[48 + j] = detail::pack_trits(t);
+    out[48 + j] = pack_trits(t);
   }
-  detail::store_little_endian(out.data() + 52, d_bits);
+  store_little_endian(out.data() + 52, d_bits);
 }
 
 /// Decodes one TQ1_0 block (every byte decodes to trits in {0, 1, 2}: nothing to refuse).
 inline void decode_tq1_0_block(std::span<const std::byte, tq1_0_block_bytes> in, std::span<std::int8_t, 256> codes,
                                std::uint16_t& d_bits) noexcept {
   for (std::size_t m = 0; m < 32; ++m)
-    for (unsigned n = 0; n < 5; ++n) codes[32 * n + m] = std::int8_t(int(detail::trit(in[m], n)) - 1);
+    for (unsigned n = 0; n < 5; ++n) codes[32 * n + m] = std::int8_t(int(trit(in[m], n)) - 1);
   for (std::size_t m = 0; m < 16; ++m)
-    for (unsigned n = 0; n < 5; ++n) codes[160 + 16 * n + m] = std::int8_t(int(detail::trit(in[32 + m], n)) - 1);
+    for (unsigned n = 0; n < 5; ++n) codes[160 + 16 * n + m] = std::int8_t(int(trit(in[32 + m], n)) - 1);
   for (std::size_t j = 0; j < 4; ++j)
-    for (unsigned n = 0; n < 4; ++n) codes[240 + 4 * n + j] = std::int8_t(int(detail::trit(in[48 + j], n)) - 1);
-  d_bits = detail::load_little_endian<std::uint16_t>(in.data() + 52);
+    for (unsigned n = 0; n < 4; ++n) codes[240 + 4 * n + j] = std::int8_t(int(trit(in[48 + j], n)) - 1);
+  d_bits = load_little_endian<std::uint16_t>(in.data() + 52);
 }
 
 // --- I2_S (bitnet.cpp's x86 layout, as ik_llama.cpp's dequantize_row_ms_i2s reads it): the whole
@@ -646,9 +640,11 @@ std::vector<std::byte> encode_i2_s(const Eigen::MatrixBase<Derived>& codes, floa
       const std::size_t byte = e / 128 * 32 + e % 32;
       out[byte] |= std::byte(code << (6 - 2 * (e % 128 / 32)));
     }
-  detail::store_little_endian(out.data() + count / 4, d);
+  store_little_endian(out.data() + count / 4, d);
   return out;
 }
+
+}  // namespace detail
 
 // ---------------------------------------------------------------------------------------------
 // Whole ternary tensors
@@ -683,7 +679,7 @@ encoded_ternary encode_ternary(tensor_type type, const Eigen::MatrixBase<Derived
     detail::check_d(stored, what);
     if (d > 0 && stored == 0) throw value_error(what + ": scale d = " + detail::number_text(d) + " rounds to 0 in float32");
     result.scale.stored = stored;
-    result.bytes = encode_i2_s(codes, stored);
+    result.bytes = detail::encode_i2_s(codes, stored);
     return result;
   }
   const auto rounded = detail::round_to_format(d, detail::binary16);
@@ -701,8 +697,8 @@ encoded_ternary encode_ternary(tensor_type type, const Eigen::MatrixBase<Derived
   for (Index r = 0; r < codes.rows(); ++r)
     for (Index b = 0; b < blocks_per_row; ++b, out += block_bytes) {
       for (Index i = 0; i < 256; ++i) block[std::size_t(i)] = codes.coeff(r, b * 256 + i);
-      if (tq2) encode_tq2_0_block(block, d_bits, std::span<std::byte, tq2_0_block_bytes>(out, tq2_0_block_bytes));
-      else encode_tq1_0_block(block, d_bits, std::span<std::byte, tq1_0_block_bytes>(out, tq1_0_block_bytes));
+      if (tq2) detail::encode_tq2_0_block(block, d_bits, std::span<std::byte, tq2_0_block_bytes>(out, tq2_0_block_bytes));
+      else detail::encode_tq1_0_block(block, d_bits, std::span<std::byte, tq1_0_block_bytes>(out, tq1_0_block_bytes));
     }
   return result;
 }
@@ -752,11 +748,11 @@ inline ternary_tensor decode_ternary(tensor_type type, std::span<const std::byte
     for (Index b = 0; b < result.blocks_per_row; ++b, in += block_bytes) {
       std::uint16_t d_bits = 0;
       if (tq2) {
-        if (const auto bad = decode_tq2_0_block(std::span<const std::byte, tq2_0_block_bytes>(in, tq2_0_block_bytes),
+        if (const auto bad = detail::decode_tq2_0_block(std::span<const std::byte, tq2_0_block_bytes>(in, tq2_0_block_bytes),
                                                 block, d_bits))
           bad_code(r, b * 256 + Index(*bad));
       } else {
-        decode_tq1_0_block(std::span<const std::byte, tq1_0_block_bytes>(in, tq1_0_block_bytes), block, d_bits);
+        detail::decode_tq1_0_block(std::span<const std::byte, tq1_0_block_bytes>(in, tq1_0_block_bytes), block, d_bits);
       }
       for (Index i = 0; i < 256; ++i) result.codes(r, b * 256 + i) = block[std::size_t(i)];
       result.scales.push_back(detail::half_to_float(d_bits));
