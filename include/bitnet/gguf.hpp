@@ -181,6 +181,12 @@ constexpr type_traits traits_of(tensor_type type) noexcept {
 
 constexpr std::string_view tensor_type_name(tensor_type type) noexcept { return traits_of(type).name; }
 
+inline constexpr std::uint64_t tq_block_weights = 256;
+inline constexpr std::size_t tq2_0_block_bytes = 66;  // 64 code bytes, fp16 d
+inline constexpr std::size_t tq1_0_block_bytes = 54;  // qs[48], qh[4], fp16 d
+inline constexpr std::uint64_t i2_s_group_weights = 128;
+inline constexpr std::uint64_t i2_s_trailer_bytes = 32;  // float32 d, then zeros
+
 /// The ternary block formats: 256 weights a block for TQ1_0 / TQ2_0; I2_S has 128-weight groups.
 constexpr bool is_ternary(tensor_type type) noexcept {
   return type == tensor_type::TQ1_0 || type == tensor_type::TQ2_0 || type == tensor_type::I2_S;
@@ -188,14 +194,8 @@ constexpr bool is_ternary(tensor_type type) noexcept {
 
 /// Weights per row must be a multiple of this to write or decode the type (I2_S: 128, its group).
 constexpr std::uint64_t row_multiple(tensor_type type) noexcept {
-  return type == tensor_type::I2_S ? 128 : traits_of(type).block_size;
+  return type == tensor_type::I2_S ? i2_s_group_weights : traits_of(type).block_size;
 }
-
-inline constexpr std::uint64_t tq_block_weights = 256;
-inline constexpr std::size_t tq2_0_block_bytes = 66;  // 64 code bytes, fp16 d
-inline constexpr std::size_t tq1_0_block_bytes = 54;  // qs[48], qh[4], fp16 d
-inline constexpr std::uint64_t i2_s_group_weights = 128;
-inline constexpr std::uint64_t i2_s_trailer_bytes = 32;  // float32 d, then zeros
 
 /// Element count of `ne`, or nullopt when the product exceeds INT64_MAX (ggml counts in int64).
 inline std::optional<std::uint64_t> element_count(std::span<const std::uint64_t> ne) noexcept {
@@ -521,8 +521,6 @@ inline int array_depth(const array& a) {
   }
   return 1;
 }
-
-inline std::uint16_t half_bits(double d) { return encode_half(*round_to_format(d, binary16)); }
 
 /// The d to store for a layer scale sw, and the check that it can be stored.
 inline void check_d(double d, std::string_view what) {
