@@ -8,8 +8,8 @@
 #   4. arm:      when g++-aarch64-linux-gnu and qemu-aarch64 are installed, the kernel, packing and
 #                BitLinear tests cross-built for AArch64 and run under qemu-user on CPUs with and
 #                without SDOT / SMMLA (about 3-4 minutes on 2 cores).
-#   5. fuzz:     when clang++-14 is installed, a 60 s libFuzzer run of the safetensors reader
-#                (ASan + UBSan), seeded with tests/safetensors_corpus.
+#   5. fuzz:     when clang++-14 is installed, libFuzzer runs (ASan + UBSan) of the safetensors reader
+#                and the GGUF reader, 35 s each, seeded with tests/safetensors_corpus and tests/gguf_corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for preset in dev sanitize tsan; do
@@ -23,16 +23,18 @@ else
   echo "=== bitnet tests: g++-aarch64-linux-gnu or qemu-aarch64 not found, skipping the emulated ARM stage"
 fi
 if command -v clang++-14 >/dev/null 2>&1; then
-  echo "=== bitnet tests: fuzzing the safetensors reader for 60 s (clang++-14, libFuzzer + ASan + UBSan)"
+  echo "=== bitnet tests: fuzzing the safetensors and GGUF readers, 35 s each (clang++-14, libFuzzer + ASan + UBSan)"
   cmake --preset fuzz >/dev/null
   cmake --build --preset fuzz
-  corpus=build/fuzz/corpus  # the seeds plus what the fuzzer finds; the repository corpus stays as is
-  rm -rf "${corpus}"
-  mkdir -p "${corpus}"
-  cp tests/safetensors_corpus/valid/* tests/safetensors_corpus/invalid/* "${corpus}/"
-  build/fuzz/tests/fuzz_safetensors -max_total_time=60 -max_len=4096 -timeout=10 -rss_limit_mb=2048 \
-    -dict=tests/fuzz/safetensors.dict -print_final_stats=1 "${corpus}"
+  for format in safetensors gguf; do
+    corpus="build/fuzz/corpus-${format}"  # the seeds plus what the fuzzer finds; the repository corpus stays as is
+    rm -rf "${corpus}"
+    mkdir -p "${corpus}"
+    cp "tests/${format}_corpus/valid/"* "tests/${format}_corpus/invalid/"* "${corpus}/"
+    "build/fuzz/tests/fuzz_${format}" -max_total_time=35 -max_len=4096 -timeout=10 -rss_limit_mb=2048 \
+      "-dict=tests/fuzz/${format}.dict" -print_final_stats=1 "${corpus}"
+  done
 else
-  echo "=== bitnet tests: clang++-14 not found, skipping the safetensors fuzz run"
+  echo "=== bitnet tests: clang++-14 not found, skipping the fuzz runs"
 fi
 echo "=== bitnet tests: all workflows passed"

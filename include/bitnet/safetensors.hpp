@@ -26,9 +26,7 @@
 #include <limits>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
-#include <random>
 #include <set>
 #include <span>
 #include <string>
@@ -40,6 +38,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "detail/file_io.hpp"
 #include "detail/float_formats.hpp"
 #include "errors.hpp"
 #include "matrix.hpp"
@@ -137,6 +136,13 @@ using bitnet::detail::f8_e4m3_to_float;
 using bitnet::detail::f8_e5m2_to_float;
 using bitnet::detail::half_to_float;
 using bitnet::detail::round_to_format;
+using bitnet::detail::byte_source;
+using bitnet::detail::checked_multiply;
+using bitnet::detail::file_source;
+using bitnet::detail::invalid_utf8_at;
+using bitnet::detail::load_little_endian;
+using bitnet::detail::memory_source;
+using bitnet::detail::store_little_endian;
 
 inline std::string quote(std::string_view text) {
   return nlohmann::json(std::string(text)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
@@ -159,11 +165,6 @@ inline std::string message(std::string_view file, std::string_view tensor, std::
   throw io_error(message(file, tensor, rule));
 }
 
-inline std::optional<std::uint64_t> checked_multiply(std::uint64_t a, std::uint64_t b) noexcept {
-  if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) return std::nullopt;
-  return a * b;
-}
-
 /// Byte size of `shape` elements of `type`, or nullopt when the product overflows 64 bits.
 inline std::optional<std::uint64_t> checked_byte_size(const std::vector<std::uint64_t>& shape, dtype type) {
   std::optional<std::uint64_t> count = 1;
@@ -171,118 +172,6 @@ inline std::optional<std::uint64_t> checked_byte_size(const std::vector<std::uin
     if (!(count = checked_multiply(*count, d))) return std::nullopt;
   return checked_multiply(*count, dtype_size(type));
 }
-
-/// Index of the first byte that breaks UTF-8 (overlong forms, surrogates and code points above
-/// U+10FFFF are errors, as in Rust's str::from_utf8), or nullopt for valid text.
-inline std::optional<std::size_t> invalid_utf8_at(std::string_view text) noexcept {
-  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-  const std::size_t n = text.size();
-  std::size_t i = 0;
-  while (i < n) {
-    const unsigned char c = s[i];
-    std::size_t length;
-    unsigned char low = 0x80, high = 0xbf;  // allowed range of the second byte
-    if (c < 0x80) { ++i; continue; }
-    if (c >= 0xc2 && c <= 0xdf) length = 2;
-    else if (c >= 0xe0 && c <= 0xef) {
-      length = 3;
-      if (c == 0xe0) low = 0xa0;
-      if (c == 0xed) high = 0x9f;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-      length = 4;
-      if (c == 0xf0) low = 0x90;
-      if (c == 0xf4) high = 0x8f;
-    } else {
-      return i;
-    }
-    if (i + length > n) return i;
-    if (s[i + 1] < low || s[i + 1] > high) return i;
-    for (std::size_t k = 2; k < length; ++k)
-      if (s[i + k] < 0x80 || s[i + k] > 0xbf) return i;
-    i += length;
-  }
-  return std::nullopt;
-}
-
-template <class U>
-U load_little_endian(const std::byte* p) noexcept {
-  U value;
-  std::memcpy(&value, p, sizeof(U));
-  if constexpr (std::endian::native == std::endian::big && sizeof(U) > 1) {
-    auto bytes = std::bit_cast<std::array<std::byte, sizeof(U)>>(value);
-    std::reverse(bytes.begin(), bytes.end());
-    value = std::bit_cast<U>(bytes);
-  }
-  return value;
-}
-
-template <class U>
-void store_little_endian(std::byte* p, U value) noexcept {
-  if constexpr (std::endian::native == std::endian::big && sizeof(U) > 1) {
-    auto bytes = std::bit_cast<std::array<std::byte, sizeof(U)>>(value);
-    std::reverse(bytes.begin(), bytes.end());
-    value = std::bit_cast<U>(bytes);
-  }
-  std::memcpy(p, &value, sizeof(U));
-}
-
-/// Random access to the bytes of a file (or of a buffer, for tests and fuzzing).
-class byte_source {
- public:
-  explicit byte_source(std::string name) : name_(std::move(name)) {}
-  virtual ~byte_source() = default;
-  byte_source(const byte_source&) = delete;
-  byte_source& operator=(const byte_source&) = delete;
-
-  const std::string& name() const noexcept { return name_; }
-  virtual std::uint64_t size() const noexcept = 0;
-  /// Reads exactly out.size() bytes at `offset`; throws io_error on a short read.
-  virtual void read_at(std::uint64_t offset, std::span<std::byte> out) const = 0;
-
- private:
-  std::string name_;
-};
-
-class file_source final : public byte_source {
- public:
-  explicit file_source(const std::filesystem::path& path) : byte_source(path.string()) {
-    std::error_code ec;
-    if (!std::filesystem::is_regular_file(path, ec)) fail(name(), {}, "not a regular file (or missing)");
-    size_ = std::filesystem::file_size(path, ec);
-    if (ec) fail(name(), {}, "cannot get the file size: " + ec.message());
-    in_.open(path, std::ios::binary);
-    if (!in_) fail(name(), {}, "cannot open the file for reading");
-  }
-  std::uint64_t size() const noexcept override { return size_; }
-  void read_at(std::uint64_t offset, std::span<std::byte> out) const override {
-    if (offset > size_ || out.size() > size_ - offset) fail(name(), {}, "read past the end of the file");
-    const std::lock_guard lock(mutex_);
-    in_.clear();
-    in_.seekg(static_cast<std::streamoff>(offset));
-    in_.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(out.size()));
-    if (!in_ || static_cast<std::size_t>(in_.gcount()) != out.size())
-      fail(name(), {}, "short read at byte " + std::to_string(offset) + " (was the file changed?)");
-  }
-
- private:
-  std::uint64_t size_ = 0;
-  mutable std::mutex mutex_;
-  mutable std::ifstream in_;
-};
-
-class memory_source final : public byte_source {
- public:
-  memory_source(std::vector<std::byte> bytes, std::string name)
-      : byte_source(std::move(name)), bytes_(std::move(bytes)) {}
-  std::uint64_t size() const noexcept override { return bytes_.size(); }
-  void read_at(std::uint64_t offset, std::span<std::byte> out) const override {
-    if (offset > bytes_.size() || out.size() > bytes_.size() - offset) fail(name(), {}, "read past the end of the buffer");
-    if (!out.empty()) std::memcpy(out.data(), bytes_.data() + offset, out.size());
-  }
-
- private:
-  std::vector<std::byte> bytes_;
-};
 
 /// Converts one stored element to T. Returns false when the value does not fit T.
 template <element T>
@@ -606,11 +495,11 @@ class reader {
   /// Opens and validates `file` (the header only is read). Throws io_error for a missing or
   /// malformed file.
   explicit reader(const std::filesystem::path& file)
-      : reader(std::make_shared<const detail::file_source>(file)) {}
+      : reader(std::make_shared<const detail::file_source>("safetensors", file)) {}
 
   /// Validates an in-memory file image; `label` stands for the file name in messages.
   static reader from_bytes(std::vector<std::byte> bytes, std::string label = "<memory>") {
-    return reader(std::make_shared<const detail::memory_source>(std::move(bytes), std::move(label)));
+    return reader(std::make_shared<const detail::memory_source>("safetensors", std::move(bytes), std::move(label)));
   }
 
   const std::string& source_name() const noexcept { return source_->name(); }
@@ -863,7 +752,7 @@ class writer {
                                         std::to_string(max_header_length)));
     data_offset_ = 8 + text.size();
 
-    temporary_ = temporary_name(path_);
+    temporary_ = bitnet::detail::temporary_name(path_);
     try {
       // open() creates the file before it allocates its buffer, which may throw std::bad_alloc.
       out_.open(temporary_, std::ios::binary | std::ios::trunc);
@@ -1009,14 +898,6 @@ class writer {
   }
 
  private:
-  static std::filesystem::path temporary_name(const std::filesystem::path& path) {
-    std::random_device entropy;
-    const std::uint64_t tag = (std::uint64_t(entropy()) << 32) ^ entropy();
-    std::filesystem::path temporary = path;
-    temporary += ".tmp-" + std::to_string(tag);
-    return temporary;
-  }
-
   template <element T>
   static std::string value_text(T value) {
     if constexpr (real_scalar<T>) return nlohmann::json(double(value)).dump();

@@ -1,5 +1,6 @@
 // A tiny app using bitnet the way a user would: one include, one target, no test framework.
 #include <bitnet/bitnet.hpp>
+#include <bitnet/gguf.hpp>  // the file headers are included on their own
 
 #include <cstdio>
 #include <cstdlib>
@@ -19,5 +20,7 @@ int main() {
   std::printf("kernels: %s (best on this CPU: %s)\n", bitnet::isa_name(bitnet::last_isa()).data(),
               bitnet::isa_name(bitnet::best_isa()).data());
   const bool best_kernels = std::getenv("BITNET_ISA") != nullptr || bitnet::last_isa() == bitnet::best_isa();
-  return (y(0, 0) == 254.5f && y(0, 1) == -193.0f && best_kernels) ? 0 : 1;
+  // GGUF comes with the core target (no JSON needed): TQ2_0 is ggml's type 35.
+  const bool gguf_found = bitnet::gguf::find_tensor_type(35)->name == "TQ2_0";
+  return (y(0, 0) == 254.5f && y(0, 1) == -193.0f && best_kernels && gguf_found) ? 0 : 1;
 }

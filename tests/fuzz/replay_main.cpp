@@ -1,8 +1,11 @@
-// Replays the safetensors corpus through the fuzz harness on every build (any compiler):
-//   safetensors_replay VALID_DIR INVALID_DIR
+// Replays a corpus through a fuzz harness on every build (any compiler):
+//   safetensors_replay VALID_DIR INVALID_DIR     (gguf_replay: the same with gguf_harness.hpp)
 // every file in VALID_DIR must be accepted and every file in INVALID_DIR rejected with an
 // io_error; the harness aborts on any broken invariant.
-#include "safetensors_harness.hpp"
+#ifndef BITNET_FUZZ_HARNESS
+#define BITNET_FUZZ_HARNESS "safetensors_harness.hpp"
+#endif
+#include BITNET_FUZZ_HARNESS
 
 #include <algorithm>
 #include <filesystem>
@@ -13,7 +16,7 @@ namespace fs = std::filesystem;
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    std::fprintf(stderr, "usage: safetensors_replay VALID_DIR INVALID_DIR\n");
+    std::fprintf(stderr, "usage: %s VALID_DIR INVALID_DIR\n", argv[0]);
     return 2;
   }
   int failures = 0, replayed = 0;

@@ -1,0 +1,891 @@
+#include <bitnet/gguf.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+namespace gguf = bitnet::gguf;
+namespace fs = std::filesystem;
+using bitnet::BitLinear;
+using bitnet::Index;
+using bitnet::Matrix;
+using bitnet::Vector;
+using gguf::tensor_type;
+
+namespace {
+
+struct temp_dir {
+  fs::path path;
+  temp_dir() {
+    std::random_device rd;
+    path = fs::temp_directory_path() / ("bitnet_gguf_test_" + std::to_string(rd()) + std::to_string(rd()));
+    fs::create_directories(path);
+  }
+  ~temp_dir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  /// Every file in the folder with its bytes: what "the file system as it was" means here.
+  std::map<std::string, std::string> snapshot() const {
+    std::map<std::string, std::string> files;
+    for (const auto& entry : fs::directory_iterator(path)) {
+      std::ifstream in(entry.path(), std::ios::binary);
+      files[entry.path().filename().string()] = std::string(std::istreambuf_iterator<char>(in), {});
+    }
+    return files;
+  }
+};
+
+/// A GGUF image assembled byte by byte from the format's definition (not by the writer).
+struct image {
+  std::vector<std::byte> bytes;
+
+  image& u8(unsigned v) {
+    bytes.push_back(std::byte(v & 0xff));
+    return *this;
+  }
+  image& u16(std::uint16_t v) { return u8(v).u8(v >> 8); }
+  image& u32(std::uint32_t v) { return u16(std::uint16_t(v)).u16(std::uint16_t(v >> 16)); }
+  image& u64(std::uint64_t v) { return u32(std::uint32_t(v)).u32(std::uint32_t(v >> 32)); }
+  image& f32(float v) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    return u32(bits);
+  }
+  image& str(std::string_view text) {
+    u64(text.size());
+    for (char c : text) u8(static_cast<unsigned char>(c));
+    return *this;
+  }
+  image& header(std::uint64_t tensors, std::uint64_t kvs, std::uint32_t version = 3) {
+    u8('G').u8('G').u8('U').u8('F');
+    return u32(version).u64(tensors).u64(kvs);
+  }
+  image& tensor(std::string_view name, std::vector<std::uint64_t> ne, std::uint32_t type, std::uint64_t offset) {
+    str(name).u32(std::uint32_t(ne.size()));
+    for (auto n : ne) u64(n);
+    return u32(type).u64(offset);
+  }
+  image& pad(std::size_t alignment = 32) {
+    while (bytes.size() % alignment) u8(0);
+    return *this;
+  }
+  image& zeros(std::size_t n) {
+    bytes.insert(bytes.end(), n, std::byte{0});
+    return *this;
+  }
+  gguf::reader open() const { return gguf::reader::from_bytes(bytes, "test.gguf"); }
+};
+
+/// The io_error message of opening `file`, or "" when it opens.
+std::string rejection(const image& file) {
+  try {
+    file.open();
+  } catch (const bitnet::io_error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+void check_rejected(const image& file, const std::string& expected) {
+  const std::string message = rejection(file);
+  INFO("message: " << message);
+  CHECK(message.rfind("gguf: test.gguf: ", 0) == 0);
+  CHECK(message.find(expected) != std::string::npos);
+}
+
+Matrix<std::int8_t> zero_codes(Index rows, Index cols) { return Matrix<std::int8_t>::Zero(rows, cols); }
+
+std::vector<std::byte> bytes_of(std::initializer_list<unsigned> values) {
+  std::vector<std::byte> out;
+  for (unsigned v : values) out.push_back(std::byte(v));
+  return out;
+}
+
+Matrix<float> random_matrix(Index rows, Index cols, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  Matrix<float> m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = dist(rng);
+  return m;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Block formats against bytes worked out by hand from ggml's definitions (ggml-common.h,
+// ggml-quants.c quantize_row_*_ref / dequantize_row_*, ik_llama.cpp dequantize_row_ms_i2s).
+
+TEST_CASE("gguf: TQ2_0 block, by hand") {
+  // Byte 32h + m holds weights 128h + 32n + m in bits 2n (code + 1); an all-zero block is 0x55.
+  // w0 = +1, w32 = -1 -> byte 0 = 10 | 00<<2 | 01<<4 | 01<<6 = 0x52; w127 = +1 (h0 n3 m31) ->
+  // byte 31 = 0x95; w128 = -1 (h1 n0 m0) -> byte 32 = 0x54; w255 = -1 (h1 n3 m31) -> byte 63 = 0x15;
+  // d = 0.5 = fp16 0x3800 -> bytes 64, 65 = 00 38.
+  Matrix<std::int8_t> codes = zero_codes(1, 256);
+  codes(0, 0) = 1, codes(0, 32) = -1, codes(0, 127) = 1, codes(0, 128) = -1, codes(0, 255) = -1;
+  std::vector<std::byte> expected(66, std::byte{0x55});
+  expected[0] = std::byte{0x52}, expected[31] = std::byte{0x95}, expected[32] = std::byte{0x54};
+  expected[63] = std::byte{0x15}, expected[64] = std::byte{0x00}, expected[65] = std::byte{0x38};
+  const gguf::encoded_ternary encoded = gguf::encode_ternary(tensor_type::TQ2_0, codes, 0.5);
+  CHECK(encoded.bytes == expected);
+  CHECK(encoded.scale.stored == 0.5);
+
+  const gguf::ternary_tensor decoded = gguf::decode_ternary(tensor_type::TQ2_0, expected, 1, 256);
+  CHECK(decoded.codes == codes);
+  CHECK(decoded.scales == std::vector<float>{0.5f});
+  CHECK(decoded.blocks_per_row == 1);
+}
+
+TEST_CASE("gguf: TQ2_0 blocks of a 2 x 512 tensor follow each other row by row") {
+  Matrix<std::int8_t> codes = zero_codes(2, 512);
+  codes(1, 256 + 33) = 1;  // row 1, block 1, weight 33 = h0 n1 m1: byte 1 bits 2-3 = 2 -> 0x59
+  const auto encoded = gguf::encode_ternary(tensor_type::TQ2_0, codes, 1.0);
+  REQUIRE(encoded.bytes.size() == 4 * 66);
+  CHECK(encoded.bytes[3 * 66 + 1] == std::byte{0x59});
+  CHECK(std::count(encoded.bytes.begin(), encoded.bytes.end(), std::byte{0x55}) == 4 * 64 - 1);
+  CHECK(encoded.bytes[3 * 66 + 65] == std::byte{0x3c});  // fp16 1.0 = 0x3c00
+  CHECK(gguf::decode_ternary(tensor_type::TQ2_0, encoded.bytes, 2, 512).codes == codes);
+}
+
+TEST_CASE("gguf: TQ2_0 code 3 is refused with its row and column") {
+  std::vector<std::byte> bytes(2 * 66, std::byte{0x55});
+  bytes[66 + 33] = std::byte{0x57};  // row 1, byte 33 (h1 m1), bits 0-1 = 3 -> weight 128 + 1 = 129
+  try {
+    gguf::decode_ternary(tensor_type::TQ2_0, bytes, 2, 256, "f.gguf", "blk.0.ffn_up.weight");
+    FAIL("accepted code 3");
+  } catch (const bitnet::io_error& e) {
+    CHECK(std::string(e.what()) ==
+          "gguf: f.gguf: tensor \"blk.0.ffn_up.weight\": the 2-bit code at row 1, column 129 is 3, not a ternary "
+          "code (0, 1, 2 for -1, 0, +1)");
+  }
+}
+
+TEST_CASE("gguf: TQ1_0 block, by hand") {
+  // A byte holds trits t0..t4 (code + 1) as ceil((81 t0 + 27 t1 + 9 t2 + 3 t3 + t4) * 256 / 243).
+  // All zero codes: qs bytes ceil(121 * 256 / 243) = 128, qh bytes (t4 = 0) ceil(120 * 256 / 243) = 127.
+  // qs[0]: w0 = +1, w32 = -1: q = 162 + 0 + 9 + 3 + 1 = 175 -> ceil(44800 / 243) = 185 = 0xb9
+  // qs[31]: w159 = +1 (n4 m31): q = 122 -> 129 = 0x81
+  // qs[32]: w160 = -1 (second part, n0 m0): q = 40 -> ceil(10240 / 243) = 43 = 0x2b
+  // qs[47]: w239 = +1 (160 + 16 * 4 + 15): q = 122 -> 0x81
+  // qh[0]: w240 = +1 (240 + 4n + j, n0 j0): q = 162 + 27 + 9 + 3 = 201 -> ceil(51456 / 243) = 212 = 0xd4
+  // qh[3]: w255 = -1 (n3 j3): q = 81 + 27 + 9 + 0 = 117 -> ceil(29952 / 243) = 124 = 0x7c
+  // d = 0.5 -> bytes 52, 53 = 00 38.
+  Matrix<std::int8_t> codes = zero_codes(1, 256);
+  codes(0, 0) = 1, codes(0, 32) = -1, codes(0, 159) = 1, codes(0, 160) = -1, codes(0, 239) = 1;
+  codes(0, 240) = 1, codes(0, 255) = -1;
+  std::vector<std::byte> expected(54, std::byte{128});
+  for (int j = 48; j < 52; ++j) expected[std::size_t(j)] = std::byte{127};
+  expected[0] = std::byte{0xb9}, expected[31] = std::byte{0x81}, expected[32] = std::byte{0x2b};
+  expected[47] = std::byte{0x81}, expected[48] = std::byte{0xd4}, expected[51] = std::byte{0x7c};
+  expected[52] = std::byte{0x00}, expected[53] = std::byte{0x38};
+  const auto encoded = gguf::encode_ternary(tensor_type::TQ1_0, codes, 0.5);
+  CHECK(encoded.bytes == expected);
+
+  const gguf::ternary_tensor decoded = gguf::decode_ternary(tensor_type::TQ1_0, expected, 1, 256);
+  CHECK(decoded.codes == codes);
+  CHECK(decoded.scales == std::vector<float>{0.5f});
+}
+
+TEST_CASE("gguf: TQ1_0 decodes every byte value as ggml does") {
+  // ggml reads trit k of byte b as ((uint8)(b * 3^k) * 3) >> 8: 0x00 is five -1s, 0xff five +1s, and
+  // 185 = 0xb9 is (+1, -1, 0, 0, 0) (see the block above).
+  std::vector<std::byte> bytes(54, std::byte{128});
+  bytes[0] = std::byte{0x00}, bytes[1] = std::byte{0xff}, bytes[2] = std::byte{0xb9};
+  const Matrix<std::int8_t> codes = gguf::decode_ternary(tensor_type::TQ1_0, bytes, 1, 256).codes;
+  for (int n = 0; n < 5; ++n) {
+    CHECK(codes(0, 32 * n) == -1);
+    CHECK(codes(0, 32 * n + 1) == 1);
+  }
+  CHECK(codes(0, 2) == 1);
+  CHECK(codes(0, 34) == -1);
+  CHECK(codes(0, 66) == 0);
+  CHECK(codes(0, 98) == 0);
+  CHECK(codes(0, 130) == 0);
+}
+
+TEST_CASE("gguf: every 5-trit group survives TQ1_0 (243 values per byte position)") {
+  Matrix<std::int8_t> codes = zero_codes(243, 256);
+  for (int v = 0; v < 243; ++v)
+    for (int n = 0, rest = v; n < 5; ++n, rest /= 3) {
+      codes(v, 32 * n + 7) = std::int8_t(rest % 3 - 1);         // qs[7]
+      codes(v, 160 + 16 * n + 3) = std::int8_t(rest % 3 - 1);   // qs[35]
+      if (n < 4) codes(v, 240 + 4 * n + 2) = std::int8_t(rest % 3 - 1);  // qh[2]
+    }
+  const auto encoded = gguf::encode_ternary(tensor_type::TQ1_0, codes, 1.0);
+  CHECK(gguf::decode_ternary(tensor_type::TQ1_0, encoded.bytes, 243, 256).codes == codes);
+}
+
+TEST_CASE("gguf: I2_S, by hand") {
+  // Weights in row-major order in groups of 128, 32 bytes each: weight 128g + 32k + m in byte
+  // 32g + m, bits 6 - 2k (code + 1); an all-zero byte is 0x55. w0 = +1, w32 = -1 -> byte 0 =
+  // 10 00 01 01 = 0x85; w97 = +1 (k3 m1) -> byte 1 = 0x56; w127 = -1 (k3 m31) -> byte 31 = 0x54;
+  // row 1, column 0 = w128 = +1 -> byte 32 = 0x95. Then float32 d = 0.25 (00 00 80 3e) and 28 zeros.
+  Matrix<std::int8_t> codes = zero_codes(2, 128);
+  codes(0, 0) = 1, codes(0, 32) = -1, codes(0, 97) = 1, codes(0, 127) = -1, codes(1, 0) = 1;
+  std::vector<std::byte> expected(64, std::byte{0x55});
+  expected[0] = std::byte{0x85}, expected[1] = std::byte{0x56}, expected[31] = std::byte{0x54};
+  expected[32] = std::byte{0x95};
+  const auto trailer = bytes_of({0x00, 0x00, 0x80, 0x3e});
+  expected.insert(expected.end(), trailer.begin(), trailer.end());
+  expected.resize(64 + 32, std::byte{0});
+  const auto encoded = gguf::encode_ternary(tensor_type::I2_S, codes, 0.25);
+  CHECK(encoded.bytes == expected);
+
+  const auto decoded = gguf::decode_ternary(tensor_type::I2_S, expected, 2, 128);
+  CHECK(decoded.codes == codes);
+  CHECK(decoded.scales == std::vector<float>{0.25f});
+  CHECK(decoded.blocks_per_row == 0);
+
+  expected[5] = std::byte{0x57};  // group 0, m5, k3: code 3 at row 0, column 101
+  CHECK_THROWS_WITH_AS(gguf::decode_ternary(tensor_type::I2_S, expected, 2, 128),
+                       doctest::Contains("row 0, column 101 is 3"), bitnet::io_error);
+}
+
+TEST_CASE("gguf: ternary encoding refuses what the formats cannot hold") {
+  CHECK_THROWS_AS(gguf::encode_ternary(tensor_type::TQ2_0, zero_codes(1, 128), 1.0), bitnet::shape_error);
+  CHECK_THROWS_AS(gguf::encode_ternary(tensor_type::I2_S, zero_codes(1, 64), 1.0), bitnet::shape_error);
+  CHECK_THROWS_AS(gguf::encode_ternary(tensor_type::F16, zero_codes(1, 256), 1.0), bitnet::value_error);
+  Matrix<std::int8_t> two = zero_codes(1, 256);
+  two(0, 9) = 2;
+  CHECK_THROWS_WITH_AS(gguf::encode_ternary(tensor_type::TQ2_0, two, 1.0), doctest::Contains("row 0, column 9"),
+                       bitnet::value_error);
+  CHECK_THROWS_AS(gguf::encode_ternary(tensor_type::TQ2_0, zero_codes(1, 256), 70000.0), bitnet::value_error);
+  CHECK_THROWS_AS(gguf::encode_ternary(tensor_type::TQ1_0, zero_codes(1, 256), std::nan("")), bitnet::value_error);
+  CHECK_THROWS_AS(gguf::encode_ternary(tensor_type::TQ1_0, zero_codes(1, 256), -1.0), bitnet::value_error);
+  CHECK_THROWS_WITH_AS(gguf::encode_ternary(tensor_type::TQ2_0, zero_codes(1, 256), 1e-9), doctest::Contains("rounds to 0 in fp16"),
+                       bitnet::value_error);
+  CHECK_THROWS_WITH_AS(gguf::encode_ternary(tensor_type::I2_S, zero_codes(1, 128), 1e-50), doctest::Contains("rounds to 0 in float32"),
+                       bitnet::value_error);
+  CHECK(gguf::encode_ternary(tensor_type::TQ2_0, zero_codes(1, 256), 6e-8).scale.stored == std::ldexp(1.0, -24));  // subnormal
+  CHECK_THROWS_AS(gguf::decode_ternary(tensor_type::TQ2_0, std::vector<std::byte>(65), 1, 256), bitnet::io_error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scales: d = 1 / sw
+
+TEST_CASE("gguf: fp16 rounds d = 1 / sw to nearest, and the report says by how much") {
+  // sw = 3: 1/3 in fp16 is 0x3555 = 1365 / 4096 = 0.333251953125 (below 1/3 by 8.1e-5 / 0.333 = 2.44e-4).
+  const BitLinear<float> layer = BitLinear<float>::from_ternary(zero_codes(2, 256), 3.0f);
+  const gguf::encoded_ternary encoded = gguf::encode_bit_linear(layer, tensor_type::TQ2_0);
+  CHECK(encoded.scale.requested == 1.0 / 3.0);
+  CHECK(encoded.scale.stored == 1365.0 / 4096.0);
+  CHECK(encoded.bytes[64] == std::byte{0x55});
+  CHECK(encoded.bytes[65] == std::byte{0x35});
+  CHECK(encoded.scale.relative_error() == doctest::Approx(std::fabs(1365.0 / 4096.0 * 3.0 - 1.0)));
+  CHECK(encoded.scale.relative_error() <= std::ldexp(1.0, -11));
+  // Loaded back, sw = 1 / d rounded once to float: 4096 / 1365 = 3.000732...
+  const BitLinear<float> back = gguf::to_bit_linear<float>(gguf::decode_ternary(tensor_type::TQ2_0, encoded.bytes, 2, 256));
+  CHECK(back.weight_scale() == static_cast<float>(4096.0 / 1365.0));
+}
+
+TEST_CASE("gguf: I2_S stores the float32 d that reciprocates back to sw whenever one exists") {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> dist(0.5f, 500.0f);
+  int exact = 0;
+  const int trials = 2000;
+  for (int i = 0; i < trials; ++i) {
+    const float sw = dist(rng);
+    const float d = gguf::i2_s_scale_for(sw);
+    CHECK(std::fabs(double(d) * sw - 1.0) <= std::ldexp(1.0, -22));
+    if (gguf::scale_from_d<float>(d) == sw) {
+      ++exact;
+      continue;
+    }
+    // None of the floats within 4 ulps of 1 / sw reciprocates to sw, and the reload is 1 ulp off.
+    float candidate = static_cast<float>(1.0 / sw);
+    for (int k = 0; k < 4; ++k) candidate = std::nextafter(candidate, 0.0f);
+    for (int k = 0; k < 9; ++k, candidate = std::nextafter(candidate, 1e30f))
+      CHECK(gguf::scale_from_d<float>(candidate) != sw);
+    const float back = gguf::scale_from_d<float>(d);
+    CHECK((back == std::nextafter(sw, 0.0f) || back == std::nextafter(sw, 1e30f)));
+  }
+  INFO("exact: " << exact << " of " << trials);
+  CHECK(exact > trials * 3 / 4);
+  CHECK(gguf::scale_from_d<float>(gguf::i2_s_scale_for(3.0f)) == 3.0f);  // 1/3 = 0x3eaaaaab reciprocates to 3
+}
+
+// ---------------------------------------------------------------------------------------------
+// BitLinear in and out
+
+TEST_CASE("gguf: unequal block scales are refused, naming the first differing block") {
+  Matrix<std::int8_t> codes = zero_codes(2, 512);
+  auto encoded = gguf::encode_ternary(tensor_type::TQ2_0, codes, 0.5);
+  encoded.bytes[2 * 66 + 64] = std::byte{0x01};  // block 2 = row 1, columns 0-255: d = 0x3801
+  const auto decoded = gguf::decode_ternary(tensor_type::TQ2_0, encoded.bytes, 2, 512);
+  CHECK_THROWS_WITH_AS(gguf::to_bit_linear<float>(decoded, "f.gguf", "blk.3.attn_q.weight"),
+                       "gguf: f.gguf: tensor \"blk.3.attn_q.weight\": block scales differ: block 2 (row 1, columns "
+                       "0-255) has d = 0.500488281, block 0 has d = 0.5 (a BitLinear has one scale per tensor)",
+                       bitnet::io_error);
+  const auto zero = gguf::decode_ternary(tensor_type::TQ2_0, gguf::encode_ternary(tensor_type::TQ2_0, codes, 0.0).bytes, 2, 512);
+  CHECK_THROWS_WITH_AS(gguf::to_bit_linear<float>(zero), doctest::Contains("is not finite and > 0"), bitnet::io_error);
+}
+
+TEST_CASE_TEMPLATE("gguf: BitLinear -> GGUF file -> BitLinear keeps codes, scale and outputs", T, float, double) {
+  temp_dir dir;
+  const fs::path path = dir.path / "model.gguf";
+  // Latent weights for TQ types (scale rounded through fp16) and exact scales for a bit-identical trip.
+  const BitLinear<T> latent(random_matrix(5, 512, 3).template cast<T>());
+  Matrix<std::int8_t> codes = latent.ternary_weight();
+  const BitLinear<T> exact_tq = BitLinear<T>::from_ternary(codes, T(8));  // d = 1/8 is an fp16
+  const Matrix<T> x = random_matrix(4, 512, 4).template cast<T>();
+  {
+    gguf::writer out(path, {{"general.architecture", std::string("llama")}},
+                     {{"a.weight", tensor_type::TQ2_0, {512, 5}},
+                      {"b.weight", tensor_type::TQ1_0, {512, 5}},
+                      {"c.weight", tensor_type::I2_S, {512, 5}},
+                      {"d.weight", tensor_type::TQ2_0, {512, 5}},
+                      {"norm.weight", tensor_type::F32, {512}}});
+    const gguf::scale_rounding a = out.write_bit_linear("a.weight", latent);
+    CHECK(a.requested == 1.0 / double(latent.weight_scale()));
+    CHECK(a.relative_error() <= std::ldexp(1.0, -11));
+    out.write_bit_linear("b.weight", latent);
+    const gguf::scale_rounding c = out.write_bit_linear("c.weight", latent);
+    CHECK(c.relative_error() <= std::ldexp(1.0, -22));
+    out.write_bit_linear("d.weight", exact_tq);
+    out.write_floats("norm.weight", Vector<float>::LinSpaced(512, -1.0f, 1.0f));
+    out.finish();
+  }
+  const gguf::reader file(path);
+  for (const char* name : {"a.weight", "b.weight", "c.weight", "d.weight"}) {
+    const BitLinear<T> back = file.read_bit_linear<T>(name);
+    CHECK(back.ternary_weight() == codes);
+    CHECK(back.in_features() == 512);
+    CHECK(back.out_features() == 5);
+  }
+  const BitLinear<T> i2s = file.read_bit_linear<T>("c.weight");
+  CHECK(i2s.weight_scale() == gguf::scale_from_d<T>(gguf::i2_s_scale_for(latent.weight_scale())));
+  CHECK(i2s.forward(x) == BitLinear<T>::from_ternary(codes, i2s.weight_scale()).forward(x));
+  const BitLinear<T> tq = file.read_bit_linear<T>("d.weight");
+  CHECK(tq.weight_scale() == T(8));
+  CHECK(tq.forward(x) == exact_tq.forward(x));
+  const BitLinear<T> rounded = file.read_bit_linear<T>("a.weight");
+  const double d16 = file.read_ternary("a.weight").scales.front();
+  CHECK(rounded.weight_scale() == gguf::scale_from_d<T>(d16));
+  CHECK(file.read_matrix<float>("norm.weight") == Vector<float>::LinSpaced(512, -1.0f, 1.0f).transpose());
+}
+
+TEST_CASE("gguf: a BitLinear whose in_features no block fits is refused by the writer") {
+  temp_dir dir;
+  gguf::writer out(dir.path / "m.gguf", {}, {{"w", tensor_type::TQ2_0, {256, 2}}});
+  const BitLinear<float> narrow = BitLinear<float>::from_ternary(zero_codes(2, 128), 1.0f);
+  CHECK_THROWS_AS(out.write_bit_linear("w", narrow), bitnet::shape_error);
+  CHECK_THROWS_AS(gguf::encode_bit_linear(narrow, tensor_type::TQ1_0), bitnet::shape_error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer's file, checked byte by byte against the format
+
+TEST_CASE("gguf: the writer lays out the header, padding and offsets as ggml's reader requires") {
+  temp_dir dir;
+  const fs::path path = dir.path / "m.gguf";
+  Matrix<float> norm(1, 3);
+  norm << 1.0f, -2.0f, 0.5f;
+  {
+    gguf::writer out(path, {{"k", std::uint32_t(7)}},
+                     {{"n", tensor_type::F32, {3}}, {"h", tensor_type::F16, {2}}});
+    out.write_floats("h", Vector<double>::Constant(2, 1.0));
+    out.write_floats("n", norm);
+    out.finish();
+  }
+  image expected;
+  expected.header(2, 1).str("k").u32(4).u32(7);
+  expected.tensor("n", {3}, 0, 0).tensor("h", {2}, 1, 32).pad();
+  expected.f32(1.0f).f32(-2.0f).f32(0.5f).zeros(20);  // "n", padded to 32
+  expected.u16(0x3c00).u16(0x3c00).zeros(28);         // "h", padded to 32 (the data section ends padded)
+  std::ifstream in(path, std::ios::binary);
+  const std::string written(std::istreambuf_iterator<char>(in), {});
+  REQUIRE(written.size() == expected.bytes.size());
+  CHECK(std::memcmp(written.data(), expected.bytes.data(), written.size()) == 0);
+}
+
+TEST_CASE("gguf: every metadata value type round-trips, arrays of strings and of arrays included") {
+  temp_dir dir;
+  const fs::path path = dir.path / "m.gguf";
+  std::vector<gguf::metadata_entry> metadata{
+      {"u8", std::uint8_t(200)},
+      {"i8", std::int8_t(-100)},
+      {"u16", std::uint16_t(60000)},
+      {"i16", std::int16_t(-30000)},
+      {"u32", std::uint32_t(4000000000u)},
+      {"i32", std::int32_t(-2000000000)},
+      {"f32", 1.5f},
+      {"bool", true},
+      {"str", std::string("caf\xc3\xa9")},
+      {"u64", std::uint64_t(1) << 63},
+      {"i64", std::int64_t(-1) << 62},
+      {"f64", 0.1},
+      {"tokens", gguf::array(std::vector<std::string>{"<s>", "", "\xe2\x96\x81the"})},
+      {"flags", gguf::array(std::vector<bool>{true, false, true})},
+      {"nested", gguf::array(std::vector<gguf::array>{gguf::array(std::vector<std::int32_t>{1, -2}),
+                                                      gguf::array(std::vector<std::string>{"x"})})},
+      {"empty", gguf::array(std::vector<float>{})}};
+  {
+    gguf::writer out(path, metadata, {});
+    out.finish();
+  }
+  const gguf::reader file(path);
+  CHECK(file.metadata() == metadata);
+  CHECK(file.version() == 3);
+  CHECK(file.tensors().empty());
+  CHECK(file.get<std::uint32_t>("u32") == 4000000000u);
+  CHECK_FALSE(file.get<std::uint32_t>("absent").has_value());
+  CHECK_THROWS_WITH_AS(file.get<std::uint64_t>("u32"), doctest::Contains("key \"u32\": is UINT32"), bitnet::io_error);
+  CHECK(file.find_value("tokens")->type() == gguf::value_type::array);
+}
+
+TEST_CASE("gguf: general.alignment sets the padding") {
+  temp_dir dir;
+  const fs::path path = dir.path / "m.gguf";
+  {
+    gguf::writer out(path, {{"general.alignment", std::uint32_t(64)}},
+                     {{"a", tensor_type::I8, {3}}, {"b", tensor_type::I8, {1}}});
+    out.write_bytes("a", bytes_of({1, 2, 3}));
+    out.write_bytes("b", bytes_of({4}));
+    out.finish();
+  }
+  const gguf::reader file(path);
+  CHECK(file.alignment() == 64);
+  CHECK(file.data_offset() % 64 == 0);
+  CHECK(file.info("b").offset == 64);
+  CHECK(file.file_size() == file.data_offset() + 128);
+  CHECK(file.read_bytes("b") == bytes_of({4}));
+  CHECK_THROWS_AS((gguf::writer(dir.path / "x.gguf", {{"general.alignment", std::uint32_t(48)}}, {})), bitnet::value_error);
+  CHECK_THROWS_AS((gguf::writer(dir.path / "x.gguf", {{"general.alignment", std::uint64_t(64)}}, {})), bitnet::value_error);
+}
+
+TEST_CASE("gguf: float tensors: F16 / BF16 round to nearest even, too large is refused") {
+  temp_dir dir;
+  const fs::path path = dir.path / "m.gguf";
+  Matrix<double> values(2, 2);
+  values << 1.0 + std::ldexp(1.0, -11), 1.0 + 3 * std::ldexp(1.0, -11), -65504.0, 1e-8;  // ties to even
+  {
+    gguf::writer out(path, {}, {{"h", tensor_type::F16, {2, 2}}, {"b", tensor_type::BF16, {2, 2}}, {"d", tensor_type::F64, {2, 2}}});
+    out.write_floats("h", values);
+    out.write_floats("b", values);
+    out.write_floats("d", values);
+    CHECK_THROWS_AS(out.write_floats("h", values), bitnet::io_error);  // written twice
+    out.finish();
+  }
+  const gguf::reader file(path);
+  Matrix<double> halves(2, 2);
+  halves << 1.0, 1.0 + std::ldexp(1.0, -9), -65504.0, std::ldexp(1.0, -24) * std::nearbyint(1e-8 / std::ldexp(1.0, -24));
+  CHECK(file.read_matrix<double>("h") == halves);
+  CHECK(file.read_matrix<double>("d") == values);
+  CHECK(file.read_matrix<double>("b")(1, 0) == -65536.0);
+  gguf::writer out(dir.path / "big.gguf", {}, {{"h", tensor_type::F16, {1}}});
+  CHECK_THROWS_WITH_AS(out.write_floats("h", Vector<float>::Constant(1, 70000.0f)),
+                       doctest::Contains("element 0 (70000) cannot be stored as F16"), bitnet::value_error);
+  CHECK_THROWS_WITH_AS(file.read_matrix<float>("missing"), doctest::Contains("no such tensor"), bitnet::io_error);
+}
+
+TEST_CASE("gguf: writer refusals leave the file system as it was") {
+  temp_dir dir;
+  const fs::path path = dir.path / "model.gguf";
+  {
+    std::ofstream existing(path, std::ios::binary);
+    existing << "the previous model";
+  }
+  const auto before = dir.snapshot();
+  const std::vector<gguf::tensor_spec> good{{"w", tensor_type::TQ2_0, {256, 1}}};
+  // Bad declarations: nothing is created.
+  CHECK_THROWS_AS((gguf::writer(path, {{"", 1u}}, good)), bitnet::value_error);
+  CHECK_THROWS_AS((gguf::writer(path, {{"k", 1u}, {"k", 2u}}, good)), bitnet::value_error);
+  CHECK_THROWS_AS((gguf::writer(path, {{"bad\xff", 1u}}, good)), bitnet::value_error);
+  CHECK_THROWS_AS((gguf::writer(path, {}, {{"w", tensor_type::TQ2_0, {100, 1}}})), bitnet::value_error);
+  CHECK_THROWS_AS((gguf::writer(path, {}, {{std::string(64, 'n'), tensor_type::F32, {1}}})), bitnet::value_error);
+  CHECK_THROWS_AS((gguf::writer(path, {}, {{"w", tensor_type::F32, {1}}, {"w", tensor_type::F32, {1}}})), bitnet::value_error);
+  CHECK_THROWS_AS((gguf::writer(path, {}, {{"w", tensor_type::F32, {}}})), bitnet::value_error);
+  CHECK_THROWS_AS((gguf::writer(path, {}, {{"w", tensor_type::F32, {1, 1, 1, 1, 1}}})), bitnet::value_error);
+  CHECK_THROWS_AS((gguf::writer(path, {}, {{"w", tensor_type::F64, {std::uint64_t(1) << 62, 4}}})), bitnet::value_error);
+  gguf::array deep(std::vector<std::uint8_t>{1});
+  for (int i = 0; i < gguf::max_array_depth; ++i) deep = gguf::array(std::vector<gguf::array>{deep});
+  CHECK_THROWS_AS((gguf::writer(path, {{"deep", deep}}, good)), bitnet::value_error);
+  CHECK(dir.snapshot() == before);
+  // A tensor never written: finish() refuses, the destructor removes the temporary file.
+  {
+    gguf::writer out(path, {}, good);
+    CHECK_THROWS_WITH_AS(out.finish(), doctest::Contains("\"w\": declared but never written"), bitnet::io_error);
+  }
+  CHECK(dir.snapshot() == before);
+  // Abandoned after a write (an exception in the caller): same.
+  {
+    gguf::writer out(path, {}, good);
+    out.write_bytes("w", std::vector<std::byte>(66));
+    CHECK_THROWS_AS(out.write_bytes("x", std::vector<std::byte>(1)), bitnet::io_error);
+    CHECK_THROWS_AS(out.write_bytes("w", std::vector<std::byte>(66)), bitnet::io_error);
+  }
+  CHECK(dir.snapshot() == before);
+  {
+    gguf::writer out(path, {}, good);
+    CHECK_THROWS_AS(out.write_bytes("w", std::vector<std::byte>(65)), bitnet::shape_error);
+  }
+  CHECK(dir.snapshot() == before);
+  // And a finished file replaces the old one whole.
+  {
+    gguf::writer out(path, {}, good);
+    out.write_bytes("w", std::vector<std::byte>(66));
+    out.finish();
+  }
+  const auto after = dir.snapshot();
+  REQUIRE(after.size() == 1);
+  CHECK(gguf::reader(path).info("w").byte_size == 66);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Malformed files: one per validation rule
+
+TEST_CASE("gguf: a valid hand-made file opens, with ggml's layout") {
+  image file;
+  file.header(2, 2).str("general.architecture").u32(8).str("llama").str("general.alignment").u32(4).u32(16);
+  file.tensor("w", {256, 1}, 35, 0).tensor("n", {4}, 0, 80).pad(16);
+  std::vector<std::byte> block(66, std::byte{0x55});
+  block[64] = std::byte{0x00}, block[65] = std::byte{0x3c};
+  file.bytes.insert(file.bytes.end(), block.begin(), block.end());
+  file.zeros(14).f32(1).f32(2).f32(3).f32(4);
+  const gguf::reader r = file.open();
+  CHECK(r.alignment() == 16);
+  CHECK(r.get<std::string>("general.architecture") == "llama");
+  CHECK(r.info("w").type == tensor_type::TQ2_0);
+  CHECK(r.info("w").ne == std::vector<std::uint64_t>{256, 1});
+  CHECK(r.info("n").byte_size == 16);
+  CHECK(r.read_bit_linear<float>("w").weight_scale() == 1.0f);
+  CHECK(r.read_matrix<float>("n") == Vector<float>::LinSpaced(4, 1, 4).transpose());
+  CHECK_THROWS_WITH_AS(r.read_ternary("n"), doctest::Contains("not a ternary type"), bitnet::io_error);
+  CHECK_THROWS_WITH_AS(r.read_matrix<float>("w"), doctest::Contains("not a float tensor"), bitnet::io_error);
+}
+
+TEST_CASE("gguf: malformed headers") {
+  check_rejected(image{}, "truncated: the magic needs 4 bytes at byte 0, the file has 0");
+  image magic;
+  magic.u8('G').u8('G').u8('M').u8('L').u32(3).u64(0).u64(0);
+  check_rejected(magic, "not a GGUF file: the magic is 47 47 4d 4c");
+  check_rejected(image{}.header(0, 0, 1), "version 1 is not supported");
+  check_rejected(image{}.header(0, 0, 0x30000), "version 196608 is not supported (2 and 3 are; a big-endian file?)");
+  image truncated = image{}.header(0, 0);
+  truncated.bytes.resize(20);
+  check_rejected(truncated, "truncated: the key-value count needs 8 bytes at byte 16");
+  check_rejected(image{}.header(0, 1), "key-value count 1 cannot fit in the 0 bytes left");
+  check_rejected(image{}.header(0, std::uint64_t(1) << 60).zeros(100), "key-value count 1152921504606846976 cannot fit");
+  check_rejected(image{}.header(std::uint64_t(-1), 0).zeros(100), "tensor count 18446744073709551615 cannot fit");
+  CHECK(rejection(image{}.header(0, 0)).empty());
+  CHECK(rejection(image{}.header(0, 0, 2)).empty());
+}
+
+TEST_CASE("gguf: malformed key-value pairs") {
+  auto one_kv = [] { return image{}.header(0, 1); };
+  check_rejected(one_kv().str("").u32(0).u8(1).zeros(8), "key 0 is empty");
+  check_rejected(image{}.header(0, 2).str("a").u32(0).u8(1).str("a").u32(0).u8(1), "key \"a\": the key appears twice");
+  check_rejected(one_kv().str("a\xc3").u32(0).u8(1), "key \"a\\xc3\": the key is not valid UTF-8");
+  check_rejected(one_kv().str("a").u32(13).u8(1).zeros(20), "key \"a\": unknown value type 13");
+  check_rejected(one_kv().str("a").u32(7).u8(2), "key \"a\": BOOL value 2 is not 0 or 1");
+  check_rejected(one_kv().str("a").u32(4).u8(1).u8(2), "truncated: the value of key \"a\" needs 4 bytes");
+  check_rejected(one_kv().str("a").u32(8).u64(std::uint64_t(-1)).zeros(8),
+                 "the value of key \"a\": string length 18446744073709551615 runs past the end of the file");
+  check_rejected(one_kv().u64(std::uint64_t(1) << 63).zeros(16), "key 0: string length 9223372036854775808 runs past");
+  check_rejected(one_kv().str("a").u32(9).u32(4).u64(5).u32(1).u32(2),
+                 "key \"a\": array of 5 UINT32 elements cannot fit in the 8 bytes left");
+  check_rejected(one_kv().str("a").u32(9).u32(8).u64(std::uint64_t(1) << 62).zeros(64),
+                 "key \"a\": array of 4611686018427387904 STRING elements cannot fit");
+  check_rejected(one_kv().str("a").u32(9).u32(8).u64(2).str("x").u64(100).u8('y'),
+                 "element 1 of key \"a\": string length 100 runs past the end of the file");
+  check_rejected(one_kv().str("a").u32(9).u32(14).u64(0).zeros(8), "key \"a\": unknown array element type 14");
+  check_rejected(one_kv().str("a").u32(9).u32(7).u64(2).u8(1).u8(3), "key \"a\": BOOL value 3 is not 0 or 1");
+  image deep = one_kv().str("a").u32(9);
+  for (int i = 0; i < gguf::max_array_depth; ++i) deep.u32(9).u64(1);
+  deep.u32(0).u64(0).zeros(64);
+  check_rejected(deep, "key \"a\": arrays nested deeper than 8 levels");
+  image nested = one_kv().str("a").u32(9);
+  for (int i = 0; i < gguf::max_array_depth - 1; ++i) nested.u32(9).u64(1);
+  nested.u32(0).u64(1).u8(5);
+  CHECK(rejection(nested).empty());
+  check_rejected(one_kv().str("general.alignment").u32(10).u64(32), "key \"general.alignment\": is UINT64, must be UINT32");
+  check_rejected(one_kv().str("general.alignment").u32(4).u32(24), "alignment 24 is not a power of 2");
+  check_rejected(one_kv().str("general.alignment").u32(4).u32(0), "alignment 0 is not a power of 2");
+}
+
+TEST_CASE("gguf: malformed tensor infos") {
+  auto one_tensor = [] { return image{}.header(1, 0); };
+  auto with_data = [](image file, std::size_t data_bytes = 64) { return file.pad().zeros(data_bytes); };
+  check_rejected(with_data(one_tensor().tensor("", {4}, 0, 0)), "the name of tensor 0 is empty");
+  check_rejected(with_data(one_tensor().tensor(std::string(64, 'x'), {4}, 0, 0)), "the name has 64 bytes, over ggml's limit of 63");
+  CHECK(rejection(with_data(one_tensor().tensor(std::string(63, 'x'), {4}, 0, 0))).empty());
+  check_rejected(with_data(one_tensor().tensor("\xff", {4}, 0, 0)), "tensor \"\\xff\": the name is not valid UTF-8");
+  check_rejected(with_data(image{}.header(2, 0).tensor("t", {4}, 0, 0).tensor("t", {4}, 0, 32)),
+                 "tensor \"t\": the name appears twice");
+  check_rejected(with_data(one_tensor().tensor("t", {1, 1, 1, 1, 1}, 0, 0)), "tensor \"t\": 5 dimensions, more than ggml's 4");
+  check_rejected(with_data(one_tensor().tensor("t", {std::uint64_t(1) << 63}, 0, 0)), "dimension 0 is 9223372036854775808, over INT64_MAX");
+  check_rejected(with_data(one_tensor().tensor("t", {std::uint64_t(1) << 32, std::uint64_t(1) << 32}, 0, 0)),
+                 "sizes [4294967296, 4294967296] hold more than INT64_MAX elements");
+  check_rejected(with_data(one_tensor().tensor("t", {4}, 5, 0)), "tensor \"t\": unknown ggml type id 5");
+  check_rejected(with_data(one_tensor().tensor("t", {4}, 99, 0)), "unknown ggml type id 99");
+  check_rejected(with_data(one_tensor().tensor("t", {100, 2}, 35, 0)), "rows of 100 elements are not a multiple of the TQ2_0 block size 256");
+  check_rejected(with_data(one_tensor().tensor("t", {std::uint64_t(1) << 62}, 28, 0)),
+                 "sizes [4611686018427387904] of F64 take more than 2^64 bytes");
+  check_rejected(with_data(one_tensor().tensor("t", {4}, 0, 16)), "offset 16 is not a multiple of the alignment 32");
+  check_rejected(with_data(one_tensor().tensor("t", {17}, 0, 0)), "bytes [0, +68) run past the end of the data section (64 bytes)");
+  check_rejected(with_data(one_tensor().tensor("t", {4}, 0, std::uint64_t(-32))), "run past the end of the data section");
+  check_rejected(with_data(image{}.header(2, 0).tensor("a", {16}, 0, 0).tensor("b", {4}, 0, 32), 64),
+                 "tensor \"b\": bytes [32, +16) overlap tensor \"a\"");
+  image no_data = one_tensor().tensor("t", {4}, 0, 0);
+  check_rejected(no_data, "truncated: the data section starts at byte 64, past the end of the file");
+  image cut = one_tensor().tensor("t", {4}, 0, 0);
+  cut.bytes.resize(cut.bytes.size() - 3);
+  check_rejected(cut, "truncated: the offset of tensor \"t\" needs 8 bytes");
+  // Zero-size tensors take no bytes and overlap nothing.
+  CHECK(rejection(with_data(image{}.header(2, 0).tensor("a", {0}, 0, 0).tensor("b", {4}, 0, 0), 16)).empty());
+}
+
+TEST_CASE("gguf: tensor byte sizes of ggml's types (sizeof the block structs of ggml-common.h)") {
+  // block_q4_0: fp16 d + 16 bytes for 32 weights = 18; block_q8_0: 2 + 32 = 34; block_q4_K: 2 fp16 +
+  // 12 scale bytes + 128 = 144 per 256; block_q6_K: 128 + 64 + 16 + 2 = 210; block_tq1_0: 48 + 4 + 2 = 54;
+  // block_tq2_0: 64 + 2 = 66; block_iq4_nl: 2 + 16 = 18 per 32; block_mxfp4: 1 + 16 = 17 per 32.
+  struct expectation {
+    tensor_type type;
+    std::uint64_t row, bytes_per_row;
+  };
+  for (const expectation& e : {expectation{tensor_type::F32, 3, 12}, {tensor_type::F16, 3, 6}, {tensor_type::BF16, 3, 6},
+                               {tensor_type::F64, 3, 24}, {tensor_type::I8, 3, 3}, {tensor_type::Q4_0, 64, 36},
+                               {tensor_type::Q8_0, 64, 68}, {tensor_type::Q4_K, 256, 144}, {tensor_type::Q6_K, 512, 420},
+                               {tensor_type::TQ1_0, 512, 108}, {tensor_type::TQ2_0, 256, 66}, {tensor_type::IQ4_NL, 32, 18},
+                               {tensor_type::MXFP4, 64, 34}}) {
+    const std::vector<std::uint64_t> ne{e.row, 5};
+    CHECK(gguf::tensor_byte_size(e.type, ne) == 5 * e.bytes_per_row);
+  }
+  // I2_S: the whole tensor, count / 4 code bytes + 32 (float32 d and padding), as ggml_nbytes.
+  CHECK(gguf::tensor_byte_size(tensor_type::I2_S, std::vector<std::uint64_t>{128, 5}) == 160 + 32);
+  CHECK(gguf::find_tensor_type(35)->name == "TQ2_0");
+  CHECK(gguf::find_tensor_type(36)->name == "I2_S");
+  for (std::uint32_t retired : {4u, 5u, 31u, 32u, 33u, 37u, 38u, 43u, 134u}) CHECK_FALSE(gguf::find_tensor_type(retired));
+}
+
+TEST_CASE("gguf: the reader opens files and names them in messages") {
+  temp_dir dir;
+  CHECK_THROWS_WITH_AS(gguf::reader(dir.path / "missing.gguf"), doctest::Contains("not a regular file"), bitnet::io_error);
+  const fs::path path = dir.path / "short.gguf";
+  {
+    std::ofstream out(path, std::ios::binary);
+    out << "GGUF";
+  }
+  CHECK_THROWS_WITH_AS(gguf::reader{path}, ("gguf: " + path.string() + ": truncated: the version needs 4 bytes at byte 4, the file has 4").c_str(),
+                       bitnet::io_error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole models: arch "llama"
+
+TEST_CASE("gguf: Hugging Face Llama names map to llama.cpp's") {
+  CHECK(gguf::llama_tensor_name("model.embed_tokens.weight") == "token_embd.weight");
+  CHECK(gguf::llama_tensor_name("model.norm.weight") == "output_norm.weight");
+  CHECK(gguf::llama_tensor_name("lm_head.weight") == "output.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.0.input_layernorm.weight") == "blk.0.attn_norm.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.12.self_attn.q_proj.weight") == "blk.12.attn_q.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.3.self_attn.k_proj.weight") == "blk.3.attn_k.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.3.self_attn.v_proj.weight") == "blk.3.attn_v.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.3.self_attn.o_proj.weight") == "blk.3.attn_output.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.3.post_attention_layernorm.weight") == "blk.3.ffn_norm.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.3.mlp.gate_proj.weight") == "blk.3.ffn_gate.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.3.mlp.up_proj.weight") == "blk.3.ffn_up.weight");
+  CHECK(gguf::llama_tensor_name("model.layers.3.mlp.down_proj.weight") == "blk.3.ffn_down.weight");
+  for (const char* other : {"model.layers.3.self_attn.rotary_emb.inv_freq", "model.layers.x.mlp.up_proj.weight",
+                            "model.layers.03.mlp.up_proj.weight", "model.layers..mlp.up_proj.weight",
+                            "model.layers.3.mlp.up_proj.bias", "model.layers.3", "lm_head.bias", ""})
+    CHECK_FALSE(gguf::llama_tensor_name(other).has_value());
+}
+
+TEST_CASE("gguf: q / k rows are permuted for rope as the converters do, by hand") {
+  // Within a head of size hd, row a * hd/2 + b moves to 2b + a. hd = 6: rows 0..5 -> 0 3 1 4 2 5;
+  // two heads of 4: 0 2 1 3 | 4 6 5 7.
+  Matrix<int> six(6, 2), eight(8, 1);
+  for (int r = 0; r < 6; ++r) six(r, 0) = r, six(r, 1) = 10 * r;
+  for (int r = 0; r < 8; ++r) eight(r, 0) = r;
+  const Matrix<int> p6 = gguf::permute_rope_rows(six, 1);
+  const std::vector<int> want6{0, 3, 1, 4, 2, 5}, want8{0, 2, 1, 3, 4, 6, 5, 7};
+  for (int r = 0; r < 6; ++r) {
+    CHECK(p6(r, 0) == want6[std::size_t(r)]);
+    CHECK(p6(r, 1) == 10 * want6[std::size_t(r)]);
+  }
+  const Matrix<int> p8 = gguf::permute_rope_rows(eight, 2);
+  for (int r = 0; r < 8; ++r) CHECK(p8(r, 0) == want8[std::size_t(r)]);
+  CHECK_THROWS_AS(gguf::permute_rope_rows(eight, 3), bitnet::shape_error);
+  CHECK_THROWS_AS(gguf::permute_rope_rows(six, 2), bitnet::shape_error);  // heads of 3: odd
+}
+
+namespace {
+
+gguf::llama_hparams tiny_llama() {
+  gguf::llama_hparams h;
+  h.context_length = 128, h.embedding_length = 256, h.block_count = 2, h.feed_forward_length = 512;
+  h.head_count = 4, h.head_count_kv = 2, h.vocab_size = 16, h.rms_norm_eps = 1e-5f, h.rope_freq_base = 500000.0f;
+  h.name = "tiny";
+  return h;
+}
+
+/// A tiny Llama-named model: ternary projections with power-of-two scales (d exact in fp16), float
+/// embeddings, norms and lm_head.
+struct tiny_model {
+  std::map<std::string, BitLinear<float>> layers;
+  std::map<std::string, Matrix<float>> floats;
+
+  explicit tiny_model(const gguf::llama_hparams& h) {
+    unsigned seed = 11;
+    auto add_layer = [&](const std::string& name, Index out, Index in) {
+      Matrix<std::int8_t> codes(out, in);
+      std::mt19937 rng(seed++);
+      for (Index i = 0; i < codes.size(); ++i) codes.data()[i] = std::int8_t(int(rng() % 3) - 1);
+      layers.emplace(name, BitLinear<float>::from_ternary(codes, std::ldexp(1.0f, int(seed % 5))));
+    };
+    const Index hidden = h.embedding_length, ff = h.feed_forward_length, hd = h.head_dim();
+    floats.emplace("model.embed_tokens.weight", random_matrix(h.vocab_size, hidden, seed++));
+    floats.emplace("model.norm.weight", random_matrix(1, hidden, seed++));
+    floats.emplace("lm_head.weight", random_matrix(h.vocab_size, hidden, seed++));
+    for (std::uint32_t b = 0; b < h.block_count; ++b) {
+      const std::string p = "model.layers." + std::to_string(b) + ".";
+      floats.emplace(p + "input_layernorm.weight", random_matrix(hidden, 1, seed++));
+      floats.emplace(p + "post_attention_layernorm.weight", random_matrix(1, hidden, seed++));
+      add_layer(p + "self_attn.q_proj.weight", h.head_count * hd, hidden);
+      add_layer(p + "self_attn.k_proj.weight", h.head_count_kv * hd, hidden);
+      add_layer(p + "self_attn.v_proj.weight", h.head_count_kv * hd, hidden);
+      add_layer(p + "self_attn.o_proj.weight", hidden, hidden);
+      add_layer(p + "mlp.gate_proj.weight", ff, hidden);
+      add_layer(p + "mlp.up_proj.weight", ff, hidden);
+      add_layer(p + "mlp.down_proj.weight", hidden, ff);
+    }
+  }
+
+  std::vector<gguf::model_tensor<float>> tensors() const {
+    std::vector<gguf::model_tensor<float>> out;
+    for (const auto& [name, layer] : layers) out.push_back({name, std::cref(layer)});
+    for (const auto& [name, m] : floats) out.push_back({name, std::cref(m)});
+    return out;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("gguf: llama metadata: the keys and types llama.cpp's loader reads") {
+  const auto m = gguf::llama_metadata(tiny_llama());
+  const std::vector<gguf::metadata_entry> expected{
+      {"general.architecture", std::string("llama")},
+      {"general.name", std::string("tiny")},
+      {"general.quantization_version", std::uint32_t(2)},
+      {"llama.context_length", std::uint32_t(128)},
+      {"llama.embedding_length", std::uint32_t(256)},
+      {"llama.block_count", std::uint32_t(2)},
+      {"llama.feed_forward_length", std::uint32_t(512)},
+      {"llama.rope.dimension_count", std::uint32_t(64)},
+      {"llama.attention.head_count", std::uint32_t(4)},
+      {"llama.attention.head_count_kv", std::uint32_t(2)},
+      {"llama.attention.layer_norm_rms_epsilon", 1e-5f},
+      {"llama.rope.freq_base", 500000.0f},
+      {"llama.vocab_size", std::uint32_t(16)}};
+  CHECK(m == expected);
+  auto bad = tiny_llama();
+  bad.head_count_kv = 3;
+  CHECK_THROWS_WITH_AS(gguf::llama_metadata(bad), doctest::Contains("head_count 4 is not a multiple of head_count_kv 3"),
+                       bitnet::value_error);
+  bad = tiny_llama();
+  bad.embedding_length = 250;
+  CHECK_THROWS_AS(gguf::llama_metadata(bad), bitnet::value_error);
+  bad = tiny_llama();
+  bad.rms_norm_eps = 0;
+  CHECK_THROWS_AS(gguf::llama_metadata(bad), bitnet::value_error);
+  bad = tiny_llama();
+  bad.block_count = 0;
+  CHECK_THROWS_AS(gguf::llama_metadata(bad), bitnet::value_error);
+}
+
+TEST_CASE("gguf: a Llama-named model written whole and read back") {
+  temp_dir dir;
+  const fs::path path = dir.path / "tiny.gguf";
+  const gguf::llama_hparams h = tiny_llama();
+  const tiny_model model(h);
+  gguf::model_options options;
+  options.tokenizer = {{"tokenizer.ggml.model", std::string("gpt2")},
+                       {"tokenizer.ggml.tokens", gguf::array(std::vector<std::string>(16, "t"))}};
+  const auto report = gguf::write_llama_model(path, h, model.tensors(), options);
+  REQUIRE(report.size() == 1 + 2 * 9 + 2);
+  CHECK(report.front().gguf_name == "token_embd.weight");
+  CHECK(report.front().type == tensor_type::F16);
+  CHECK(report[2].gguf_name == "blk.0.attn_q.weight");
+  CHECK(report[2].source_name == "model.layers.0.self_attn.q_proj.weight");
+  CHECK(report[2].ne == std::vector<std::uint64_t>{256, 256});
+  REQUIRE(report[2].scale.has_value());
+  CHECK(report[2].scale->relative_error() == 0);  // power-of-two scales: d exact in fp16
+  CHECK(report.back().gguf_name == "output.weight");
+
+  const gguf::reader file(path);
+  CHECK(file.get<std::string>("general.architecture") == "llama");
+  CHECK(file.get<std::uint32_t>("llama.attention.head_count_kv") == 2u);
+  CHECK(file.get<float>("llama.rope.freq_base") == 500000.0f);
+  CHECK(file.get<std::string>("tokenizer.ggml.model") == "gpt2");
+  CHECK(file.tensors().size() == report.size());
+  const auto& q = model.layers.at("model.layers.1.self_attn.q_proj.weight");
+  const auto& k = model.layers.at("model.layers.1.self_attn.k_proj.weight");
+  const auto& v = model.layers.at("model.layers.1.self_attn.v_proj.weight");
+  const auto& down = model.layers.at("model.layers.1.mlp.down_proj.weight");
+  CHECK(file.read_ternary("blk.1.attn_q.weight").codes == gguf::permute_rope_rows(q.ternary_weight(), 4));
+  CHECK(file.read_ternary("blk.1.attn_k.weight").codes == gguf::permute_rope_rows(k.ternary_weight(), 2));
+  CHECK(file.read_ternary("blk.1.attn_v.weight").codes == v.ternary_weight());
+  const BitLinear<float> down_back = file.read_bit_linear<float>("blk.1.ffn_down.weight");
+  const Matrix<float> x = random_matrix(3, 512, 99);
+  CHECK(down_back.weight_scale() == down.weight_scale());
+  CHECK(down_back.forward(x) == down.forward(x));
+  CHECK(file.info("blk.0.attn_norm.weight").type == tensor_type::F32);
+  CHECK(file.read_matrix<float>("blk.0.attn_norm.weight") ==
+        model.floats.at("model.layers.0.input_layernorm.weight").transpose());
+  const Matrix<float> embd = file.read_matrix<float>("token_embd.weight");
+  const Matrix<float>& embd_source = model.floats.at("model.embed_tokens.weight");
+  CHECK(embd.rows() == 16);
+  CHECK((embd - embd_source).cwiseAbs().maxCoeff() <= embd_source.cwiseAbs().maxCoeff() * std::ldexp(1.0f, -11));
+}
+
+TEST_CASE("gguf: write_llama_model refuses an incomplete or mis-shaped model and writes nothing") {
+  temp_dir dir;
+  const fs::path path = dir.path / "tiny.gguf";
+  const gguf::llama_hparams h = tiny_llama();
+  const tiny_model model(h);
+  auto without = [&](const std::string& name) {
+    auto t = model.tensors();
+    t.erase(std::remove_if(t.begin(), t.end(), [&](const auto& x) { return x.name == name; }), t.end());
+    return t;
+  };
+  CHECK_THROWS_WITH_AS(gguf::write_llama_model(path, h, without("model.layers.1.mlp.up_proj.weight")),
+                       doctest::Contains("the model has no \"blk.1.ffn_up.weight\""), bitnet::value_error);
+  const auto no_output = gguf::write_llama_model(path, h, without("lm_head.weight"));  // tied embeddings
+  CHECK(no_output.back().gguf_name == "output_norm.weight");
+  CHECK(gguf::reader(path).get<std::string>("tokenizer.ggml.model") == "none");
+  fs::remove(path);
+
+  auto extra = model.tensors();
+  const Matrix<float> norm = Matrix<float>::Ones(1, 256);
+  extra.push_back({"model.layers.2.input_layernorm.weight", std::cref(norm)});
+  CHECK_THROWS_WITH_AS(gguf::write_llama_model(path, h, extra), doctest::Contains("block index beyond block_count 2"),
+                       bitnet::value_error);
+  auto unknown = model.tensors();
+  unknown.push_back({"model.layers.0.self_attn.rotary_emb.inv_freq", std::cref(norm)});
+  CHECK_THROWS_WITH_AS(gguf::write_llama_model(path, h, unknown), doctest::Contains("not a tensor of arch llama"),
+                       bitnet::value_error);
+  auto swapped = without("model.layers.0.self_attn.k_proj.weight");
+  swapped.push_back({"model.layers.0.self_attn.k_proj.weight", std::cref(model.layers.at("model.layers.0.self_attn.q_proj.weight"))});
+  CHECK_THROWS_WITH_AS(gguf::write_llama_model(path, h, swapped), doctest::Contains("is 256x256, expected 128x256"),
+                       bitnet::value_error);
+  auto float_norm_as_layer = without("model.norm.weight");
+  float_norm_as_layer.push_back({"model.norm.weight", std::cref(model.layers.at("model.layers.0.mlp.up_proj.weight"))});
+  CHECK_THROWS_WITH_AS(gguf::write_llama_model(path, h, float_norm_as_layer), doctest::Contains("is a BitLinear"),
+                       bitnet::value_error);
+  gguf::model_options i2s;
+  i2s.ternary_type = tensor_type::F16;
+  CHECK_THROWS_AS(gguf::write_llama_model(path, h, model.tensors(), i2s), bitnet::value_error);
+  CHECK(dir.snapshot().empty());
+}
