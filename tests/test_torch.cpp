@@ -154,18 +154,17 @@ TEST_CASE("torch BitLinear: re-packs when the weight or bias tensor changed (ver
     layer->eval();
   }
   CHECK(same_bits(layer->forward(x), expected_for()));
-  CHECK(layer->pack_count() == 4);  // libtorch's SGD writes through p.data(): the switch to eval re-packs
+  CHECK(layer->pack_count() == 4);  // libtorch's SGD writes through p.data(): the training forward invalidated
+  layer->train();
   layer->eval();
   CHECK(same_bits(layer->forward(x), expected_for()));
-  CHECK(layer->pack_count() == 4);  // already in eval mode: nothing to do
-  // AdamW updates the tensor in place (version counter), while the module stays in eval mode.
+  CHECK(layer->pack_count() == 4);  // switching modes alone changes nothing
+  // AdamW updates the tensor in place (version counter), with this module never running a training forward.
   {
     torch::AutoGradMode grad(true);
     torch::optim::AdamW adamw(layer->parameters(), torch::optim::AdamWOptions(0.1));
     adamw.zero_grad();
-    bitnet::libtorch::BitLinear twin(layer->weight, layer->bias);
-    twin->train();
-    twin->forward(x).square().sum().backward();
+    torch::nn::functional::linear(x, layer->weight, layer->bias).square().sum().backward();
     adamw.step();
   }
   CHECK(same_bits(layer->forward(x), expected_for()));
@@ -436,6 +435,33 @@ TEST_CASE_TEMPLATE("torch replace_linear: every Linear of every container kind, 
   }
   expected = kernel(net->named_children()["head"], expected);
   CHECK(same_bits(net->forward(x), expected));
+}
+
+TEST_CASE("torch replace_linear: Linear layers straight in a ModuleList and in a Sequential with named entries") {
+  torch::manual_seed(10);
+  auto list = nn::ModuleList(nn::Linear(5, 5), nn::Linear(5, 5));
+  auto named = nn::Sequential(torch::OrderedDict<std::string, nn::AnyModule>(
+      {{"fc1", nn::AnyModule(nn::Linear(5, 6))}, {"act", nn::AnyModule(nn::ReLU())}, {"fc2", nn::AnyModule(nn::Linear(6, 2))}}));
+  const auto list_report = bitnet::libtorch::replace_linear(list);
+  const auto named_report = bitnet::libtorch::replace_linear(named);
+  REQUIRE(list_report.layers.size() == 2);
+  CHECK(list_report.layers[1].path == "1");
+  REQUIRE(named_report.layers.size() == 2);
+  CHECK(named_report.layers[1].path == "fc2");
+  CHECK((parameter_names(*named) == std::vector<std::string>{"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}));
+  // The containers' own storage holds the new modules, not only the registry.
+  for (const auto& entry : *list) CHECK(entry->as<BitLinearImpl>());
+  CHECK(list->named_children()["0"] == list->ptr(0));
+  CHECK(named->ptr(0)->as<BitLinearImpl>());
+  CHECK(named->ptr(2)->as<BitLinearImpl>());
+  CHECK(named->named_children()["fc2"] == named->ptr(2));
+  named->eval();
+  torch::NoGradGuard no_grad;
+  const torch::Tensor x = torch::randn({3, 5});
+  auto* fc1 = named->ptr(0)->as<BitLinearImpl>();
+  auto* fc2 = named->ptr(2)->as<BitLinearImpl>();
+  CHECK(same_bits(named->forward(x), fc2->forward(torch::relu(fc1->forward(x)))));
+  CHECK(fc1->pack_count() == 1);  // the layer replace_linear packed to verify is the one eval uses
 }
 
 struct throwing_policy : bitnet::transfer::checked {

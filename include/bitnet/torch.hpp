@@ -20,9 +20,9 @@
 //   - eval mode with gradients off (torch::NoGradGuard, torch::InferenceMode): bitnet's packed integer
 //     kernels, bit-identical to bitnet::BitLinear<T>::forward. The weights are quantized and packed
 //     once and again only when the weight or bias tensor changed (its version counter, storage or
-//     data pointer: an optimizer step, a copy_, set_data or torch::load) and once after each switch
-//     from training to eval mode (writes through p.data(), as libtorch's C++ SGD makes, leave the
-//     version counter as it was), never per call.
+//     data pointer: an optimizer step, a copy_, set_data or torch::load) and once after training
+//     forwards (writes through p.data(), as libtorch's C++ SGD makes, leave the version counter as
+//     it was), never per call.
 // float32 and float64 CPU tensors only; other dtypes and devices are a bitnet::value_error, never a
 // silent conversion.
 //
@@ -170,6 +170,9 @@ class BitLinearImpl : public ::torch::nn::Cloneable<BitLinearImpl> {
                         ", the layer expects [..., " + std::to_string(in_features_) + "]");
     if (!is_training() && !::torch::GradMode::is_enabled())
       return weight.scalar_type() == ::torch::kFloat ? kernel_forward<float>(x) : kernel_forward<double>(x);
+    // A forward that records gradients is a training step coming: whatever the optimizer writes, and
+    // however (libtorch's SGD bypasses the version counter), the next eval forward packs again.
+    if (::torch::GradMode::is_enabled()) invalidate_packed();
     return straight_through_forward(x, is_training() ? lambda_ : 1.0);
   }
 
@@ -187,17 +190,11 @@ class BitLinearImpl : public ::torch::nn::Cloneable<BitLinearImpl> {
   std::int64_t in_features() const noexcept { return in_features_; }
   std::int64_t out_features() const noexcept { return out_features_; }
   /// Marks the packed weights stale: the next eval forward re-packs. Needed only after writes the
-  /// version counter cannot see (through tensor.data() or a raw pointer) made in eval mode; switching
-  /// from training to eval mode does it (libtorch's C++ SGD, for one, writes through p.data()).
+  /// version counter cannot see (through tensor.data() or a raw pointer) with no training forward
+  /// since; a training forward does it (libtorch's C++ SGD, for one, writes through p.data()).
   void invalidate_packed() {
     std::lock_guard lock(cache_.mutex);
     cache_.layer.reset();
-  }
-
-  /// Module::train, plus: leaving training mode invalidates the packed weights (see invalidate_packed).
-  void train(bool on = true) override {
-    if (is_training() && !on) invalidate_packed();
-    ::torch::nn::Module::train(on);
   }
 
   /// How many times the packed weights were built (tests and diagnostics: re-packing happens only
