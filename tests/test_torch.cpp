@@ -15,6 +15,7 @@
 #include <new>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace nn = torch::nn;
@@ -462,6 +463,47 @@ TEST_CASE("torch replace_linear: Linear layers straight in a ModuleList and in a
   auto* fc2 = named->ptr(2)->as<BitLinearImpl>();
   CHECK(same_bits(named->forward(x), fc2->forward(torch::relu(fc1->forward(x)))));
   CHECK(fc1->pack_count() == 1);  // the layer replace_linear packed to verify is the one eval uses
+}
+
+TEST_CASE_TEMPLATE("torch replace_linear: requires_grad and float64 travel with the parameters", Policy,
+                   bitnet::transfer::checked, bitnet::transfer::copy, bitnet::transfer::move) {
+  auto seq = nn::Sequential(nn::Linear(4, 3), nn::Linear(3, 2));
+  seq->to(torch::kDouble);
+  seq->ptr(0)->as<nn::LinearImpl>()->weight.requires_grad_(false);  // a frozen layer stays frozen
+  bitnet::libtorch::replace_linear<Policy>(seq);
+  auto* first = seq->ptr(0)->as<BitLinearImpl>();
+  auto* second = seq->ptr(1)->as<BitLinearImpl>();
+  REQUIRE(first);
+  REQUIRE(second);
+  CHECK(!first->weight.requires_grad());
+  CHECK(first->bias.requires_grad());
+  CHECK(second->weight.requires_grad());
+  CHECK((first->weight.scalar_type() == torch::kDouble));
+  CHECK((second->bias.scalar_type() == torch::kDouble));
+}
+
+TEST_CASE("torch BitLinear: eval forwards from two threads after a weight change pack once and agree") {
+  torch::manual_seed(11);
+  BitLinear layer(64, 32, false);
+  layer->eval();
+  const torch::Tensor x = torch::randn({3, 64});
+  torch::Tensor expected;
+  {
+    torch::NoGradGuard no_grad;
+    expected = layer->forward(x);
+    layer->weight.neg_();
+  }
+  torch::Tensor outputs[2];
+  std::thread threads[2];
+  for (int t = 0; t < 2; ++t)
+    threads[t] = std::thread([&, t] {
+      torch::NoGradGuard no_grad;  // grad mode is per thread
+      outputs[t] = layer->forward(x);
+    });
+  for (auto& t : threads) t.join();
+  CHECK(same_bits(outputs[0], outputs[1]));
+  CHECK(same_bits(outputs[0], -expected));  // -W: the codes flip sign, the scale stays, no bias: exactly -y
+  CHECK(layer->pack_count() == 2);
 }
 
 struct throwing_policy : bitnet::transfer::checked {
