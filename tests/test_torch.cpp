@@ -506,6 +506,12 @@ TEST_CASE("torch BitLinear: eval forwards from two threads after a weight change
   CHECK(layer->pack_count() == 2);
 }
 
+TEST_CASE("torch replace_linear: a root module that lives on the stack") {
+  nn::SequentialImpl root(nn::Linear(3, 3), nn::ReLU(), nn::Linear(3, 2));
+  CHECK(bitnet::libtorch::replace_linear(root).layers.size() == 2);
+  CHECK(root.ptr(2)->as<BitLinearImpl>());
+}
+
 struct throwing_policy : bitnet::transfer::checked {
   int throw_at = -1;
   bool in_verify = false;

@@ -679,7 +679,8 @@ module_replace_report replace_linear(::torch::nn::Module& root, const replace_op
                 "docs/transfer-policies.md");
   module_replace_report report;
   report.dry_run = options.dry_run;
-  const std::shared_ptr<::torch::nn::Module> tree = root.shared_from_this();
+  // A non-owning handle: the root may live on the stack (no shared_from_this), and outlives the call.
+  const std::shared_ptr<::torch::nn::Module> tree(std::shared_ptr<::torch::nn::Module>(), &root);
   detail::planner plan(options, report);
   plan.walk(tree);
   std::vector<detail::planned_linear>& layers = plan.layers();
