@@ -344,3 +344,62 @@ TEST_CASE("convert to GGUF: refusals name the reason and leave the file system e
   bad.gguf_float_type = gguf::tensor_type::Q8_0;
   refused(dir / "llama", dir / "m.gguf", "is not F32, F16 or BF16", bad);
 }
+
+namespace {
+
+/// A vocabulary-only GGUF as llama.cpp's converter writes one (no tensors): `tokens` tokens.
+void write_vocab(const fs::path& path, std::size_t tokens, bool with_model = true) {
+  std::vector<std::string> list;
+  std::vector<std::int32_t> types;
+  for (std::size_t i = 0; i < tokens; ++i) {
+    list.push_back(i == 0 ? "<|begin_of_text|>" : "t" + std::to_string(i));
+    types.push_back(i == 0 ? 3 : 1);  // CONTROL, NORMAL
+  }
+  std::vector<gguf::metadata_entry> m{{"general.architecture", std::string("llama")}};
+  if (with_model) m.push_back({"tokenizer.ggml.model", std::string("gpt2")});
+  m.push_back({"tokenizer.ggml.pre", std::string("llama-bpe")});
+  m.push_back({"tokenizer.ggml.tokens", gguf::array(list)});
+  m.push_back({"tokenizer.ggml.token_type", gguf::array(types)});
+  m.push_back({"tokenizer.ggml.merges", gguf::array(std::vector<std::string>{"t 1", "t 2"})});
+  m.push_back({"tokenizer.ggml.bos_token_id", std::uint32_t(0)});
+  m.push_back({"tokenizer.ggml.eos_token_id", std::uint32_t(1)});
+  gguf::writer out(path, std::move(m), {});
+  out.finish();
+}
+
+}  // namespace
+
+TEST_CASE("convert to GGUF: tokenizer entries copied verbatim from a vocabulary GGUF of the same vocabulary size") {
+  scratch dir;
+  write_llama(dir / "m", {.layers = 1});
+  write_vocab(dir / "vocab.gguf", vocab);
+  bitnet::convert_options options = gguf_options();
+  options.gguf_tokenizer_from = dir / "vocab.gguf";
+  const bitnet::convert_report report = bitnet::convert_model(dir / "m", dir / "m.gguf", options);
+  const gguf::reader source(dir / "vocab.gguf"), file(dir / "m.gguf");
+  std::size_t copied = 0;
+  for (const gguf::metadata_entry& e : source.metadata()) {
+    if (!e.key.starts_with("tokenizer.")) continue;
+    CAPTURE(e.key);
+    REQUIRE(file.find_value(e.key) != nullptr);
+    CHECK(*file.find_value(e.key) == e.val);
+    ++copied;
+  }
+  CHECK(copied == 7);
+  CHECK(file.get<std::string>("tokenizer.ggml.model") == "gpt2");
+  CHECK(std::any_of(report.notes.begin(), report.notes.end(), [](const std::string& n) {
+    return n.find("tokenizer: 7 tokenizer.* entries copied") != std::string::npos && n.find("32 tokens") != std::string::npos;
+  }));
+
+  // Another vocabulary size, or no tokenizer model: refused, nothing written.
+  write_vocab(dir / "other.gguf", vocab + 1);
+  write_vocab(dir / "nomodel.gguf", vocab, false);
+  const auto before = tree_of(dir.path);
+  options.gguf_tokenizer_from = dir / "other.gguf";
+  CHECK(error_of([&] { bitnet::convert_model(dir / "m", dir / "x.gguf", options); }).find("33 tokens, the model's vocab_size is 32") !=
+        std::string::npos);
+  options.gguf_tokenizer_from = dir / "nomodel.gguf";
+  CHECK(error_of([&] { bitnet::convert_model(dir / "m", dir / "x.gguf", options); }).find("no tokenizer.ggml.model") !=
+        std::string::npos);
+  CHECK(tree_of(dir.path) == before);
+}

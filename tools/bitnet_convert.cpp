@@ -6,7 +6,7 @@
 //   bitnet-convert IN OUT [--exclude PATTERN ...] [--no-default-excludes] [--mode offline|online]
 //                  [--scale-convention bitlinear|autobitlinear] [--scale-dtype F32|BF16|F16] [--force]
 //   bitnet-convert IN OUT.gguf --to gguf [--gguf-type TQ2_0|TQ1_0|I2_S] [--gguf-float-type F32|F16|BF16]
-//                  [--exclude PATTERN ...] [--no-default-excludes] [--force]
+//                  [--gguf-tokenizer-from VOCAB.gguf] [--exclude PATTERN ...] [--no-default-excludes] [--force]
 //   bitnet-convert --generate OUT [--layers N] [--divide D] [--shards N] [--nan TENSOR] [--tied] [--qkv-bias]
 //                  [--llama]
 //   bitnet-convert                  (demo: generates a small BitNet-shaped checkpoint and converts it)
@@ -320,10 +320,13 @@ int usage() {
                "         with model.safetensors.index.json, tokenizer files). An existing OUT is replaced only\n"
                "         when it is an earlier bitnet-convert output, or with --force.\n"
                "       bitnet-convert IN OUT.gguf --to gguf [--gguf-type TQ2_0|TQ1_0|I2_S] [--gguf-float-type F32|F16|BF16]\n"
-               "                      [--exclude PATTERN ...] [--no-default-excludes] [--force]\n"
+               "                      [--gguf-tokenizer-from VOCAB.gguf] [--exclude PATTERN ...] [--no-default-excludes]\n"
+               "                      [--force]\n"
                "         IN: a Llama-architecture model folder (config.json); OUT: one GGUF file (arch llama).\n"
                "         TQ2_0 / TQ1_0 (default TQ2_0) are read by mainline llama.cpp, I2_S by ik_llama.cpp and\n"
                "         bitnet.cpp; other tensors keep their own float type unless --gguf-float-type is given.\n"
+               "         The tokenizer.* entries are copied from VOCAB.gguf (convert_hf_to_gguf.py --vocab-only);\n"
+               "         without it the file has no tokenizer (tokenizer.ggml.model \"none\").\n"
                "       bitnet-convert --generate OUT [--layers N] [--divide D] [--shards N] [--nan TENSOR] [--tied]\n"
                "                      [--qkv-bias] [--llama]\n"
                "       bitnet-convert          (demo on a generated small BitNet-shaped checkpoint)\n");
@@ -417,6 +420,9 @@ int run(int argc, char** argv) {
       else if (v == "F16") opt.convert.gguf_float_type = gguf::tensor_type::F16;
       else if (v == "BF16") opt.convert.gguf_float_type = gguf::tensor_type::BF16;
       else return usage();
+    } else if (a == "--gguf-tokenizer-from" && has_value) {
+      gguf_option_given = true;
+      opt.convert.gguf_tokenizer_from = fs::path(args[++i]);
     } else if (a == "--force") {
       opt.convert.force = true;
     } else if (a.starts_with("--")) {
@@ -432,7 +438,7 @@ int run(int argc, char** argv) {
     return 2;
   }
   if (gguf_option_given && opt.convert.format != bitnet::output_format::gguf) {
-    std::fprintf(stderr, "bitnet-convert: --gguf-type / --gguf-float-type need --to gguf\n");
+    std::fprintf(stderr, "bitnet-convert: --gguf-type / --gguf-float-type / --gguf-tokenizer-from need --to gguf\n");
     return 2;
   }
   if (!default_excludes) opt.convert.exclude.clear();

@@ -93,6 +93,13 @@ struct convert_options {
   /// F32, F16 or BF16 (rounded to nearest even); none keeps each tensor's own type (exact). Norms are
   /// always F32, as the engines' converters write them.
   std::optional<gguf::tensor_type> gguf_float_type{};
+  /// GGUF: a GGUF file whose tokenizer.* entries are copied verbatim (a vocabulary file of the same
+  /// model, as `convert_hf_to_gguf.py --vocab-only` writes it, or any GGUF of the same base model);
+  /// its token count must equal the model's vocab_size. Without it the tokenizer is not carried
+  /// (tokenizer.ggml.model "none", and a note says what the engine then needs): bitnet does not
+  /// derive tokenizer metadata from tokenizer.json itself, because llama.cpp's converter names the
+  /// pre-tokenizer by running the Hugging Face tokenizer, which a C++ library cannot do exactly.
+  std::optional<std::filesystem::path> gguf_tokenizer_from{};
   /// Replace an existing OUT that is not an earlier output of this converter.
   bool force = false;
   /// Asked between tensors and files; true stops the conversion (io_error, nothing left behind).
@@ -865,6 +872,10 @@ class converter {
     if (check.tensors().size() != plan.size() || check.get<std::string>("general.architecture") != "llama" ||
         !check.find_value(converter_metadata_key))
       throw io_error(what + ": the header read back differs");
+    for (const gguf::metadata_entry& e : tokenizer_) {
+      const gguf::value* stored = check.find_value(e.key);
+      if (!stored || !(*stored == e.val)) throw io_error(what + ": tokenizer entry " + e.key + " differs");
+    }
     for (const gguf_record& record : gguf_records_) {
       const gguf_planned& p = plan[record.planned];
       const gguf::tensor_info& t = check.info(p.gguf_name);
@@ -902,6 +913,37 @@ class converter {
                            std::to_string(got) + " as the file is read, " + std::to_string(e) + " from the source");
         }
     }
+  }
+
+  /// The tokenizer.* entries of the GGUF file `source`, checked: a tokenizer model is named, and
+  /// the token list (when there is one) has as many tokens as the model's vocabulary.
+  std::vector<gguf::metadata_entry> tokenizer_entries(const fs::path& source, const gguf::llama_hparams& h) {
+    const gguf::reader file(source);
+    std::vector<gguf::metadata_entry> entries;
+    for (const gguf::metadata_entry& e : file.metadata())
+      if (e.key.starts_with("tokenizer.")) entries.push_back(e);
+    const auto model = file.get<std::string>("tokenizer.ggml.model");
+    if (!model)
+      throw io_error(source.string() + ": no tokenizer.ggml.model: not a GGUF tokenizer source; nothing was written");
+    std::size_t tokens = 0;
+    if (const gguf::value* list = file.find_value("tokenizer.ggml.tokens")) {
+      const auto* a = std::get_if<gguf::array>(&list->data);
+      if (!a || a->element_type() != gguf::value_type::string)
+        throw io_error(source.string() + ": tokenizer.ggml.tokens is not an array of strings; nothing was written");
+      tokens = a->size();
+      if (tokens != h.vocab_size)
+        throw io_error(source.string() + ": " + std::to_string(tokens) + " tokens, the model's vocab_size is " +
+                       std::to_string(h.vocab_size) + " (llama.cpp sizes token_embd by the token list): not this "
+                       "model's tokenizer; nothing was written");
+    } else if (*model != "none" && *model != "no_vocab") {
+      throw io_error(source.string() + ": tokenizer.ggml.model \"" + *model + "\" without tokenizer.ggml.tokens; "
+                     "nothing was written");
+    }
+    const auto pre = file.get<std::string>("tokenizer.ggml.pre");
+    report_.notes.push_back("tokenizer: " + std::to_string(entries.size()) + " tokenizer.* entries copied from " +
+                            source.string() + " (model \"" + *model + "\"" + (pre ? ", pre \"" + *pre + "\"" : "") +
+                            ", " + std::to_string(tokens) + " tokens)");
+    return entries;
   }
 
   /// An existing OUT file may be replaced when it is an earlier GGUF output of convert_model, or with force.
@@ -954,11 +996,18 @@ class converter {
 
     std::vector<gguf::metadata_entry> metadata = gguf::llama_metadata(h);
     metadata.push_back({std::string(converter_metadata_key), std::string("bitnet-convert")});
-    metadata.push_back({"tokenizer.ggml.model", std::string("none")});
-    report_.notes.push_back(
-        "tokenizer: not carried; the file declares tokenizer.ggml.model \"none\" (llama.cpp loads the model but "
-        "cannot tokenize text); the engine needs tokenizer.ggml.model, .pre, .tokens, .token_type, .merges and "
-        ".bos_token_id / .eos_token_id as llama.cpp's convert_hf_to_gguf.py writes them from tokenizer.json");
+    if (opt_.gguf_tokenizer_from) {
+      tokenizer_ = tokenizer_entries(*opt_.gguf_tokenizer_from, h);
+      metadata.insert(metadata.end(), tokenizer_.begin(), tokenizer_.end());
+    } else {
+      metadata.push_back({"tokenizer.ggml.model", std::string("none")});
+      report_.notes.push_back(
+          "tokenizer: not carried; the file declares tokenizer.ggml.model \"none\" (llama.cpp loads the model but "
+          "cannot tokenize text); the engine needs tokenizer.ggml.model, .pre, .tokens, .token_type, .merges and "
+          ".bos_token_id / .eos_token_id as llama.cpp's convert_hf_to_gguf.py writes them from tokenizer.json: "
+          "write them with `convert_hf_to_gguf.py --vocab-only` and pass that file as the tokenizer source "
+          "(--gguf-tokenizer-from / convert_options::gguf_tokenizer_from)");
+    }
     std::vector<gguf::tensor_spec> specs;
     for (const gguf_planned& p : plan)
       specs.push_back({p.gguf_name, p.type,
@@ -1153,6 +1202,7 @@ class converter {
   std::map<std::string, std::uint64_t> copies_;  // tensor name -> fingerprint of its bytes
   std::map<std::string, float> scales_;          // converted module -> the s its stored scale stands for
   std::vector<gguf_record> gguf_records_;
+  std::vector<gguf::metadata_entry> tokenizer_;  // GGUF: copied from convert_options::gguf_tokenizer_from
 };
 
 }  // namespace detail
