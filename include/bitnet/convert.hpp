@@ -76,7 +76,6 @@ enum class output_format { hf_packed, gguf };
 
 /// What convert_model does. The defaults are bitnet-convert's.
 struct convert_options {
-  output_format format = output_format::hf_packed;
   /// A 2-D F32/F16/BF16 tensor named "*.weight" is converted unless its name contains one of these
   /// (substrings, as transformers matches modules_to_not_convert).
   std::vector<std::string> exclude{"embed", "norm", "lm_head"};
@@ -86,6 +85,12 @@ struct convert_options {
   hf::scale_convention scale_convention = hf::default_scale_convention;
   /// The element type of weight_scale: F32 (exact), BF16 or F16 (rounded; the report says by how much).
   safetensors::dtype scale_dtype = safetensors::dtype::F32;
+  /// Replace an existing OUT that is not an earlier output of this converter.
+  bool force = false;
+  /// Asked between tensors and files; true stops the conversion (io_error, nothing left behind).
+  std::function<bool()> cancelled{};
+  /// What to write: the packed safetensors form (default) or one GGUF file (the gguf_* fields).
+  output_format format = output_format::hf_packed;
   /// GGUF: the type of the ternary layers: TQ2_0 or TQ1_0 (mainline llama.cpp), I2_S (ik_llama.cpp,
   /// bitnet.cpp). Their block scale d = 1 / s is fp16 (TQ types) or float32 (I2_S).
   gguf::tensor_type gguf_ternary_type = gguf::tensor_type::TQ2_0;
@@ -100,10 +105,6 @@ struct convert_options {
   /// derive tokenizer metadata from tokenizer.json itself, because llama.cpp's converter names the
   /// pre-tokenizer by running the Hugging Face tokenizer, which a C++ library cannot do exactly.
   std::optional<std::filesystem::path> gguf_tokenizer_from{};
-  /// Replace an existing OUT that is not an earlier output of this converter.
-  bool force = false;
-  /// Asked between tensors and files; true stops the conversion (io_error, nothing left behind).
-  std::function<bool()> cancelled{};
 };
 
 /// One converted layer, as the report and the progress callback show it.
