@@ -224,10 +224,12 @@ TEST_CASE("convert to GGUF: each layer read back computes what the packed safete
   const hf::checkpoint packed(dir / "packed");
   const gguf::reader file(dir / "m.gguf");
   std::mt19937 rng(5);
-  for (const auto& [module, gguf_name] : std::vector<std::pair<std::string, std::string>>{
+  for (const auto& names : std::vector<std::pair<std::string, std::string>>{
            {"model.layers.0.self_attn.v_proj", "blk.0.attn_v.weight"},
            {"model.layers.0.mlp.down_proj", "blk.0.ffn_down.weight"},
            {"model.layers.0.self_attn.q_proj", "blk.0.attn_q.weight"}}) {
+    const std::string& module = names.first;
+    const std::string& gguf_name = names.second;  // (Clang 14 cannot capture a structured binding)
     CAPTURE(gguf_name);
     const bitnet::BitLinear<float> from_packed =
         hf::to_bit_linear(hf::read_packed_layer<float>(packed, module));
