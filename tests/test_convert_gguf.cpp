@@ -345,6 +345,9 @@ TEST_CASE("convert to GGUF: refusals name the reason and leave the file system e
   bad = gguf_options();
   bad.gguf_float_type = gguf::tensor_type::Q8_0;
   refused(dir / "llama", dir / "m.gguf", "is not F32, F16 or BF16", bad);
+  bad = {};
+  bad.gguf_tokenizer_from = dir / "vocab.gguf";
+  refused(dir / "llama", dir / "packed", "apply to GGUF output (format gguf) only", bad);
 }
 
 namespace {

@@ -1226,6 +1226,8 @@ inline convert_report convert_model(const std::filesystem::path& input, const st
                       std::string(safetensors::dtype_name(options.scale_dtype)));
   for (const std::string& rule : options.exclude)
     if (rule.empty()) throw value_error("convert_model: an empty exclude rule would exclude every layer");
+  if (options.format != output_format::gguf && (options.gguf_float_type || options.gguf_tokenizer_from))
+    throw value_error("convert_model: gguf_float_type / gguf_tokenizer_from apply to GGUF output (format gguf) only");
   if (options.format == output_format::gguf) {
     if (options.mode != hf::quantization_mode::offline)
       throw value_error("convert_model: GGUF output stores ternary weights: online mode does not apply");
