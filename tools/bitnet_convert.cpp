@@ -1,10 +1,14 @@
 // bitnet-convert: turns the linear layers of a safetensors checkpoint (a file or a Hugging Face
-// model folder) into the Hugging Face BitNet packed form (quant_method "bitnet"). A front end over
-// bitnet::convert_model (bitnet/convert.hpp), which holds the conversion, its guards and its checks.
+// model folder) into the Hugging Face BitNet packed form (quant_method "bitnet"), or a Llama-
+// architecture folder into one GGUF file (--to gguf). A front end over bitnet::convert_model
+// (bitnet/convert.hpp), which holds the conversion, its guards and its checks.
 //
 //   bitnet-convert IN OUT [--exclude PATTERN ...] [--no-default-excludes] [--mode offline|online]
 //                  [--scale-convention bitlinear|autobitlinear] [--scale-dtype F32|BF16|F16] [--force]
+//   bitnet-convert IN OUT.gguf --to gguf [--gguf-type TQ2_0|TQ1_0|I2_S] [--gguf-float-type F32|F16|BF16]
+//                  [--gguf-tokenizer-from VOCAB.gguf] [--exclude PATTERN ...] [--no-default-excludes] [--force]
 //   bitnet-convert --generate OUT [--layers N] [--divide D] [--shards N] [--nan TENSOR] [--tied] [--qkv-bias]
+//                  [--llama]
 //   bitnet-convert                  (demo: generates a small BitNet-shaped checkpoint and converts it)
 #include <bitnet/convert.hpp>
 #include <bitnet/hf_model.hpp>
@@ -37,6 +41,7 @@ namespace {
 namespace fs = std::filesystem;
 namespace st = bitnet::safetensors;
 namespace hf = bitnet::hf;
+namespace gguf = bitnet::gguf;
 using bitnet::Index;
 using bitnet::Matrix;
 
@@ -69,9 +74,13 @@ class progress_printer {
     if (bar_) std::printf("\r\033[K");
     if (p.layer) {
       const bitnet::converted_layer& l = *p.layer;
-      std::printf("%-48s %6lldx%-6lld %12.6g %6.1f%% %9.4f%s\n", l.name.c_str(), (long long)l.out_features,
-                  (long long)l.in_features, l.weight_scale, 100.0 * l.zero_fraction, l.relative_error,
-                  l.has_bias ? "  bias" : "");
+      if (!l.gguf_name.empty())  // GGUF: the block scale d = 1 / s as stored, and what its storage rounded
+        std::printf("%-32s %6lldx%-6lld %12.6g %+10.2e %6.1f%% %9.4f\n", l.gguf_name.c_str(), (long long)l.out_features,
+                    (long long)l.in_features, l.weight_scale, l.scale_rounding, 100.0 * l.zero_fraction, l.relative_error);
+      else
+        std::printf("%-48s %6lldx%-6lld %12.6g %6.1f%% %9.4f%s\n", l.name.c_str(), (long long)l.out_features,
+                    (long long)l.in_features, l.weight_scale, 100.0 * l.zero_fraction, l.relative_error,
+                    l.has_bias ? "  bias" : "");
     }
     if (bar_) {
       const double fraction = p.bytes_total ? double(p.bytes_done) / double(p.bytes_total) : 1.0;
@@ -98,10 +107,19 @@ struct options {
 
 /// Runs the conversion with the report printed as it goes; Ctrl-C / SIGTERM cancel it cleanly.
 bitnet::convert_report convert(const options& opt) {
-  std::printf("%s -> %s  (mode %s, scale convention %s)\n", opt.input.string().c_str(), opt.output.string().c_str(),
-              std::string(hf::mode_name(opt.convert.mode)).c_str(),
-              std::string(hf::convention_name(opt.convert.scale_convention)).c_str());
-  if (opt.convert.mode == hf::quantization_mode::offline)
+  const bool to_gguf = opt.convert.format == bitnet::output_format::gguf;
+  if (to_gguf) {
+    std::printf("%s -> %s  (GGUF arch llama, ternary %s, floats %s)\n", opt.input.string().c_str(),
+                opt.output.string().c_str(), std::string(gguf::tensor_type_name(opt.convert.gguf_ternary_type)).c_str(),
+                opt.convert.gguf_float_type ? std::string(gguf::tensor_type_name(*opt.convert.gguf_float_type)).c_str()
+                                            : "in their own type");
+    std::printf("%-32s %13s %12s %10s %7s %9s\n", "tensor", "shape", "d (stored)", "rounding", "zeros", "rel.err");
+  } else {
+    std::printf("%s -> %s  (mode %s, scale convention %s)\n", opt.input.string().c_str(), opt.output.string().c_str(),
+                std::string(hf::mode_name(opt.convert.mode)).c_str(),
+                std::string(hf::convention_name(opt.convert.scale_convention)).c_str());
+  }
+  if (!to_gguf && opt.convert.mode == hf::quantization_mode::offline)
     std::printf("%-48s %13s %12s %7s %9s\n", "layer", "shape", "weight_scale", "zeros", "rel.err");
   bitnet::convert_options convert_options = opt.convert;
   convert_options.cancelled = [] { return stop_signal != 0; };
@@ -128,6 +146,16 @@ bitnet::convert_report convert(const options& opt) {
     std::printf("--exclude \"%s\" kept %zu layer(s) dense", rule.c_str(), matched.size());
     for (std::size_t i = 0; i < matched.size() && i < 6; ++i) std::printf("%s %s", i ? "," : ":", matched[i].c_str());
     std::printf("%s\n", matched.size() > 6 ? ", ..." : "");
+  }
+  if (to_gguf) {
+    double worst = 0;
+    for (const bitnet::converted_layer& l : report.layers) worst = std::max(worst, std::fabs(l.scale_rounding));
+    std::printf("converted %zu layers to %s, wrote %zu float tensors: %s -> %s in %.2f s; largest scale rounding "
+                "%.2e; output verified\n",
+                report.layers.size(), std::string(gguf::tensor_type_name(opt.convert.gguf_ternary_type)).c_str(),
+                report.copied_tensors.size(), human_bytes(double(report.bytes_in)).c_str(),
+                human_bytes(double(report.bytes_out)).c_str(), report.seconds, worst);
+    return report;
   }
   std::printf("converted %zu layers, copied %zu tensors%s: %s -> %s in %.2f s (%s/s); output verified\n",
               report.layers.size(), report.copied_tensors.size(),
@@ -185,11 +213,15 @@ void reload_as_bit_linear(const options& opt) {
 /// Qwen2). Tensors are generated and written one row at a time.
 struct model_shape {
   bool tied = false, qkv_bias = false;
+  bool llama = false;  // LlamaForCausalLM: no sub-norms, SiLU, kv rows = kv heads x head size
 };
 void generate(const fs::path& path, int layers, int divide, int shards, const std::string& nan_tensor = {},
               model_shape shape = {}) {
   const auto dim = [&](std::uint64_t full) { return std::max<std::uint64_t>(1, full / std::uint64_t(divide)); };
-  const std::uint64_t hidden = dim(2560), intermediate = dim(6912), kv = dim(640), vocab = dim(128256);
+  const std::uint64_t hidden = dim(2560), intermediate = dim(6912), vocab = dim(128256);
+  const std::uint64_t heads = std::max<std::uint64_t>(1, 20 / std::uint64_t(divide)),
+                      kv_heads = std::max<std::uint64_t>(1, 5 / std::uint64_t(divide));
+  const std::uint64_t kv = shape.llama ? kv_heads * (hidden / heads) : dim(640);
   std::vector<st::tensor_spec> specs{{"model.embed_tokens.weight", st::dtype::BF16, {vocab, hidden}}};
   for (int l = 0; l < layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
@@ -209,7 +241,8 @@ void generate(const fs::path& path, int layers, int divide, int shards, const st
         {"mlp.ffn_sub_norm.weight", {intermediate}},
         {"mlp.down_proj.weight", {hidden, intermediate}}};
     for (const auto& [name, dims] : shapes)
-      if (shape.qkv_bias || !name.ends_with(".bias")) specs.push_back({p + name, st::dtype::BF16, dims});
+      if ((shape.qkv_bias || !name.ends_with(".bias")) && !(shape.llama && name.find("sub_norm") != std::string::npos))
+        specs.push_back({p + name, st::dtype::BF16, dims});
   }
   specs.push_back({"model.norm.weight", st::dtype::BF16, {hidden}});
   if (!shape.tied) specs.push_back({"lm_head.weight", st::dtype::BF16, {vocab, hidden}});
@@ -259,13 +292,13 @@ void generate(const fs::path& path, int layers, int divide, int shards, const st
     nlohmann::ordered_json index{{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
     write_text(path / hf::index_file_name, index.dump(2) + "\n");
   }
-  const nlohmann::ordered_json config{{"architectures", {"BitNetForCausalLM"}},
-                                      {"model_type", "bitnet"},
-                                      {"hidden_act", "relu2"},
+  const nlohmann::ordered_json config{{"architectures", {shape.llama ? "LlamaForCausalLM" : "BitNetForCausalLM"}},
+                                      {"model_type", shape.llama ? "llama" : "bitnet"},
+                                      {"hidden_act", shape.llama ? "silu" : "relu2"},
                                       {"hidden_size", hidden},
                                       {"intermediate_size", intermediate},
-                                      {"num_attention_heads", std::max<std::uint64_t>(1, 20 / std::uint64_t(divide))},
-                                      {"num_key_value_heads", std::max<std::uint64_t>(1, 5 / std::uint64_t(divide))},
+                                      {"num_attention_heads", heads},
+                                      {"num_key_value_heads", kv_heads},
                                       {"num_hidden_layers", layers},
                                       {"vocab_size", vocab},
                                       {"max_position_embeddings", 4096},
@@ -286,8 +319,16 @@ int usage() {
                "         IN, OUT: .safetensors files, or model folders (config.json, model.safetensors or shards\n"
                "         with model.safetensors.index.json, tokenizer files). An existing OUT is replaced only\n"
                "         when it is an earlier bitnet-convert output, or with --force.\n"
+               "       bitnet-convert IN OUT.gguf --to gguf [--gguf-type TQ2_0|TQ1_0|I2_S] [--gguf-float-type F32|F16|BF16]\n"
+               "                      [--gguf-tokenizer-from VOCAB.gguf] [--exclude PATTERN ...] [--no-default-excludes]\n"
+               "                      [--force]\n"
+               "         IN: a Llama-architecture model folder (config.json); OUT: one GGUF file (arch llama).\n"
+               "         TQ2_0 / TQ1_0 (default TQ2_0) are read by mainline llama.cpp, I2_S by ik_llama.cpp and\n"
+               "         bitnet.cpp; other tensors keep their own float type unless --gguf-float-type is given.\n"
+               "         The tokenizer.* entries are copied from VOCAB.gguf (convert_hf_to_gguf.py --vocab-only);\n"
+               "         without it the file has no tokenizer (tokenizer.ggml.model \"none\").\n"
                "       bitnet-convert --generate OUT [--layers N] [--divide D] [--shards N] [--nan TENSOR] [--tied]\n"
-               "                      [--qkv-bias]\n"
+               "                      [--qkv-bias] [--llama]\n"
                "       bitnet-convert          (demo on a generated small BitNet-shaped checkpoint)\n");
   return 2;
 }
@@ -322,6 +363,7 @@ int run(int argc, char** argv) {
     model_shape shape;
     for (std::size_t i = 2; i < args.size(); ++i) {
       if (args[i] == "--tied") shape.tied = true;
+      else if (args[i] == "--llama") shape.llama = true;
       else if (args[i] == "--qkv-bias") shape.qkv_bias = true;
       else if (i + 1 >= args.size()) return usage();
       else if (args[i] == "--layers") layers = std::stoi(std::string(args[++i]));
@@ -336,7 +378,7 @@ int run(int argc, char** argv) {
     return 0;
   }
   options opt;
-  bool default_excludes = true, convention_given = false;
+  bool default_excludes = true, convention_given = false, gguf_option_given = false;
   std::vector<std::string> excludes;
   std::vector<std::string_view> positional;
   for (std::size_t i = 0; i < args.size(); ++i) {
@@ -359,6 +401,28 @@ int run(int argc, char** argv) {
       const auto type = st::parse_dtype(args[++i]);
       if (!type || (*type != st::dtype::F32 && *type != st::dtype::BF16 && *type != st::dtype::F16)) return usage();
       opt.convert.scale_dtype = *type;
+    } else if (a == "--to" && has_value) {
+      const std::string_view v = args[++i];
+      if (v == "gguf") opt.convert.format = bitnet::output_format::gguf;
+      else if (v == "safetensors") opt.convert.format = bitnet::output_format::hf_packed;
+      else return usage();
+    } else if (a == "--gguf-type" && has_value) {
+      gguf_option_given = true;
+      const std::string_view v = args[++i];
+      if (v == "TQ2_0") opt.convert.gguf_ternary_type = gguf::tensor_type::TQ2_0;
+      else if (v == "TQ1_0") opt.convert.gguf_ternary_type = gguf::tensor_type::TQ1_0;
+      else if (v == "I2_S") opt.convert.gguf_ternary_type = gguf::tensor_type::I2_S;
+      else return usage();
+    } else if (a == "--gguf-float-type" && has_value) {
+      gguf_option_given = true;
+      const std::string_view v = args[++i];
+      if (v == "F32") opt.convert.gguf_float_type = gguf::tensor_type::F32;
+      else if (v == "F16") opt.convert.gguf_float_type = gguf::tensor_type::F16;
+      else if (v == "BF16") opt.convert.gguf_float_type = gguf::tensor_type::BF16;
+      else return usage();
+    } else if (a == "--gguf-tokenizer-from" && has_value) {
+      gguf_option_given = true;
+      opt.convert.gguf_tokenizer_from = fs::path(args[++i]);
     } else if (a == "--force") {
       opt.convert.force = true;
     } else if (a.starts_with("--")) {
@@ -371,6 +435,10 @@ int run(int argc, char** argv) {
   if (opt.convert.mode == hf::quantization_mode::online && convention_given &&
       opt.convert.scale_convention != hf::scale_convention::autobitlinear) {
     std::fprintf(stderr, "bitnet-convert: --mode online is transformers' AutoBitLinear: it needs --scale-convention autobitlinear\n");
+    return 2;
+  }
+  if (gguf_option_given && opt.convert.format != bitnet::output_format::gguf) {
+    std::fprintf(stderr, "bitnet-convert: --gguf-type / --gguf-float-type / --gguf-tokenizer-from need --to gguf\n");
     return 2;
   }
   if (!default_excludes) opt.convert.exclude.clear();

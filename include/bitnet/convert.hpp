@@ -1,8 +1,13 @@
 // bitnet/convert.hpp - converts a safetensors checkpoint (one file, or a Hugging Face model folder)
-// into the Hugging Face BitNet packed form, in-process: what the bitnet-convert tool runs.
+// into the Hugging Face BitNet packed form, or a Llama-architecture folder into one GGUF file for
+// llama.cpp-family engines, in-process: what the bitnet-convert tool runs.
 //
 //   bitnet::convert_report report = bitnet::convert_model("Llama-3.2-1B", "Llama-3.2-1B-bitnet");
 //   std::cout << report.layers.size() << " layers converted\n";
+//
+//   bitnet::convert_options gguf;                  // arch "llama", ternary layers as TQ2_0
+//   gguf.format = bitnet::output_format::gguf;
+//   bitnet::convert_model("TinyLlama-1.1B", "tinyllama-tq2_0.gguf", gguf);
 //
 // The promises, for files and folders alike:
 //   - nothing is written outside OUT, except the staging folder beside it (".OUT.bitnet-convert-<pid>-<n>"),
@@ -13,7 +18,9 @@
 //   - linked input files (a Hugging Face hub cache snapshot links every file into ../../blobs) are
 //     read through their links and written into OUT as regular files;
 //   - the output is reopened and verified before it is committed: codes, scales and copied bytes,
-//     and each converted layer's outputs (bias included) against the source layer.
+//     and each converted layer's outputs (bias included) against the source layer (GGUF: with
+//     bitnet's GGUF reader; every block scale, every float tensor, each layer's outputs within the
+//     rounding of its fp16 / float32 scale, which the report gives per layer).
 // Needs nlohmann/json (CMake target bitnet::safetensors).
 #pragma once
 
@@ -44,6 +51,7 @@
 #include "bit_linear.hpp"
 #include "detail/float_formats.hpp"
 #include "errors.hpp"
+#include "gguf.hpp"
 #include "hf.hpp"
 #include "hf_model.hpp"
 #include "hf_safetensors.hpp"
@@ -62,6 +70,10 @@
 
 namespace bitnet {
 
+/// What convert_model writes: the Hugging Face BitNet packed form (safetensors, a file for a file and
+/// a folder for a folder), or one GGUF file for llama.cpp-family engines (from a model folder).
+enum class output_format { hf_packed, gguf };
+
 /// What convert_model does. The defaults are bitnet-convert's.
 struct convert_options {
   /// A 2-D F32/F16/BF16 tensor named "*.weight" is converted unless its name contains one of these
@@ -77,6 +89,22 @@ struct convert_options {
   bool force = false;
   /// Asked between tensors and files; true stops the conversion (io_error, nothing left behind).
   std::function<bool()> cancelled{};
+  /// What to write: the packed safetensors form (default) or one GGUF file (the gguf_* fields).
+  output_format format = output_format::hf_packed;
+  /// GGUF: the type of the ternary layers: TQ2_0 or TQ1_0 (mainline llama.cpp), I2_S (ik_llama.cpp,
+  /// bitnet.cpp). Their block scale d = 1 / s is fp16 (TQ types) or float32 (I2_S).
+  gguf::tensor_type gguf_ternary_type = gguf::tensor_type::TQ2_0;
+  /// GGUF: the type of the 2-D tensors kept dense (embedding, an excluded lm_head or projection):
+  /// F32, F16 or BF16 (rounded to nearest even); none keeps each tensor's own type (exact). Norms are
+  /// always F32, as the engines' converters write them.
+  std::optional<gguf::tensor_type> gguf_float_type{};
+  /// GGUF: a GGUF file whose tokenizer.* entries are copied verbatim (a vocabulary file of the same
+  /// model, as `convert_hf_to_gguf.py --vocab-only` writes it, or any GGUF of the same base model);
+  /// its token count must equal the model's vocab_size. Without it the tokenizer is not carried
+  /// (tokenizer.ggml.model "none", and a note says what the engine then needs): bitnet does not
+  /// derive tokenizer metadata from tokenizer.json itself, because llama.cpp's converter names the
+  /// pre-tokenizer by running the Hugging Face tokenizer, which a C++ library cannot do exactly.
+  std::optional<std::filesystem::path> gguf_tokenizer_from{};
 };
 
 /// One converted layer, as the report and the progress callback show it.
@@ -84,11 +112,12 @@ struct converted_layer {
   std::string name;  // the module path, "model.layers.0.mlp.down_proj"
   std::string file;  // the output file that holds it
   Index out_features = 0, in_features = 0;
-  double weight_scale = 0;      // as stored, in the output's convention and scale_dtype
-  double scale_rounding = 0;    // relative change of the scale by scale_dtype (0 for F32)
+  double weight_scale = 0;      // as stored, in the output's convention and scale_dtype (GGUF: d = 1 / s)
+  double scale_rounding = 0;    // relative change of the scale by scale_dtype (GGUF: of d by fp16 / float32)
   double zero_fraction = 0;     // of the ternary codes
   double relative_error = 0;    // ||W - q / s|| / ||W||
   bool has_bias = false;        // stored as the convention defines it (hf.hpp)
+  std::string gguf_name{};      // GGUF: the tensor in the file, "blk.0.ffn_down.weight" (else empty)
 };
 
 /// What convert_model did.
@@ -298,6 +327,11 @@ class converter {
 
   convert_report run() {
     const auto start = std::chrono::steady_clock::now();
+    if (opt_.format == output_format::gguf) {
+      convert_to_gguf();
+      report_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      return std::move(report_);
+    }
     const fs::path& in_path = report_.input;
     const fs::path& out_path = report_.output;
     std::error_code ec;
@@ -598,8 +632,419 @@ class converter {
         throw io_error(output.string() + ": verification failed for tensor " + name);
   }
 
-  /// Removes folders a killed run left beside OUT (".OUT.bitnet-convert-<pid>-<n>" of a process
-  /// that no longer runs).
+  // -------------------------------------------------------------------------------------------
+  // GGUF output: one file, arch "llama" (llama.cpp's loader; convert_hf_to_gguf.py LlamaModel)
+
+  /// One tensor of the GGUF file, decided from the headers before anything is written.
+  struct gguf_planned {
+    const st::tensor_info* source = nullptr;
+    std::string gguf_name;
+    Index rows = 0, cols = 0;  // as the arch needs it (a norm: 1 x n)
+    bool norm = false, ternary = false;
+    Index rope_heads = 0;      // q / k: rows permuted within each of these heads (llama's rope); else 0
+    gguf::tensor_type type = gguf::tensor_type::F32;
+  };
+
+  /// What the verification compares the file with.
+  struct gguf_record {
+    std::size_t planned = 0;
+    std::uint64_t fingerprint = 0;  // ternary: the codes as written (rows permuted); float: the values as stored
+    float d = 0;                    // ternary: the block scale every block must hold
+    double requested_d = 0;         // ternary: 1 / s in double
+    probe_record probe;             // ternary: the source layer's outputs (rows in source order)
+  };
+
+  /// A positive count from config.json, or `fallback` (LlamaConfig's default) when it is absent.
+  static std::uint32_t config_count(const ordered_json& config, const fs::path& file, const char* key,
+                                    std::optional<std::uint32_t> fallback = std::nullopt) {
+    const auto it = config.find(key);
+    if (it == config.end() || it->is_null()) {
+      if (fallback) return *fallback;
+      throw io_error(file.string() + ": \"" + key + "\" is missing (GGUF arch llama needs it); nothing was written");
+    }
+    if (!it->is_number_integer() || it->get<std::int64_t>() <= 0 ||
+        it->get<std::int64_t>() > std::int64_t(std::numeric_limits<std::uint32_t>::max()))
+      throw io_error(file.string() + ": \"" + key + "\" must be a positive integer below 2^32, got " + it->dump());
+    return std::uint32_t(it->get<std::int64_t>());
+  }
+
+  static float config_real(const ordered_json& config, const fs::path& file, const char* key, float fallback) {
+    const auto it = config.find(key);
+    if (it == config.end() || it->is_null()) return fallback;
+    if (!it->is_number() || !std::isfinite(it->get<double>()) || !(it->get<double>() > 0))
+      throw io_error(file.string() + ": \"" + key + "\" must be a finite number > 0, got " + it->dump());
+    return float(it->get<double>());
+  }
+
+  /// The hyperparameters of a Llama-architecture config.json; refuses what arch "llama" as written
+  /// here cannot represent (the BitNet architecture, rope scaling, biases, another activation or head size).
+  gguf::llama_hparams llama_hparams_of(const fs::path& file) {
+    const ordered_json config = read_json(file);
+    if (!config.is_object()) throw io_error(file.string() + ": not a JSON object");
+    std::vector<std::string> architectures;
+    if (const auto it = config.find("architectures"); it != config.end() && it->is_array())
+      for (const auto& a : *it)
+        if (a.is_string()) architectures.push_back(a.get<std::string>());
+    const auto text = [&](const char* key) {
+      const auto it = config.find(key);
+      return it != config.end() && it->is_string() ? it->get<std::string>() : std::string();
+    };
+    const std::string model_type = text("model_type");
+    const auto has = [&](const char* name) {
+      return std::find(architectures.begin(), architectures.end(), name) != architectures.end();
+    };
+    if (has("BitNetForCausalLM") || model_type == "bitnet")
+      throw io_error(file.string() + ": a BitNet-architecture model (BitNetForCausalLM: attn_sub_norm / ffn_sub_norm, "
+                     "relu2): the engines name its GGUF arch differently (mainline llama.cpp \"bitnet\", ik_llama.cpp "
+                     "\"bitnet-b1.58\" / \"bitnet-25\") and bitnet-convert does not write it yet; convert it to the "
+                     "packed safetensors form, or with the target engine's own convert_hf_to_gguf.py; nothing was written");
+    if (!has("LlamaForCausalLM") && !(architectures.empty() && model_type == "llama"))
+      throw io_error(file.string() + ": GGUF output supports Llama-architecture folders (\"architectures\": "
+                     "[\"LlamaForCausalLM\"]); this one declares " +
+                     (architectures.empty() ? "model_type \"" + model_type + "\"" : "\"" + architectures.front() + "\"") +
+                     "; nothing was written");
+    if (const auto it = config.find("rope_scaling"); it != config.end() && !it->is_null())
+      throw io_error(file.string() + ": \"rope_scaling\" " + it->dump() + ": llama.cpp needs rope-scaling keys (and "
+                     "for Llama 3.x a rope_freqs tensor) that bitnet-convert does not write; nothing was written");
+    for (const char* key : {"attention_bias", "mlp_bias"})
+      if (const auto it = config.find(key); it != config.end() && it->is_boolean() && it->get<bool>())
+        throw io_error(file.string() + ": \"" + key + "\": true: GGUF arch llama as written here has no biases; "
+                       "nothing was written");
+    if (const std::string act = text("hidden_act"); !act.empty() && act != "silu")
+      throw io_error(file.string() + ": \"hidden_act\" \"" + act + "\": arch llama computes SiLU; nothing was written");
+    gguf::llama_hparams h;
+    h.embedding_length = config_count(config, file, "hidden_size");
+    h.block_count = config_count(config, file, "num_hidden_layers");
+    h.feed_forward_length = config_count(config, file, "intermediate_size");
+    h.head_count = config_count(config, file, "num_attention_heads");
+    h.head_count_kv = config_count(config, file, "num_key_value_heads", h.head_count);
+    h.vocab_size = config_count(config, file, "vocab_size");
+    h.context_length = config_count(config, file, "max_position_embeddings", 2048u);
+    h.rms_norm_eps = config_real(config, file, "rms_norm_eps", 1e-6f);
+    h.rope_freq_base = config_real(config, file, "rope_theta", 10000.0f);
+    h.name = report_.input.filename().string();
+    if (const auto it = config.find("head_dim"); it != config.end() && !it->is_null() &&
+                                                 h.embedding_length % h.head_count == 0 &&
+                                                 !(it->is_number_integer() && it->get<std::int64_t>() == h.head_dim()))
+      throw io_error(file.string() + ": \"head_dim\" " + it->dump() + " is not hidden_size / num_attention_heads (" +
+                     std::to_string(h.head_dim()) + "): arch llama as written here cannot say so; nothing was written");
+    try {
+      (void)gguf::llama_metadata(h);  // its checks (divisibility, even head size), named after the file
+    } catch (const value_error& e) {
+      throw io_error(file.string() + ": " + e.what());
+    }
+    return h;
+  }
+
+  /// Every tensor of the GGUF file, from the headers alone: names, shapes, types, which are ternary.
+  std::vector<gguf_planned> plan_gguf(const hf::checkpoint& in, const gguf::llama_hparams& h) {
+    if (const auto& declared = in.quantization();
+        declared && !(declared->quant_method == "bitnet" && declared->mode == hf::quantization_mode::online))
+      throw io_error(in.quantization_source() + " declares a quantization_config (quant_method \"" +
+                     declared->quant_method + "\"): the model is already quantized; convert the dense model instead");
+    std::map<std::string, const st::tensor_info*> by_gguf_name;
+    for (const st::tensor_info* t : in.tensors()) {
+      if (t->name.ends_with("rotary_emb.inv_freq")) {  // recomputed by every engine from rope_theta
+        report_.notes.push_back(t->name + " is not written (llama.cpp computes it from rope.freq_base)");
+        continue;
+      }
+      const std::optional<std::string> name = gguf::llama_tensor_name(t->name);
+      if (!name)
+        throw io_error(in.shard_of(t->name).source_name() + ": tensor \"" + t->name +
+                       "\" has no place in GGUF arch llama (llama.cpp would not read it" +
+                       (t->name.ends_with(".bias") ? ": arch llama has no biases" : "") + "); nothing was written");
+      by_gguf_name[*name] = t;
+    }
+    const auto hidden = Index(h.embedding_length), ff = Index(h.feed_forward_length), hd = Index(h.head_dim());
+    const auto q_rows = Index(h.head_count) * hd, kv_rows = Index(h.head_count_kv) * hd;
+    std::vector<gguf_planned> plan;
+    const auto add = [&](std::string name, Index rows, Index cols, bool norm, Index rope_heads) {
+      plan.push_back({nullptr, std::move(name), rows, cols, norm, false, rope_heads, gguf::tensor_type::F32});
+    };
+    add("token_embd.weight", Index(h.vocab_size), hidden, false, 0);
+    for (std::uint32_t b = 0; b < h.block_count; ++b) {
+      const std::string blk = "blk." + std::to_string(b) + ".";
+      add(blk + "attn_norm.weight", 1, hidden, true, 0);
+      add(blk + "attn_q.weight", q_rows, hidden, false, Index(h.head_count));
+      add(blk + "attn_k.weight", kv_rows, hidden, false, Index(h.head_count_kv));
+      add(blk + "attn_v.weight", kv_rows, hidden, false, 0);
+      add(blk + "attn_output.weight", hidden, q_rows, false, 0);
+      add(blk + "ffn_norm.weight", 1, hidden, true, 0);
+      add(blk + "ffn_gate.weight", ff, hidden, false, 0);
+      add(blk + "ffn_up.weight", ff, hidden, false, 0);
+      add(blk + "ffn_down.weight", hidden, ff, false, 0);
+    }
+    add("output_norm.weight", 1, hidden, true, 0);
+    if (by_gguf_name.contains("output.weight")) add("output.weight", Index(h.vocab_size), hidden, false, 0);
+    else report_.notes.push_back("no lm_head tensor: llama.cpp uses token_embd as the output (tied embeddings)");
+    for (const auto& entry : by_gguf_name)
+      if (std::none_of(plan.begin(), plan.end(), [&](const gguf_planned& p) { return p.gguf_name == entry.first; }))
+        throw io_error(in.shard_of(entry.second->name).source_name() + ": tensor \"" + entry.second->name +
+                       "\": its layer is beyond num_hidden_layers " + std::to_string(h.block_count) +
+                       "; nothing was written");
+
+    const gguf::tensor_type ternary_type = opt_.gguf_ternary_type;
+    for (gguf_planned& p : plan) {
+      const auto found = by_gguf_name.find(p.gguf_name);
+      if (found == by_gguf_name.end())
+        throw io_error(report_.input.string() + ": the model has no tensor for " + p.gguf_name +
+                       " (arch llama needs it); nothing was written");
+      const st::tensor_info& t = *found->second;
+      p.source = &t;
+      const std::string where = in.shard_of(t.name).source_name() + ": tensor \"" + t.name + "\"";
+      if (t.type != st::dtype::F32 && t.type != st::dtype::F16 && t.type != st::dtype::BF16)
+        throw io_error(where + " is " + std::string(st::dtype_name(t.type)) + ", not F32, F16 or BF16; nothing was written");
+      const bool fits = p.norm ? t.shape.size() == 1 && t.shape[0] == std::uint64_t(p.cols)
+                               : t.shape == std::vector<std::uint64_t>{std::uint64_t(p.rows), std::uint64_t(p.cols)};
+      if (!fits)
+        throw shape_error(where + " has shape " + safetensors::detail::shape_text(t.shape) + ", config.json says [" +
+                          (p.norm ? "" : std::to_string(p.rows) + ", ") + std::to_string(p.cols) + "]; nothing was written");
+      const bool linear = !p.norm && p.gguf_name != "token_embd.weight";
+      if (!linear && converts(t))
+        report_.notes.push_back(t.name + " is kept as floats (an embedding or norm is no linear layer)");
+      p.ternary = linear && converts(t);
+      if (p.ternary && std::uint64_t(p.cols) % gguf::row_multiple(ternary_type) != 0) {
+        p.ternary = false;  // what llama-quantize does for such rows: fall back to floats, and say so
+        report_.notes.push_back("warning: " + module_of(t.name) + ": in_features " + std::to_string(p.cols) +
+                                " is not a multiple of " + std::to_string(gguf::row_multiple(ternary_type)) + " (" +
+                                std::string(gguf::tensor_type_name(ternary_type)) + " blocks): kept as floats");
+      }
+      const gguf::tensor_type own = t.type == st::dtype::F32   ? gguf::tensor_type::F32
+                                    : t.type == st::dtype::F16 ? gguf::tensor_type::F16
+                                                               : gguf::tensor_type::BF16;
+      p.type = p.ternary ? ternary_type : p.norm ? gguf::tensor_type::F32 : opt_.gguf_float_type.value_or(own);
+    }
+    return plan;
+  }
+
+  /// Writes one planned tensor and records what the file must give back.
+  void write_gguf_tensor(const hf::checkpoint& in, std::size_t index, const gguf_planned& p, gguf::writer& out,
+                         const std::string& file) {
+    const std::string& name = p.source->name;
+    const st::reader& shard = in.shard_of(name);
+    gguf_record record;
+    record.planned = index;
+    fingerprint f;
+    if (p.ternary) {
+      const Matrix<float> w = in.read_matrix<float>(name);
+      require_finite(w, shard, name);
+      const auto q = quantize_weights(w);
+      const Matrix<std::int8_t> codes = p.rope_heads ? gguf::permute_rope_rows(q.values, p.rope_heads) : q.values;
+      const gguf::scale_rounding rounding = out.write_bit_linear(p.gguf_name, BitLinear<float>::from_ternary(codes, q.scale));
+      double error2 = 0, norm2 = 0;
+      Index zeros = 0;
+      for (Index i = 0; i < w.size(); ++i) {
+        const double v = w.data()[i], r = double(q.values.data()[i]) / double(q.scale);
+        error2 += (v - r) * (v - r);
+        norm2 += v * v;
+        zeros += q.values.data()[i] == 0;
+      }
+      f.add(std::as_bytes(std::span(codes.data(), std::size_t(codes.size()))));
+      record.d = float(rounding.stored);
+      record.requested_d = rounding.requested;
+      record.probe.seed = std::uint32_t(index + 1);
+      record.probe.expected = BitLinear<float>::from_ternary(q.values, q.scale).forward(probe_input(record.probe.seed, p.cols));
+      report_.layers.push_back({module_of(name), file, p.rows, p.cols, rounding.stored,
+                                rounding.stored / rounding.requested - 1, double(zeros) / double(w.size()),
+                                norm2 > 0 ? std::sqrt(error2 / norm2) : 0.0, false, p.gguf_name});
+    } else {
+      Matrix<float> m = p.norm ? Matrix<float>(in.read_vector<float>(name).transpose()) : in.read_matrix<float>(name);
+      require_finite(m, shard, name);
+      if (p.rope_heads) m = gguf::permute_rope_rows(m, p.rope_heads);
+      out.write_floats(p.gguf_name, m);
+      // The values the file must give back: each rounded to the stored type, as that type defines it.
+      const float_format format = p.type == gguf::tensor_type::F16 ? binary16 : p.type == gguf::tensor_type::BF16 ? bfloat16 : binary32;
+      for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(*round_to_format(m.data()[i], format));
+      f.add(std::as_bytes(std::span(m.data(), std::size_t(m.size()))));
+      report_.copied_tensors.push_back(name);
+    }
+    record.fingerprint = f.value;
+    gguf_records_.push_back(std::move(record));
+    tick(p.source->byte_size(), p.ternary ? &report_.layers.back() : nullptr);
+  }
+
+  /// Reopens the file with bitnet's GGUF reader (full validation) and checks every tensor: type and
+  /// sizes; ternary ones their codes, that every block holds the recorded d (within the format's
+  /// rounding of 1 / s), and that the layer as read computes the source layer's outputs within that
+  /// rounding; float ones their values, element for element.
+  void verify_gguf(const fs::path& file, const std::vector<gguf_planned>& plan) {
+    const gguf::reader check(file);
+    const std::string what = report_.output.string() + ": verification failed";
+    if (check.tensors().size() != plan.size() || check.get<std::string>("general.architecture") != "llama" ||
+        !check.find_value(converter_metadata_key))
+      throw io_error(what + ": the header read back differs");
+    for (const gguf::metadata_entry& e : tokenizer_) {
+      const gguf::value* stored = check.find_value(e.key);
+      if (!stored || !(*stored == e.val)) throw io_error(what + ": tokenizer entry " + e.key + " differs");
+    }
+    for (const gguf_record& record : gguf_records_) {
+      const gguf_planned& p = plan[record.planned];
+      const gguf::tensor_info& t = check.info(p.gguf_name);
+      const std::vector<std::uint64_t> ne = p.norm ? std::vector<std::uint64_t>{std::uint64_t(p.cols)}
+                                                   : std::vector<std::uint64_t>{std::uint64_t(p.cols), std::uint64_t(p.rows)};
+      if (t.type != p.type || t.ne != ne) throw io_error(what + " for tensor " + p.gguf_name + ": type or sizes differ");
+      fingerprint f;
+      if (!p.ternary) {
+        const Matrix<float> m = check.read_matrix<float>(p.gguf_name);
+        f.add(std::as_bytes(std::span(m.data(), std::size_t(m.size()))));
+        if (f.value != record.fingerprint) throw io_error(what + " for tensor " + p.gguf_name + ": values differ");
+        continue;
+      }
+      const gguf::ternary_tensor stored = check.read_ternary(p.gguf_name);
+      f.add(std::as_bytes(std::span(stored.codes.data(), std::size_t(stored.codes.size()))));
+      if (f.value != record.fingerprint) throw io_error(what + " for layer " + p.gguf_name + ": codes differ");
+      const double allowed = p.type == gguf::tensor_type::I2_S ? 0x1p-24 : 0x1p-11;  // half an ulp of float32 / fp16
+      if (!(std::fabs(double(record.d) / record.requested_d - 1) <= allowed * (1 + 1e-9)))
+        throw io_error(what + " for layer " + p.gguf_name + ": d differs from 1 / s by more than the format rounds");
+      for (std::size_t b = 0; b < stored.scales.size(); ++b)
+        if (stored.scales[b] != record.d)
+          throw io_error(what + " for layer " + p.gguf_name + ": block " + std::to_string(b) + " holds another scale");
+      const BitLinear<float> loaded = check.read_bit_linear<float>(p.gguf_name);
+      const Matrix<float> y = loaded.forward(probe_input(record.probe.seed, p.cols));
+      const Matrix<float>& expected = record.probe.expected;
+      const double rounding = std::fabs(double(record.d) / record.requested_d - 1);
+      const Index hd = p.rope_heads ? p.rows / p.rope_heads : 0;
+      for (Index r = 0; r < y.rows(); ++r)
+        for (Index c = 0; c < p.rows; ++c) {
+          // Source row c is file row (head, a, b) -> head * hd + 2b + a when permuted for rope.
+          const Index at = hd ? (c / hd) * hd + 2 * ((c % hd) % (hd / 2)) + (c % hd) / (hd / 2) : c;
+          const double e = expected(r, c), got = y(r, at);
+          if (!(std::fabs(got - e) <= (rounding + 8 * double(std::numeric_limits<float>::epsilon())) * std::fabs(e)))
+            throw io_error(what + " for layer " + p.gguf_name + ": output " + std::to_string(c) + " is " +
+                           std::to_string(got) + " as the file is read, " + std::to_string(e) + " from the source");
+        }
+    }
+  }
+
+  /// The tokenizer.* entries of the GGUF file `source`, checked: a tokenizer model is named, and
+  /// the token list (when there is one) has as many tokens as the model's vocabulary.
+  std::vector<gguf::metadata_entry> tokenizer_entries(const fs::path& source, const gguf::llama_hparams& h) {
+    const gguf::reader file(source);
+    std::vector<gguf::metadata_entry> entries;
+    for (const gguf::metadata_entry& e : file.metadata())
+      if (e.key.starts_with("tokenizer.")) entries.push_back(e);
+    const auto model = file.get<std::string>("tokenizer.ggml.model");
+    if (!model)
+      throw io_error(source.string() + ": no tokenizer.ggml.model: not a GGUF tokenizer source; nothing was written");
+    std::size_t tokens = 0;
+    if (const gguf::value* list = file.find_value("tokenizer.ggml.tokens")) {
+      const auto* a = std::get_if<gguf::array>(&list->data);
+      if (!a || a->element_type() != gguf::value_type::string)
+        throw io_error(source.string() + ": tokenizer.ggml.tokens is not an array of strings; nothing was written");
+      tokens = a->size();
+      if (tokens != h.vocab_size)
+        throw io_error(source.string() + ": " + std::to_string(tokens) + " tokens, the model's vocab_size is " +
+                       std::to_string(h.vocab_size) + " (llama.cpp sizes token_embd by the token list): not this "
+                       "model's tokenizer; nothing was written");
+    } else if (*model != "none" && *model != "no_vocab") {
+      throw io_error(source.string() + ": tokenizer.ggml.model \"" + *model + "\" without tokenizer.ggml.tokens; "
+                     "nothing was written");
+    }
+    const auto pre = file.get<std::string>("tokenizer.ggml.pre");
+    report_.notes.push_back("tokenizer: " + std::to_string(entries.size()) + " tokenizer.* entries copied from " +
+                            source.string() + " (model \"" + *model + "\"" + (pre ? ", pre \"" + *pre + "\"" : "") +
+                            ", " + std::to_string(tokens) + " tokens)");
+    return entries;
+  }
+
+  /// An existing OUT file may be replaced when it is an earlier GGUF output of convert_model, or with force.
+  static void refuse_foreign_gguf(const fs::path& out, bool force) {
+    std::error_code ec;
+    if (!fs::exists(out, ec)) return;
+    if (fs::is_directory(out, ec)) throw io_error(out.string() + " is a folder; GGUF output is one file");
+    if (force) return;
+    bool ours = false;
+    try {
+      ours = gguf::reader(out).find_value(converter_metadata_key) != nullptr;
+    } catch (const error&) {
+      ours = false;
+    }
+    if (!ours)
+      throw io_error(out.string() + " exists and is not an earlier bitnet-convert output: refusing to replace it "
+                     "(choose another OUT, remove it, or pass --force / convert_options::force)");
+  }
+
+  /// A model folder (config.json) -> one GGUF file at OUT: staged beside OUT, verified, renamed into place.
+  void convert_to_gguf() {
+    const fs::path& in_path = report_.input;
+    const fs::path& out_path = report_.output;
+    std::error_code ec;
+    if (!fs::exists(in_path, ec)) throw io_error(in_path.string() + ": no such file or folder");
+    report_.folder = fs::is_directory(in_path, ec);
+    if (!report_.folder)
+      throw io_error(in_path.string() + ": GGUF output needs the model's hyperparameters: give the model folder "
+                     "(config.json and the safetensors files), not a single file");
+    if (fs::is_directory(out_path, ec)) throw io_error(out_path.string() + " is a folder; GGUF output is one file");
+    if (is_inside(fs::weakly_canonical(out_path), fs::weakly_canonical(in_path)))
+      throw io_error(out_path.string() + " is inside the input folder " + in_path.string() +
+                     ": refusing to write into the source; choose OUT outside it");
+    if (!fs::is_directory(out_path.parent_path(), ec))
+      throw io_error(out_path.parent_path().string() + ": no such folder for " + out_path.filename().string());
+    refuse_foreign_gguf(out_path, opt_.force);
+    const hf::checkpoint in(in_path);
+    for (const std::string& note : in.notes()) report_.notes.push_back(note);
+    if (!in.config_path())
+      throw io_error(in_path.string() + " has no config.json: GGUF output needs the model's hyperparameters");
+    const gguf::llama_hparams h = llama_hparams_of(*in.config_path());
+    const std::vector<gguf_planned> plan = plan_gguf(in, h);
+    for (const st::reader& shard : in.shards()) {
+      report_.bytes_in += shard.file_size();
+      report_.tensors_in += shard.tensors().size();
+      report_.model_files.push_back(fs::path(shard.source_name()).filename().string());
+    }
+    progress_.tensors_total = plan.size();
+    for (const gguf_planned& p : plan) progress_.bytes_total += p.source->byte_size();
+
+    std::vector<gguf::metadata_entry> metadata = gguf::llama_metadata(h);
+    metadata.push_back({std::string(converter_metadata_key), std::string("bitnet-convert")});
+    if (opt_.gguf_tokenizer_from) {
+      tokenizer_ = tokenizer_entries(*opt_.gguf_tokenizer_from, h);
+      metadata.insert(metadata.end(), tokenizer_.begin(), tokenizer_.end());
+    } else {
+      metadata.push_back({"tokenizer.ggml.model", std::string("none")});
+      report_.notes.push_back(
+          "tokenizer: not carried; the file declares tokenizer.ggml.model \"none\" (llama.cpp loads the model but "
+          "cannot tokenize text); the engine needs tokenizer.ggml.model, .pre, .tokens, .token_type, .merges and "
+          ".bos_token_id / .eos_token_id as llama.cpp's convert_hf_to_gguf.py writes them from tokenizer.json: "
+          "write them with `convert_hf_to_gguf.py --vocab-only` and pass that file as the tokenizer source "
+          "(--gguf-tokenizer-from / convert_options::gguf_tokenizer_from)");
+    }
+    std::vector<gguf::tensor_spec> specs;
+    for (const gguf_planned& p : plan)
+      specs.push_back({p.gguf_name, p.type,
+                       p.norm ? std::vector<std::uint64_t>{std::uint64_t(p.cols)}
+                              : std::vector<std::uint64_t>{std::uint64_t(p.cols), std::uint64_t(p.rows)}});
+
+    const fs::path parent = out_path.parent_path();
+    const std::string stem = "." + out_path.filename().string() + ".bitnet-convert-";
+    remove_stale_staging(parent, stem);
+    std::random_device rd;
+#if __has_include(<unistd.h>)
+    const long pid = long(getpid());
+#else
+    const long pid = 0;
+#endif
+    const fs::path staging = parent / (stem + std::to_string(pid) + "-" + std::to_string(rd()));
+    struct guard {
+      fs::path path;
+      ~guard() {
+        std::error_code ignored;
+        fs::remove(path, ignored);
+      }
+    } remove_unless_committed{staging};
+    {
+      gguf::writer out(staging, std::move(metadata), std::move(specs));  // its temporary: staging + ".tmp-N"
+      const std::string file = out_path.filename().string();
+      for (std::size_t i = 0; i < plan.size(); ++i) write_gguf_tensor(in, i, plan[i], out, file);
+      out.finish();
+    }
+    verify_gguf(staging, plan);
+    report_.bytes_out = fs::file_size(staging);
+    fs::rename(staging, out_path);  // atomic, also over an earlier output
+  }
+
+  /// Removes what a killed run left beside OUT (".OUT.bitnet-convert-<pid>-<n>" folders or GGUF
+  /// files, and their ".tmp-<m>", of a process that no longer runs).
   void remove_stale_staging(const fs::path& parent, const std::string& stem) {
     std::error_code ec;
     for (const auto& entry : fs::directory_iterator(parent, ec)) {
@@ -757,6 +1202,8 @@ class converter {
   std::vector<layer_record> records_;
   std::map<std::string, std::uint64_t> copies_;  // tensor name -> fingerprint of its bytes
   std::map<std::string, float> scales_;          // converted module -> the s its stored scale stands for
+  std::vector<gguf_record> gguf_records_;
+  std::vector<gguf::metadata_entry> tokenizer_;  // GGUF: copied from convert_options::gguf_tokenizer_from
 };
 
 }  // namespace detail
@@ -764,7 +1211,8 @@ class converter {
 /// Converts the safetensors checkpoint `input` (a .safetensors file, or a Hugging Face model folder:
 /// config.json, model.safetensors or shards with model.safetensors.index.json, tokenizer and other
 /// files) into the Hugging Face BitNet packed form at `output` (a file for a file, a folder for a
-/// folder). Memory is bounded by the largest tensor. Throws io_error / value_error / shape_error
+/// folder), or with options.format gguf a Llama-architecture folder into one GGUF file (arch
+/// "llama", ternary layers as options.gguf_ternary_type). Memory is bounded by the largest tensor. Throws io_error / value_error / shape_error
 /// naming the file, tensor or layer and the reason; OUT is then as it was. `on_progress` is called
 /// after every tensor (on the calling thread).
 inline convert_report convert_model(const std::filesystem::path& input, const std::filesystem::path& output,
@@ -778,6 +1226,22 @@ inline convert_report convert_model(const std::filesystem::path& input, const st
                       std::string(safetensors::dtype_name(options.scale_dtype)));
   for (const std::string& rule : options.exclude)
     if (rule.empty()) throw value_error("convert_model: an empty exclude rule would exclude every layer");
+  if (options.format != output_format::gguf && (options.gguf_float_type || options.gguf_tokenizer_from))
+    throw value_error("convert_model: gguf_float_type / gguf_tokenizer_from apply to GGUF output (format gguf) only");
+  if (options.format == output_format::gguf) {
+    if (options.mode != hf::quantization_mode::offline)
+      throw value_error("convert_model: GGUF output stores ternary weights: online mode does not apply");
+    if (options.scale_dtype != safetensors::dtype::F32)
+      throw value_error("convert_model: GGUF output stores the scale as its ternary type defines it (fp16 d for "
+                        "TQ2_0 / TQ1_0, float32 for I2_S): scale_dtype does not apply");
+    if (!gguf::is_ternary(options.gguf_ternary_type))
+      throw value_error("convert_model: gguf_ternary_type " +
+                        std::string(gguf::tensor_type_name(options.gguf_ternary_type)) + " is not TQ2_0, TQ1_0 or I2_S");
+    if (const auto t = options.gguf_float_type;
+        t && *t != gguf::tensor_type::F32 && *t != gguf::tensor_type::F16 && *t != gguf::tensor_type::BF16)
+      throw value_error("convert_model: gguf_float_type " + std::string(gguf::tensor_type_name(*t)) +
+                        " is not F32, F16 or BF16");
+  }
   return detail::converter(input, output, options, std::move(on_progress)).run();
 }
 
