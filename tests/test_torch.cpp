@@ -18,6 +18,8 @@
 #include <thread>
 #include <vector>
 
+#include "training_reference.hpp"
+
 namespace nn = torch::nn;
 using bitnet::Index;
 using bitnet::Matrix;
@@ -182,41 +184,8 @@ TEST_CASE("torch BitLinear: re-packs when the weight or bias tensor changed (ver
 
 // ---- gradients against PyTorch (tests/data/make_training_reference.py) --------------------------
 
-struct reference_case {
-  std::string name, dtype;
-  Index batch = 0, in = 0, out = 0;
-  bool bias = false, rms = false;
-  double eps = 0, lambda = 0;
-  std::map<std::string, std::vector<double>> tensors;
-};
-
-std::vector<reference_case> read_reference(const std::string& path) {
-  std::ifstream file(path);
-  REQUIRE_MESSAGE(file.good(), "cannot open " << path);
-  std::vector<reference_case> cases;
-  std::string line;
-  while (std::getline(file, line)) {
-    if (line.empty() || line[0] == '#') continue;
-    std::istringstream in(line);
-    std::string tag;
-    in >> tag;
-    if (tag == "case") {
-      reference_case c;
-      std::string key, eps, lambda;
-      in >> c.name >> key >> c.dtype >> key >> c.batch >> key >> c.in >> key >> c.out >> key >> c.bias >> key >> c.rms >>
-          key >> eps >> key >> lambda;
-      c.eps = std::strtod(eps.c_str(), nullptr);
-      c.lambda = std::strtod(lambda.c_str(), nullptr);
-      cases.push_back(std::move(c));
-    } else if (tag != "end") {
-      REQUIRE(!cases.empty());
-      std::vector<double>& values = cases.back().tensors[tag];
-      std::string word;
-      while (in >> word) values.push_back(std::strtod(word.c_str(), nullptr));
-    }
-  }
-  return cases;
-}
+using training_reference::read_reference;
+using training_reference::reference_case;
 
 torch::Tensor reference_tensor(const reference_case& c, const std::string& name, std::vector<std::int64_t> shape) {
   const auto it = c.tensors.find(name);
