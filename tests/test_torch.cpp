@@ -1,7 +1,8 @@
 // bitnet/torch.hpp with real libtorch: the BitLinear module (kernel path bit for bit, re-packing on
 // the version counter, straight-through gradients against PyTorch's vectors and bitnet::backward)
 // and replace_linear over module trees (every container kind, every policy, rollback at every layer,
-// aliasing, unchanged parameter names). One translation unit: each libtorch TU costs ~30 s to build.
+// aliasing, unchanged parameter names), and whole trees in safetensors files and model folders
+// (torch_state_dict.hpp). One translation unit: each libtorch TU costs ~30 s to build.
 #include <bitnet/torch.hpp>
 #include <bitnet/training.hpp>
 #if BITNET_TEST_TORCH_STATE_DICT
