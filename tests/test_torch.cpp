@@ -1033,6 +1033,13 @@ TEST_CASE("torch state dict: strict mode names every missing and unexpected key;
   const std::string types = error_text([&] { bitnet::libtorch::load_state_dict(*typed, file); });
   CHECK(types.find("size mismatch for \"1.num_batches_tracked\": the file has I64") != std::string::npos);
 
+  // A packed file into a tree that was never converted: the packed layers are named, with the remedy.
+  nn::Sequential plain = state_tree(12, /*convert=*/false);
+  const std::string unconverted = error_text([&] { bitnet::libtorch::load_state_dict(*plain, file); });
+  CHECK(unconverted.find("\"0.weight_scale\": the file stores this layer in the packed BitNet form") !=
+        std::string::npos);
+  CHECK(unconverted.find("replace_linear") != std::string::npos);
+
   // The convention is read: a caller who asks for the other one is told both.
   nn::Sequential tree = state_tree(13);
   const std::string convention = error_text([&] {

@@ -26,6 +26,9 @@
 // float32 and float64 CPU tensors only; other dtypes and devices are a bitnet::value_error, never a
 // silent conversion.
 //
+// A BitLinear loaded from a packed checkpoint (bitnet/torch_state_dict.hpp) is packed-only: no latent
+// weight ("weight" registered undefined), eval inference on the kernels, no training (packed_only()).
+//
 // replace_linear walks a module tree as named_modules() does and swaps every torch::nn::Linear for
 // a BitLinear in every place that holds it: the parent's registry (replace_module) and the storage
 // of Sequential, ModuleList and ModuleDict, which keep their own lists. All or nothing: any error

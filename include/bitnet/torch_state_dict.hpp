@@ -392,6 +392,12 @@ class tree_loader {
   static std::string dtype_text(::torch::ScalarType type) { return std::string(c10::toString(type)); }
 
   void plan_tensor(const std::string& key, const ::torch::Tensor& target) {
+    if (key.ends_with("weight") && file_.contains(key + "_scale")) {
+      used_.insert(key + "_scale");
+      problems_.push_back(quote_key(key + "_scale") + ": the file stores this layer in the packed BitNet form, but "
+                          "the tree holds a plain module there (convert it with bitnet::libtorch::replace_linear "
+                          "first)");
+    }
     const bool floating = target.is_floating_point();
     if (!expect(key, floating ? std::nullopt : std::optional(target.scalar_type()), shape_of(target),
                 floating ? "floating" : dtype_text(target.scalar_type())))
