@@ -973,6 +973,26 @@ TEST_CASE_TEMPLATE("torch state dict: online round trip - every parameter and bu
   loaded->forward(torch::randn({4, 8}, dtype_of<T>())).sum().backward();
   CHECK(bit_at(loaded, "0").weight.grad().defined());
 
+  // Packed in this dtype: the scale and bias in T, the kernels' layer of T.
+  const fs::path packed_file = dir / "packed.safetensors";
+  bitnet::libtorch::save_state_dict(*source, packed_file, {.bit_linear = bit_linear_storage::hf_packed});
+  CHECK(hf::checkpoint(packed_file).info("0.weight_scale").type == st::dtype_of<T>());
+  nn::Sequential packed = state_tree(7);
+  packed->to(dtype_of<T>());
+  bitnet::libtorch::load_state_dict(*packed, packed_file);
+  {
+    torch::NoGradGuard no_grad;
+    for (const std::string& path : state_tree_layers) {
+      CAPTURE(path);
+      BitLinearImpl& m = bit_at(packed, path);
+      CHECK((m.dtype() == dtype_of<T>()));
+      CHECK(m.packed<T>()->ternary_weight() == bit_at(source, path).packed<T>()->ternary_weight());
+      const torch::Tensor x = torch::randn({2, m.in_features()}, dtype_of<T>());
+      const auto expected = hf::load_bit_linear<T>(hf::checkpoint(packed_file), path, m.out_features());
+      CHECK(same_bits(m.forward(x), to_tensor(expected.forward(to_matrix<T>(x)))));
+    }
+  }
+
   // The same tree as a folder (config.json + model.safetensors), written with the model's own config.
   bitnet::libtorch::save_pretrained(*source, dir / "folder", {}, R"({"model_type": "tiny"})");
   const hf::checkpoint folder(dir / "folder");
