@@ -1,9 +1,17 @@
 // bitnet/torch.hpp with real libtorch: the BitLinear module (kernel path bit for bit, re-packing on
 // the version counter, straight-through gradients against PyTorch's vectors and bitnet::backward)
 // and replace_linear over module trees (every container kind, every policy, rollback at every layer,
-// aliasing, unchanged parameter names). One translation unit: each libtorch TU costs ~30 s to build.
+// aliasing, unchanged parameter names), and whole trees in safetensors files and model folders
+// (torch_state_dict.hpp). One translation unit: each libtorch TU costs ~30 s to build.
 #include <bitnet/torch.hpp>
 #include <bitnet/training.hpp>
+#if BITNET_TEST_TORCH_STATE_DICT
+#include <bitnet/convert.hpp>
+#include <bitnet/torch_state_dict.hpp>
+
+#include <filesystem>
+#include <random>
+#endif
 
 #include <doctest/doctest.h>
 
@@ -705,3 +713,445 @@ TEST_CASE("torch BitLinear: clone() copies the parameters and packs its own") {
 }
 
 }  // namespace
+
+#if BITNET_TEST_TORCH_STATE_DICT
+// ---- whole trees in safetensors files and Hugging Face folders (bitnet/torch_state_dict.hpp) ---------
+
+namespace {
+
+namespace fs = std::filesystem;
+namespace hf = bitnet::hf;
+namespace st = bitnet::safetensors;
+using bitnet::bit_linear_storage;
+
+struct scratch_dir {
+  fs::path path;
+  scratch_dir() {
+    std::random_device rd;
+    path = fs::temp_directory_path() / ("bitnet_torch_state_test_" + std::to_string(rd()) + std::to_string(rd()));
+    fs::create_directories(path);
+  }
+  ~scratch_dir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  fs::path operator/(const std::string& name) const { return path / name; }
+};
+
+// Linear layers (one with 6 outputs: not a multiple of 4, so the file declares it), a BatchNorm with
+// float buffers and an int64 one, and a bias-less layer.
+nn::Sequential state_tree(int seed, bool convert = true) {
+  torch::manual_seed(seed);
+  auto tree = nn::Sequential(nn::Linear(8, 16), nn::BatchNorm1d(16), nn::ReLU(), nn::Linear(16, 6),
+                             nn::Linear(nn::LinearOptions(6, 4).bias(false)));
+  {
+    torch::NoGradGuard no_grad;
+    auto* norm = tree->ptr(1)->as<nn::BatchNorm1dImpl>();
+    norm->running_mean.uniform_(-1, 1);
+    norm->running_var.uniform_(0.5, 2);
+    norm->num_batches_tracked.fill_(seed);
+    norm->weight.uniform_(0.5, 1.5);
+    norm->bias.uniform_(-0.5, 0.5);
+  }
+  if (convert) bitnet::libtorch::replace_linear(tree);
+  tree->eval();
+  return tree;
+}
+
+const std::vector<std::string> state_tree_layers = {"0", "3", "4"};
+
+BitLinearImpl& bit_at(nn::Sequential& tree, const std::string& path) {
+  auto* m = tree->ptr(std::size_t(std::stoi(path)))->as<BitLinearImpl>();
+  REQUIRE(m);
+  return *m;
+}
+
+std::map<std::string, torch::Tensor> state_of(nn::Module& m) {
+  std::map<std::string, torch::Tensor> all;
+  for (const auto& p : m.named_parameters()) all[p.key()] = p.value().detach().clone();
+  for (const auto& b : m.named_buffers()) all[b.key()] = b.value().detach().clone();
+  return all;
+}
+
+bool same_state(const std::map<std::string, torch::Tensor>& a, const std::map<std::string, torch::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (const auto& [key, t] : a)
+    if (!b.contains(key) || !same_bits(t, b.at(key))) return false;
+  return true;
+}
+
+template <class F>
+std::string error_text(F&& f) {
+  try {
+    f();
+  } catch (const bitnet::error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+// Every BitLinear of the tree, layer by layer, against the layer hf::load_bit_linear reads from
+// `file`: eval forward on the kernels bit for bit.
+void check_layers_match_file(nn::Sequential& tree, const hf::checkpoint& file, const std::string& prefix = "") {
+  torch::NoGradGuard no_grad;
+  for (const std::string& path : state_tree_layers) {
+    CAPTURE(path);
+    BitLinearImpl& m = bit_at(tree, path);
+    const auto expected_layer = hf::load_bit_linear<float>(file, prefix + path, m.out_features());
+    const torch::Tensor x = torch::randn({3, m.in_features()});
+    const Matrix<float> expected = expected_layer.forward(to_matrix<float>(x));
+    CHECK(same_bits(m.forward(x), to_tensor(expected)));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("torch state dict: packed round trip in both conventions - codes, scales and outputs bit for bit, no "
+          "dense weight") {
+  scratch_dir dir;
+  for (const auto convention : {hf::scale_convention::bitlinear, hf::scale_convention::autobitlinear}) {
+    CAPTURE(hf::convention_name(convention));
+    nn::Sequential source = state_tree(1);
+    const fs::path file = dir / (std::string(hf::convention_name(convention)) + ".safetensors");
+    bitnet::libtorch::save_state_dict(*source, file,
+                                      {.scale_convention = convention, .bit_linear = bit_linear_storage::hf_packed});
+    const hf::checkpoint written(file);
+    // Declared as save_state_dict declares it: the convention and the 6-output layer.
+    REQUIRE(written.quantization());
+    CHECK(*written.quantization()->linear_class == convention);
+    CHECK(written.quantization()->mode == hf::quantization_mode::offline);
+    CHECK(written.declared_out_features("3") == 6);
+    CHECK(written.info("0.weight").type == st::dtype::U8);
+    CHECK(written.info("1.num_batches_tracked").type == st::dtype::I64);
+
+    nn::Sequential loaded = state_tree(2);
+    const bitnet::state_dict_report report = bitnet::libtorch::load_state_dict(*loaded, file);
+    CHECK(report.missing.empty());
+    CHECK(report.unexpected.empty());
+    CHECK(report.loaded.size() == written.tensors().size());
+    // Packed-only modules: "weight" undefined, so named_parameters() shows only the biases.
+    CHECK((parameter_names(*loaded) == std::vector<std::string>{"0.bias", "1.weight", "1.bias", "3.bias"}));
+    for (const std::string& path : state_tree_layers) {
+      CAPTURE(path);
+      BitLinearImpl& m = bit_at(loaded, path);
+      BitLinearImpl& original = bit_at(source, path);
+      CHECK(m.packed_only());
+      CHECK(!m.weight.defined());
+      // Codes and scale exactly those of the source's packed layer (no dense weight was built).
+      CHECK(m.packed<float>()->ternary_weight() == original.packed<float>()->ternary_weight());
+      CHECK(m.packed<float>()->weight_scale() == original.packed<float>()->weight_scale());
+      if (convention == hf::scale_convention::bitlinear && original.bias.defined())
+        CHECK(same_bits(m.bias, original.bias));
+    }
+    CHECK(same_bits(loaded->ptr(1)->as<nn::BatchNorm1dImpl>()->running_var,
+                    source->ptr(1)->as<nn::BatchNorm1dImpl>()->running_var));
+    CHECK(loaded->ptr(1)->as<nn::BatchNorm1dImpl>()->num_batches_tracked.item<std::int64_t>() == 1);
+    check_layers_match_file(loaded, written);
+    {
+      torch::NoGradGuard no_grad;
+      const torch::Tensor x = torch::randn({5, 8});
+      if (convention == hf::scale_convention::bitlinear)  // the bias is stored as it is: the whole tree agrees
+        CHECK(same_bits(loaded->forward(x), source->forward(x)));
+      else  // b * s stored, times m read: one rounding of the bias
+        CHECK(torch::allclose(loaded->forward(x), source->forward(x), 1e-5, 1e-5));
+    }
+
+    // Saved again from the packed-only modules: the same codes and scales come back.
+    const fs::path again = dir / "again.safetensors";
+    bitnet::libtorch::save_state_dict(*loaded, again,
+                                      {.scale_convention = convention, .bit_linear = bit_linear_storage::hf_packed});
+    nn::Sequential reloaded = state_tree(3);
+    bitnet::libtorch::load_state_dict(*reloaded, again);
+    for (const std::string& path : state_tree_layers) {
+      CHECK(bit_at(reloaded, path).packed<float>()->ternary_weight() ==
+            bit_at(loaded, path).packed<float>()->ternary_weight());
+      CHECK(bit_at(reloaded, path).packed<float>()->weight_scale() == bit_at(loaded, path).packed<float>()->weight_scale());
+    }
+    // A packed-only tree has no latent weights to save as such, and none to train.
+    CHECK(error_text([&] { bitnet::libtorch::save_state_dict(*loaded, dir / "latent.safetensors"); })
+              .find("packed-only") != std::string::npos);
+    CHECK(!fs::exists(dir / "latent.safetensors"));
+    loaded->train();
+    const std::string training = error_text([&] { loaded->forward(torch::randn({2, 8})); });
+    CHECK(training.find("\"0\"") != std::string::npos);
+    CHECK(training.find("packed ternary weights") != std::string::npos);
+    loaded->eval();
+    CHECK_THROWS_AS(bit_at(loaded, "3").forward(torch::randn({2, 16})), bitnet::state_error);  // grad mode on
+    CHECK_THROWS_AS(torch::save(loaded, (dir / "t.pt").string()), bitnet::state_error);
+  }
+}
+
+TEST_CASE("torch state dict: a packed-only module clones with its packed weights, re-biases, and an online file "
+          "makes it trainable again") {
+  scratch_dir dir;
+  nn::Sequential source = state_tree(4);
+  bitnet::libtorch::save_state_dict(*source, dir / "packed.safetensors", {.bit_linear = bit_linear_storage::hf_packed});
+  bitnet::libtorch::save_state_dict(*source, dir / "online.safetensors");
+  nn::Sequential tree = state_tree(5);
+  bitnet::libtorch::load_state_dict(*tree, dir / "packed.safetensors");
+  torch::NoGradGuard no_grad;
+  const torch::Tensor x = torch::randn({2, 8});
+  auto copy = std::dynamic_pointer_cast<nn::SequentialImpl>(tree->clone());
+  REQUIRE(copy);
+  CHECK(copy->ptr(0)->as<BitLinearImpl>()->packed_only());
+  CHECK(same_bits(copy->forward(x), tree->forward(x)));
+  // A bias change reaches the packed-only layer's kernels.
+  BitLinearImpl& first = bit_at(tree, "0");
+  const torch::Tensor h = torch::randn({2, 8});
+  const auto packed = first.packed<float>();
+  const std::int64_t packs = first.pack_count();
+  first.bias.add_(1.0);
+  const auto expected = bitnet::BitLinear<float>::from_ternary(packed->ternary_weight(), packed->weight_scale(),
+                                                               Vector<float>(*packed->bias() + Vector<float>::Ones(16)));
+  CHECK(same_bits(first.forward(h), to_tensor(expected.forward(to_matrix<float>(h)))));
+  CHECK(first.pack_count() == packs);  // the codes were not packed again
+
+  const bitnet::state_dict_report report = bitnet::libtorch::load_state_dict(*tree, dir / "online.safetensors");
+  CHECK(report.missing.empty());
+  CHECK(!bit_at(tree, "0").packed_only());
+  CHECK((parameter_names(*tree) == parameter_names(*source)));
+  CHECK(same_state(state_of(*tree), state_of(*source)));
+  CHECK(same_bits(tree->forward(x), source->forward(x)));
+}
+
+TEST_CASE_TEMPLATE("torch state dict: online round trip - every parameter and buffer bit for bit, still trainable", T,
+                   float, double) {
+  scratch_dir dir;
+  nn::Sequential source = state_tree(6);
+  source->to(dtype_of<T>());
+  const fs::path file = dir / "online.safetensors";
+  bitnet::libtorch::save_state_dict(*source, file);
+  const hf::checkpoint written(file);
+  REQUIRE(written.quantization());
+  CHECK(written.quantization()->mode == hf::quantization_mode::online);  // as convert_model's online mode
+  CHECK(*written.quantization()->linear_class == hf::scale_convention::autobitlinear);
+  CHECK(written.info("0.weight").type == st::dtype_of<T>());
+
+  nn::Sequential loaded = state_tree(7);
+  loaded->to(dtype_of<T>());
+  torch::Tensor weight_before = bit_at(loaded, "0").weight;  // an optimizer's handle
+  bitnet::libtorch::load_state_dict(*loaded, file);
+  CHECK(same_state(state_of(*loaded), state_of(*source)));
+  CHECK(same_bits(weight_before, bit_at(source, "0").weight));  // copied in: handles held elsewhere see it
+  {
+    torch::NoGradGuard no_grad;
+    const torch::Tensor x = torch::randn({4, 8}, dtype_of<T>());
+    CHECK(same_bits(loaded->forward(x), source->forward(x)));
+  }
+  loaded->train();
+  loaded->forward(torch::randn({4, 8}, dtype_of<T>())).sum().backward();
+  CHECK(bit_at(loaded, "0").weight.grad().defined());
+
+  // Packed in this dtype: the scale and bias in T, the kernels' layer of T.
+  const fs::path packed_file = dir / "packed.safetensors";
+  bitnet::libtorch::save_state_dict(*source, packed_file, {.bit_linear = bit_linear_storage::hf_packed});
+  CHECK(hf::checkpoint(packed_file).info("0.weight_scale").type == st::dtype_of<T>());
+  nn::Sequential packed = state_tree(7);
+  packed->to(dtype_of<T>());
+  bitnet::libtorch::load_state_dict(*packed, packed_file);
+  {
+    torch::NoGradGuard no_grad;
+    for (const std::string& path : state_tree_layers) {
+      CAPTURE(path);
+      BitLinearImpl& m = bit_at(packed, path);
+      CHECK((m.dtype() == dtype_of<T>()));
+      CHECK(m.packed<T>()->ternary_weight() == bit_at(source, path).packed<T>()->ternary_weight());
+      const torch::Tensor x = torch::randn({2, m.in_features()}, dtype_of<T>());
+      const auto expected = hf::load_bit_linear<T>(hf::checkpoint(packed_file), path, m.out_features());
+      CHECK(same_bits(m.forward(x), to_tensor(expected.forward(to_matrix<T>(x)))));
+    }
+  }
+
+  // The same tree as a folder (config.json + model.safetensors), written with the model's own config.
+  bitnet::libtorch::save_pretrained(*source, dir / "folder", {}, R"({"model_type": "tiny"})");
+  const hf::checkpoint folder(dir / "folder");
+  CHECK(folder.is_folder());
+  REQUIRE(folder.config_path());
+  const auto config = nlohmann::json::parse(std::ifstream(*folder.config_path()));
+  CHECK(config["model_type"] == "tiny");
+  CHECK(config["quantization_config"]["quantization_mode"] == "online");
+  nn::Sequential from_folder = state_tree(8);
+  from_folder->to(dtype_of<T>());
+  bitnet::libtorch::load_state_dict(*from_folder, dir / "folder");
+  CHECK(same_state(state_of(*from_folder), state_of(*source)));
+}
+
+TEST_CASE("torch state dict: strict mode names every missing and unexpected key; mismatches name the key") {
+  scratch_dir dir;
+  nn::Sequential source = state_tree(9);
+  const fs::path file = dir / "m.safetensors";
+  bitnet::libtorch::save_state_dict(*source, file, {.bit_linear = bit_linear_storage::hf_packed});
+
+  // A tree with one more layer and a differently named one.
+  torch::manual_seed(10);
+  auto other = nn::Sequential(nn::Linear(8, 16), nn::BatchNorm1d(16), nn::ReLU(), nn::Linear(16, 6), nn::Linear(6, 4),
+                              nn::Linear(4, 2));
+  bitnet::libtorch::replace_linear(other);
+  const auto before = state_of(*other);
+  const std::string text = error_text([&] { bitnet::libtorch::load_state_dict(*other, file); });
+  CHECK(text.find("missing key \"4.bias\"") != std::string::npos);  // the file's layer 4 has no bias
+  CHECK(text.find("missing key \"5.weight\"") != std::string::npos);
+  CHECK(text.find("missing key \"5.bias\"") != std::string::npos);
+  CHECK(text.find("unchanged") != std::string::npos);
+  CHECK(same_state(state_of(*other), before));
+  CHECK(!bit_at(other, "0").packed_only());
+
+  // Not strict: the rest loads; the report lists what was left out.
+  const bitnet::state_dict_report report = bitnet::libtorch::load_state_dict(*other, file, {.strict = false});
+  CHECK((report.missing == std::vector<std::string>{"4.bias", "5.weight", "5.bias"}));
+  CHECK(bit_at(other, "3").packed_only());
+  CHECK(!bit_at(other, "5").packed_only());
+
+  // Unexpected keys, and shapes / dtypes named by key.
+  torch::manual_seed(11);
+  auto small = nn::Sequential(nn::Linear(8, 16), nn::BatchNorm1d(16));
+  bitnet::libtorch::replace_linear(small);
+  const std::string unexpected = error_text([&] { bitnet::libtorch::load_state_dict(*small, file); });
+  CHECK(unexpected.find("unexpected key \"3.weight_scale\"") != std::string::npos);
+  CHECK(unexpected.find("unexpected key \"4.weight\"") != std::string::npos);
+
+  auto wide = nn::Sequential(nn::Linear(8, 12), nn::BatchNorm1d(16), nn::ReLU(), nn::Linear(16, 6),
+                             nn::Linear(nn::LinearOptions(6, 4).bias(false)));
+  bitnet::libtorch::replace_linear(wide);
+  const std::string shapes = error_text([&] { bitnet::libtorch::load_state_dict(*wide, file); });
+  CHECK(shapes.find("size mismatch for \"0.weight\"") != std::string::npos);
+  CHECK(shapes.find("size mismatch for \"0.bias\"") != std::string::npos);
+
+  nn::Sequential typed = state_tree(12);
+  typed->ptr(1)->as<nn::BatchNorm1dImpl>()->num_batches_tracked.set_data(torch::zeros({}, torch::kInt32));
+  const std::string types = error_text([&] { bitnet::libtorch::load_state_dict(*typed, file); });
+  CHECK(types.find("size mismatch for \"1.num_batches_tracked\": the file has I64") != std::string::npos);
+
+  // A packed file into a tree that was never converted: the packed layers are named, with the remedy.
+  nn::Sequential plain = state_tree(12, /*convert=*/false);
+  const std::string unconverted = error_text([&] { bitnet::libtorch::load_state_dict(*plain, file); });
+  CHECK(unconverted.find("\"0.weight_scale\": the file stores this layer in the packed BitNet form") !=
+        std::string::npos);
+  CHECK(unconverted.find("replace_linear") != std::string::npos);
+
+  // The convention is read: a caller who asks for the other one is told both.
+  nn::Sequential tree = state_tree(13);
+  const std::string convention = error_text([&] {
+    bitnet::libtorch::load_state_dict(*tree, file, {.scale_convention = hf::scale_convention::bitlinear});
+  });
+  CHECK(convention.find("autobitlinear") != std::string::npos);
+  CHECK(convention.find("bitlinear\"") != std::string::npos);
+}
+
+TEST_CASE("torch state dict: all or nothing - a corrupt packed code or a NaN latent weight in the last layer "
+          "changes nothing") {
+  scratch_dir dir;
+  nn::Sequential source = state_tree(14);
+  const fs::path good = dir / "good.safetensors";
+  bitnet::libtorch::save_state_dict(*source, good, {.bit_linear = bit_linear_storage::hf_packed});
+  // The same file with one packed byte of the last layer holding code 3 (which pack_weights never writes).
+  const hf::checkpoint original(good);
+  const auto rewrite = [&](const fs::path& to, const std::string& bad_key, auto&& corrupt) {
+    std::vector<st::tensor_spec> specs;
+    for (const st::tensor_info* t : original.tensors()) specs.push_back({t->name, t->type, t->shape});
+    const auto& metadata = original.shards()[0].metadata();
+    st::writer out(to, specs, std::map<std::string, std::string>(metadata.begin(), metadata.end()));
+    for (const st::tensor_info* t : original.tensors()) {
+      std::vector<std::byte> bytes = original.shard_of(t->name).read_bytes(t->name);
+      if (t->name == bad_key) corrupt(bytes);
+      out.write_bytes(t->name, bytes);
+    }
+    out.finish();
+  };
+  rewrite(dir / "bad_code.safetensors", "4.weight", [](std::vector<std::byte>& b) { b.back() = std::byte{0xFF}; });
+
+  nn::Sequential tree = state_tree(15);
+  const auto before = state_of(*tree);
+  torch::NoGradGuard no_grad;
+  const torch::Tensor x = torch::randn({3, 8});
+  const torch::Tensor output = tree->forward(x);
+  const std::string text = error_text([&] { bitnet::libtorch::load_state_dict(*tree, dir / "bad_code.safetensors"); });
+  CHECK(text.find("\"4.weight\"") != std::string::npos);
+  CHECK(text.find("code 3") != std::string::npos);
+  CHECK(same_state(state_of(*tree), before));
+  for (const std::string& path : state_tree_layers) CHECK(!bit_at(tree, path).packed_only());
+  CHECK(same_bits(tree->forward(x), output));
+
+  // Online: a NaN in the last layer's latent weight.
+  bitnet::libtorch::save_state_dict(*source, dir / "online.safetensors");
+  const hf::checkpoint online(dir / "online.safetensors");
+  {
+    std::vector<st::tensor_spec> specs;
+    for (const st::tensor_info* t : online.tensors()) specs.push_back({t->name, t->type, t->shape});
+    st::writer out(dir / "nan.safetensors", specs);
+    for (const st::tensor_info* t : online.tensors()) {
+      std::vector<std::byte> bytes = online.shard_of(t->name).read_bytes(t->name);
+      if (t->name == "4.weight") {
+        const float nan = std::nanf("");
+        std::memcpy(bytes.data() + 4, &nan, sizeof nan);
+      }
+      out.write_bytes(t->name, bytes);
+    }
+    out.finish();
+  }
+  const std::string nan_text = error_text([&] { bitnet::libtorch::load_state_dict(*tree, dir / "nan.safetensors"); });
+  CHECK(nan_text.find("\"4.weight\"") != std::string::npos);
+  CHECK(nan_text.find("not finite") != std::string::npos);
+  CHECK(same_state(state_of(*tree), before));
+  CHECK(same_bits(tree->forward(x), output));
+}
+
+TEST_CASE("torch state dict: folders written by convert_model and files by the graph's save_state_dict load into "
+          "a libtorch tree") {
+  scratch_dir dir;
+  // A dense float model folder (the tree before conversion), then bitnet's converter packs it.
+  nn::Sequential dense = state_tree(16, /*convert=*/false);
+  bitnet::libtorch::save_pretrained(*dense, dir / "dense", {}, R"({"model_type": "tiny"})");
+  CHECK(!hf::checkpoint(dir / "dense").quantization());  // no BitLinear, no quantization_config
+  for (const auto convention : {hf::scale_convention::autobitlinear, hf::scale_convention::bitlinear}) {
+    CAPTURE(hf::convention_name(convention));
+    const fs::path out = dir / (std::string("packed_") + std::string(hf::convention_name(convention)));
+    bitnet::convert_model(dir / "dense", out, {.scale_convention = convention});
+    nn::Sequential tree = state_tree(17);
+    const bitnet::state_dict_report report = bitnet::libtorch::load_state_dict(*tree, out);
+    CHECK(report.unexpected.empty());
+    for (const std::string& path : state_tree_layers) CHECK(bit_at(tree, path).packed_only());
+    const hf::checkpoint converted(out);
+    check_layers_match_file(tree, converted);
+    // The converter quantized the same float weights as replace_linear does: same codes and scale.
+    nn::Sequential converted_here = state_tree(16);
+    for (const std::string& path : state_tree_layers) {
+      CHECK(bit_at(tree, path).packed<float>()->ternary_weight() ==
+            bit_at(converted_here, path).packed<float>()->ternary_weight());
+      CHECK(bit_at(tree, path).packed<float>()->weight_scale() == bit_at(converted_here, path).packed<float>()->weight_scale());
+    }
+  }
+  // Online: convert_model's online folder keeps the latent weights; they load bit for bit.
+  bitnet::convert_model(dir / "dense", dir / "online", {.mode = hf::quantization_mode::online});
+  nn::Sequential online = state_tree(18);
+  bitnet::libtorch::load_state_dict(*online, dir / "online");
+  CHECK(same_bits(bit_at(online, "3").weight, dense->ptr(3)->as<nn::LinearImpl>()->weight));
+
+  // The graph version's save_state_dict (packed, bitlinear) under a prefix, into the tree's BitLinear modules.
+  std::mt19937 rng(19);
+  const auto random = [&](Index rows, Index cols) {
+    std::normal_distribution<float> normal;
+    Matrix<float> m(rows, cols);
+    for (Index i = 0; i < m.size(); ++i) m.data()[i] = normal(rng);
+    return m;
+  };
+  std::map<std::string, bitnet::BitLinear<float>> graph;
+  graph.emplace("0", bitnet::BitLinear<float>(random(16, 8), Vector<float>(random(16, 1))));
+  graph.emplace("1", bitnet::BitLinear<float>(random(6, 16), Vector<float>(random(6, 1))));
+  bitnet::save_state_dict(graph, dir / "graph.safetensors",
+                          {.prefix = "model.", .scale_convention = hf::scale_convention::bitlinear,
+                           .bit_linear = bit_linear_storage::hf_packed});
+  torch::manual_seed(20);
+  auto two = nn::Sequential(nn::Linear(8, 16), nn::Linear(16, 6));
+  bitnet::libtorch::replace_linear(two);
+  two->eval();
+  bitnet::libtorch::load_state_dict(*two, dir / "graph.safetensors", {.prefix = "model."});
+  torch::NoGradGuard no_grad;
+  for (const char* path : {"0", "1"}) {
+    CAPTURE(path);
+    auto* m = two->ptr(std::size_t(std::stoi(path)))->as<BitLinearImpl>();
+    const torch::Tensor x = torch::randn({2, m->in_features()});
+    CHECK(same_bits(m->forward(x), to_tensor(graph.at(path).forward(to_matrix<float>(x)))));
+  }
+}
+#endif

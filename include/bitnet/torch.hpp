@@ -26,6 +26,9 @@
 // float32 and float64 CPU tensors only; other dtypes and devices are a bitnet::value_error, never a
 // silent conversion.
 //
+// A BitLinear loaded from a packed checkpoint (bitnet/torch_state_dict.hpp) is packed-only: no latent
+// weight ("weight" registered undefined), eval inference on the kernels, no training (packed_only()).
+//
 // replace_linear walks a module tree as named_modules() does and swaps every torch::nn::Linear for
 // a BitLinear in every place that holds it: the parent's registry (replace_module) and the storage
 // of Sequential, ModuleList and ModuleDict, which keep their own lists. All or nothing: any error
@@ -60,6 +63,8 @@
 namespace bitnet::libtorch {
 
 namespace detail {
+
+struct module_state_access;  // bitnet/torch_state_dict.hpp: loads a packed layer into a BitLinear module
 
 inline std::string dtype_name(const ::torch::Tensor& t) { return std::string(c10::toString(t.scalar_type())); }
 
@@ -144,8 +149,17 @@ class BitLinearImpl : public ::torch::nn::Cloneable<BitLinearImpl> {
     bias = register_parameter("bias", std::move(bias_tensor), bias_grad);
   }
 
-  /// Re-creates the parameters (Cloneable's protocol), initialized as torch::nn::Linear does.
+  /// Re-creates the parameters (Cloneable's protocol), initialized as torch::nn::Linear does. A
+  /// packed-only layer keeps its packed weights and registers "weight" undefined again.
   void reset() override {
+    if (fixed_) {
+      weight = register_parameter("weight", ::torch::Tensor(), false);
+      bias = register_parameter("bias",
+                                with_bias_ ? ::torch::empty({out_features_}, ::torch::dtype(fixed_dtype()))
+                                           : ::torch::Tensor(),
+                                false);
+      return;
+    }
     weight = register_parameter("weight", ::torch::empty({out_features_, in_features_}));
     bias = register_parameter("bias", with_bias_ ? ::torch::empty({out_features_}) : ::torch::Tensor(), with_bias_);
     ::torch::NoGradGuard no_grad;
@@ -160,16 +174,26 @@ class BitLinearImpl : public ::torch::nn::Cloneable<BitLinearImpl> {
   /// Throws value_error for an input that is not float32 / float64 on the CPU, has another dtype than
   /// the weight, or (on the kernel path) is not finite; shape_error for a wrong feature count.
   ::torch::Tensor forward(const ::torch::Tensor& x) {
-    detail::require_cpu_real(weight, "bitnet::libtorch::BitLinear: weight");
+    if (fixed_ && (is_training() || ::torch::GradMode::is_enabled()))
+      throw state_error("bitnet::libtorch::BitLinear::forward: the layer " + fixed_origin_ +
+                        " holds only packed ternary weights (no latent weight to train or to differentiate): run "
+                        "it in eval mode under torch::NoGradGuard or torch::InferenceMode, or load the online form "
+                        "(latent weights) to fine-tune");
+    if (!fixed_) detail::require_cpu_real(weight, "bitnet::libtorch::BitLinear: weight");
     detail::require_cpu_real(x, "bitnet::libtorch::BitLinear::forward: input");
-    if (x.scalar_type() != weight.scalar_type())
+    const ::torch::ScalarType type = dtype();
+    if (fixed_ && bias.defined() && bias.scalar_type() != type)
+      throw value_error("bitnet::libtorch::BitLinear::forward: the packed-only layer " + fixed_origin_ +
+                        " computes in " + std::string(c10::toString(type)) + ", but its bias is " +
+                        detail::dtype_name(bias) + " (a packed layer cannot change dtype)");
+    if (x.scalar_type() != type)
       throw value_error("bitnet::libtorch::BitLinear::forward: input has dtype " + detail::dtype_name(x) +
-                        ", the layer's weight " + detail::dtype_name(weight));
+                        ", the layer computes in " + std::string(c10::toString(type)));
     if (x.dim() < 1 || x.size(-1) != in_features_)
       throw shape_error("bitnet::libtorch::BitLinear::forward: input has shape " + shape_of(x) +
                         ", the layer expects [..., " + std::to_string(in_features_) + "]");
     if (!is_training() && !::torch::GradMode::is_enabled())
-      return weight.scalar_type() == ::torch::kFloat ? kernel_forward<float>(x) : kernel_forward<double>(x);
+      return type == ::torch::kFloat ? kernel_forward<float>(x) : kernel_forward<double>(x);
     // A forward that records gradients is a training step coming: whatever the optimizer writes, and
     // however (libtorch's SGD bypasses the version counter), the next eval forward packs again.
     if (::torch::GradMode::is_enabled()) invalidate_packed();
@@ -187,6 +211,16 @@ class BitLinearImpl : public ::torch::nn::Cloneable<BitLinearImpl> {
   double lambda() const noexcept { return lambda_; }
 
   const bitlinear_options& options() const noexcept { return options_; }
+  /// The dtype the layer computes in: the weight's, or a packed-only layer's packed one.
+  ::torch::ScalarType dtype() const { return fixed_ ? fixed_dtype() : weight.scalar_type(); }
+  /// Whether the layer holds only packed ternary weights: loaded from a packed checkpoint by
+  /// bitnet::libtorch::load_state_dict (bitnet/torch_state_dict.hpp), with no dense weight on the
+  /// way. Then "weight" is registered but undefined, so named_parameters() lists only "bias" (as
+  /// torch::nn::Linear(bias=false) leaves out "bias"); the codes and scale live in the packed layer
+  /// (packed<T>()). Eval forwards under no_grad run the kernels; training forwards, forwards that
+  /// record gradients, torch::save and torch::load are a state_error naming the layer; loading the
+  /// online form (latent weights) makes it a trainable layer again.
+  bool packed_only() const noexcept { return fixed_ != nullptr; }
   std::int64_t in_features() const noexcept { return in_features_; }
   std::int64_t out_features() const noexcept { return out_features_; }
   /// Marks the packed weights stale: the next eval forward re-packs. Needed only after writes the
@@ -194,7 +228,7 @@ class BitLinearImpl : public ::torch::nn::Cloneable<BitLinearImpl> {
   /// since; a training forward does it (libtorch's C++ SGD, for one, writes through p.data()).
   void invalidate_packed() {
     std::lock_guard lock(cache_.mutex);
-    cache_.layer.reset();
+    cache_.layer.reset();  // a packed-only layer starts again from its packed weights
   }
 
   /// How many times the packed weights were built (tests and diagnostics: re-packing happens only
@@ -204,7 +238,25 @@ class BitLinearImpl : public ::torch::nn::Cloneable<BitLinearImpl> {
   void pretty_print(std::ostream& stream) const override {
     stream << "bitnet::libtorch::BitLinear(in_features=" << in_features_ << ", out_features=" << out_features_
            << ", bias=" << (with_bias_ ? "true" : "false") << ", rms_norm=" << (options_.rms_norm ? "true" : "false")
-           << ")";
+           << (fixed_ ? ", packed_only=true" : "") << ")";
+  }
+
+  /// torch::save of a packed-only layer is a state_error (its weights are no tensor torch::save
+  /// knows); save the tree with bitnet::libtorch::save_state_dict instead.
+  void save(::torch::serialize::OutputArchive& archive) const override {
+    if (fixed_)
+      throw state_error("bitnet::libtorch::BitLinear: torch::save cannot store the packed-only layer " +
+                        fixed_origin_ + " (no latent weight): use bitnet::libtorch::save_state_dict with "
+                        "bit_linear_storage::hf_packed");
+    ::torch::nn::Module::save(archive);
+  }
+  /// torch::load into a packed-only layer is a state_error (it would load the bias and keep the old
+  /// packed weights); bitnet::libtorch::load_state_dict loads either form.
+  void load(::torch::serialize::InputArchive& archive) override {
+    if (fixed_)
+      throw state_error("bitnet::libtorch::BitLinear: torch::load cannot load into the packed-only layer " +
+                        fixed_origin_ + ": use bitnet::libtorch::load_state_dict");
+    ::torch::nn::Module::load(archive);
   }
 
   /// Hands an already packed layer, built from exactly these parameters, to the cache (replace_linear
@@ -270,11 +322,25 @@ class BitLinearImpl : public ::torch::nn::Cloneable<BitLinearImpl> {
     return s + "]";
   }
 
+  ::torch::ScalarType fixed_dtype() const {
+    return std::holds_alternative<bitnet::BitLinear<float>>(*fixed_) ? ::torch::kFloat : ::torch::kDouble;
+  }
+
   std::shared_ptr<const packed_variant> packed_layer(::torch::ScalarType dtype) {
-    if (weight.scalar_type() != dtype)
-      throw value_error("bitnet::libtorch::BitLinear::packed: the weight has dtype " + detail::dtype_name(weight) +
-                        ", not the one asked for");
+    if (this->dtype() != dtype)
+      throw value_error("bitnet::libtorch::BitLinear::packed: the layer computes in " +
+                        std::string(c10::toString(this->dtype())) + ", not in the dtype asked for");
     std::lock_guard lock(cache_.mutex);
+    if (fixed_) {  // the packed weights never change; only the bias may
+      if (!cache_.layer) {
+        cache_.layer = fixed_;
+        rebias(dtype);
+        ++cache_.packs;
+      } else if (!cache_.bias.matches(bias)) {
+        rebias(dtype);
+      }
+      return cache_.layer;
+    }
     const bool same_type = cache_.layer && (dtype == ::torch::kFloat) ==
                                                std::holds_alternative<bitnet::BitLinear<float>>(*cache_.layer);
     if (same_type && cache_.weight.matches(weight)) {
@@ -351,6 +417,12 @@ class BitLinearImpl : public ::torch::nn::Cloneable<BitLinearImpl> {
   bitlinear_options options_;
   double lambda_ = 1.0;
   packed_cache cache_;
+  // A packed-only layer's packed weights, shared by its clones (never modified), and where they
+  // came from (the layer's path and file, for messages).
+  std::shared_ptr<const packed_variant> fixed_;
+  std::string fixed_origin_;
+
+  friend struct detail::module_state_access;
 };
 
 /// The module holder: bitnet::libtorch::BitLinear layer(in, out) or BitLinear(weight, bias, options).
