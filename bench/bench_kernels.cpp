@@ -85,6 +85,43 @@ __attribute__((target("avx2"))) void maddubs_probe(benchmark::State& state) {
   }
   state.counters["maddubs/s"] = benchmark::Counter(256.0 * 12, benchmark::Counter::kIsIterationInvariantRate);
 }
+
+// The vpdpbusd port floor: 12 independent zmm vpdpbusd chains, register operands only (Zen 4 runs a
+// 512-bit op as two 256-bit halves; Sapphire Rapids issues ~2 a cycle on ports 0 and 5).
+__attribute__((target("avx512f,avx512vnni"))) void dpbusd_probe(benchmark::State& state) {
+  __m512i a0 = _mm512_set1_epi8(1), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
+          a9 = a0, a10 = a0, a11 = a0;
+  const __m512i b = _mm512_set1_epi8(1);
+  for (auto _ : state) {
+    for (int i = 0; i < 256; ++i)
+      __asm__ volatile(
+          "vpdpbusd %12, %12, %0\n\tvpdpbusd %12, %12, %1\n\tvpdpbusd %12, %12, %2\n\tvpdpbusd %12, %12, %3\n\t"
+          "vpdpbusd %12, %12, %4\n\tvpdpbusd %12, %12, %5\n\tvpdpbusd %12, %12, %6\n\tvpdpbusd %12, %12, %7\n\t"
+          "vpdpbusd %12, %12, %8\n\tvpdpbusd %12, %12, %9\n\tvpdpbusd %12, %12, %10\n\tvpdpbusd %12, %12, %11"
+          : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), "+v"(a7), "+v"(a8), "+v"(a9),
+            "+v"(a10), "+v"(a11)
+          : "v"(b));
+  }
+  state.counters["dpbusd/s"] = benchmark::Counter(256.0 * 12, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// The batch-1 kernel's mix without memory: per 64 multiply-adds one vpandd and one vpdpbusd
+// (8 chains), so its cost over dpbusd_probe is what the ANDs take from the multiply ports.
+__attribute__((target("avx512f,avx512vnni"))) void and_dpbusd_probe(benchmark::State& state) {
+  __m512i a0 = _mm512_set1_epi8(1), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, t0 = a0, t1 = a0;
+  const __m512i b = _mm512_set1_epi8(1), m = _mm512_set1_epi8(3);
+  for (auto _ : state) {
+    for (int i = 0; i < 256; ++i)
+      __asm__ volatile(
+          "vpandd %10, %11, %8\n\tvpdpbusd %10, %8, %0\n\tvpandd %10, %11, %9\n\tvpdpbusd %10, %9, %1\n\t"
+          "vpandd %10, %11, %8\n\tvpdpbusd %10, %8, %2\n\tvpandd %10, %11, %9\n\tvpdpbusd %10, %9, %3\n\t"
+          "vpandd %10, %11, %8\n\tvpdpbusd %10, %8, %4\n\tvpandd %10, %11, %9\n\tvpdpbusd %10, %9, %5\n\t"
+          "vpandd %10, %11, %8\n\tvpdpbusd %10, %8, %6\n\tvpandd %10, %11, %9\n\tvpdpbusd %10, %9, %7"
+          : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), "+v"(a7), "+v"(t0), "+v"(t1)
+          : "v"(b), "v"(m));
+  }
+  state.counters["dpbusd/s"] = benchmark::Counter(256.0 * 8, benchmark::Counter::kIsIterationInvariantRate);
+}
 #endif
 
 }  // namespace
@@ -94,6 +131,10 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("clock_probe", clock_probe);
   if (bitnet::isa_supported(bitnet::isa::avx2)) benchmark::RegisterBenchmark("maddubs_probe", maddubs_probe);
   // 32 KiB (L1), 1 MiB (L2), 4.4 MB (a 6912 x 2560 layer's packed weights: L3 on most CPUs)
+  if (bitnet::isa_supported(bitnet::isa::avx512)) {
+    benchmark::RegisterBenchmark("dpbusd_probe", dpbusd_probe);
+    benchmark::RegisterBenchmark("and_dpbusd_probe", and_dpbusd_probe);
+  }
   if (bitnet::isa_supported(bitnet::isa::avx512))
     for (long bytes : {32L << 10, 1L << 20, 6912L * 2560 / 4}) benchmark::RegisterBenchmark("read_probe", read_probe)->Arg(bytes);
 #endif
@@ -102,7 +143,7 @@ int main(int argc, char** argv) {
     if (!bitnet::isa_supported(which)) continue;
     const std::string name = "kernel_" + std::string(bitnet::isa_name(which));
     // L2-resident weights (128 rows) and the model's 6912 x 2560 (from L3).
-    for (Index out : {128, 6912})
+    for (Index out : {128, 640, 6912})
       for (Index batch : {1, 32})
         benchmark::RegisterBenchmark(name.c_str(), kernel, which)->Args({out, 2560, batch})->Unit(benchmark::kMicrosecond);
   }

@@ -273,8 +273,7 @@ inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int th
                          double min_work = min_work_per_thread, gemm_epilogue epilogue = {}) {
   last_run_isa = which;
   gemm_job job{which, a, a.x, nullptr, nullptr, 0, row_blocks, row_blocks, epilogue};
-  // Parts start at multiples of `granule` blocks: the AMX kernel takes blocks in pairs, the
-  // AVX-512 batch-1 kernel in twos.
+  // Parts start at multiples of `granule` blocks: the AMX kernel takes blocks in pairs.
   Index granule = 1;
 #ifdef BITNET_X86
   const bool amx_tiles = which == isa::amx && a.batch >= 16;
@@ -290,8 +289,6 @@ inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int th
     std::int8_t* xi = thread_scratch_of<std::int8_t, scratch_slot::interleaved>(std::size_t(a.batch * a.x_stride));
     interleave_tokens(a, which == isa::avx2 ? avx2_token_tile : avx512_token_tile, xi);
     job.interleaved = xi;
-  } else if (which != isa::scalar && which != isa::avx2) {
-    granule = 2;
   }
 #endif
   const double work = double(a.batch) * double(row_blocks) * double(a.col_tiles) * double(tile_rows * tile_cols);

@@ -76,11 +76,12 @@ BITNET_INLINE_AVX512 __m512i shift_right_avx512(__m512i v, int shift) noexcept {
 
 /// Writes the 16 int32 row sums of row block g for one token, minus the token's activation sum.
 BITNET_INLINE_AVX512 void store_rows_avx512(const gemm_args& a, __m512i sums, Eigen::Index g, Eigen::Index token) noexcept {
-  alignas(64) std::int32_t lanes[tile_rows];
-  _mm512_store_si512(lanes, sums);
   const Eigen::Index first = g * tile_rows, count = std::min(tile_rows, a.rows - first);
   std::int32_t* out = a.acc + token * a.rows + first;
   const std::int32_t offset = a.x_sums[token];
+  if (count == tile_rows) return _mm512_storeu_si512(out, _mm512_sub_epi32(sums, _mm512_set1_epi32(offset)));
+  alignas(64) std::int32_t lanes[tile_rows];
+  _mm512_store_si512(lanes, sums);
   for (Eigen::Index j = 0; j < count; ++j) out[j] = lanes[j] - offset;
 }
 
@@ -130,6 +131,53 @@ BITNET_TARGET_AVX512 void gemm_per_plane_avx512(const gemm_args& a, const std::i
   for (int r = 0; r < Blocks; ++r)
     if ((g + r) * tile_rows < a.rows)
       for (int t = 0; t < Tokens; ++t) store_rows_avx512(a, load_avx512(total[r][t]), g + r, token + t);
+}
+
+/// How far ahead of its loads the batch-1 kernel prefetches its weight stream: ~4 KiB, a few
+/// hundred nanoseconds of DRAM bandwidth, so a miss is in flight well before the load needs it.
+inline constexpr Eigen::Index gemv_prefetch_bytes = 4096;
+
+/// Batch 1: row blocks [begin, end) one after the other, so the weights are read as one sequential
+/// stream (the blocks of pack.hpp follow each other), prefetched gemv_prefetch_bytes ahead. Per-plane
+/// accumulators (plane p extracted as 4^p c by one AND) for even and odd tiles: 8 independent
+/// vpdpbusd chains from one stream. Each run of at most per_plane_tiles_per_run tiles is scaled back
+/// before the next (the bound of gemm_per_plane_avx512).
+BITNET_TARGET_AVX512 inline void gemv_avx512(const gemm_args& a, Eigen::Index begin, Eigen::Index end) noexcept {
+  const std::uint8_t* w = a.weights + begin * a.col_tiles * tile_bytes;
+  for (Eigen::Index g = begin; g < end; ++g) {
+    const std::int8_t* x = a.x;
+    __m512i total = _mm512_setzero_si512();
+    for (Eigen::Index remaining = a.col_tiles; remaining > 0;) {
+      // col_tiles is a multiple of 4 (64-column padding) and so is every run.
+      const Eigen::Index run = std::min(remaining, per_plane_tiles_per_run);
+      remaining -= run;
+      const std::uint8_t* const run_end = w + run * tile_bytes;
+      __m512i acc[2][4];
+      for (int h = 0; h < 2; ++h)
+        for (int p = 0; p < 4; ++p) acc[h][p] = _mm512_setzero_si512();
+      do {
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; ++t) {
+          _mm_prefetch(reinterpret_cast<const char*>(w + t * tile_bytes + gemv_prefetch_bytes), _MM_HINT_T0);
+          const __m512i tile = load_avx512(w + t * tile_bytes);
+#pragma GCC unroll 4
+          for (int p = 0; p < 4; ++p) {
+            const __m512i codes = _mm512_and_si512(tile, _mm512_set1_epi8(static_cast<char>(3 << (2 * p))));
+            acc[t % 2][p] = dpbusd_avx512(acc[t % 2][p], codes, broadcast_group_avx512(x + t * tile_cols + p * group_cols));
+          }
+        }
+        w += 4 * tile_bytes;
+        x += 4 * tile_cols;
+      } while (w != run_end);
+      const __m512i planes[4] = {_mm512_add_epi32(acc[0][0], acc[1][0]), _mm512_add_epi32(acc[0][1], acc[1][1]),
+                                 _mm512_add_epi32(acc[0][2], acc[1][2]), _mm512_add_epi32(acc[0][3], acc[1][3])};
+      // A plane's even and odd tiles together gain at most 2^14 tiles x 2^16: below 2^31.
+      total = _mm512_add_epi32(total, _mm512_add_epi32(_mm512_add_epi32(planes[0], shift_right_avx512(planes[1], 2)),
+                                                       _mm512_add_epi32(shift_right_avx512(planes[2], 4),
+                                                                        shift_right_avx512(planes[3], 6))));
+    }
+    store_rows_avx512(a, total, g, 0);
+  }
 }
 
 /// Row block g against Tokens tokens (interleaved activations), planes unpacked by shift and AND
@@ -190,7 +238,8 @@ inline Eigen::Index avx512_blocks_per_chunk(Eigen::Index col_tiles) noexcept {
 /// xi: the activations interleaved for token tiles of avx512_token_tile (for batch 1, a.x itself).
 BITNET_TARGET_AVX512 inline void ternary_gemm_avx512(const gemm_args& a, const std::int8_t* xi,
                                                      Eigen::Index block_begin, Eigen::Index block_end) noexcept {
-  const Eigen::Index chunk = a.batch == 1 ? block_end - block_begin : avx512_blocks_per_chunk(a.col_tiles);
+  if (a.batch == 1) return gemv_avx512(a, block_begin, block_end);
+  const Eigen::Index chunk = avx512_blocks_per_chunk(a.col_tiles);
   for (Eigen::Index g0 = block_begin; g0 < block_end; g0 += chunk) {
     const Eigen::Index g1 = std::min(g0 + chunk, block_end);
     for (Eigen::Index token = 0; token < a.batch; token += avx512_token_tile) {

@@ -1,0 +1,242 @@
+// Model-sized decode: the 210 linear layers of a bitnet-b1.58-2B-4T-shaped stack (30 blocks of q, k,
+// v, o, gate, up, down; hidden 2560, intermediate 6912, 20 heads / 5 kv heads of 128), distinct
+// weights, ~0.5 GB packed: far beyond any L3, so every token streams all of it from DRAM.
+//
+//   decode_stack/batch/threads  one forward of `batch` tokens through every layer (BitLinear<float>
+//                               forward(x, y), activation quantization and rescale included). In the
+//                               same iteration, just before, the DRAM read floor of the same bytes
+//                               (every layer's packed buffer read once, in the same order, by as many
+//                               threads: a plain streaming read), because a shared VM's bandwidth
+//                               drifts from minute to minute. Counters: floor_ms, ms_per_token,
+//                               ratio_to_floor, tokens_per_s (of the linear part), GB_per_s.
+//   read_floor/threads          the floor alone.
+//   layer_hot/out/in/batch/threads  one layer of the stack again and again (weights hot in L2 / L3):
+//                               30 x the sum over the 7 layers of a block is the stack without DRAM.
+//
+// The Eigen float32 reference per layer is bitnet_bench_eigen_native (same shapes); bench/decode_report.py
+// turns the JSON files into the table of docs/benchmarks.md. Memory: the packed stack (~0.52 GB) plus
+// one layer's codes while building it.
+#include <bitnet/bitnet.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using bitnet::Index;
+using bitnet::Matrix;
+
+constexpr Index hidden = 2560, intermediate = 6912, kv_width = 5 * 128, blocks = 30;
+
+struct shape {
+  Index out, in;
+};
+// One transformer block's projections in the order a token meets them.
+constexpr shape block_shapes[] = {{hidden, hidden},       {kv_width, hidden},     {kv_width, hidden},
+                                  {hidden, hidden},       {intermediate, hidden}, {intermediate, hidden},
+                                  {hidden, intermediate}};
+
+/// Ternary codes (about a third each of -1, 0, +1) from a cheap generator: 2.4 G of them must be
+/// drawn in seconds.
+Matrix<std::int8_t> random_codes(Index out, Index in, std::uint64_t seed) {
+  Matrix<std::int8_t> codes(out, in);
+  std::uint64_t s = seed * 0x9e3779b97f4a7c15ull + 1;
+  for (Index i = 0; i < codes.size(); ++i) {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    codes.data()[i] = std::int8_t(int((s >> 32) % 3) - 1);
+  }
+  return codes;
+}
+
+Matrix<float> random_matrix(Index rows, Index cols, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  Matrix<float> m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = dist(rng);
+  return m;
+}
+
+struct stack {
+  std::vector<bitnet::BitLinear<float>> layers;
+  std::size_t bytes = 0;
+
+  static const stack& instance() {
+    static const stack built = [] {
+      stack s;
+      s.layers.reserve(std::size(block_shapes) * blocks);
+      for (Index b = 0; b < blocks; ++b)
+        for (const shape& sh : block_shapes) {
+          const std::uint64_t seed = std::uint64_t(s.layers.size()) + 1;
+          s.layers.push_back(bitnet::BitLinear<float>::from_ternary(random_codes(sh.out, sh.in, seed), 0.7f + 0.01f * float(b),
+                                                                    bitnet::Vector<float>::Constant(sh.out, 0.01f)));
+          s.bytes += s.layers.back().packed_weight().size_bytes();
+        }
+      return s;
+    }();
+    return built;
+  }
+};
+
+/// Sums `bytes` bytes (a multiple of 64, 64-byte aligned) with independent accumulators: a plain
+/// streaming read at whatever rate the memory delivers.
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) std::uint64_t read_bytes(const std::uint8_t* p, std::size_t bytes) noexcept {
+  __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+  for (std::size_t i = 0; i < bytes; i += 128) {
+    s0 = _mm256_add_epi64(s0, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i)));
+    s1 = _mm256_add_epi64(s1, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 32)));
+    s2 = _mm256_add_epi64(s2, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 64)));
+    s3 = _mm256_add_epi64(s3, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 96)));
+  }
+  const __m256i s = _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3));
+  alignas(32) std::uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s);
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+}
+#else
+std::uint64_t read_bytes(const std::uint8_t* p, std::size_t bytes) noexcept {
+  std::uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (std::size_t i = 0; i < bytes; i += 32) {
+    std::uint64_t v[4];
+    std::memcpy(v, p + i, sizeof v);
+    s0 += v[0], s1 += v[1], s2 += v[2], s3 += v[3];
+  }
+  return s0 + s1 + s2 + s3;
+}
+#endif
+
+/// Reads every layer's packed bytes once, in stack order, over `threads` threads of the library's
+/// pool (thread i reads the i-th share of each layer, as the kernels split a layer's rows).
+struct floor_read {
+  const stack* s;
+  int threads;
+  mutable std::uint64_t sink[8] = {};
+
+  static void run_part(const void* self, Index part) noexcept {
+    const floor_read& f = *static_cast<const floor_read*>(self);
+    std::uint64_t total = 0;
+    for (const auto& layer : f.s->layers) {
+      const std::size_t lines = layer.packed_weight().size_bytes() / 64;
+      const std::size_t per = (lines + std::size_t(f.threads) - 1) / std::size_t(f.threads);
+      const std::size_t begin = std::min(lines, per * std::size_t(part)), end = std::min(lines, begin + per);
+      total += read_bytes(layer.packed_weight().data() + begin * 64, (end - begin) * 64);
+    }
+    f.sink[part] = total;
+  }
+
+  double seconds() const {
+    const auto t0 = std::chrono::steady_clock::now();
+    bitnet::detail::thread_pool::instance().run(threads, run_part, this);
+    const auto t1 = std::chrono::steady_clock::now();
+    benchmark::DoNotOptimize(sink[0] + sink[1]);
+    return std::chrono::duration<double>(t1 - t0).count();
+  }
+};
+
+/// Activations for each input width and outputs for each output width of the stack.
+struct buffers {
+  Matrix<float> x_hidden, x_intermediate, y_hidden, y_kv, y_intermediate;
+  explicit buffers(Index batch)
+      : x_hidden(random_matrix(batch, hidden, 3)),
+        x_intermediate(random_matrix(batch, intermediate, 4)),
+        y_hidden(batch, hidden),
+        y_kv(batch, kv_width),
+        y_intermediate(batch, intermediate) {}
+  const Matrix<float>& input(Index in) const { return in == hidden ? x_hidden : x_intermediate; }
+  Matrix<float>& output(Index out) { return out == hidden ? y_hidden : out == kv_width ? y_kv : y_intermediate; }
+};
+
+void decode_stack(benchmark::State& state) {
+  const Index batch = state.range(0);
+  const int threads = int(state.range(1));
+  const stack& s = stack::instance();
+  bitnet::set_num_threads(threads);
+  buffers io(batch);
+  const floor_read floor{&s, threads};
+  double stack_seconds = 0, floor_seconds = 0;
+  for (auto _ : state) {
+    floor_seconds += floor.seconds();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (const auto& layer : s.layers) layer.forward(io.input(layer.in_features()), io.output(layer.out_features()));
+    const auto t1 = std::chrono::steady_clock::now();
+    benchmark::ClobberMemory();
+    const double seconds = std::chrono::duration<double>(t1 - t0).count();
+    state.SetIterationTime(seconds);
+    stack_seconds += seconds;
+  }
+  const double n = double(state.iterations());
+  state.counters["floor_ms"] = 1e3 * floor_seconds / n;
+  state.counters["ms_per_token"] = 1e3 * stack_seconds / n / double(batch);
+  state.counters["ratio_to_floor"] = stack_seconds / floor_seconds;
+  state.counters["tokens_per_s"] = n * double(batch) / stack_seconds;
+  state.counters["GB_per_s"] = n * double(s.bytes) / stack_seconds / 1e9;
+  state.counters["floor_GB_per_s"] = n * double(s.bytes) / floor_seconds / 1e9;
+  state.counters["packed_MB"] = double(s.bytes) / 1e6;
+  state.SetLabel(std::string(bitnet::isa_name(bitnet::active_isa())));
+  bitnet::set_num_threads(0);
+}
+
+void read_floor(benchmark::State& state) {
+  const stack& s = stack::instance();
+  const floor_read floor{&s, int(state.range(0))};
+  for (auto _ : state) state.SetIterationTime(floor.seconds());
+  state.counters["GB_per_s"] = benchmark::Counter(double(s.bytes) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// The first layer of the stack of this shape, run again and again: its weights stay in cache.
+void layer_hot(benchmark::State& state) {
+  const Index out = state.range(0), in = state.range(1), batch = state.range(2);
+  const stack& s = stack::instance();
+  bitnet::set_num_threads(int(state.range(3)));
+  const bitnet::BitLinear<float>* layer = nullptr;
+  for (const auto& l : s.layers)
+    if (l.out_features() == out && l.in_features() == in) {
+      layer = &l;
+      break;
+    }
+  buffers io(batch);
+  for (auto _ : state) {
+    layer->forward(io.input(in), io.output(out));
+    benchmark::ClobberMemory();
+  }
+  state.counters["MAC/s"] = benchmark::Counter(double(out * in * batch), benchmark::Counter::kIsIterationInvariantRate);
+  bitnet::set_num_threads(0);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (Index threads : {1, 2})
+    benchmark::RegisterBenchmark("read_floor", read_floor)->Arg(threads)->UseManualTime()->Unit(benchmark::kMillisecond);
+  for (Index batch : {1, 8, 32})
+    for (Index threads : {1, 2})
+      benchmark::RegisterBenchmark("decode_stack", decode_stack)
+          ->Args({batch, threads})
+          ->UseManualTime()
+          ->MinTime(batch == 1 ? 2.0 : 1.0)
+          ->Unit(benchmark::kMillisecond);
+  for (const shape& sh : {shape{hidden, hidden}, shape{kv_width, hidden}, shape{intermediate, hidden}, shape{hidden, intermediate}})
+    for (Index batch : {1, 8, 32})
+      for (Index threads : {1, 2})
+        benchmark::RegisterBenchmark("layer_hot", layer_hot)
+            ->Args({sh.out, sh.in, batch, threads})
+            ->Unit(benchmark::kMicrosecond);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
