@@ -19,6 +19,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "file_fixtures.hpp"
 #include "reference.hpp"
 
 namespace st = bitnet::safetensors;
@@ -30,43 +31,13 @@ using bitnet::Vector;
 
 namespace {
 
-struct scratch_dir {
-  fs::path path;
-  scratch_dir() {
-    std::random_device rd;
-    path = fs::temp_directory_path() / ("bitnet_convert_test_" + std::to_string(rd()) + std::to_string(rd()));
-    fs::create_directories(path);
-  }
-  ~scratch_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  fs::path operator/(const std::string& name) const { return path / name; }
+using file_fixtures::read_text;
+using file_fixtures::tree_of;
+using file_fixtures::write_text;
+
+struct scratch_dir : file_fixtures::scratch_dir {
+  scratch_dir() : file_fixtures::scratch_dir("bitnet_convert_test_") {}
 };
-
-void write_text(const fs::path& path, const std::string& text) {
-  fs::create_directories(path.parent_path());
-  std::ofstream(path, std::ios::binary) << text;
-}
-
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-/// Every path under `root` (links as links), with a file's size and content: what a run changed.
-std::map<std::string, std::string> tree_of(const fs::path& root) {
-  std::map<std::string, std::string> tree;
-  for (auto it = fs::recursive_directory_iterator(root); it != fs::recursive_directory_iterator(); ++it) {
-    const std::string rel = fs::relative(it->path(), root).generic_string();
-    if (it->is_symlink()) tree[rel] = "-> " + fs::read_symlink(it->path()).string();
-    else if (it->is_directory()) tree[rel] = "/";
-    else tree[rel] = read_text(it->path());
-  }
-  return tree;
-}
 
 /// A small Llama-named model: tensor name -> shape (1-D or 2-D), written as F32 with values
 /// drawn from `seed` (norm weights near 1, biases std 0.5, matrices std 1/sqrt(in)).

@@ -21,6 +21,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "file_fixtures.hpp"
 #include "reference.hpp"
 
 namespace st = bitnet::safetensors;
@@ -32,40 +33,13 @@ using bitnet::Matrix;
 
 namespace {
 
-struct scratch {
-  fs::path path;
-  scratch() {
-    std::random_device rd;
-    path = fs::temp_directory_path() / ("bitnet_convert_gguf_test_" + std::to_string(rd()) + std::to_string(rd()));
-    fs::create_directories(path);
-  }
-  ~scratch() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  fs::path operator/(const std::string& name) const { return path / name; }
+using file_fixtures::read_text;
+using file_fixtures::tree_of;
+using file_fixtures::write_text;
+
+struct scratch : file_fixtures::scratch_dir {
+  scratch() : file_fixtures::scratch_dir("bitnet_convert_gguf_test_") {}
 };
-
-void write_text(const fs::path& path, const std::string& text) {
-  fs::create_directories(path.parent_path());
-  std::ofstream(path, std::ios::binary) << text;
-}
-
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-std::map<std::string, std::string> tree_of(const fs::path& root) {
-  std::map<std::string, std::string> tree;
-  for (auto it = fs::recursive_directory_iterator(root); it != fs::recursive_directory_iterator(); ++it) {
-    const std::string rel = fs::relative(it->path(), root).generic_string();
-    tree[rel] = it->is_directory() ? std::string("/") : read_text(it->path());
-  }
-  return tree;
-}
 
 constexpr int hidden = 256, heads = 4, kv_heads = 2, head_dim = hidden / heads, vocab = 32;
 

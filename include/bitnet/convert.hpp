@@ -1015,23 +1015,8 @@ class converter {
                        p.norm ? std::vector<std::uint64_t>{std::uint64_t(p.cols)}
                               : std::vector<std::uint64_t>{std::uint64_t(p.cols), std::uint64_t(p.rows)}});
 
-    const fs::path parent = out_path.parent_path();
-    const std::string stem = "." + out_path.filename().string() + ".bitnet-convert-";
-    remove_stale_staging(parent, stem);
-    std::random_device rd;
-#if __has_include(<unistd.h>)
-    const long pid = long(getpid());
-#else
-    const long pid = 0;
-#endif
-    const fs::path staging = parent / (stem + std::to_string(pid) + "-" + std::to_string(rd()));
-    struct guard {
-      fs::path path;
-      ~guard() {
-        std::error_code ignored;
-        fs::remove(path, ignored);
-      }
-    } remove_unless_committed{staging};
+    const fs::path staging = new_staging_path(out_path);
+    const remove_on_exit remove_unless_committed{staging};
     {
       gguf::writer out(staging, std::move(metadata), std::move(specs));  // its temporary: staging + ".tmp-N"
       const std::string file = out_path.filename().string();
@@ -1041,6 +1026,30 @@ class converter {
     verify_gguf(staging, plan);
     report_.bytes_out = fs::file_size(staging);
     fs::rename(staging, out_path);  // atomic, also over an earlier output
+  }
+
+  /// Removes a staging file or folder unless the final rename took it.
+  struct remove_on_exit {
+    fs::path path;
+    ~remove_on_exit() {
+      std::error_code ignored;
+      fs::remove_all(path, ignored);
+    }
+  };
+
+  /// Where an output is built before it is renamed onto `target`: `.NAME.bitnet-convert-<pid>-<n>`
+  /// beside it; stale ones of runs that no longer exist are removed first.
+  fs::path new_staging_path(const fs::path& target) {
+    const fs::path parent = target.parent_path();
+    const std::string stem = "." + target.filename().string() + ".bitnet-convert-";
+    remove_stale_staging(parent, stem);
+    std::random_device rd;
+#if __has_include(<unistd.h>)
+    const long pid = long(getpid());
+#else
+    const long pid = 0;
+#endif
+    return parent / (stem + std::to_string(pid) + "-" + std::to_string(rd()));
   }
 
   /// Removes what a killed run left beside OUT (".OUT.bitnet-convert-<pid>-<n>" folders or GGUF
@@ -1111,23 +1120,8 @@ class converter {
 
   void convert_folder(const hf::checkpoint& in) {
     const fs::path& target = report_.output;
-    const fs::path parent = target.parent_path();
-    const std::string stem = "." + target.filename().string() + ".bitnet-convert-";
-    remove_stale_staging(parent, stem);
-    std::random_device rd;
-#if __has_include(<unistd.h>)
-    const long pid = long(getpid());
-#else
-    const long pid = 0;
-#endif
-    const fs::path staging = parent / (stem + std::to_string(pid) + "-" + std::to_string(rd()));
-    struct guard {
-      fs::path path;
-      ~guard() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-      }
-    } remove_unless_committed{staging};
+    const fs::path staging = new_staging_path(target);
+    const remove_on_exit remove_unless_committed{staging};
     fs::create_directories(staging);
 
     std::set<std::string> model_files{std::string(hf::config_file_name)};
