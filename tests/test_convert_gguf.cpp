@@ -50,6 +50,7 @@ struct llama_folder {
   st::dtype type = st::dtype::F32;
   nlohmann::json config_extra = nlohmann::json::object();
   std::string extra_tensor{};  // e.g. a bias arch llama has no place for
+  bool bitnet = false;         // BitNetForCausalLM: sub-norms, relu2
 };
 
 /// A Llama-named model folder: config.json and model.safetensors with values drawn from a seed.
@@ -65,6 +66,10 @@ void write_llama(const fs::path& dir, const llama_folder& spec) {
              {"mlp.gate_proj.weight", {ff, h}},        {"mlp.up_proj.weight", {ff, h}},
              {"mlp.down_proj.weight", {h, ff}}})
       tensors.push_back({p + t.first, t.second});
+    if (spec.bitnet) {
+      tensors.push_back({p + "self_attn.attn_sub_norm.weight", {h}});
+      tensors.push_back({p + "mlp.ffn_sub_norm.weight", {ff}});
+    }
   }
   tensors.push_back({"model.norm.weight", {hidden}});
   if (spec.lm_head) tensors.push_back({"lm_head.weight", {vocab, hidden}});
@@ -82,8 +87,8 @@ void write_llama(const fs::path& dir, const llama_folder& spec) {
     out.write_values<float>(name, values);
   }
   out.finish();
-  nlohmann::json config{{"architectures", {"LlamaForCausalLM"}},
-                        {"model_type", "llama"},
+  nlohmann::json config{{"architectures", {spec.bitnet ? "BitNetForCausalLM" : "LlamaForCausalLM"}},
+                        {"model_type", spec.bitnet ? "bitnet" : "llama"},
                         {"hidden_size", hidden},
                         {"intermediate_size", spec.ff},
                         {"num_hidden_layers", spec.layers},
@@ -93,7 +98,7 @@ void write_llama(const fs::path& dir, const llama_folder& spec) {
                         {"max_position_embeddings", 4096},
                         {"rms_norm_eps", 1e-5},
                         {"rope_theta", 500000.0},
-                        {"hidden_act", "silu"},
+                        {"hidden_act", spec.bitnet ? "relu2" : "silu"},
                         {"tie_word_embeddings", !spec.lm_head}};
   config.update(spec.config_extra);
   write_text(dir / "config.json", config.dump(2));
@@ -381,4 +386,59 @@ TEST_CASE("convert to GGUF: tokenizer entries copied verbatim from a vocabulary 
   CHECK(error_of([&] { bitnet::convert_model(dir / "m", dir / "x.gguf", options); }).find("no tokenizer.ggml.model") !=
         std::string::npos);
   CHECK(tree_of(dir.path) == before);
+}
+
+TEST_CASE("convert to GGUF: a BitNet folder becomes arch bitnet-25 (ik_llama.cpp / bitnet.cpp) only when asked for") {
+  scratch dir;
+  write_llama(dir / "BitNet-tiny", {.bitnet = true});
+  const auto before = tree_of(dir.path);
+  // No target named: the engines disagree on the arch, so nothing is guessed.
+  CHECK(error_of([&] { bitnet::convert_model(dir / "BitNet-tiny", dir / "b.gguf", gguf_options(gguf::tensor_type::I2_S)); })
+            .find("--gguf-arch bitnet-25") != std::string::npos);
+  bitnet::convert_options o = gguf_options(gguf::tensor_type::TQ2_0);
+  o.gguf_arch = gguf::model_arch::bitnet_25;
+  CHECK(error_of([&] { bitnet::convert_model(dir / "BitNet-tiny", dir / "b.gguf", o); }).find("use I2_S") != std::string::npos);
+  o.gguf_ternary_type = gguf::tensor_type::I2_S;
+  write_llama(dir / "Llama-tiny", {});
+  CHECK(error_of([&] { bitnet::convert_model(dir / "Llama-tiny", dir / "b.gguf", o); }).find("not") != std::string::npos);
+  write_llama(dir / "BitNet-silu", {.config_extra = {{"hidden_act", "silu"}}, .bitnet = true});
+  CHECK(error_of([&] { bitnet::convert_model(dir / "BitNet-silu", dir / "b.gguf", o); }).find("relu2") != std::string::npos);
+  fs::remove_all(dir / "Llama-tiny");
+  fs::remove_all(dir / "BitNet-silu");
+  CHECK(tree_of(dir.path) == before);
+
+  const bitnet::convert_report report = bitnet::convert_model(dir / "BitNet-tiny", dir / "b.gguf", o);
+  REQUIRE(report.layers.size() == 14);
+  const gguf::reader file(dir / "b.gguf");
+  CHECK(file.get<std::string>("general.architecture") == "bitnet-25");
+  CHECK(file.get<std::uint32_t>("bitnet-25.embedding_length") == 256u);
+  CHECK(file.get<std::uint32_t>("bitnet-25.block_count") == 2u);
+  CHECK(file.get<std::uint32_t>("bitnet-25.feed_forward_length") == 512u);
+  CHECK(file.get<std::uint32_t>("bitnet-25.attention.head_count_kv") == 2u);
+  CHECK(file.get<float>("bitnet-25.rope.freq_base") == 500000.0f);
+  CHECK(!file.find_value("llama.block_count"));
+  CHECK(file.tensors().size() == 1 + 2 * 11 + 2);
+  const hf::checkpoint source(dir / "BitNet-tiny");
+  // NEOX rope: q and k rows stay in the source order (arch llama permutes them).
+  for (const bitnet::converted_layer& layer : report.layers) {
+    CAPTURE(layer.gguf_name);
+    const Matrix<float> w = source.read_matrix<float>(layer.name + ".weight");
+    CHECK(file.read_ternary(layer.gguf_name).codes == reference::weight_codes(w, reference::weight_scale(w)));
+  }
+  for (const int b : {0, 1}) {
+    const std::string blk = "blk." + std::to_string(b) + ".", hf_blk = "model.layers." + std::to_string(b) + ".";
+    CHECK(file.info(blk + "attn_sub_norm.weight").ne == std::vector<std::uint64_t>{256});
+    CHECK(file.info(blk + "ffn_sub_norm.weight").ne == std::vector<std::uint64_t>{512});
+    CHECK(file.read_matrix<float>(blk + "attn_sub_norm.weight") ==
+          Matrix<float>(source.read_vector<float>(hf_blk + "self_attn.attn_sub_norm.weight").transpose()));
+    CHECK(file.read_matrix<float>(blk + "ffn_sub_norm.weight") ==
+          Matrix<float>(source.read_vector<float>(hf_blk + "mlp.ffn_sub_norm.weight").transpose()));
+    // The order ik_llama.cpp's loader does not care about, but the file's: sub-norm before its projection.
+    const auto& t = file.tensors();
+    const auto at = [&](const std::string& n) {
+      return std::find_if(t.begin(), t.end(), [&](const gguf::tensor_info& i) { return i.name == n; }) - t.begin();
+    };
+    CHECK(at(blk + "attn_sub_norm.weight") + 1 == at(blk + "attn_output.weight"));
+    CHECK(at(blk + "ffn_sub_norm.weight") + 1 == at(blk + "ffn_down.weight"));
+  }
 }

@@ -1,5 +1,5 @@
 // bitnet/convert.hpp - converts a safetensors checkpoint (one file, or a Hugging Face model folder)
-// into the Hugging Face BitNet packed form, or a Llama-architecture folder into one GGUF file for
+// into the Hugging Face BitNet packed form, or a Llama- or BitNet-architecture folder into one GGUF file for
 // llama.cpp-family engines, in-process: what the bitnet-convert tool runs.
 //
 //   bitnet::convert_report report = bitnet::convert_model("Llama-3.2-1B", "Llama-3.2-1B-bitnet");
@@ -105,6 +105,11 @@ struct convert_options {
   /// derive tokenizer metadata from tokenizer.json itself, because llama.cpp's converter names the
   /// pre-tokenizer by running the Hugging Face tokenizer, which a C++ library cannot do exactly.
   std::optional<std::filesystem::path> gguf_tokenizer_from{};
+  /// GGUF: the arch to write. Unset: "llama" for a Llama-architecture folder, and a BitNet folder
+  /// (BitNetForCausalLM) is refused, because the engines name its graph differently. bitnet_25:
+  /// a BitNet folder as ik_llama.cpp and bitnet.cpp read it (arch "bitnet-25", sub-norms, relu^2,
+  /// I2_S ternary layers). Mainline llama.cpp's "bitnet" is not written (see docs/gguf.md).
+  std::optional<gguf::model_arch> gguf_arch{};
 };
 
 /// One converted layer, as the report and the progress callback show it.
@@ -633,7 +638,8 @@ class converter {
   }
 
   // -------------------------------------------------------------------------------------------
-  // GGUF output: one file, arch "llama" (llama.cpp's loader; convert_hf_to_gguf.py LlamaModel)
+  // GGUF output: one file, arch "llama" (llama.cpp's loader; convert_hf_to_gguf.py LlamaModel) or
+  // "bitnet-25" (ik_llama.cpp / bitnet.cpp: BitNet b1.58 2B-4T's graph)
 
   /// One tensor of the GGUF file, decided from the headers before anything is written.
   struct gguf_planned {
@@ -660,7 +666,7 @@ class converter {
     const auto it = config.find(key);
     if (it == config.end() || it->is_null()) {
       if (fallback) return *fallback;
-      throw io_error(file.string() + ": \"" + key + "\" is missing (GGUF arch llama needs it); nothing was written");
+      throw io_error(file.string() + ": \"" + key + "\" is missing (the GGUF arch needs it); nothing was written");
     }
     if (!it->is_number_integer() || it->get<std::int64_t>() <= 0 ||
         it->get<std::int64_t>() > std::int64_t(std::numeric_limits<std::uint32_t>::max()))
@@ -693,12 +699,17 @@ class converter {
     const auto has = [&](const char* name) {
       return std::find(architectures.begin(), architectures.end(), name) != architectures.end();
     };
-    if (has("BitNetForCausalLM") || model_type == "bitnet")
+    const bool bitnet = has("BitNetForCausalLM") || (architectures.empty() && model_type == "bitnet");
+    if (bitnet && opt_.gguf_arch != gguf::model_arch::bitnet_25)
       throw io_error(file.string() + ": a BitNet-architecture model (BitNetForCausalLM: attn_sub_norm / ffn_sub_norm, "
                      "relu2): the engines name its GGUF arch differently (mainline llama.cpp \"bitnet\", ik_llama.cpp "
-                     "\"bitnet-b1.58\" / \"bitnet-25\") and bitnet-convert does not write it yet; convert it to the "
-                     "packed safetensors form, or with the target engine's own convert_hf_to_gguf.py; nothing was written");
-    if (!has("LlamaForCausalLM") && !(architectures.empty() && model_type == "llama"))
+                     "and bitnet.cpp \"bitnet-25\"); choose the target: --gguf-arch bitnet-25 (convert_options::"
+                     "gguf_arch, with I2_S) writes it for ik_llama.cpp / bitnet.cpp; mainline's \"bitnet\" is not "
+                     "written; nothing was written");
+    if (!bitnet && opt_.gguf_arch == gguf::model_arch::bitnet_25)
+      throw io_error(file.string() + ": gguf_arch bitnet-25 is for BitNet-architecture folders (BitNetForCausalLM); "
+                     "this one is not; nothing was written");
+    if (!bitnet && !has("LlamaForCausalLM") && !(architectures.empty() && model_type == "llama"))
       throw io_error(file.string() + ": GGUF output supports Llama-architecture folders (\"architectures\": "
                      "[\"LlamaForCausalLM\"]); this one declares " +
                      (architectures.empty() ? "model_type \"" + model_type + "\"" : "\"" + architectures.front() + "\"") +
@@ -708,11 +719,14 @@ class converter {
                      "for Llama 3.x a rope_freqs tensor) that bitnet-convert does not write; nothing was written");
     for (const char* key : {"attention_bias", "mlp_bias"})
       if (const auto it = config.find(key); it != config.end() && it->is_boolean() && it->get<bool>())
-        throw io_error(file.string() + ": \"" + key + "\": true: GGUF arch llama as written here has no biases; "
+        throw io_error(file.string() + ": \"" + key + "\": true: the GGUF archs as written here have no biases; "
                        "nothing was written");
-    if (const std::string act = text("hidden_act"); !act.empty() && act != "silu")
-      throw io_error(file.string() + ": \"hidden_act\" \"" + act + "\": arch llama computes SiLU; nothing was written");
+    const std::string expected_act = bitnet ? "relu2" : "silu";
+    if (const std::string act = text("hidden_act"); (bitnet || !act.empty()) && act != expected_act)
+      throw io_error(file.string() + ": \"hidden_act\" \"" + act + "\": arch " + (bitnet ? "bitnet-25" : "llama") +
+                     " computes " + (bitnet ? "relu^2 (\"relu2\")" : "SiLU") + "; nothing was written");
     gguf::llama_hparams h;
+    h.arch = bitnet ? gguf::model_arch::bitnet_25 : gguf::model_arch::llama;
     h.embedding_length = config_count(config, file, "hidden_size");
     h.block_count = config_count(config, file, "num_hidden_layers");
     h.feed_forward_length = config_count(config, file, "intermediate_size");
@@ -727,7 +741,7 @@ class converter {
                                                  h.embedding_length % h.head_count == 0 &&
                                                  !(it->is_number_integer() && it->get<std::int64_t>() == h.head_dim()))
       throw io_error(file.string() + ": \"head_dim\" " + it->dump() + " is not hidden_size / num_attention_heads (" +
-                     std::to_string(h.head_dim()) + "): arch llama as written here cannot say so; nothing was written");
+                     std::to_string(h.head_dim()) + "): the GGUF arch as written here cannot say so; nothing was written");
     try {
       (void)gguf::llama_metadata(h);  // its checks (divisibility, even head size), named after the file
     } catch (const value_error& e) {
@@ -742,17 +756,20 @@ class converter {
         declared && !(declared->quant_method == "bitnet" && declared->mode == hf::quantization_mode::online))
       throw io_error(in.quantization_source() + " declares a quantization_config (quant_method \"" +
                      declared->quant_method + "\"): the model is already quantized; convert the dense model instead");
+    const std::string arch(gguf::model_arch_name(h.arch));
+    const bool bitnet = h.arch == gguf::model_arch::bitnet_25;  // sub-norms; NEOX rope: q / k rows kept in order
     std::map<std::string, const st::tensor_info*> by_gguf_name;
     for (const st::tensor_info* t : in.tensors()) {
       if (t->name.ends_with("rotary_emb.inv_freq")) {  // recomputed by every engine from rope_theta
         report_.notes.push_back(t->name + " is not written (llama.cpp computes it from rope.freq_base)");
         continue;
       }
-      const std::optional<std::string> name = gguf::llama_tensor_name(t->name);
+      const std::optional<std::string> name = gguf::llama_tensor_name(t->name, h.arch);
       if (!name)
-        throw io_error(in.shard_of(t->name).source_name() + ": tensor \"" + t->name +
-                       "\" has no place in GGUF arch llama (llama.cpp would not read it" +
-                       (t->name.ends_with(".bias") ? ": arch llama has no biases" : "") + "); nothing was written");
+        throw io_error(in.shard_of(t->name).source_name() + ": tensor \"" + t->name + "\" has no place in GGUF arch " +
+                       arch + " (the engine would not read it" +
+                       (t->name.ends_with(".bias") ? ": arch " + arch + " has no biases" : std::string()) +
+                       "); nothing was written");
       by_gguf_name[*name] = t;
     }
     const auto hidden = Index(h.embedding_length), ff = Index(h.feed_forward_length), hd = Index(h.head_dim());
@@ -765,18 +782,20 @@ class converter {
     for (std::uint32_t b = 0; b < h.block_count; ++b) {
       const std::string blk = "blk." + std::to_string(b) + ".";
       add(blk + "attn_norm.weight", 1, hidden, true, 0);
-      add(blk + "attn_q.weight", q_rows, hidden, false, Index(h.head_count));
-      add(blk + "attn_k.weight", kv_rows, hidden, false, Index(h.head_count_kv));
+      add(blk + "attn_q.weight", q_rows, hidden, false, bitnet ? 0 : Index(h.head_count));
+      add(blk + "attn_k.weight", kv_rows, hidden, false, bitnet ? 0 : Index(h.head_count_kv));
       add(blk + "attn_v.weight", kv_rows, hidden, false, 0);
+      if (bitnet) add(blk + "attn_sub_norm.weight", 1, q_rows, true, 0);
       add(blk + "attn_output.weight", hidden, q_rows, false, 0);
       add(blk + "ffn_norm.weight", 1, hidden, true, 0);
       add(blk + "ffn_gate.weight", ff, hidden, false, 0);
       add(blk + "ffn_up.weight", ff, hidden, false, 0);
+      if (bitnet) add(blk + "ffn_sub_norm.weight", 1, ff, true, 0);
       add(blk + "ffn_down.weight", hidden, ff, false, 0);
     }
     add("output_norm.weight", 1, hidden, true, 0);
     if (by_gguf_name.contains("output.weight")) add("output.weight", Index(h.vocab_size), hidden, false, 0);
-    else report_.notes.push_back("no lm_head tensor: llama.cpp uses token_embd as the output (tied embeddings)");
+    else report_.notes.push_back("no lm_head tensor: the engine uses token_embd as the output (tied embeddings)");
     for (const auto& entry : by_gguf_name)
       if (std::none_of(plan.begin(), plan.end(), [&](const gguf_planned& p) { return p.gguf_name == entry.first; }))
         throw io_error(in.shard_of(entry.second->name).source_name() + ": tensor \"" + entry.second->name +
@@ -787,8 +806,8 @@ class converter {
     for (gguf_planned& p : plan) {
       const auto found = by_gguf_name.find(p.gguf_name);
       if (found == by_gguf_name.end())
-        throw io_error(report_.input.string() + ": the model has no tensor for " + p.gguf_name +
-                       " (arch llama needs it); nothing was written");
+        throw io_error(report_.input.string() + ": the model has no tensor for " + p.gguf_name + " (arch " + arch +
+                       " needs it); nothing was written");
       const st::tensor_info& t = *found->second;
       p.source = &t;
       const std::string where = in.shard_of(t.name).source_name() + ": tensor \"" + t.name + "\"";
@@ -870,7 +889,8 @@ class converter {
   void verify_gguf(const fs::path& file, const std::vector<gguf_planned>& plan) {
     const gguf::reader check(file);
     const std::string what = report_.output.string() + ": verification failed";
-    if (check.tensors().size() != plan.size() || check.get<std::string>("general.architecture") != "llama" ||
+    if (check.tensors().size() != plan.size() ||
+        check.get<std::string>("general.architecture") != std::string(gguf::model_arch_name(gguf_arch_)) ||
         !check.find_value(converter_metadata_key))
       throw io_error(what + ": the header read back differs");
     for (const gguf::metadata_entry& e : tokenizer_) {
@@ -986,6 +1006,7 @@ class converter {
     if (!in.config_path())
       throw io_error(in_path.string() + " has no config.json: GGUF output needs the model's hyperparameters");
     const gguf::llama_hparams h = llama_hparams_of(*in.config_path());
+    gguf_arch_ = h.arch;
     const std::vector<gguf_planned> plan = plan_gguf(in, h);
     for (const st::reader& shard : in.shards()) {
       report_.bytes_in += shard.file_size();
@@ -1198,6 +1219,7 @@ class converter {
   std::map<std::string, float> scales_;          // converted module -> the s its stored scale stands for
   std::vector<gguf_record> gguf_records_;
   std::vector<gguf::metadata_entry> tokenizer_;  // GGUF: copied from convert_options::gguf_tokenizer_from
+  gguf::model_arch gguf_arch_ = gguf::model_arch::llama;  // GGUF: the arch written (verify_gguf checks it)
 };
 
 }  // namespace detail
@@ -1206,7 +1228,8 @@ class converter {
 /// config.json, model.safetensors or shards with model.safetensors.index.json, tokenizer and other
 /// files) into the Hugging Face BitNet packed form at `output` (a file for a file, a folder for a
 /// folder), or with options.format gguf a Llama-architecture folder into one GGUF file (arch
-/// "llama", ternary layers as options.gguf_ternary_type). Memory is bounded by the largest tensor. Throws io_error / value_error / shape_error
+/// "llama", ternary layers as options.gguf_ternary_type; a BitNet folder as arch "bitnet-25" with
+/// options.gguf_arch). Memory is bounded by the largest tensor. Throws io_error / value_error / shape_error
 /// naming the file, tensor or layer and the reason; OUT is then as it was. `on_progress` is called
 /// after every tensor (on the calling thread).
 inline convert_report convert_model(const std::filesystem::path& input, const std::filesystem::path& output,
@@ -1220,8 +1243,8 @@ inline convert_report convert_model(const std::filesystem::path& input, const st
                       std::string(safetensors::dtype_name(options.scale_dtype)));
   for (const std::string& rule : options.exclude)
     if (rule.empty()) throw value_error("convert_model: an empty exclude rule would exclude every layer");
-  if (options.format != output_format::gguf && (options.gguf_float_type || options.gguf_tokenizer_from))
-    throw value_error("convert_model: gguf_float_type / gguf_tokenizer_from apply to GGUF output (format gguf) only");
+  if (options.format != output_format::gguf && (options.gguf_float_type || options.gguf_tokenizer_from || options.gguf_arch))
+    throw value_error("convert_model: gguf_float_type / gguf_tokenizer_from / gguf_arch apply to GGUF output (format gguf) only");
   if (options.format == output_format::gguf) {
     if (options.mode != hf::quantization_mode::offline)
       throw value_error("convert_model: GGUF output stores ternary weights: online mode does not apply");
@@ -1235,6 +1258,10 @@ inline convert_report convert_model(const std::filesystem::path& input, const st
         t && *t != gguf::tensor_type::F32 && *t != gguf::tensor_type::F16 && *t != gguf::tensor_type::BF16)
       throw value_error("convert_model: gguf_float_type " + std::string(gguf::tensor_type_name(*t)) +
                         " is not F32, F16 or BF16");
+    if (options.gguf_arch == gguf::model_arch::bitnet_25 && options.gguf_ternary_type != gguf::tensor_type::I2_S)
+      throw value_error("convert_model: gguf_arch bitnet-25 with gguf_ternary_type " +
+                        std::string(gguf::tensor_type_name(options.gguf_ternary_type)) +
+                        ": its engine (ik_llama.cpp) has no TQ2_0 / TQ1_0 kernels; use I2_S");
   }
   return detail::converter(input, output, options, std::move(on_progress)).run();
 }

@@ -1307,8 +1307,22 @@ class writer {
 
 // ---------------------------------------------------------------------------------------------
 // Whole models: arch "llama" (llama.cpp's loader, convert_hf_to_gguf.py LlamaModel, gguf-py names)
+// and arch "bitnet-25" (bitnet-b1.58-2B-4T's graph as ik_llama.cpp and bitnet.cpp name it)
 
-/// What llama.cpp reads for arch "llama", with the config.json field each comes from.
+/// The model graphs written here. llama: Llama (SiLU FFN, q / k rows permuted for llama.cpp's
+/// interleaved rope). bitnet_25: the BitNet b1.58 2B-4T graph (relu^2 FFN, attn_sub_norm before
+/// attn_output, ffn_sub_norm before ffn_down, NEOX rope: rows kept in order), the arch name
+/// "bitnet-25" of ik_llama.cpp (src/llama-arch.cpp; build_bitnet_158) and bitnet.cpp. Mainline
+/// llama.cpp names its BitNet graph "bitnet", a different arch in ik_llama.cpp (1bitLLM's graph),
+/// so one file cannot serve both engines: the target is the caller's choice.
+enum class model_arch { llama, bitnet_25 };
+
+inline std::string_view model_arch_name(model_arch arch) noexcept {
+  return arch == model_arch::bitnet_25 ? "bitnet-25" : "llama";
+}
+
+/// What llama.cpp reads for arch "llama" (and the same keys under "bitnet-25"), with the
+/// config.json field each comes from.
 struct llama_hparams {
   std::uint32_t context_length = 0;       // max_position_embeddings
   std::uint32_t embedding_length = 0;     // hidden_size
@@ -1320,6 +1334,7 @@ struct llama_hparams {
   float rms_norm_eps = 1e-6f;             // rms_norm_eps
   float rope_freq_base = 10000.0f;        // rope_theta
   std::string name;                       // general.name (left out when empty)
+  model_arch arch = model_arch::llama;    // the key prefix, general.architecture and the tensor plan
 
   std::uint32_t head_dim() const noexcept { return head_count ? embedding_length / head_count : 0; }
 };
@@ -1347,25 +1362,26 @@ inline std::vector<metadata_entry> llama_metadata(const llama_hparams& h) {
   require(h.head_dim() % 2 == 0, "the head size " + std::to_string(h.head_dim()) + " is odd (rope rotates pairs)");
   require(std::isfinite(h.rms_norm_eps) && h.rms_norm_eps > 0, "rms_norm_eps is not finite and > 0");
   require(std::isfinite(h.rope_freq_base) && h.rope_freq_base > 0, "rope_freq_base is not finite and > 0");
-  std::vector<metadata_entry> m{{"general.architecture", std::string("llama")}};
+  const std::string arch(model_arch_name(h.arch));
+  std::vector<metadata_entry> m{{"general.architecture", arch}};
   if (!h.name.empty()) m.push_back({"general.name", h.name});
   m.push_back({"general.quantization_version", std::uint32_t(2)});
-  m.push_back({"llama.context_length", h.context_length});
-  m.push_back({"llama.embedding_length", h.embedding_length});
-  m.push_back({"llama.block_count", h.block_count});
-  m.push_back({"llama.feed_forward_length", h.feed_forward_length});
-  m.push_back({"llama.rope.dimension_count", h.head_dim()});
-  m.push_back({"llama.attention.head_count", h.head_count});
-  m.push_back({"llama.attention.head_count_kv", h.head_count_kv});
-  m.push_back({"llama.attention.layer_norm_rms_epsilon", h.rms_norm_eps});
-  m.push_back({"llama.rope.freq_base", h.rope_freq_base});
-  m.push_back({"llama.vocab_size", h.vocab_size});
+  m.push_back({arch + ".context_length", h.context_length});
+  m.push_back({arch + ".embedding_length", h.embedding_length});
+  m.push_back({arch + ".block_count", h.block_count});
+  m.push_back({arch + ".feed_forward_length", h.feed_forward_length});
+  m.push_back({arch + ".rope.dimension_count", h.head_dim()});
+  m.push_back({arch + ".attention.head_count", h.head_count});
+  m.push_back({arch + ".attention.head_count_kv", h.head_count_kv});
+  m.push_back({arch + ".attention.layer_norm_rms_epsilon", h.rms_norm_eps});
+  m.push_back({arch + ".rope.freq_base", h.rope_freq_base});
+  m.push_back({arch + ".vocab_size", h.vocab_size});
   return m;
 }
 
-/// The GGUF name of a Hugging Face Llama tensor (gguf-py's tensor map), or nullopt for a name
-/// arch "llama" has no tensor for.
-inline std::optional<std::string> llama_tensor_name(std::string_view hf) {
+/// The GGUF name of a Hugging Face Llama (or, for bitnet_25, BitNet) tensor (gguf-py's tensor
+/// map), or nullopt for a name the arch has no tensor for.
+inline std::optional<std::string> llama_tensor_name(std::string_view hf, model_arch arch = model_arch::llama) {
   if (hf == "model.embed_tokens.weight") return "token_embd.weight";
   if (hf == "model.norm.weight") return "output_norm.weight";
   if (hf == "lm_head.weight") return "output.weight";
@@ -1388,8 +1404,15 @@ inline std::optional<std::string> llama_tensor_name(std::string_view hf) {
       {"mlp.up_proj.weight", "ffn_up.weight"},
       {"mlp.down_proj.weight", "ffn_down.weight"},
   }};
+  static constexpr std::array<std::pair<std::string_view, std::string_view>, 2> sub_norms{{
+      {"self_attn.attn_sub_norm.weight", "attn_sub_norm.weight"},
+      {"mlp.ffn_sub_norm.weight", "ffn_sub_norm.weight"},
+  }};
   for (const auto& [from, to] : parts)
     if (hf.substr(dot + 1) == from) return "blk." + std::string(block) + "." + std::string(to);
+  if (arch == model_arch::bitnet_25)
+    for (const auto& [from, to] : sub_norms)
+      if (hf.substr(dot + 1) == from) return "blk." + std::string(block) + "." + std::string(to);
   return std::nullopt;
 }
 
@@ -1435,12 +1458,14 @@ struct model_tensor_report {
   std::optional<scale_rounding> scale;  // ternary tensors: what the storage did to d = 1 / sw
 };
 
-/// Writes a whole arch "llama" model: the metadata of `h` (llama_metadata) and the tokenizer
+/// Writes a whole model of arch h.arch: the metadata of `h` (llama_metadata) and the tokenizer
 /// entries, then token_embd, each block (attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm,
-/// ffn_gate, ffn_up, ffn_down), output_norm and output (optional: llama.cpp ties it to token_embd
-/// when absent). q and k rows are permuted for rope (permute_rope_rows). Every name, shape and
-/// type is checked before anything is written (value_error / shape_error naming the tensor), and
-/// the file appears only when complete (writer). Returns one report per tensor, in file order.
+/// ffn_gate, ffn_up, ffn_down; bitnet_25 also attn_sub_norm and ffn_sub_norm), output_norm and
+/// output (optional: the engines tie it to token_embd when absent). Arch llama: q and k rows are
+/// permuted for rope (permute_rope_rows). bitnet_25 takes I2_S ternary layers only: ik_llama.cpp,
+/// its engine, has no TQ2_0 / TQ1_0 kernels. Every name, shape and type is checked before anything
+/// is written (value_error / shape_error naming the tensor), and the file appears only when
+/// complete (writer). Returns one report per tensor, in file order.
 template <real_scalar T>
 std::vector<model_tensor_report> write_llama_model(const std::filesystem::path& path, const llama_hparams& h,
                                                    const std::vector<model_tensor<T>>& tensors,
@@ -1453,6 +1478,11 @@ std::vector<model_tensor_report> write_llama_model(const std::filesystem::path& 
       options.float_type != tensor_type::BF16)
     throw value_error("gguf::write_llama_model: float_type " + std::string(tensor_type_name(options.float_type)) +
                       " is not F32, F16 or BF16");
+  const std::string arch(model_arch_name(h.arch));
+  if (h.arch == model_arch::bitnet_25 && options.ternary_type != tensor_type::I2_S)
+    throw value_error("gguf::write_llama_model: arch bitnet-25 with ternary_type " +
+                      std::string(tensor_type_name(options.ternary_type)) +
+                      ": its engine (ik_llama.cpp) has no TQ2_0 / TQ1_0 kernels; write I2_S");
   bool has_tokenizer_model = false;
   for (const metadata_entry& e : options.tokenizer) {
     if (!e.key.starts_with("tokenizer."))
@@ -1467,8 +1497,8 @@ std::vector<model_tensor_report> write_llama_model(const std::filesystem::path& 
   };
   std::map<std::string, const model_tensor<T>*> by_gguf_name;
   for (const model_tensor<T>& t : tensors) {
-    const std::optional<std::string> gguf_name = llama_tensor_name(t.name);
-    if (!gguf_name) fail(t.name, "not a tensor of arch llama");
+    const std::optional<std::string> gguf_name = llama_tensor_name(t.name, h.arch);
+    if (!gguf_name) fail(t.name, "not a tensor of arch " + arch);
     if (!by_gguf_name.emplace(*gguf_name, &t).second) fail(t.name, "given twice");
   }
   const auto hidden = Index(h.embedding_length), ff = Index(h.feed_forward_length), hd = Index(h.head_dim());
@@ -1478,17 +1508,20 @@ std::vector<model_tensor_report> write_llama_model(const std::filesystem::path& 
     bool norm, linear;
     Index rope_heads;  // 0: not permuted
   };
+  const bool bitnet = h.arch == model_arch::bitnet_25;  // sub-norms; NEOX rope keeps q / k rows in order
   std::vector<planned> plan{{"token_embd.weight", Index(h.vocab_size), hidden, false, false, 0}};
   for (std::uint32_t b = 0; b < h.block_count; ++b) {
     const std::string blk = "blk." + std::to_string(b) + ".";
     plan.push_back({blk + "attn_norm.weight", 1, hidden, true, false, 0});
-    plan.push_back({blk + "attn_q.weight", Index(h.head_count) * hd, hidden, false, true, Index(h.head_count)});
-    plan.push_back({blk + "attn_k.weight", Index(h.head_count_kv) * hd, hidden, false, true, Index(h.head_count_kv)});
+    plan.push_back({blk + "attn_q.weight", Index(h.head_count) * hd, hidden, false, true, bitnet ? 0 : Index(h.head_count)});
+    plan.push_back({blk + "attn_k.weight", Index(h.head_count_kv) * hd, hidden, false, true, bitnet ? 0 : Index(h.head_count_kv)});
     plan.push_back({blk + "attn_v.weight", Index(h.head_count_kv) * hd, hidden, false, true, 0});
+    if (bitnet) plan.push_back({blk + "attn_sub_norm.weight", 1, Index(h.head_count) * hd, true, false, 0});
     plan.push_back({blk + "attn_output.weight", hidden, Index(h.head_count) * hd, false, true, 0});
     plan.push_back({blk + "ffn_norm.weight", 1, hidden, true, false, 0});
     plan.push_back({blk + "ffn_gate.weight", ff, hidden, false, true, 0});
     plan.push_back({blk + "ffn_up.weight", ff, hidden, false, true, 0});
+    if (bitnet) plan.push_back({blk + "ffn_sub_norm.weight", 1, ff, true, false, 0});
     plan.push_back({blk + "ffn_down.weight", hidden, ff, false, true, 0});
   }
   plan.push_back({"output_norm.weight", 1, hidden, true, false, 0});
@@ -1502,16 +1535,16 @@ std::vector<model_tensor_report> write_llama_model(const std::filesystem::path& 
   for (const planned& p : plan) {
     const auto it = by_gguf_name.find(p.gguf_name);
     if (it == by_gguf_name.end())
-      throw value_error("gguf::write_llama_model: the model has no " + detail::quote(p.gguf_name) + " (arch llama needs it)");
+      throw value_error("gguf::write_llama_model: the model has no " + detail::quote(p.gguf_name) + " (arch " + arch + " needs it)");
     const model_tensor<T>& t = *it->second;
     const std::string expected = std::to_string(p.rows) + "x" + std::to_string(p.cols);
     tensor_type type = p.norm ? tensor_type::F32 : options.float_type;
     if (const auto* layer = std::get_if<0>(&t.value)) {
       const BitLinear<T>& l = layer->get();
-      if (!p.linear) fail(t.name, "is a BitLinear, arch llama stores it as float weights");
+      if (!p.linear) fail(t.name, "is a BitLinear, arch " + arch + " stores it as float weights");
       if (l.out_features() != p.rows || l.in_features() != p.cols)
         fail(t.name, "is " + std::to_string(l.out_features()) + "x" + std::to_string(l.in_features()) + ", expected " + expected);
-      if (l.bias()) fail(t.name, "has a bias; arch llama here takes none");
+      if (l.bias()) fail(t.name, "has a bias; arch " + arch + " here takes none");
       if (std::uint64_t(p.cols) % row_multiple(options.ternary_type) != 0)
         fail(t.name, "rows of " + std::to_string(p.cols) + " weights are not a multiple of " +
                          std::to_string(row_multiple(options.ternary_type)) + " (" +
