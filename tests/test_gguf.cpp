@@ -850,6 +850,51 @@ TEST_CASE("gguf: a Llama-named model written whole and read back") {
   CHECK((embd - embd_source).cwiseAbs().maxCoeff() <= embd_source.cwiseAbs().maxCoeff() * std::ldexp(1.0f, -11));
 }
 
+TEST_CASE("gguf: arch bitnet-25: its keys, the two sub-norms per block, q / k rows in source order, I2_S only") {
+  temp_dir dir;
+  const fs::path path = dir.path / "bitnet.gguf";
+  gguf::llama_hparams h = tiny_llama();
+  h.arch = gguf::model_arch::bitnet_25;
+  tiny_model model(h);
+  for (const std::string b : {"0", "1"}) {
+    model.floats.emplace("model.layers." + b + ".self_attn.attn_sub_norm.weight", random_matrix(1, 256, 70));
+    model.floats.emplace("model.layers." + b + ".mlp.ffn_sub_norm.weight", random_matrix(512, 1, 71));
+  }
+  const auto m = gguf::llama_metadata(h);
+  CHECK(m.front() == gguf::metadata_entry{"general.architecture", std::string("bitnet-25")});
+  CHECK(std::count_if(m.begin(), m.end(), [](const auto& e) { return e.key.starts_with("bitnet-25."); }) == 10);
+  CHECK(std::none_of(m.begin(), m.end(), [](const auto& e) { return e.key.starts_with("llama."); }));
+  CHECK(gguf::llama_tensor_name("model.layers.3.mlp.ffn_sub_norm.weight", h.arch) == "blk.3.ffn_sub_norm.weight");
+  CHECK(!gguf::llama_tensor_name("model.layers.3.mlp.ffn_sub_norm.weight"));  // arch llama has no sub-norms
+
+  CHECK_THROWS_WITH_AS(gguf::write_llama_model(path, h, model.tensors()), doctest::Contains("write I2_S"),
+                       bitnet::value_error);
+  gguf::model_options options;
+  options.ternary_type = tensor_type::I2_S;
+  auto tensors = model.tensors();
+  tensors.erase(std::find_if(tensors.begin(), tensors.end(),
+                             [](const auto& t) { return t.name == "model.layers.1.mlp.ffn_sub_norm.weight"; }));
+  CHECK_THROWS_WITH_AS(gguf::write_llama_model(path, h, tensors, options),
+                       doctest::Contains("no \"blk.1.ffn_sub_norm.weight\" (arch bitnet-25 needs it)"), bitnet::value_error);
+  CHECK(!fs::exists(path));
+
+  const auto report = gguf::write_llama_model(path, h, model.tensors(), options);
+  REQUIRE(report.size() == 1 + 2 * 11 + 2);
+  CHECK(report[5].gguf_name == "blk.0.attn_sub_norm.weight");
+  CHECK(report[6].gguf_name == "blk.0.attn_output.weight");
+  CHECK(report[10].gguf_name == "blk.0.ffn_sub_norm.weight");
+  CHECK(report[11].gguf_name == "blk.0.ffn_down.weight");
+  const gguf::reader file(path);
+  CHECK(file.get<std::uint32_t>("bitnet-25.attention.head_count_kv") == 2u);
+  CHECK(file.read_ternary("blk.1.attn_q.weight").codes ==
+        model.layers.at("model.layers.1.self_attn.q_proj.weight").ternary_weight());
+  CHECK(file.read_ternary("blk.1.attn_k.weight").codes ==
+        model.layers.at("model.layers.1.self_attn.k_proj.weight").ternary_weight());
+  CHECK(file.info("blk.1.ffn_sub_norm.weight").ne == std::vector<std::uint64_t>{512});
+  CHECK(file.read_matrix<float>("blk.1.ffn_sub_norm.weight") ==
+        model.floats.at("model.layers.1.mlp.ffn_sub_norm.weight").transpose());
+}
+
 TEST_CASE("gguf: write_llama_model refuses an incomplete or mis-shaped model and writes nothing") {
   temp_dir dir;
   const fs::path path = dir.path / "tiny.gguf";
