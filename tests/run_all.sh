@@ -4,7 +4,8 @@
 #                examples, and the find_package / FetchContent consumer projects;
 #   2. sanitize: the same tests under AddressSanitizer + UndefinedBehaviorSanitizer, built with
 #                clang++-14 (dev builds with GCC; the header checks are left to dev);
-#   3. tsan:     the concurrency tests (concurrent forward, thread counts) under ThreadSanitizer.
+#   3. tsan:     the concurrency tests (concurrent forward, thread counts) under ThreadSanitizer,
+#                built from the few test files that run threads (BITNET_THREAD_TESTS_ONLY).
 #   4. arm:      when g++-aarch64-linux-gnu and qemu-aarch64 are installed, the kernel, packing and
 #                BitLinear tests cross-built for AArch64 and run under qemu-user on CPUs with and
 #                without SDOT / SMMLA (about 3-4 minutes on 2 cores).
