@@ -442,3 +442,44 @@ TEST_CASE("convert to GGUF: a BitNet folder becomes arch bitnet-25 (ik_llama.cpp
     CHECK(at(blk + "ffn_sub_norm.weight") + 1 == at(blk + "ffn_down.weight"));
   }
 }
+
+TEST_CASE("convert to GGUF: Llama 3.x rope scaling becomes the rope_freqs tensor llama.cpp reads") {
+  scratch dir;
+  const nlohmann::json llama3{{"rope_type", "llama3"},       {"factor", 8.0},
+                              {"low_freq_factor", 1.0},      {"high_freq_factor", 4.0},
+                              {"original_max_position_embeddings", 8192}};
+  write_llama(dir / "Llama-3-tiny", {.layers = 1, .config_extra = {{"rope_scaling", llama3}}});
+  const bitnet::convert_report report = bitnet::convert_model(dir / "Llama-3-tiny", dir / "l3.gguf", gguf_options());
+  const gguf::reader file(dir / "l3.gguf");
+  REQUIRE(file.info("rope_freqs.weight").type == gguf::tensor_type::F32);
+  REQUIRE(file.info("rope_freqs.weight").ne == std::vector<std::uint64_t>{32});  // head_dim 64 / 2
+  const Matrix<float> f = file.read_matrix<float>("rope_freqs.weight");
+  // By hand, rope_theta 500000, head_dim 64: pair i's wavelength 2 pi 500000^(i / 32) is below
+  // 8192 / 4 for i <= 14 (kept), above 8192 / 1 for i >= 18 (stretched by 8), between for 15..17.
+  for (Index i = 0; i <= 14; ++i) CHECK(f(0, i) == 1.0f);
+  for (Index i = 18; i < 32; ++i) CHECK(f(0, i) == 8.0f);
+  // The band as transformers computes it: the new inverse frequency blends inv_freq / factor and
+  // inv_freq, and the file holds their ratio.
+  for (Index i = 15; i <= 17; ++i) {
+    const double inv_freq = 1.0 / std::pow(500000.0, double(2 * i) / 64.0);
+    const double smooth = (8192.0 * inv_freq / (2 * 3.14159265358979323846) - 1.0) / (4.0 - 1.0);
+    const double blended = (1 - smooth) * inv_freq / 8.0 + smooth * inv_freq;
+    CHECK(f(0, i) > 1.0f);
+    CHECK(f(0, i) < 8.0f);
+    CHECK(double(f(0, i)) == doctest::Approx(inv_freq / blended).epsilon(1e-6));
+  }
+  CHECK(std::any_of(report.notes.begin(), report.notes.end(),
+                    [](const std::string& n) { return n.find("rope_freqs") != std::string::npos; }));
+
+  // Other scalings, or llama3 without its parameters, are refused and write nothing.
+  write_llama(dir / "linear", {.layers = 1, .config_extra = {{"rope_scaling", {{"type", "linear"}, {"factor", 2.0}}}}});
+  nlohmann::json partial = llama3;
+  partial.erase("high_freq_factor");
+  write_llama(dir / "partial", {.layers = 1, .config_extra = {{"rope_scaling", partial}}});
+  const auto before = tree_of(dir.path);
+  CHECK(error_of([&] { bitnet::convert_model(dir / "linear", dir / "x.gguf", gguf_options()); })
+            .find("writes only Llama 3.x's") != std::string::npos);
+  CHECK(error_of([&] { bitnet::convert_model(dir / "partial", dir / "x.gguf", gguf_options()); })
+            .find("\"high_freq_factor\" must be a finite number > 0") != std::string::npos);
+  CHECK(tree_of(dir.path) == before);
+}

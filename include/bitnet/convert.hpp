@@ -714,9 +714,29 @@ class converter {
                      "[\"LlamaForCausalLM\"]); this one declares " +
                      (architectures.empty() ? "model_type \"" + model_type + "\"" : "\"" + architectures.front() + "\"") +
                      "; nothing was written");
-    if (const auto it = config.find("rope_scaling"); it != config.end() && !it->is_null())
-      throw io_error(file.string() + ": \"rope_scaling\" " + it->dump() + ": llama.cpp needs rope-scaling keys (and "
-                     "for Llama 3.x a rope_freqs tensor) that bitnet-convert does not write; nothing was written");
+    std::optional<gguf::llama3_rope_scaling> llama3_rope;
+    if (const auto it = config.find("rope_scaling"); it != config.end() && !it->is_null()) {
+      const auto kind = [&](const char* key) {
+        const auto k = it->is_object() ? it->find(key) : it->end();
+        return k != it->end() && k->is_string() ? k->get<std::string>() : std::string();
+      };
+      const std::string type = kind("rope_type").empty() ? kind("type") : kind("rope_type");
+      if (bitnet || type != "llama3")
+        throw io_error(file.string() + ": \"rope_scaling\" " + it->dump() + ": bitnet-convert writes only Llama 3.x's "
+                       "(rope_type \"llama3\", arch llama: a rope_freqs tensor); the engine would need other keys for "
+                       "this one; nothing was written");
+      const auto number = [&](const char* key) {
+        const auto k = it->find(key);
+        if (k == it->end() || !k->is_number() || !std::isfinite(k->get<double>()) || !(k->get<double>() > 0))
+          throw io_error(file.string() + ": \"rope_scaling\": \"" + key + "\" must be a finite number > 0 (llama3 "
+                         "rope scaling needs factor, low_freq_factor, high_freq_factor and "
+                         "original_max_position_embeddings), got " + (k == it->end() ? "nothing" : k->dump()) +
+                         "; nothing was written");
+        return k->get<double>();
+      };
+      llama3_rope = gguf::llama3_rope_scaling{number("factor"), number("low_freq_factor"), number("high_freq_factor"),
+                                              number("original_max_position_embeddings")};
+    }
     for (const char* key : {"attention_bias", "mlp_bias"})
       if (const auto it = config.find(key); it != config.end() && it->is_boolean() && it->get<bool>())
         throw io_error(file.string() + ": \"" + key + "\": true: the GGUF archs as written here have no biases; "
@@ -744,9 +764,14 @@ class converter {
                      std::to_string(h.head_dim()) + "): the GGUF arch as written here cannot say so; nothing was written");
     try {
       (void)gguf::llama_metadata(h);  // its checks (divisibility, even head size), named after the file
+      rope_factors_ = llama3_rope ? gguf::llama3_rope_factors(h, *llama3_rope) : std::vector<float>{};
     } catch (const value_error& e) {
       throw io_error(file.string() + ": " + e.what());
     }
+    if (llama3_rope)
+      report_.notes.push_back("rope_scaling llama3 (factor " + std::to_string(llama3_rope->factor) +
+                              "): written as the rope_freqs tensor llama.cpp reads (" +
+                              std::to_string(rope_factors_.size()) + " factors)");
     return h;
   }
 
@@ -778,6 +803,7 @@ class converter {
     const auto add = [&](std::string name, Index rows, Index cols, bool norm, Index rope_heads) {
       plan.push_back({nullptr, std::move(name), rows, cols, norm, false, rope_heads, gguf::tensor_type::F32});
     };
+    if (!rope_factors_.empty()) add("rope_freqs.weight", 1, Index(rope_factors_.size()), true, 0);  // computed, no source
     add("token_embd.weight", Index(h.vocab_size), hidden, false, 0);
     for (std::uint32_t b = 0; b < h.block_count; ++b) {
       const std::string blk = "blk." + std::to_string(b) + ".";
@@ -804,6 +830,7 @@ class converter {
 
     const gguf::tensor_type ternary_type = opt_.gguf_ternary_type;
     for (gguf_planned& p : plan) {
+      if (p.gguf_name == "rope_freqs.weight") continue;  // F32, from config.json
       const auto found = by_gguf_name.find(p.gguf_name);
       if (found == by_gguf_name.end())
         throw io_error(report_.input.string() + ": the model has no tensor for " + p.gguf_name + " (arch " + arch +
@@ -839,6 +866,15 @@ class converter {
   /// Writes one planned tensor and records what the file must give back.
   void write_gguf_tensor(const hf::checkpoint& in, std::size_t index, const gguf_planned& p, gguf::writer& out,
                          const std::string& file) {
+    if (!p.source) {  // rope_freqs: computed from config.json
+      const Matrix<float> m = Eigen::Map<const Matrix<float>>(rope_factors_.data(), 1, Index(rope_factors_.size()));
+      out.write_floats(p.gguf_name, m);
+      fingerprint f;
+      f.add(std::as_bytes(std::span(m.data(), std::size_t(m.size()))));
+      gguf_records_.push_back({index, f.value, 0, 0, {}});
+      tick(0, nullptr);
+      return;
+    }
     const std::string& name = p.source->name;
     const st::reader& shard = in.shard_of(name);
     gguf_record record;
@@ -1014,7 +1050,7 @@ class converter {
       report_.model_files.push_back(fs::path(shard.source_name()).filename().string());
     }
     progress_.tensors_total = plan.size();
-    for (const gguf_planned& p : plan) progress_.bytes_total += p.source->byte_size();
+    for (const gguf_planned& p : plan) progress_.bytes_total += p.source ? p.source->byte_size() : 0;
 
     std::vector<gguf::metadata_entry> metadata = gguf::llama_metadata(h);
     metadata.push_back({std::string(converter_metadata_key), std::string("bitnet-convert")});
@@ -1220,6 +1256,7 @@ class converter {
   std::vector<gguf_record> gguf_records_;
   std::vector<gguf::metadata_entry> tokenizer_;  // GGUF: copied from convert_options::gguf_tokenizer_from
   gguf::model_arch gguf_arch_ = gguf::model_arch::llama;  // GGUF: the arch written (verify_gguf checks it)
+  std::vector<float> rope_factors_;  // GGUF: Llama 3.x's rope_freqs tensor, empty without rope_scaling
 };
 
 }  // namespace detail

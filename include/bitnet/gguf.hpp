@@ -1379,6 +1379,50 @@ inline std::vector<metadata_entry> llama_metadata(const llama_hparams& h) {
   return m;
 }
 
+/// Llama 3.x's rope scaling (config.json "rope_scaling" with rope_type "llama3"): long wavelengths
+/// are stretched by `factor`, short ones kept, the band between blended.
+struct llama3_rope_scaling {
+  double factor = 8.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  double original_context_length = 8192.0;  // original_max_position_embeddings
+};
+
+/// The "rope_freqs.weight" tensor llama.cpp multiplies the wavelengths of arch llama's rope by (one
+/// F32 per pair of a head, head_dim / 2 of them), as transformers' llama3 rope defines it and
+/// convert_hf_to_gguf.py writes it: for pair i, wavelength w = 2 pi base^(2i / head_dim); 1 when w <
+/// original / high_freq_factor, factor when w > original / low_freq_factor, else
+/// 1 / ((1 - m) / factor + m) with m = (original / w - low_freq_factor) / (high_freq_factor -
+/// low_freq_factor). Computed in double, rounded once to float (the converter computes in float32
+/// with torch: the two agree within an ulp or two). Throws value_error for a factor not finite and
+/// > 0, low_freq_factor >= high_freq_factor, or an original context not > 0.
+inline std::vector<float> llama3_rope_factors(const llama_hparams& h, const llama3_rope_scaling& s) {
+  const auto positive = [](double v) { return std::isfinite(v) && v > 0; };
+  if (!positive(s.factor) || !positive(s.low_freq_factor) || !positive(s.high_freq_factor) ||
+      !positive(s.original_context_length) || !(s.low_freq_factor < s.high_freq_factor))
+    throw value_error("gguf::llama3_rope_factors: factor " + std::to_string(s.factor) + ", low_freq_factor " +
+                      std::to_string(s.low_freq_factor) + ", high_freq_factor " + std::to_string(s.high_freq_factor) +
+                      ", original context " + std::to_string(s.original_context_length) +
+                      ": each must be finite and > 0, and low_freq_factor < high_freq_factor");
+  const double pi = 3.14159265358979323846;
+  const std::uint32_t hd = h.head_dim();
+  std::vector<float> factors(hd / 2);
+  const double short_wavelength = s.original_context_length / s.high_freq_factor;
+  const double long_wavelength = s.original_context_length / s.low_freq_factor;
+  for (std::uint32_t i = 0; i < hd / 2; ++i) {
+    const double wavelength = 2 * pi * std::pow(double(h.rope_freq_base), 2.0 * i / hd);
+    double f = 1;
+    if (wavelength > long_wavelength) {
+      f = s.factor;
+    } else if (wavelength >= short_wavelength) {
+      const double m = (s.original_context_length / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+      f = 1 / ((1 - m) / s.factor + m);
+    }
+    factors[i] = float(f);
+  }
+  return factors;
+}
+
 /// The GGUF name of a Hugging Face Llama (or, for bitnet_25, BitNet) tensor (gguf-py's tensor
 /// map), or nullopt for a name the arch has no tensor for.
 inline std::optional<std::string> llama_tensor_name(std::string_view hf, model_arch arch = model_arch::llama) {
