@@ -388,15 +388,15 @@ TEST_CASE("convert to GGUF: tokenizer entries copied verbatim from a vocabulary 
   CHECK(tree_of(dir.path) == before);
 }
 
-TEST_CASE("convert to GGUF: a BitNet folder becomes arch bitnet-25 (ik_llama.cpp / bitnet.cpp) only when asked for") {
+TEST_CASE("convert to GGUF: a BitNet folder becomes arch bitnet-b1.58 or bitnet-25 (bitnet.cpp / ik_llama.cpp) only when asked for") {
   scratch dir;
   write_llama(dir / "BitNet-tiny", {.bitnet = true});
   const auto before = tree_of(dir.path);
   // No target named: the engines disagree on the arch, so nothing is guessed.
   CHECK(error_of([&] { bitnet::convert_model(dir / "BitNet-tiny", dir / "b.gguf", gguf_options(gguf::tensor_type::I2_S)); })
-            .find("--gguf-arch bitnet-25") != std::string::npos);
+            .find("--gguf-arch bitnet-b1.58") != std::string::npos);
   bitnet::convert_options o = gguf_options(gguf::tensor_type::TQ2_0);
-  o.gguf_arch = gguf::model_arch::bitnet_25;
+  o.gguf_arch = gguf::model_arch::bitnet_b158;
   CHECK(error_of([&] { bitnet::convert_model(dir / "BitNet-tiny", dir / "b.gguf", o); }).find("use I2_S") != std::string::npos);
   o.gguf_ternary_type = gguf::tensor_type::I2_S;
   write_llama(dir / "Llama-tiny", {});
@@ -410,13 +410,22 @@ TEST_CASE("convert to GGUF: a BitNet folder becomes arch bitnet-25 (ik_llama.cpp
   const bitnet::convert_report report = bitnet::convert_model(dir / "BitNet-tiny", dir / "b.gguf", o);
   REQUIRE(report.layers.size() == 14);
   const gguf::reader file(dir / "b.gguf");
-  CHECK(file.get<std::string>("general.architecture") == "bitnet-25");
-  CHECK(file.get<std::uint32_t>("bitnet-25.embedding_length") == 256u);
-  CHECK(file.get<std::uint32_t>("bitnet-25.block_count") == 2u);
-  CHECK(file.get<std::uint32_t>("bitnet-25.feed_forward_length") == 512u);
-  CHECK(file.get<std::uint32_t>("bitnet-25.attention.head_count_kv") == 2u);
-  CHECK(file.get<float>("bitnet-25.rope.freq_base") == 500000.0f);
+  CHECK(file.get<std::string>("general.architecture") == "bitnet-b1.58");
+  CHECK(file.get<std::uint32_t>("bitnet-b1.58.embedding_length") == 256u);
+  CHECK(file.get<std::uint32_t>("bitnet-b1.58.block_count") == 2u);
+  CHECK(file.get<std::uint32_t>("bitnet-b1.58.feed_forward_length") == 512u);
+  CHECK(file.get<std::uint32_t>("bitnet-b1.58.attention.head_count_kv") == 2u);
+  CHECK(file.get<float>("bitnet-b1.58.rope.freq_base") == 500000.0f);
   CHECK(!file.find_value("llama.block_count"));
+  {  // the older name of the same graph: only the name and key prefix differ
+    bitnet::convert_options older = o;
+    older.gguf_arch = gguf::model_arch::bitnet_25;
+    bitnet::convert_model(dir / "BitNet-tiny", dir / "b25.gguf", older);
+    const gguf::reader b25(dir / "b25.gguf");
+    CHECK(b25.get<std::string>("general.architecture") == "bitnet-25");
+    CHECK(b25.get<std::uint32_t>("bitnet-25.block_count") == 2u);
+    CHECK(b25.tensors().size() == file.tensors().size());
+  }
   CHECK(file.tensors().size() == 1 + 2 * 11 + 2);
   const hf::checkpoint source(dir / "BitNet-tiny");
   // NEOX rope: q and k rows stay in the source order (arch llama permutes them).

@@ -320,11 +320,11 @@ int usage() {
                "         with model.safetensors.index.json, tokenizer files). An existing OUT is replaced only\n"
                "         when it is an earlier bitnet-convert output, or with --force.\n"
                "       bitnet-convert IN OUT.gguf --to gguf [--gguf-type TQ2_0|TQ1_0|I2_S] [--gguf-float-type F32|F16|BF16]\n"
-               "                      [--gguf-tokenizer-from VOCAB.gguf] [--gguf-arch llama|bitnet-25]\n"
+               "                      [--gguf-tokenizer-from VOCAB.gguf] [--gguf-arch llama|bitnet-b1.58|bitnet-25]\n"
                "                      [--exclude PATTERN ...] [--no-default-excludes] [--force]\n"
                "         IN: a Llama-architecture model folder (config.json); OUT: one GGUF file (arch llama).\n"
-               "         A BitNet folder (BitNetForCausalLM) needs --gguf-arch bitnet-25 --gguf-type I2_S: the arch\n"
-               "         ik_llama.cpp and bitnet.cpp read (mainline llama.cpp's \"bitnet\" is not written).\n"
+               "         A BitNet folder (BitNetForCausalLM) needs --gguf-arch bitnet-b1.58 (or bitnet-25) --gguf-type I2_S:\n"
+               "         the arch bitnet.cpp and ik_llama.cpp read (mainline llama.cpp's \"bitnet\" is not written).\n"
                "         TQ2_0 / TQ1_0 (default TQ2_0) are read by mainline llama.cpp, I2_S by ik_llama.cpp and\n"
                "         bitnet.cpp; other tensors keep their own float type unless --gguf-float-type is given.\n"
                "         The tokenizer.* entries are copied from VOCAB.gguf (convert_hf_to_gguf.py --vocab-only);\n"
@@ -426,6 +426,7 @@ int run(int argc, char** argv) {
       gguf_option_given = true;
       const std::string_view v = args[++i];
       if (v == "llama") opt.convert.gguf_arch = gguf::model_arch::llama;
+      else if (v == "bitnet-b1.58") opt.convert.gguf_arch = gguf::model_arch::bitnet_b158;
       else if (v == "bitnet-25") opt.convert.gguf_arch = gguf::model_arch::bitnet_25;
       else return usage();
     } else if (a == "--gguf-tokenizer-from" && has_value) {

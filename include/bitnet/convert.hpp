@@ -106,9 +106,10 @@ struct convert_options {
   /// pre-tokenizer by running the Hugging Face tokenizer, which a C++ library cannot do exactly.
   std::optional<std::filesystem::path> gguf_tokenizer_from{};
   /// GGUF: the arch to write. Unset: "llama" for a Llama-architecture folder, and a BitNet folder
-  /// (BitNetForCausalLM) is refused, because the engines name its graph differently. bitnet_25:
-  /// a BitNet folder as ik_llama.cpp and bitnet.cpp read it (arch "bitnet-25", sub-norms, relu^2,
-  /// I2_S ternary layers). Mainline llama.cpp's "bitnet" is not written (see docs/gguf.md).
+  /// (BitNetForCausalLM) is refused, because the engines name its graph differently. bitnet_b158
+  /// (or its older name bitnet_25): a BitNet folder as bitnet.cpp and ik_llama.cpp read it (arch
+  /// "bitnet-b1.58" / "bitnet-25", sub-norms, relu^2, I2_S ternary layers). Mainline llama.cpp's
+  /// "bitnet" is not written (see docs/gguf.md).
   std::optional<gguf::model_arch> gguf_arch{};
 };
 
@@ -700,14 +701,15 @@ class converter {
       return std::find(architectures.begin(), architectures.end(), name) != architectures.end();
     };
     const bool bitnet = has("BitNetForCausalLM") || (architectures.empty() && model_type == "bitnet");
-    if (bitnet && opt_.gguf_arch != gguf::model_arch::bitnet_25)
+    if (bitnet && !(opt_.gguf_arch && gguf::is_bitnet_arch(*opt_.gguf_arch)))
       throw io_error(file.string() + ": a BitNet-architecture model (BitNetForCausalLM: attn_sub_norm / ffn_sub_norm, "
                      "relu2): the engines name its GGUF arch differently (mainline llama.cpp \"bitnet\", ik_llama.cpp "
-                     "and bitnet.cpp \"bitnet-25\"); choose the target: --gguf-arch bitnet-25 (convert_options::"
-                     "gguf_arch, with I2_S) writes it for ik_llama.cpp / bitnet.cpp; mainline's \"bitnet\" is not "
-                     "written; nothing was written");
-    if (!bitnet && opt_.gguf_arch == gguf::model_arch::bitnet_25)
-      throw io_error(file.string() + ": gguf_arch bitnet-25 is for BitNet-architecture folders (BitNetForCausalLM); "
+                     "and bitnet.cpp \"bitnet-b1.58\" or \"bitnet-25\"); choose the target: --gguf-arch bitnet-b1.58 "
+                     "(convert_options::gguf_arch, with I2_S) writes it for bitnet.cpp / ik_llama.cpp; mainline's "
+                     "\"bitnet\" is not written; nothing was written");
+    if (!bitnet && opt_.gguf_arch && gguf::is_bitnet_arch(*opt_.gguf_arch))
+      throw io_error(file.string() + ": gguf_arch " + std::string(gguf::model_arch_name(*opt_.gguf_arch)) +
+                     " is for BitNet-architecture folders (BitNetForCausalLM); "
                      "this one is not; nothing was written");
     if (!bitnet && !has("LlamaForCausalLM") && !(architectures.empty() && model_type == "llama"))
       throw io_error(file.string() + ": GGUF output supports Llama-architecture folders (\"architectures\": "
@@ -743,10 +745,11 @@ class converter {
                        "nothing was written");
     const std::string expected_act = bitnet ? "relu2" : "silu";
     if (const std::string act = text("hidden_act"); (bitnet || !act.empty()) && act != expected_act)
-      throw io_error(file.string() + ": \"hidden_act\" \"" + act + "\": arch " + (bitnet ? "bitnet-25" : "llama") +
+      throw io_error(file.string() + ": \"hidden_act\" \"" + act + "\": arch " +
+                     std::string(bitnet ? gguf::model_arch_name(*opt_.gguf_arch) : "llama") +
                      " computes " + (bitnet ? "relu^2 (\"relu2\")" : "SiLU") + "; nothing was written");
     gguf::llama_hparams h;
-    h.arch = bitnet ? gguf::model_arch::bitnet_25 : gguf::model_arch::llama;
+    h.arch = bitnet ? *opt_.gguf_arch : gguf::model_arch::llama;
     h.embedding_length = config_count(config, file, "hidden_size");
     h.block_count = config_count(config, file, "num_hidden_layers");
     h.feed_forward_length = config_count(config, file, "intermediate_size");
@@ -782,7 +785,7 @@ class converter {
       throw io_error(in.quantization_source() + " declares a quantization_config (quant_method \"" +
                      declared->quant_method + "\"): the model is already quantized; convert the dense model instead");
     const std::string arch(gguf::model_arch_name(h.arch));
-    const bool bitnet = h.arch == gguf::model_arch::bitnet_25;  // sub-norms; NEOX rope: q / k rows kept in order
+    const bool bitnet = gguf::is_bitnet_arch(h.arch);  // sub-norms; NEOX rope: q / k rows kept in order
     std::map<std::string, const st::tensor_info*> by_gguf_name;
     for (const st::tensor_info* t : in.tensors()) {
       if (t->name.ends_with("rotary_emb.inv_freq")) {  // recomputed by every engine from rope_theta
@@ -1295,8 +1298,9 @@ inline convert_report convert_model(const std::filesystem::path& input, const st
         t && *t != gguf::tensor_type::F32 && *t != gguf::tensor_type::F16 && *t != gguf::tensor_type::BF16)
       throw value_error("convert_model: gguf_float_type " + std::string(gguf::tensor_type_name(*t)) +
                         " is not F32, F16 or BF16");
-    if (options.gguf_arch == gguf::model_arch::bitnet_25 && options.gguf_ternary_type != gguf::tensor_type::I2_S)
-      throw value_error("convert_model: gguf_arch bitnet-25 with gguf_ternary_type " +
+    if (options.gguf_arch && gguf::is_bitnet_arch(*options.gguf_arch) && options.gguf_ternary_type != gguf::tensor_type::I2_S)
+      throw value_error("convert_model: gguf_arch " + std::string(gguf::model_arch_name(*options.gguf_arch)) +
+                        " with gguf_ternary_type " +
                         std::string(gguf::tensor_type_name(options.gguf_ternary_type)) +
                         ": its engine (ik_llama.cpp) has no TQ2_0 / TQ1_0 kernels; use I2_S");
   }

@@ -1310,16 +1310,21 @@ class writer {
 // and arch "bitnet-25" (bitnet-b1.58-2B-4T's graph as ik_llama.cpp and bitnet.cpp name it)
 
 /// The model graphs written here. llama: Llama (SiLU FFN, q / k rows permuted for llama.cpp's
-/// interleaved rope). bitnet_25: the BitNet b1.58 2B-4T graph (relu^2 FFN, attn_sub_norm before
-/// attn_output, ffn_sub_norm before ffn_down, NEOX rope: rows kept in order), the arch name
-/// "bitnet-25" of ik_llama.cpp (src/llama-arch.cpp; build_bitnet_158) and bitnet.cpp. Mainline
-/// llama.cpp names its BitNet graph "bitnet", a different arch in ik_llama.cpp (1bitLLM's graph),
-/// so one file cannot serve both engines: the target is the caller's choice.
-enum class model_arch { llama, bitnet_25 };
+/// interleaved rope). bitnet_b158 and bitnet_25: the BitNet b1.58 2B-4T graph (relu^2 FFN,
+/// attn_sub_norm before attn_output, ffn_sub_norm before ffn_down, NEOX rope: rows kept in order)
+/// under its two arch names, "bitnet-b1.58" (what bitnet.cpp's converter writes since 2B-4T's
+/// re-release) and "bitnet-25" (the first one); ik_llama.cpp reads both with one loader and graph
+/// (src/llama-arch.cpp, build_bitnet_158). Mainline llama.cpp names its BitNet graph "bitnet", a
+/// different arch in ik_llama.cpp (1bitLLM's graph), so one file cannot serve both engines: the
+/// target is the caller's choice.
+enum class model_arch { llama, bitnet_b158, bitnet_25 };
 
 inline std::string_view model_arch_name(model_arch arch) noexcept {
-  return arch == model_arch::bitnet_25 ? "bitnet-25" : "llama";
+  return arch == model_arch::bitnet_b158 ? "bitnet-b1.58" : arch == model_arch::bitnet_25 ? "bitnet-25" : "llama";
 }
+
+/// Whether `arch` is one of the BitNet b1.58 graph's names.
+inline bool is_bitnet_arch(model_arch arch) noexcept { return arch != model_arch::llama; }
 
 /// What llama.cpp reads for arch "llama" (and the same keys under "bitnet-25"), with the
 /// config.json field each comes from.
@@ -1423,7 +1428,7 @@ inline std::vector<float> llama3_rope_factors(const llama_hparams& h, const llam
   return factors;
 }
 
-/// The GGUF name of a Hugging Face Llama (or, for bitnet_25, BitNet) tensor (gguf-py's tensor
+/// The GGUF name of a Hugging Face Llama (or, for the BitNet archs, BitNet) tensor (gguf-py's tensor
 /// map), or nullopt for a name the arch has no tensor for.
 inline std::optional<std::string> llama_tensor_name(std::string_view hf, model_arch arch = model_arch::llama) {
   if (hf == "model.embed_tokens.weight") return "token_embd.weight";
@@ -1454,7 +1459,7 @@ inline std::optional<std::string> llama_tensor_name(std::string_view hf, model_a
   }};
   for (const auto& [from, to] : parts)
     if (hf.substr(dot + 1) == from) return "blk." + std::string(block) + "." + std::string(to);
-  if (arch == model_arch::bitnet_25)
+  if (is_bitnet_arch(arch))
     for (const auto& [from, to] : sub_norms)
       if (hf.substr(dot + 1) == from) return "blk." + std::string(block) + "." + std::string(to);
   return std::nullopt;
@@ -1504,9 +1509,9 @@ struct model_tensor_report {
 
 /// Writes a whole model of arch h.arch: the metadata of `h` (llama_metadata) and the tokenizer
 /// entries, then token_embd, each block (attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm,
-/// ffn_gate, ffn_up, ffn_down; bitnet_25 also attn_sub_norm and ffn_sub_norm), output_norm and
+/// ffn_gate, ffn_up, ffn_down; the BitNet archs also attn_sub_norm and ffn_sub_norm), output_norm and
 /// output (optional: the engines tie it to token_embd when absent). Arch llama: q and k rows are
-/// permuted for rope (permute_rope_rows). bitnet_25 takes I2_S ternary layers only: ik_llama.cpp,
+/// permuted for rope (permute_rope_rows). The BitNet archs take I2_S ternary layers only: ik_llama.cpp,
 /// its engine, has no TQ2_0 / TQ1_0 kernels. Every name, shape and type is checked before anything
 /// is written (value_error / shape_error naming the tensor), and the file appears only when
 /// complete (writer). Returns one report per tensor, in file order.
@@ -1523,8 +1528,8 @@ std::vector<model_tensor_report> write_llama_model(const std::filesystem::path& 
     throw value_error("gguf::write_llama_model: float_type " + std::string(tensor_type_name(options.float_type)) +
                       " is not F32, F16 or BF16");
   const std::string arch(model_arch_name(h.arch));
-  if (h.arch == model_arch::bitnet_25 && options.ternary_type != tensor_type::I2_S)
-    throw value_error("gguf::write_llama_model: arch bitnet-25 with ternary_type " +
+  if (is_bitnet_arch(h.arch) && options.ternary_type != tensor_type::I2_S)
+    throw value_error("gguf::write_llama_model: arch " + arch + " with ternary_type " +
                       std::string(tensor_type_name(options.ternary_type)) +
                       ": its engine (ik_llama.cpp) has no TQ2_0 / TQ1_0 kernels; write I2_S");
   bool has_tokenizer_model = false;
@@ -1552,7 +1557,7 @@ std::vector<model_tensor_report> write_llama_model(const std::filesystem::path& 
     bool norm, linear;
     Index rope_heads;  // 0: not permuted
   };
-  const bool bitnet = h.arch == model_arch::bitnet_25;  // sub-norms; NEOX rope keeps q / k rows in order
+  const bool bitnet = is_bitnet_arch(h.arch);  // sub-norms; NEOX rope keeps q / k rows in order
   std::vector<planned> plan{{"token_embd.weight", Index(h.vocab_size), hidden, false, false, 0}};
   for (std::uint32_t b = 0; b < h.block_count; ++b) {
     const std::string blk = "blk." + std::to_string(b) + ".";
