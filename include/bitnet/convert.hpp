@@ -1057,6 +1057,10 @@ class converter {
 
     std::vector<gguf::metadata_entry> metadata = gguf::llama_metadata(h);
     metadata.push_back({std::string(converter_metadata_key), std::string("bitnet-convert")});
+    if (opt_.gguf_ternary_type == gguf::tensor_type::I2_S)
+      report_.notes.push_back("I2_S: bitnet.cpp's type; ik_llama.cpp reads it but has no I2_S matrix product (its "
+                              "outputs would be zeros): there, run `llama-quantize --allow-requantize OUT.gguf "
+                              "OUT-iq2bn.gguf IQ2_BN` first (docs/gguf.md)");
     if (opt_.gguf_tokenizer_from) {
       tokenizer_ = tokenizer_entries(*opt_.gguf_tokenizer_from, h);
       metadata.insert(metadata.end(), tokenizer_.begin(), tokenizer_.end());
