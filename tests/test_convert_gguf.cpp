@@ -492,3 +492,37 @@ TEST_CASE("convert to GGUF: Llama 3.x rope scaling becomes the rope_freqs tensor
             .find("\"high_freq_factor\" must be a finite number > 0") != std::string::npos);
   CHECK(tree_of(dir.path) == before);
 }
+
+TEST_CASE("convert to GGUF: a packed BitNet folder (as 2B-4T is published) goes in exactly, nothing re-quantized") {
+  for (const bool bitnet_arch : {true, false}) {
+    CAPTURE(bitnet_arch);
+    scratch dir;
+    write_llama(dir / "dense", {.bitnet = bitnet_arch});
+    bitnet::convert_model(dir / "dense", dir / "packed");  // the packed safetensors form, quantization_config offline
+    bitnet::convert_options o = gguf_options(gguf::tensor_type::I2_S);
+    if (bitnet_arch) o.gguf_arch = gguf::model_arch::bitnet_b158;
+    const bitnet::convert_report from_dense = bitnet::convert_model(dir / "dense", dir / "dense.gguf", o);
+    const bitnet::convert_report from_packed = bitnet::convert_model(dir / "packed", dir / "packed.gguf", o);
+    REQUIRE(from_packed.layers.size() == from_dense.layers.size());
+    const gguf::reader a(dir / "dense.gguf"), b(dir / "packed.gguf");
+    REQUIRE(a.tensors().size() == b.tensors().size());
+    for (const bitnet::converted_layer& layer : from_packed.layers) {
+      CAPTURE(layer.gguf_name);
+      CHECK(layer.relative_error == 0);  // nothing quantized: the codes are the file's
+      const gguf::ternary_tensor x = a.read_ternary(layer.gguf_name), y = b.read_ternary(layer.gguf_name);
+      CHECK(x.codes == y.codes);  // same codes, in the same (rope) row order
+      for (std::size_t k = 0; k < x.scales.size(); ++k)
+        CHECK(std::fabs(double(y.scales[k]) / double(x.scales[k]) - 1) <= 0x1p-23);  // d through the F32 weight_scale
+    }
+  }
+  // A packed layer has no floats to fall back to: rows that are no whole number of blocks are refused.
+  scratch dir;
+  write_llama(dir / "dense", {.ff = 320, .bitnet = true});
+  bitnet::convert_model(dir / "dense", dir / "packed");
+  bitnet::convert_options o = gguf_options(gguf::tensor_type::I2_S);
+  o.gguf_arch = gguf::model_arch::bitnet_b158;
+  const auto before = tree_of(dir.path);
+  CHECK(error_of([&] { bitnet::convert_model(dir / "packed", dir / "p.gguf", o); })
+            .find("in_features 320 is not a multiple of 128") != std::string::npos);
+  CHECK(tree_of(dir.path) == before);
+}

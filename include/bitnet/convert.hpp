@@ -121,7 +121,7 @@ struct converted_layer {
   double weight_scale = 0;      // as stored, in the output's convention and scale_dtype (GGUF: d = 1 / s)
   double scale_rounding = 0;    // relative change of the scale by scale_dtype (GGUF: of d by fp16 / float32)
   double zero_fraction = 0;     // of the ternary codes
-  double relative_error = 0;    // ||W - q / s|| / ||W||
+  double relative_error = 0;    // ||W - q / s|| / ||W|| (0 for a layer that was packed already)
   bool has_bias = false;        // stored as the convention defines it (hf.hpp)
   std::string gguf_name{};      // GGUF: the tensor in the file, "blk.0.ffn_down.weight" (else empty)
 };
@@ -648,6 +648,7 @@ class converter {
     std::string gguf_name;
     Index rows = 0, cols = 0;  // as the arch needs it (a norm: 1 x n)
     bool norm = false, ternary = false;
+    bool packed = false;       // ternary already: a packed BitNet layer (U8 codes + weight_scale), copied exactly
     Index rope_heads = 0;      // q / k: rows permuted within each of these heads (llama's rope); else 0
     gguf::tensor_type type = gguf::tensor_type::F32;
   };
@@ -780,8 +781,11 @@ class converter {
 
   /// Every tensor of the GGUF file, from the headers alone: names, shapes, types, which are ternary.
   std::vector<gguf_planned> plan_gguf(const hf::checkpoint& in, const gguf::llama_hparams& h) {
-    if (const auto& declared = in.quantization();
-        declared && !(declared->quant_method == "bitnet" && declared->mode == hf::quantization_mode::online))
+    // A packed BitNet folder (quant_method "bitnet", offline: microsoft/bitnet-b1.58-2B-4T as
+    // published) is ternary already: its layers go into the file as they are, codes and scale exact.
+    const auto& declared = in.quantization();
+    const bool packed_input = declared && declared->quant_method == "bitnet" && declared->mode == hf::quantization_mode::offline;
+    if (declared && !packed_input && !(declared->quant_method == "bitnet" && declared->mode == hf::quantization_mode::online))
       throw io_error(in.quantization_source() + " declares a quantization_config (quant_method \"" +
                      declared->quant_method + "\"): the model is already quantized; convert the dense model instead");
     const std::string arch(gguf::model_arch_name(h.arch));
@@ -792,6 +796,7 @@ class converter {
         report_.notes.push_back(t->name + " is not written (llama.cpp computes it from rope.freq_base)");
         continue;
       }
+      if (packed_input && t->name.ends_with(".weight_scale")) continue;  // read with its packed layer
       const std::optional<std::string> name = gguf::llama_tensor_name(t->name, h.arch);
       if (!name)
         throw io_error(in.shard_of(t->name).source_name() + ": tensor \"" + t->name + "\" has no place in GGUF arch " +
@@ -804,7 +809,7 @@ class converter {
     const auto q_rows = Index(h.head_count) * hd, kv_rows = Index(h.head_count_kv) * hd;
     std::vector<gguf_planned> plan;
     const auto add = [&](std::string name, Index rows, Index cols, bool norm, Index rope_heads) {
-      plan.push_back({nullptr, std::move(name), rows, cols, norm, false, rope_heads, gguf::tensor_type::F32});
+      plan.push_back({nullptr, std::move(name), rows, cols, norm, false, false, rope_heads, gguf::tensor_type::F32});
     };
     if (!rope_factors_.empty()) add("rope_freqs.weight", 1, Index(rope_factors_.size()), true, 0);  // computed, no source
     add("token_embd.weight", Index(h.vocab_size), hidden, false, 0);
@@ -841,6 +846,20 @@ class converter {
       const st::tensor_info& t = *found->second;
       p.source = &t;
       const std::string where = in.shard_of(t.name).source_name() + ": tensor \"" + t.name + "\"";
+      if (packed_input && t.type == st::dtype::U8 && !p.norm && p.gguf_name != "token_embd.weight") {
+        // Codes and shape are checked when the layer is read (hf::load_bit_linear); here what fits the file.
+        if (t.shape != std::vector<std::uint64_t>{std::uint64_t(hf::packed_rows(p.rows)), std::uint64_t(p.cols)})
+          throw shape_error(where + " has packed shape " + safetensors::detail::shape_text(t.shape) + ", config.json says " +
+                            std::to_string(p.rows) + " x " + std::to_string(p.cols) + " weights; nothing was written");
+        if (std::uint64_t(p.cols) % gguf::row_multiple(opt_.gguf_ternary_type) != 0)
+          throw io_error(where + ": in_features " + std::to_string(p.cols) + " is not a multiple of " +
+                         std::to_string(gguf::row_multiple(opt_.gguf_ternary_type)) + " (" +
+                         std::string(gguf::tensor_type_name(opt_.gguf_ternary_type)) +
+                         " blocks), and a packed layer has no float weights to fall back to; nothing was written");
+        p.ternary = p.packed = true;
+        p.type = opt_.gguf_ternary_type;
+        continue;
+      }
       if (t.type != st::dtype::F32 && t.type != st::dtype::F16 && t.type != st::dtype::BF16)
         throw io_error(where + " is " + std::string(st::dtype_name(t.type)) + ", not F32, F16 or BF16; nothing was written");
       const bool fits = p.norm ? t.shape.size() == 1 && t.shape[0] == std::uint64_t(p.cols)
@@ -883,7 +902,23 @@ class converter {
     gguf_record record;
     record.planned = index;
     fingerprint f;
-    if (p.ternary) {
+    if (p.packed) {
+      const std::string module = module_of(name);
+      const BitLinear<float> layer = hf::load_bit_linear<float>(in, module, p.rows);
+      if (layer.bias()) throw io_error(shard.source_name() + ": " + module + " has a bias; the GGUF archs here take none");
+      const Matrix<std::int8_t> source_codes = layer.ternary_weight();
+      const float s = layer.weight_scale();
+      const Matrix<std::int8_t> codes = p.rope_heads ? gguf::permute_rope_rows(source_codes, p.rope_heads) : source_codes;
+      const gguf::scale_rounding rounding = out.write_bit_linear(p.gguf_name, BitLinear<float>::from_ternary(codes, s));
+      f.add(std::as_bytes(std::span(codes.data(), std::size_t(codes.size()))));
+      record.d = float(rounding.stored);
+      record.requested_d = rounding.requested;
+      record.probe.seed = std::uint32_t(index + 1);
+      record.probe.expected = layer.forward(probe_input(record.probe.seed, p.cols));
+      const Index zeros = Index((source_codes.array() == 0).count());
+      report_.layers.push_back({module, file, p.rows, p.cols, rounding.stored, rounding.stored / rounding.requested - 1,
+                                double(zeros) / double(source_codes.size()), 0.0, false, p.gguf_name});
+    } else if (p.ternary) {
       const Matrix<float> w = in.read_matrix<float>(name);
       require_finite(w, shard, name);
       const auto q = quantize_weights(w);
