@@ -345,36 +345,59 @@ TEST_CASE("group kernels: quantize, grouped product and rescale give the double 
   }
 }
 
-TEST_CASE("group kernels: the grouped rescale in double and without bias follows the same formula") {
-  // rescale_rows_grouped on hand-made accumulators: 2 tokens, 18 rows (2 row blocks), 3 groups of
-  // which 2 are real; rows [3, 17) only.
+namespace {
+
+// rescale_rows_grouped on hand-made accumulators: 2 tokens, 18 rows (2 row blocks), 3 kernel groups
+// of which 2 are real; row ranges that start and end off the SIMD rescales' 4- and 2-row steps.
+template <class T>
+void check_rescale_by_hand(isa which) {
   const Index kernel_groups = 3, groups = 2, rows = 18, virtual_rows = 2 * kernel_groups * 16;
   std::vector<std::int32_t> acc(std::size_t(2 * virtual_rows));
-  for (std::size_t i = 0; i < acc.size(); ++i) acc[i] = std::int32_t(i * 7919 % 2001) - 1000;
-  Matrix<double> d(rows, groups);
-  for (Index i = 0; i < d.size(); ++i) d.data()[i] = 0.01 * double(i + 1) / 3.0;
-  const std::vector<double> sx_token{3.0, 7.0}, sx_block{3.0, 5.0, 7.0, 11.0};
-  for (bool per_block : {false, true}) {
-    Matrix<double> y = Matrix<double>::Zero(2, rows);
-    bitnet::detail::rescale_rows_grouped<double>(isa::scalar, acc.data(), virtual_rows, 2, 3, 17, kernel_groups, groups,
-                                                 d.data(), per_block ? sx_block.data() : sx_token.data(), per_block,
-                                                 nullptr, y.data(), rows);
-    for (Index b = 0; b < 2; ++b)
-      for (Index o = 0; o < rows; ++o) {
+  for (std::size_t i = 0; i < acc.size(); ++i) acc[i] = std::int32_t(i * 7919 % 60001) - 30000;
+  Matrix<T> d(rows, groups);
+  // Dyadic scales: every product is exact in double, so no compiler's fused multiply-add (AArch64
+  // contracts by default) can round the test's expression differently from the library's.
+  for (Index i = 0; i < d.size(); ++i) d.data()[i] = T(i + 1) / T(1024);
+  std::vector<T> bias(static_cast<std::size_t>(rows));
+  for (Index o = 0; o < rows; ++o) bias[std::size_t(o)] = T(0.1) * T(o % 5) - T(0.2);
+  const std::vector<T> sx_token{T(3.5), T(7.25)}, sx_block{T(3.5), T(5.125), T(7.25), T(11.0)};
+  for (const std::pair<Index, Index>& range : {std::pair<Index, Index>{3, 17}, {0, 18}, {5, 6}, {16, 18}, {1, 4}})
+    for (bool per_block : {false, true})
+      for (bool with_bias : {false, true}) {
+        const Index begin = range.first, end = range.second;
+        Matrix<T> y = Matrix<T>::Constant(2, rows, T(-7));
+        bitnet::detail::rescale_rows_grouped<T>(which, acc.data(), virtual_rows, 2, begin, end, kernel_groups, groups,
+                                                d.data(), per_block ? sx_block.data() : sx_token.data(), per_block,
+                                                with_bias ? bias.data() : nullptr, y.data(), rows);
+        bool exact = true;
+        for (Index b = 0; b < 2; ++b)
+          for (Index o = 0; o < rows; ++o) {
+            if (o < begin || o >= end) {
+              exact = exact && y(b, o) == T(-7);  // rows outside the range are not written
+              continue;
+            }
+            const auto at = [&](Index j) { return double(acc[std::size_t(b * virtual_rows + (o / 16 * 3 + j) * 16 + o % 16)]); };
+            const double d0 = double(d(o, 0)), d1 = double(d(o, 1));
+            const double sum = per_block ? 0.0 + at(0) * d0 / double(sx_block[std::size_t(2 * b)]) +
+                                               at(1) * d1 / double(sx_block[std::size_t(2 * b + 1)])
+                                         : (0.0 + at(0) * d0 + at(1) * d1) / double(sx_token[std::size_t(b)]);
+            const T expected = with_bias ? T(sum) + bias[std::size_t(o)] : T(sum);
+            exact = exact && y(b, o) == expected;
+          }
+        CAPTURE(begin);
+        CAPTURE(end);
         CAPTURE(per_block);
-        CAPTURE(b);
-        CAPTURE(o);
-        if (o < 3 || o >= 17) {
-          CHECK(y(b, o) == 0.0);
-          continue;
-        }
-        const auto at = [&](Index j) { return double(acc[std::size_t(b * virtual_rows + (o / 16 * 3 + j) * 16 + o % 16)]); };
-        // d is row-major in the call: d(o, j) = d.data()[o * groups + j]
-        const auto dd = [&](Index j) { return d.data()[o * groups + j]; };
-        const double expected = per_block ? 0.0 + at(0) * dd(0) / sx_block[std::size_t(2 * b)] +
-                                                at(1) * dd(1) / sx_block[std::size_t(2 * b + 1)]
-                                          : (0.0 + at(0) * dd(0) + at(1) * dd(1)) / sx_token[std::size_t(b)];
-        CHECK(y(b, o) == expected);
+        CAPTURE(with_bias);
+        CHECK(exact);
       }
+}
+
+}  // namespace
+
+TEST_CASE("group kernels: the grouped rescale by hand, float on every ISA and double, any row range") {
+  for (isa which : runnable_isas()) {
+    CAPTURE(bitnet::isa_name(which));
+    check_rescale_by_hand<float>(which);
   }
+  check_rescale_by_hand<double>(isa::scalar);
 }

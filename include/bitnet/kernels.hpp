@@ -236,8 +236,6 @@ struct gemm_job {
   }
 
   void run_kernel([[maybe_unused]] Index part, Index begin, Index end) const noexcept {
-    // Grouped calls run the scalar kernel on every ISA until the SIMD kernels read virtual blocks.
-    if (args.groups > 1) return ternary_gemm_scalar(args, begin, end);
     switch (which) {
 #ifdef BITNET_X86
 #ifdef BITNET_HAS_AMX_KERNEL
@@ -333,6 +331,19 @@ bool quantize_row(isa which, const T* x, Index cols, Index padded, std::int8_t* 
   return quantize_row_scalar(x, cols, padded, q, scale, sum);
 }
 
+/// The sum of n int8 codes, n a multiple of 32 (a group of a quantized row).
+inline std::int32_t sum_codes(isa which, const std::int8_t* q, Index n) noexcept {
+#ifdef BITNET_X86
+  if (which != isa::scalar) return sum_codes_avx2(q, n);
+#elif defined(BITNET_ARM64)
+  if (which != isa::scalar) return sum_codes_neon(q, n);
+#endif
+  (void)which;
+  std::int32_t sum = 0;
+  for (Index k = 0; k < n; ++k) sum += q[k];
+  return sum;
+}
+
 /// row(r) -> bool for r in [0, rows), shared out over up to `threads` threads when there are
 /// enough values (rows x cols) for it; false if any call returned false.
 template <class Row>
@@ -405,11 +416,7 @@ bool quantize_rows_grouped(isa which, const T* x, Index x_stride, Index rows, In
     } else {
       std::int32_t total;
       if (!quantize_row(which, row, cols, q_stride, row_q, scales[r], total)) return false;
-      for (Index j = 0; j < groups; ++j) {
-        std::int32_t sum = 0;
-        for (Index k = j * group_size; k < (j + 1) * group_size; ++k) sum += row_q[k];
-        row_sums[j] = sum;
-      }
+      for (Index j = 0; j < groups; ++j) row_sums[j] = sum_codes(which, row_q + j * group_size, group_size);
     }
     std::fill(row_sums + groups, row_sums + kernel_groups, 0);
     return true;
@@ -440,6 +447,20 @@ template <class T>
 void rescale_rows_grouped(isa which, const std::int32_t* acc, Index acc_stride, Index batch, Index row_begin,
                           Index row_end, Index kernel_groups, Index groups, const T* d, const T* sx, bool per_block,
                           const T* bias, T* y, Index y_stride) noexcept {
+#ifdef BITNET_X86
+  if constexpr (std::is_same_v<T, float>) {
+    // AVX2 for every SIMD ISA, as rescale_rows.
+    if (which != isa::scalar)
+      return rescale_rows_grouped_avx2(acc, acc_stride, batch, row_begin, row_end, kernel_groups, groups, d, sx,
+                                       per_block, bias, y, y_stride);
+  }
+#elif defined(BITNET_ARM64)
+  if constexpr (std::is_same_v<T, float>) {
+    if (which != isa::scalar)
+      return rescale_rows_grouped_neon(acc, acc_stride, batch, row_begin, row_end, kernel_groups, groups, d, sx,
+                                       per_block, bias, y, y_stride);
+  }
+#endif
   (void)which;
   rescale_rows_grouped_scalar(acc, acc_stride, batch, row_begin, row_end, kernel_groups, groups, d, sx, per_block,
                               bias, y, y_stride);
