@@ -19,7 +19,10 @@
 //                               grouped_rescale epilogue) on the same packed bytes (2560 and 6912
 //                               are multiples of 128). Each iteration runs the per-tensor stack and
 //                               then the grouped one: counters tensor_ms, group_ms and
-//                               group_to_tensor (their ratio, the goal: <= 1.08 at batch 1).
+//                               group_to_tensor (their ratio, the goal: <= 1.08 at batch 1),
+//                               and bytes_ratio, the grouped stack's bytes (packed codes and the
+//                               float scales, 32 bits per 128 weights) over the packed codes alone:
+//                               the ratio a purely DRAM-bound decode would show.
 //   layer_hot_group128/out/in/batch/threads/per_block  one grouped layer, hot.
 //
 // The Eigen float32 reference per layer is bitnet_bench_eigen_native (same shapes); bench/decode_report.py
@@ -276,6 +279,9 @@ void decode_group128(benchmark::State& state) {
   state.counters["group_ms"] = 1e3 * group_seconds / n;
   state.counters["group_to_tensor"] = group_seconds / tensor_seconds;
   state.counters["ms_per_token"] = 1e3 * group_seconds / n / double(batch);
+  double scale_bytes = 0;
+  for (const auto& layer : grouped) scale_bytes += double(layer.d.size()) * sizeof(float);
+  state.counters["bytes_ratio"] = (double(s.bytes) + scale_bytes) / double(s.bytes);
   state.SetLabel(std::string(bitnet::isa_name(bitnet::active_isa())) + (per_block ? " per_block" : " per_token"));
   bitnet::set_num_threads(0);
 }

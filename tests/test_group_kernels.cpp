@@ -347,11 +347,11 @@ TEST_CASE("group kernels: quantize, grouped product and rescale give the double 
 
 namespace {
 
-// rescale_rows_grouped on hand-made accumulators: 2 tokens, 18 rows (2 row blocks), 3 kernel groups
-// of which 2 are real; row ranges that start and end off the SIMD rescales' 4- and 2-row steps.
+// rescale_rows_grouped on hand-made accumulators: 2 tokens, 18 rows (2 row blocks), 7 kernel groups
+// of which 6 are real (the AVX2 rescale reads scales 4 groups at a time, then one by one); row ranges that start and end off the SIMD rescales' 4- and 2-row steps.
 template <class T>
 void check_rescale_by_hand(isa which) {
-  const Index kernel_groups = 3, groups = 2, rows = 18, virtual_rows = 2 * kernel_groups * 16;
+  const Index kernel_groups = 7, groups = 6, rows = 18, virtual_rows = 2 * kernel_groups * 16;
   std::vector<std::int32_t> acc(std::size_t(2 * virtual_rows));
   for (std::size_t i = 0; i < acc.size(); ++i) acc[i] = std::int32_t(i * 7919 % 60001) - 30000;
   Matrix<T> d(rows, groups);
@@ -360,8 +360,10 @@ void check_rescale_by_hand(isa which) {
   for (Index i = 0; i < d.size(); ++i) d.data()[i] = T(i + 1) / T(1024);
   std::vector<T> bias(static_cast<std::size_t>(rows));
   for (Index o = 0; o < rows; ++o) bias[std::size_t(o)] = T(0.1) * T(o % 5) - T(0.2);
-  const std::vector<T> sx_token{T(3.5), T(7.25)}, sx_block{T(3.5), T(5.125), T(7.25), T(11.0)};
-  for (const std::pair<Index, Index>& range : {std::pair<Index, Index>{3, 17}, {0, 18}, {5, 6}, {16, 18}, {1, 4}})
+  const std::vector<T> sx_token{T(3.5), T(7.25)};
+  std::vector<T> sx_block;
+  for (int i = 0; i < 2 * 6; ++i) sx_block.push_back(T(3.5) + T(i) * T(1.375));
+  for (const std::pair<Index, Index>& range : {std::pair<Index, Index>{3, 17}, {0, 18}, {5, 6}, {16, 18}, {1, 4}, {0, 12}, {8, 13}, {2, 15}})
     for (bool per_block : {false, true})
       for (bool with_bias : {false, true}) {
         const Index begin = range.first, end = range.second;
@@ -376,11 +378,13 @@ void check_rescale_by_hand(isa which) {
               exact = exact && y(b, o) == T(-7);  // rows outside the range are not written
               continue;
             }
-            const auto at = [&](Index j) { return double(acc[std::size_t(b * virtual_rows + (o / 16 * 3 + j) * 16 + o % 16)]); };
-            const double d0 = double(d(o, 0)), d1 = double(d(o, 1));
-            const double sum = per_block ? 0.0 + at(0) * d0 / double(sx_block[std::size_t(2 * b)]) +
-                                               at(1) * d1 / double(sx_block[std::size_t(2 * b + 1)])
-                                         : (0.0 + at(0) * d0 + at(1) * d1) / double(sx_token[std::size_t(b)]);
+            double sum = 0.0;
+            for (Index j = 0; j < groups; ++j) {
+              const double term =
+                  double(acc[std::size_t(b * virtual_rows + (o / 16 * kernel_groups + j) * 16 + o % 16)]) * double(d(o, j));
+              sum += per_block ? term / double(sx_block[std::size_t(b * groups + j)]) : term;
+            }
+            if (!per_block) sum /= double(sx_token[std::size_t(b)]);
             const T expected = with_bias ? T(sum) + bias[std::size_t(o)] : T(sum);
             exact = exact && y(b, o) == expected;
           }
