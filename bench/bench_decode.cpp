@@ -12,6 +12,18 @@
 //   read_floor/threads          the floor alone.
 //   layer_hot/out/in/batch/threads  one layer of the stack again and again (weights hot in L2 / L3):
 //                               30 x the sum over the 7 layers of a block is the stack without DRAM.
+//   decode_group128/batch/threads/per_block  the same stack with group scales (issue 20): one scale
+//                               per 128 inputs of a row, per-token (per_block 0) or per-block (1)
+//                               activation scales, run as BitLinear runs a group-scaled layer
+//                               (detail::quantize_rows_grouped, ternary_gemm over virtual blocks, the
+//                               grouped_rescale epilogue) on the same packed bytes (2560 and 6912
+//                               are multiples of 128). Each iteration runs the per-tensor stack and
+//                               then the grouped one: counters tensor_ms, group_ms and
+//                               group_to_tensor (their ratio, the issue's goal: <= 1.08 at batch 1),
+//                               and bytes_ratio, the grouped stack's bytes (packed codes and the
+//                               float scales, 32 bits per 128 weights) over the packed codes alone:
+//                               the ratio a purely DRAM-bound decode would show.
+//   layer_hot_group128/out/in/batch/threads/per_block  one grouped layer, hot.
 //
 // The Eigen float32 reference per layer is bitnet_bench_eigen_native (same shapes); bench/decode_report.py
 // turns the JSON files into the table of docs/benchmarks.md. Memory: the packed stack (~0.52 GB) plus
@@ -146,6 +158,58 @@ struct floor_read {
   }
 };
 
+/// One layer of the stack with group scales: the per-tensor layer's packed codes (already aligned
+/// to 128 columns), unit scales d (out x in / 128) and the bias; forward as BitLinear makes it.
+struct grouped_layer {
+  static constexpr Index group = 128;
+  const bitnet::packed_ternary* packed;
+  Matrix<float> d;
+  bitnet::Vector<float> bias;
+
+  Index out() const { return packed->rows(); }
+  Index in() const { return packed->cols(); }
+
+  void forward(const Matrix<float>& x, Matrix<float>& y, bool per_block) const {
+    namespace detail = bitnet::detail;
+    const bitnet::isa kernels = bitnet::active_isa();
+    const int threads = bitnet::num_threads();
+    const Index batch = x.rows(), stride = packed->padded_cols(), kernel_groups = stride / group,
+                groups = (in() + group - 1) / group, virtual_rows = packed->row_blocks() * kernel_groups * 16;
+    using detail::scratch_slot;
+    std::int8_t* xq = detail::thread_scratch_of<std::int8_t, scratch_slot::activations>(std::size_t(batch * stride));
+    float* scales = detail::thread_scratch_of<float, scratch_slot::scales>(std::size_t(batch * groups));
+    std::int32_t* sums = detail::thread_scratch_of<std::int32_t, scratch_slot::sums>(std::size_t(batch * kernel_groups));
+    std::int32_t* acc =
+        detail::thread_scratch_of<std::int32_t, scratch_slot::accumulators>(std::size_t(batch * virtual_rows));
+    detail::quantize_rows_grouped(kernels, x.data(), in(), batch, in(), group, per_block, xq, stride, scales, sums,
+                                  threads);
+    const detail::grouped_rescale<float> rescale{kernels, acc,      virtual_rows, batch,     out(),       kernel_groups,
+                                                 groups,  d.data(), scales,       per_block, bias.data(), y.data(),
+                                                 y.outerStride()};
+    detail::gemm_args args{packed->data(), group / 16, virtual_rows, xq, stride, sums, batch, acc};
+    args.groups = kernel_groups;
+    detail::ternary_gemm(kernels, args, packed->row_blocks() * kernel_groups, threads, detail::min_work_per_thread,
+                         rescale.epilogue());
+  }
+};
+
+/// The stack's layers with group scales (d around the per-tensor scale, varying per unit).
+const std::vector<grouped_layer>& grouped_stack() {
+  static const std::vector<grouped_layer> built = [] {
+    std::vector<grouped_layer> layers;
+    std::mt19937 rng(5);
+    std::uniform_real_distribution<float> spread(0.5f, 1.5f);
+    for (const auto& layer : stack::instance().layers) {
+      grouped_layer g{&layer.packed_weight(), Matrix<float>(layer.out_features(), layer.in_features() / 128),
+                      bitnet::Vector<float>::Constant(layer.out_features(), 0.01f)};
+      for (Index i = 0; i < g.d.size(); ++i) g.d.data()[i] = 0.02f * spread(rng);
+      layers.push_back(std::move(g));
+    }
+    return layers;
+  }();
+  return built;
+}
+
 /// Activations for each input width and outputs for each output width of the stack.
 struct buffers {
   Matrix<float> x_hidden, x_intermediate, y_hidden, y_kv, y_intermediate;
@@ -189,6 +253,58 @@ void decode_stack(benchmark::State& state) {
   bitnet::set_num_threads(0);
 }
 
+void decode_group128(benchmark::State& state) {
+  const Index batch = state.range(0);
+  const int threads = int(state.range(1));
+  const bool per_block = state.range(2) != 0;
+  const stack& s = stack::instance();
+  const std::vector<grouped_layer>& grouped = grouped_stack();
+  bitnet::set_num_threads(threads);
+  buffers io(batch);
+  double tensor_seconds = 0, group_seconds = 0;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (const auto& layer : s.layers) layer.forward(io.input(layer.in_features()), io.output(layer.out_features()));
+    const auto t1 = std::chrono::steady_clock::now();
+    for (const auto& layer : grouped) layer.forward(io.input(layer.in()), io.output(layer.out()), per_block);
+    const auto t2 = std::chrono::steady_clock::now();
+    benchmark::ClobberMemory();
+    tensor_seconds += std::chrono::duration<double>(t1 - t0).count();
+    const double seconds = std::chrono::duration<double>(t2 - t1).count();
+    state.SetIterationTime(seconds);
+    group_seconds += seconds;
+  }
+  const double n = double(state.iterations());
+  state.counters["tensor_ms"] = 1e3 * tensor_seconds / n;
+  state.counters["group_ms"] = 1e3 * group_seconds / n;
+  state.counters["group_to_tensor"] = group_seconds / tensor_seconds;
+  state.counters["ms_per_token"] = 1e3 * group_seconds / n / double(batch);
+  double scale_bytes = 0;
+  for (const auto& layer : grouped) scale_bytes += double(layer.d.size()) * sizeof(float);
+  state.counters["bytes_ratio"] = (double(s.bytes) + scale_bytes) / double(s.bytes);
+  state.SetLabel(std::string(bitnet::isa_name(bitnet::active_isa())) + (per_block ? " per_block" : " per_token"));
+  bitnet::set_num_threads(0);
+}
+
+void layer_hot_group128(benchmark::State& state) {
+  const Index out = state.range(0), in = state.range(1), batch = state.range(2);
+  const bool per_block = state.range(4) != 0;
+  bitnet::set_num_threads(int(state.range(3)));
+  const grouped_layer* layer = nullptr;
+  for (const auto& l : grouped_stack())
+    if (l.out() == out && l.in() == in) {
+      layer = &l;
+      break;
+    }
+  buffers io(batch);
+  for (auto _ : state) {
+    layer->forward(io.input(in), io.output(out), per_block);
+    benchmark::ClobberMemory();
+  }
+  state.counters["MAC/s"] = benchmark::Counter(double(out * in * batch), benchmark::Counter::kIsIterationInvariantRate);
+  bitnet::set_num_threads(0);
+}
+
 void read_floor(benchmark::State& state) {
   const stack& s = stack::instance();
   const floor_read floor{&s, int(state.range(0))};
@@ -228,12 +344,24 @@ int main(int argc, char** argv) {
           ->UseManualTime()
           ->MinTime(batch == 1 ? 2.0 : 1.0)
           ->Unit(benchmark::kMillisecond);
+  for (Index per_block : {0, 1})
+    for (Index batch : {1, 8})
+      for (Index threads : {1, 2})
+        benchmark::RegisterBenchmark("decode_group128", decode_group128)
+            ->Args({batch, threads, per_block})
+            ->UseManualTime()
+            ->MinTime(batch == 1 ? 2.0 : 1.0)
+            ->Unit(benchmark::kMillisecond);
   for (const shape& sh : {shape{hidden, hidden}, shape{kv_width, hidden}, shape{intermediate, hidden}, shape{hidden, intermediate}})
     for (Index batch : {1, 8, 32})
-      for (Index threads : {1, 2})
+      for (Index threads : {1, 2}) {
         benchmark::RegisterBenchmark("layer_hot", layer_hot)
             ->Args({sh.out, sh.in, batch, threads})
             ->Unit(benchmark::kMicrosecond);
+        benchmark::RegisterBenchmark("layer_hot_group128", layer_hot_group128)
+            ->Args({sh.out, sh.in, batch, threads, 0})
+            ->Unit(benchmark::kMicrosecond);
+      }
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -10,6 +10,11 @@
 //
 // The tile registers are configured per call of the kernel on the thread that runs it, and
 // released before it returns, so threads that never run it keep no AMX state.
+//
+// Grouped calls (gemm_args::groups > 1): the two blocks of a pair share their A tiles, so a pair is
+// group j of two row blocks (virtual blocks v and v + groups), both multiplying columns
+// [j G, (j + 1) G); the call's ranges are whole pairs of row blocks (ternary_gemm). 32-column groups
+// take one half-depth step: A tiles of 32 bytes a row, B tiles of 8 rows.
 #pragma once
 
 #include "avx512.hpp"
@@ -45,13 +50,15 @@ struct alignas(64) amx_tile_config {
   std::uint8_t rows[16] = {};
 };
 
-/// Unpacks the 4 packed tiles of row block g that cover columns [64 s, 64 s + 64) into one B tile:
-/// plane p of packed tile q is B's 64-byte row 4 q + p.
-BITNET_TARGET_AMX inline void unpack_step_amx(const gemm_args& a, Eigen::Index g, Eigen::Index s, std::int8_t* to) noexcept {
+/// Unpacks the `tiles` (4, or 2 for 32-column groups) packed tiles of block g that cover columns
+/// [64 s, 64 s + 16 tiles) of the block into one B tile: plane p of packed tile q is B's 64-byte
+/// row 4 q + p.
+BITNET_TARGET_AMX inline void unpack_step_amx(const gemm_args& a, Eigen::Index g, Eigen::Index s, int tiles,
+                                              std::int8_t* to) noexcept {
   const __m512i mask = _mm512_set1_epi8(3);
   const std::uint8_t* w = a.weights + (g * a.col_tiles + 4 * s) * tile_bytes;
 #pragma GCC unroll 4
-  for (int q = 0; q < 4; ++q, w += tile_bytes, to += 4 * tile_bytes) {
+  for (int q = 0; q < tiles; ++q, w += tile_bytes, to += 4 * tile_bytes) {
     const __m512i tile = _mm512_load_si512(w);
     _mm512_store_si512(to, _mm512_and_si512(tile, mask));
     _mm512_store_si512(to + 64, _mm512_and_si512(_mm512_srli_epi16(tile, 2), mask));
@@ -66,7 +73,7 @@ inline const std::int8_t* amx_token_rows(const gemm_args& a, const std::int8_t* 
 }
 
 /// Writes C (16 tokens x 16 rows of block g, int32, 64-byte rows) minus each token's activation
-/// sum, for the tokens and rows that exist.
+/// sum (over the block's columns), for the tokens and rows that exist.
 BITNET_TARGET_AMX inline void store_tile_amx(const gemm_args& a, const std::int32_t* c, Eigen::Index token0,
                                              Eigen::Index g) noexcept {
   const Eigen::Index first = g * tile_rows;
@@ -75,60 +82,70 @@ BITNET_TARGET_AMX inline void store_tile_amx(const gemm_args& a, const std::int3
   const __mmask16 lanes = __mmask16((1u << rows) - 1);
   for (Eigen::Index t = 0; t < tokens; ++t)
     _mm512_mask_storeu_epi32(a.acc + (token0 + t) * a.rows + first, lanes,
-                             _mm512_sub_epi32(_mm512_load_si512(c + t * tile_rows), _mm512_set1_epi32(a.x_sums[token0 + t])));
+                             _mm512_sub_epi32(_mm512_load_si512(c + t * tile_rows), _mm512_set1_epi32(group_x_sum(a, g, token0 + t))));
 }
 
 /// Row blocks [block_begin, block_end), two at a time (a missing second block is computed from
-/// the first again and not stored), against every token, two token tiles at a time. x_tail: the
+/// the first again and not stored; for a grouped call, group j of two row blocks at a time),
+/// against every token, two token tiles at a time. x_tail: the
 /// last token tile zero-padded to 16 rows (row stride a.x_stride), when a.batch is not a multiple
 /// of 16. The B tiles of each 64-column step are unpacked right before their TDPBSSDs (into a
 /// 4 KiB ring in `unpacked`, which stays in L1), so unpacking overlaps the tile multiplies.
 BITNET_TARGET_AMX inline void ternary_gemm_amx(const gemm_args& a, const std::int8_t* x_tail, Eigen::Index block_begin,
                                                Eigen::Index block_end, std::int8_t* unpacked) noexcept {
+  // Depth of one TDPBSSD step: 64 columns, or the 32 of a 32-column group (2 packed tiles).
+  const int step_cols = int(std::min<Eigen::Index>(amx_step_cols, a.col_tiles * tile_cols));
   amx_tile_config config;
   for (int t = 0; t < 8; ++t) {
     config.rows[t] = 16;
     config.bytes_per_row[t] = 64;
   }
+  config.bytes_per_row[4] = config.bytes_per_row[5] = std::uint16_t(step_cols);  // A: 16 tokens x step_cols
+  config.rows[6] = config.rows[7] = std::uint8_t(step_cols / 4);                 // B: step_cols / 4 rows
   _tile_loadconfig(&config);
-  const Eigen::Index steps = a.col_tiles * tile_cols / amx_step_cols;
+  const Eigen::Index steps = a.col_tiles * tile_cols / step_cols;
+  const int step_tiles = step_cols / int(tile_cols);
   const Eigen::Index token_tiles = (a.batch + amx_tokens - 1) / amx_tokens;
   alignas(64) std::int32_t c[4][tile_rows * amx_tokens];
-  for (Eigen::Index g = block_begin; g < block_end; g += 2) {
-    const Eigen::Index g1 = g + 1 < block_end ? g + 1 : g;
-    for (Eigen::Index tt = 0; tt < token_tiles; tt += 2) {
-      const std::int8_t* x0 = amx_token_rows(a, x_tail, tt);
-      const std::int8_t* x1 = tt + 1 < token_tiles ? amx_token_rows(a, x_tail, tt + 1) : x0;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (Eigen::Index s = 0; s < steps; ++s) {
-        std::int8_t* b0 = unpacked + (s % 2) * 2 * amx_tile_bytes;
-        std::int8_t* b1 = b0 + amx_tile_bytes;
-        unpack_step_amx(a, g, s, b0);
-        unpack_step_amx(a, g1, s, b1);
-        _tile_loadd(4, x0 + s * amx_step_cols, a.x_stride);
-        _tile_loadd(5, x1 + s * amx_step_cols, a.x_stride);
-        _tile_loadd(6, b0, 64);
-        _tile_loadd(7, b1, 64);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(1, 4, 7);
-        _tile_dpbssd(2, 5, 6);
-        _tile_dpbssd(3, 5, 7);
-      }
-      _tile_stored(0, c[0], 64);
-      _tile_stored(1, c[1], 64);
-      _tile_stored(2, c[2], 64);
-      _tile_stored(3, c[3], 64);
-      store_tile_amx(a, c[0], tt * amx_tokens, g);
-      if (tt + 1 < token_tiles) store_tile_amx(a, c[2], (tt + 1) * amx_tokens, g);
-      if (g1 != g) {
-        store_tile_amx(a, c[1], tt * amx_tokens, g1);
-        if (tt + 1 < token_tiles) store_tile_amx(a, c[3], (tt + 1) * amx_tokens, g1);
+  const Eigen::Index pair = 2 * a.groups;  // a pair of row blocks, in virtual blocks
+  for (Eigen::Index first = block_begin; first < block_end; first += pair)
+    for (Eigen::Index j = 0; j < a.groups; ++j) {
+      const Eigen::Index g = first + j;
+      const Eigen::Index g1 = first + a.groups + j < block_end ? first + a.groups + j : g;
+      const Eigen::Index column = group_column(a, g);
+      for (Eigen::Index tt = 0; tt < token_tiles; tt += 2) {
+        const std::int8_t* x0 = amx_token_rows(a, x_tail, tt) + column;
+        const std::int8_t* x1 = tt + 1 < token_tiles ? amx_token_rows(a, x_tail, tt + 1) + column : x0;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (Eigen::Index s = 0; s < steps; ++s) {
+          std::int8_t* b0 = unpacked + (s % 2) * 2 * amx_tile_bytes;
+          std::int8_t* b1 = b0 + amx_tile_bytes;
+          unpack_step_amx(a, g, s, step_tiles, b0);
+          unpack_step_amx(a, g1, s, step_tiles, b1);
+          _tile_loadd(4, x0 + s * step_cols, a.x_stride);
+          _tile_loadd(5, x1 + s * step_cols, a.x_stride);
+          _tile_loadd(6, b0, 64);
+          _tile_loadd(7, b1, 64);
+          _tile_dpbssd(0, 4, 6);
+          _tile_dpbssd(1, 4, 7);
+          _tile_dpbssd(2, 5, 6);
+          _tile_dpbssd(3, 5, 7);
+        }
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+        _tile_stored(2, c[2], 64);
+        _tile_stored(3, c[3], 64);
+        store_tile_amx(a, c[0], tt * amx_tokens, g);
+        if (tt + 1 < token_tiles) store_tile_amx(a, c[2], (tt + 1) * amx_tokens, g);
+        if (g1 != g) {
+          store_tile_amx(a, c[1], tt * amx_tokens, g1);
+          if (tt + 1 < token_tiles) store_tile_amx(a, c[3], (tt + 1) * amx_tokens, g1);
+        }
       }
     }
-  }
   _tile_release();
 }
 

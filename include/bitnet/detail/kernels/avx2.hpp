@@ -46,20 +46,21 @@ BITNET_INLINE_AVX2 __m256i broadcast_group_avx2(const std::int8_t* p) noexcept {
 /// Tiles summed in int16 lanes before widening (see the bound above).
 inline constexpr Eigen::Index avx2_tiles_per_int16 = 8;
 
-/// Writes the 8 int32 row sums of half a row block, minus the token's activation sum.
-BITNET_INLINE_AVX2 void store_rows_avx2(const gemm_args& a, __m256i sums, Eigen::Index first_row, Eigen::Index token) noexcept {
+/// Writes the 8 int32 row sums of half a (virtual) block, minus the token's activation sum over
+/// the block's columns (x_sum).
+BITNET_INLINE_AVX2 void store_rows_avx2(const gemm_args& a, __m256i sums, Eigen::Index first_row, Eigen::Index token,
+                                        std::int32_t x_sum) noexcept {
   alignas(32) std::int32_t lanes[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sums);
-  for (Eigen::Index j = 0; j < 8 && first_row + j < a.rows; ++j)
-    a.acc[token * a.rows + first_row + j] = lanes[j] - a.x_sums[token];
+  for (Eigen::Index j = 0; j < 8 && first_row + j < a.rows; ++j) a.acc[token * a.rows + first_row + j] = lanes[j] - x_sum;
 }
 
-/// Batch 1: row block g, both halves at once. Per half and tile one shift and four ANDs unpack the
+/// Batch 1: (virtual) block g, both halves at once. Per half and tile one shift and four ANDs unpack the
 /// planes (1 and 3 as 4c, shifted back after the products), four vpmaddubsw.
 BITNET_TARGET_AVX2 inline void gemv_block_avx2(const gemm_args& a, Eigen::Index g) noexcept {
   const __m256i low = _mm256_set1_epi8(0x03), high = _mm256_set1_epi8(0x0c), ones = _mm256_set1_epi16(1);
   const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes;
-  const std::int8_t* x = a.x;
+  const std::int8_t* x = a.x + group_column(a, g);
   __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
   for (Eigen::Index remaining = a.col_tiles; remaining > 0;) {
     const Eigen::Index run = std::min(remaining, avx2_tiles_per_int16);
@@ -86,14 +87,15 @@ BITNET_TARGET_AVX2 inline void gemv_block_avx2(const gemm_args& a, Eigen::Index 
     } while (w != run_end);
     for (int h = 0; h < 2; ++h) acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(s[h], ones));
   }
-  store_rows_avx2(a, acc[0], g * tile_rows, 0);
-  store_rows_avx2(a, acc[1], g * tile_rows + 8, 0);
+  const std::int32_t x_sum = group_x_sum(a, g, 0);
+  store_rows_avx2(a, acc[0], g * tile_rows, 0, x_sum);
+  store_rows_avx2(a, acc[1], g * tile_rows + 8, 0, x_sum);
 }
 
 inline constexpr int avx2_token_tile = 4;
 
-/// Batch > 1: half h of row block g against Tokens tokens whose activations are interleaved by
-/// 4-byte groups (interleave_tokens): each half tile is unpacked once (three shifts, four ANDs) and
+/// Batch > 1: half h of (virtual) block g against Tokens tokens whose activations are interleaved
+/// by 4-byte groups (interleave_tokens; xi at the block's first column): each half tile is unpacked once (three shifts, four ANDs) and
 /// used by every token, and every activation group is one broadcast load.
 template <int Tokens>
 BITNET_TARGET_AVX2 void gemm_half_avx2(const gemm_args& a, const std::int8_t* xi, Eigen::Index g, int h,
@@ -124,7 +126,8 @@ BITNET_TARGET_AVX2 void gemm_half_avx2(const gemm_args& a, const std::int8_t* xi
     } while (w != run_end);
     for (int t = 0; t < Tokens; ++t) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s[t], ones));
   }
-  for (int t = 0; t < Tokens; ++t) store_rows_avx2(a, acc[t], g * tile_rows + 8 * h, token + t);
+  for (int t = 0; t < Tokens; ++t)
+    store_rows_avx2(a, acc[t], g * tile_rows + 8 * h, token + t, group_x_sum(a, g, token + t));
 }
 
 /// Row blocks per cache block: about 32 KiB of packed weights, reused by every token tile from L1/L2.
@@ -145,13 +148,15 @@ BITNET_TARGET_AVX2 inline void ternary_gemm_avx2(const gemm_args& a, const std::
     for (Eigen::Index token = 0; token < a.batch; token += avx2_token_tile) {
       const Eigen::Index tokens = std::min<Eigen::Index>(avx2_token_tile, a.batch - token);
       const std::int8_t* xt = xi + token * a.x_stride;
-      for (Eigen::Index g = g0; g < g1; ++g)
+      for (Eigen::Index g = g0; g < g1; ++g) {
+        const std::int8_t* xg = xt + group_column(a, g) * tokens;
         for (int h = 0; h < 2 && g * tile_rows + 8 * h < a.rows; ++h) switch (tokens) {
-            case 4: gemm_half_avx2<4>(a, xt, g, h, token); break;
-            case 3: gemm_half_avx2<3>(a, xt, g, h, token); break;
-            case 2: gemm_half_avx2<2>(a, xt, g, h, token); break;
-            default: gemm_half_avx2<1>(a, xt, g, h, token); break;
+            case 4: gemm_half_avx2<4>(a, xg, g, h, token); break;
+            case 3: gemm_half_avx2<3>(a, xg, g, h, token); break;
+            case 2: gemm_half_avx2<2>(a, xg, g, h, token); break;
+            default: gemm_half_avx2<1>(a, xg, g, h, token); break;
           }
+      }
     }
   }
 }
@@ -180,6 +185,55 @@ BITNET_TARGET_AVX2 inline void rescale_rows_avx2(const std::int32_t* acc, Eigen:
       row_y[o] = bias ? scaled + bias[o] : scaled;
     }
   }
+}
+
+/// rescale_rows_grouped_scalar<float>, 4 rows per vector of doubles: per lane the same products
+/// (exact: an int32 of at most 2^15 in magnitude times a float), the same divisions and sums in
+/// the same order (j ascending from 0.0), one rounding to float (vcvtpd2ps), the same float
+/// addition of the bias. Rows before the first multiple of 4 and after the last go the scalar way.
+BITNET_TARGET_AVX2 inline void rescale_rows_grouped_avx2(const std::int32_t* acc, Eigen::Index acc_stride,
+                                                         Eigen::Index batch, Eigen::Index row_begin, Eigen::Index row_end,
+                                                         Eigen::Index kernel_groups, Eigen::Index groups, const float* d,
+                                                         const float* sx, bool per_block, const float* bias, float* y,
+                                                         Eigen::Index y_stride) noexcept {
+  const Eigen::Index head = std::min(row_end, (row_begin + 3) / 4 * 4);
+  const Eigen::Index body = std::max(head, row_end / 4 * 4);
+  for (Eigen::Index b = 0; b < batch; ++b) {
+    const std::int32_t* row_acc = acc + b * acc_stride;
+    const float* token_sx = sx + (per_block ? b * groups : b);
+    float* row_y = y + b * y_stride;
+    rescale_rows_grouped_scalar(row_acc, acc_stride, 1, row_begin, head, kernel_groups, groups, d, token_sx, per_block,
+                                bias, row_y, y_stride);
+    for (Eigen::Index o = head; o < body; o += 4) {
+      const std::int32_t* unit = row_acc + o / tile_rows * kernel_groups * tile_rows + o % tile_rows;
+      const float* row_d = d + o * groups;
+      __m256d sum = _mm256_setzero_pd();
+      for (Eigen::Index j = 0; j < groups; ++j) {
+        const __m256d products =
+            _mm256_mul_pd(_mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(unit + j * tile_rows))),
+                          _mm256_set_pd(row_d[3 * groups + j], row_d[2 * groups + j], row_d[groups + j], row_d[j]));
+        sum = _mm256_add_pd(sum, per_block ? _mm256_div_pd(products, _mm256_set1_pd(double(token_sx[j]))) : products);
+      }
+      if (!per_block) sum = _mm256_div_pd(sum, _mm256_set1_pd(double(token_sx[0])));
+      __m128 v = _mm256_cvtpd_ps(sum);
+      if (bias) v = _mm_add_ps(v, _mm_loadu_ps(bias + o));
+      _mm_storeu_ps(row_y + o, v);
+    }
+    rescale_rows_grouped_scalar(row_acc, acc_stride, 1, body, row_end, kernel_groups, groups, d, token_sx, per_block,
+                                bias, row_y, y_stride);
+  }
+}
+
+/// The sum of n int8 codes (n a multiple of 32): vpsadbw on the codes offset to unsigned.
+BITNET_TARGET_AVX2 inline std::int32_t sum_codes_avx2(const std::int8_t* q, Eigen::Index n) noexcept {
+  const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256i sums = _mm256_setzero_si256();
+  for (Eigen::Index k = 0; k < n; k += 32)
+    sums = _mm256_add_epi64(sums, _mm256_sad_epu8(_mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k)), offset),
+                                                  _mm256_setzero_si256()));
+  alignas(32) std::int64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sums);
+  return std::int32_t(lanes[0] + lanes[1] + lanes[2] + lanes[3] - 128 * n);
 }
 
 /// quantize_row_scalar<float>, vectorized: same absmax, same scale, same products, and

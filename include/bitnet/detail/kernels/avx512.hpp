@@ -66,19 +66,24 @@ BITNET_INLINE_AVX512 __m512i dpbusd_avx512(__m512i acc, __m512i codes, __m512i x
 #endif
 }
 
-/// v >> shift (arithmetic), per 256-bit half: once per run of tiles, and SIMDe 0.7.4 (the emulated
-/// test) has no _mm512_srai_epi32.
+/// v >> shift (arithmetic): once per run of tiles (per group for a grouped call). Per 256-bit half
+/// in the emulated test: SIMDe 0.7.4 has no _mm512_srai_epi32.
 BITNET_INLINE_AVX512 __m512i shift_right_avx512(__m512i v, int shift) noexcept {
+#if defined(BITNET_TEST_EMULATED_AVX512)
   const __m256i low = _mm256_srai_epi32(_mm512_castsi512_si256(v), shift);
   const __m256i high = _mm256_srai_epi32(_mm512_extracti64x4_epi64(v, 1), shift);
   return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+#else
+  return _mm512_srai_epi32(v, unsigned(shift));
+#endif
 }
 
-/// Writes the 16 int32 row sums of row block g for one token, minus the token's activation sum.
-BITNET_INLINE_AVX512 void store_rows_avx512(const gemm_args& a, __m512i sums, Eigen::Index g, Eigen::Index token) noexcept {
+/// Writes the 16 int32 row sums of (virtual) block g for one token, minus the token's activation
+/// sum over the block's columns (group_x_sum).
+BITNET_INLINE_AVX512 void store_rows_avx512(const gemm_args& a, __m512i sums, Eigen::Index g, Eigen::Index token,
+                                            std::int32_t offset) noexcept {
   const Eigen::Index first = g * tile_rows, count = std::min(tile_rows, a.rows - first);
   std::int32_t* out = a.acc + token * a.rows + first;
-  const std::int32_t offset = a.x_sums[token];
   if (count == tile_rows) return _mm512_storeu_si512(out, _mm512_sub_epi32(sums, _mm512_set1_epi32(offset)));
   alignas(64) std::int32_t lanes[tile_rows];
   _mm512_store_si512(lanes, sums);
@@ -88,7 +93,8 @@ BITNET_INLINE_AVX512 void store_rows_avx512(const gemm_args& a, __m512i sums, Ei
 inline constexpr Eigen::Index per_plane_tiles_per_run = Eigen::Index{1} << 14;
 
 /// Blocks row blocks g .. g + Blocks - 1 against Tokens tokens (activations interleaved by 4-byte
-/// groups, interleave_tokens; for one token that is the row itself), with per-plane accumulators.
+/// groups, interleave_tokens; for one token that is the row itself; xi at the blocks' first
+/// column), with per-plane accumulators. Blocks > 1 only for ungrouped calls: the blocks share xi.
 template <int Blocks, int Tokens>
 BITNET_TARGET_AVX512 void gemm_per_plane_avx512(const gemm_args& a, const std::int8_t* xi, Eigen::Index g,
                                                 Eigen::Index token) noexcept {
@@ -130,25 +136,31 @@ BITNET_TARGET_AVX512 void gemm_per_plane_avx512(const gemm_args& a, const std::i
   }
   for (int r = 0; r < Blocks; ++r)
     if ((g + r) * tile_rows < a.rows)
-      for (int t = 0; t < Tokens; ++t) store_rows_avx512(a, load_avx512(total[r][t]), g + r, token + t);
+      for (int t = 0; t < Tokens; ++t)
+        store_rows_avx512(a, load_avx512(total[r][t]), g + r, token + t, group_x_sum(a, g + r, token + t));
 }
 
 /// How far ahead of its loads the batch-1 kernel prefetches its weight stream: ~4 KiB, a few
 /// hundred nanoseconds of DRAM bandwidth, so a miss is in flight well before the load needs it.
 inline constexpr Eigen::Index gemv_prefetch_bytes = 4096;
 
-/// Batch 1: row blocks [begin, end) one after the other, so the weights are read as one sequential
-/// stream (the blocks of pack.hpp follow each other), prefetched gemv_prefetch_bytes ahead. Per-plane
-/// accumulators (plane p extracted as 4^p c by one AND) for even and odd tiles: 8 independent
-/// vpdpbusd chains from one stream. Each run of at most per_plane_tiles_per_run tiles is scaled back
-/// before the next (the bound of gemm_per_plane_avx512).
-BITNET_TARGET_AVX512 inline void gemv_avx512(const gemm_args& a, Eigen::Index begin, Eigen::Index end) noexcept {
+/// Batch 1: (virtual) blocks [begin, end) one after the other, so the weights are read as one
+/// sequential stream (the blocks of pack.hpp follow each other, and so do the groups of a row
+/// block), prefetched gemv_prefetch_bytes ahead. Per-plane accumulators (plane p extracted as 4^p c
+/// by one AND) for even and odd tiles: 8 independent vpdpbusd chains from one stream, Step tiles
+/// per iteration (4; 2 for the 2-tile blocks of 32-column groups). Each run of at most
+/// per_plane_tiles_per_run tiles, and each block, is scaled back before the next (the bound of
+/// gemm_per_plane_avx512).
+template <int Step>
+BITNET_TARGET_AVX512 void gemv_steps_avx512(const gemm_args& a, Eigen::Index begin, Eigen::Index end) noexcept {
   const std::uint8_t* w = a.weights + begin * a.col_tiles * tile_bytes;
+  const Eigen::Index group_width = a.col_tiles * tile_cols;
+  Eigen::Index group = begin % a.groups;  // block g's group, counted along (no division per block)
   for (Eigen::Index g = begin; g < end; ++g) {
-    const std::int8_t* x = a.x;
+    const std::int8_t* x = a.x + group * group_width;
     __m512i total = _mm512_setzero_si512();
     for (Eigen::Index remaining = a.col_tiles; remaining > 0;) {
-      // col_tiles is a multiple of 4 (64-column padding) and so is every run.
+      // col_tiles is a multiple of Step, and so is every run.
       const Eigen::Index run = std::min(remaining, per_plane_tiles_per_run);
       remaining -= run;
       const std::uint8_t* const run_end = w + run * tile_bytes;
@@ -157,7 +169,7 @@ BITNET_TARGET_AVX512 inline void gemv_avx512(const gemm_args& a, Eigen::Index be
         for (int p = 0; p < 4; ++p) acc[h][p] = _mm512_setzero_si512();
       do {
 #pragma GCC unroll 4
-        for (int t = 0; t < 4; ++t) {
+        for (int t = 0; t < Step; ++t) {
           _mm_prefetch(reinterpret_cast<const char*>(w + t * tile_bytes + gemv_prefetch_bytes), _MM_HINT_T0);
           const __m512i tile = load_avx512(w + t * tile_bytes);
 #pragma GCC unroll 4
@@ -166,8 +178,8 @@ BITNET_TARGET_AVX512 inline void gemv_avx512(const gemm_args& a, Eigen::Index be
             acc[t % 2][p] = dpbusd_avx512(acc[t % 2][p], codes, broadcast_group_avx512(x + t * tile_cols + p * group_cols));
           }
         }
-        w += 4 * tile_bytes;
-        x += 4 * tile_cols;
+        w += Step * tile_bytes;
+        x += Step * tile_cols;
       } while (w != run_end);
       const __m512i planes[4] = {_mm512_add_epi32(acc[0][0], acc[1][0]), _mm512_add_epi32(acc[0][1], acc[1][1]),
                                  _mm512_add_epi32(acc[0][2], acc[1][2]), _mm512_add_epi32(acc[0][3], acc[1][3])};
@@ -176,12 +188,18 @@ BITNET_TARGET_AVX512 inline void gemv_avx512(const gemm_args& a, Eigen::Index be
                                                        _mm512_add_epi32(shift_right_avx512(planes[2], 4),
                                                                         shift_right_avx512(planes[3], 6))));
     }
-    store_rows_avx512(a, total, g, 0);
+    store_rows_avx512(a, total, g, 0, a.x_sums[group]);
+    if (++group == a.groups) group = 0;
   }
 }
 
-/// Row block g against Tokens tokens (interleaved activations), planes unpacked by shift and AND
-/// once per tile for all tokens.
+BITNET_TARGET_AVX512 inline void gemv_avx512(const gemm_args& a, Eigen::Index begin, Eigen::Index end) noexcept {
+  if (a.col_tiles % 4 == 0) return gemv_steps_avx512<4>(a, begin, end);
+  gemv_steps_avx512<2>(a, begin, end);  // 32-column groups: 2 tiles per block
+}
+
+/// Row block g against Tokens tokens (interleaved activations, xi at the block's first column),
+/// planes unpacked by shift and AND once per tile for all tokens.
 template <int Tokens>
 BITNET_TARGET_AVX512 void gemm_shared_planes_avx512(const gemm_args& a, const std::int8_t* xi, Eigen::Index g,
                                                     Eigen::Index token) noexcept {
@@ -202,7 +220,7 @@ BITNET_TARGET_AVX512 void gemm_shared_planes_avx512(const gemm_args& a, const st
         acc[t] = dpbusd_avx512(acc[t], codes, broadcast_group_avx512(xi + (p * Tokens + t) * 4));
     }
   }
-  for (int t = 0; t < Tokens; ++t) store_rows_avx512(a, acc[t], g, token + t);
+  for (int t = 0; t < Tokens; ++t) store_rows_avx512(a, acc[t], g, token + t, group_x_sum(a, g, token + t));
 }
 
 inline constexpr int avx512_token_tile = 16;
@@ -214,12 +232,15 @@ BITNET_TARGET_AVX512 void gemm_token_tile_avx512(const gemm_args& a, const std::
   if constexpr (Tokens <= 4) {
     // Independent vpdpbusd chains: 4 planes x Tokens x blocks (8 to 16; two blocks for 1 token were
     // measured faster than four, which GCC 12 cannot keep in registers).
+    // The virtual blocks of a grouped call read different columns: one block at a time.
     constexpr int blocks = Tokens <= 2 ? 2 : 1;
     Eigen::Index g = begin;
-    for (; g + blocks <= end; g += blocks) gemm_per_plane_avx512<blocks, Tokens>(a, xt, g, token);
-    for (; g < end; ++g) gemm_per_plane_avx512<1, Tokens>(a, xt, g, token);
+    if (a.groups == 1)
+      for (; g + blocks <= end; g += blocks) gemm_per_plane_avx512<blocks, Tokens>(a, xt, g, token);
+    for (; g < end; ++g) gemm_per_plane_avx512<1, Tokens>(a, xt + group_column(a, g) * Tokens, g, token);
   } else {
-    for (Eigen::Index g = begin; g < end; ++g) gemm_shared_planes_avx512<Tokens>(a, xt, g, token);
+    for (Eigen::Index g = begin; g < end; ++g)
+      gemm_shared_planes_avx512<Tokens>(a, xt + group_column(a, g) * Tokens, g, token);
   }
 }
 

@@ -59,12 +59,13 @@ inline Eigen::Index arm_blocks_per_chunk(Eigen::Index col_tiles) noexcept {
   return std::max<Eigen::Index>(1, 32768 / (col_tiles * tile_bytes));
 }
 
-/// Writes 4 int32 row sums (rows first_row..first_row + 3) minus the token's activation sum.
-inline void store_rows_arm(const gemm_args& a, int32x4_t sums, Eigen::Index first_row, Eigen::Index token) noexcept {
+/// Writes 4 int32 row sums (rows first_row..first_row + 3) minus the token's activation sum over
+/// the (virtual) block's columns (x_sum).
+inline void store_rows_arm(const gemm_args& a, int32x4_t sums, Eigen::Index first_row, Eigen::Index token,
+                           std::int32_t x_sum) noexcept {
   std::int32_t lanes[4];
   vst1q_s32(lanes, sums);
-  for (Eigen::Index j = 0; j < 4 && first_row + j < a.rows; ++j)
-    a.acc[token * a.rows + first_row + j] = lanes[j] - a.x_sums[token];
+  for (Eigen::Index j = 0; j < 4 && first_row + j < a.rows; ++j) a.acc[token * a.rows + first_row + j] = lanes[j] - x_sum;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ inline void gemm_block_neon(const gemm_args& a, Eigen::Index g, Eigen::Index tok
   const std::int8_t* x[Tokens];
   int32x4_t acc[Tokens][4];
   for (int t = 0; t < Tokens; ++t) {
-    x[t] = a.x + (token + t) * a.x_stride;
+    x[t] = a.x + (token + t) * a.x_stride + group_column(a, g);
     for (int q = 0; q < 4; ++q) acc[t][q] = vdupq_n_s32(0);
   }
   for (Eigen::Index remaining = a.col_tiles; remaining > 0;) {
@@ -134,7 +135,7 @@ inline void gemm_block_neon(const gemm_args& a, Eigen::Index g, Eigen::Index tok
         acc[t][q] = vaddq_s32(acc[t][q], vpaddq_s32(vpaddlq_s16(s[t][q][0]), vpaddlq_s16(s[t][q][1])));
   }
   for (int t = 0; t < Tokens; ++t)
-    for (int q = 0; q < 4; ++q) store_rows_arm(a, acc[t][q], g * tile_rows + 4 * q, token + t);
+    for (int q = 0; q < 4; ++q) store_rows_arm(a, acc[t][q], g * tile_rows + 4 * q, token + t, group_x_sum(a, g, token + t));
 }
 
 inline void ternary_gemm_neon(const gemm_args& a, Eigen::Index block_begin, Eigen::Index block_end) noexcept {
@@ -164,7 +165,7 @@ inline constexpr Eigen::Index dotprod_tiles_per_fold = Eigen::Index{1} << 16;
 BITNET_TARGET_DOTPROD inline void gemv_block_dotprod(const gemm_args& a, Eigen::Index g) noexcept {
   const uint8x16_t m1 = vdupq_n_u8(0x03), m4 = vdupq_n_u8(0x0c), m16 = vdupq_n_u8(0x30);
   const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes;
-  const std::int8_t* x = a.x;
+  const std::int8_t* x = a.x + group_column(a, g);
   int32x4_t total[4];
   for (int q = 0; q < 4; ++q) total[q] = vdupq_n_s32(0);
   for (Eigen::Index remaining = a.col_tiles; remaining > 0;) {
@@ -187,7 +188,8 @@ BITNET_TARGET_DOTPROD inline void gemv_block_dotprod(const gemm_args& a, Eigen::
     for (int q = 0; q < 4; ++q)
       total[q] = vaddq_s32(vaddq_s32(total[q], s1[q]), vaddq_s32(vshrq_n_s32(s4[q], 2), vshrq_n_s32(s16[q], 4)));
   }
-  for (int q = 0; q < 4; ++q) store_rows_arm(a, total[q], g * tile_rows + 4 * q, 0);
+  const std::int32_t x_sum = group_x_sum(a, g, 0);
+  for (int q = 0; q < 4; ++q) store_rows_arm(a, total[q], g * tile_rows + 4 * q, 0, x_sum);
 }
 
 /// Batch > 1: half `half` (rows 8 half .. 8 half + 7) of row block g against Tokens (1-8) tokens;
@@ -199,7 +201,7 @@ BITNET_TARGET_DOTPROD void gemm_half_dotprod(const gemm_args& a, Eigen::Index g,
   const uint8x16_t mask = vdupq_n_u8(3);
   const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes + 32 * half;
   const std::uint8_t* const w_end = w + a.col_tiles * tile_bytes;
-  const std::int8_t* x = a.x + token * a.x_stride;
+  const std::int8_t* x = a.x + token * a.x_stride + group_column(a, g);
   int32x4_t acc[Tokens][2];
   for (int t = 0; t < Tokens; ++t) acc[t][0] = acc[t][1] = vdupq_n_s32(0);
   for (; w != w_end; w += tile_bytes, x += tile_cols) {
@@ -223,7 +225,8 @@ BITNET_TARGET_DOTPROD void gemm_half_dotprod(const gemm_args& a, Eigen::Index g,
     }
   }
   for (int t = 0; t < Tokens; ++t)
-    for (int q = 0; q < 2; ++q) store_rows_arm(a, acc[t][q], g * tile_rows + 8 * half + 4 * q, token + t);
+    for (int q = 0; q < 2; ++q)
+      store_rows_arm(a, acc[t][q], g * tile_rows + 8 * half + 4 * q, token + t, group_x_sum(a, g, token + t));
 }
 
 inline constexpr int dotprod_token_group = 8;
@@ -275,7 +278,8 @@ BITNET_TARGET_I8MM void gemm_half_i8mm(const gemm_args& a, Eigen::Index g, int h
   const std::uint8_t* const w_end = w + a.col_tiles * tile_bytes;
   const std::int8_t* x[2 * Pairs];
 #pragma GCC unroll 8
-  for (int t = 0; t < 2 * Pairs; ++t) x[t] = a.x + (token + std::min<Eigen::Index>(t, tokens - 1)) * a.x_stride;
+  for (int t = 0; t < 2 * Pairs; ++t)
+    x[t] = a.x + (token + std::min<Eigen::Index>(t, tokens - 1)) * a.x_stride + group_column(a, g);
   int32x4_t acc[Pairs][2][2];  // [pair][quarter][rows 4q, 4q+1 | 4q+2, 4q+3]: (row0 t0, row0 t1, row1 t0, row1 t1)
   for (int m = 0; m < Pairs; ++m)
     for (int q = 0; q < 2; ++q) acc[m][q][0] = acc[m][q][1] = vdupq_n_s32(0);
@@ -313,7 +317,7 @@ BITNET_TARGET_I8MM void gemm_half_i8mm(const gemm_args& a, Eigen::Index g, int h
           const Eigen::Index row = g * tile_rows + 8 * half + 4 * q + 2 * h + i;
           for (int j = 0; j < 2 && 2 * m + j < tokens && row < a.rows; ++j) {
             const Eigen::Index t = token + 2 * m + j;
-            a.acc[t * a.rows + row] = lanes[2 * i + j] - a.x_sums[t];
+            a.acc[t * a.rows + row] = lanes[2 * i + j] - group_x_sum(a, g, t);
           }
         }
       }
@@ -372,6 +376,48 @@ inline void rescale_rows_neon(const std::int32_t* acc, Eigen::Index acc_stride, 
       row_y[o] = bias ? scaled + bias[o] : scaled;
     }
   }
+}
+
+/// rescale_rows_grouped_scalar<float>, 2 rows per vector of doubles: per lane the same products
+/// (exact: an int32 of at most 2^15 in magnitude times a float, so FMLA contraction changes
+/// nothing), the same divisions and sums in the same order, one rounding to float (FCVTN), the same
+/// float addition of the bias. An odd first or last row goes the scalar way.
+inline void rescale_rows_grouped_neon(const std::int32_t* acc, Eigen::Index acc_stride, Eigen::Index batch,
+                                      Eigen::Index row_begin, Eigen::Index row_end, Eigen::Index kernel_groups,
+                                      Eigen::Index groups, const float* d, const float* sx, bool per_block,
+                                      const float* bias, float* y, Eigen::Index y_stride) noexcept {
+  const Eigen::Index head = std::min(row_end, (row_begin + 1) / 2 * 2);
+  const Eigen::Index body = std::max(head, row_end / 2 * 2);
+  for (Eigen::Index b = 0; b < batch; ++b) {
+    const std::int32_t* row_acc = acc + b * acc_stride;
+    const float* token_sx = sx + (per_block ? b * groups : b);
+    float* row_y = y + b * y_stride;
+    rescale_rows_grouped_scalar(row_acc, acc_stride, 1, row_begin, head, kernel_groups, groups, d, token_sx, per_block,
+                                bias, row_y, y_stride);
+    for (Eigen::Index o = head; o < body; o += 2) {
+      const std::int32_t* unit = row_acc + o / tile_rows * kernel_groups * tile_rows + o % tile_rows;
+      const float* row_d = d + o * groups;
+      float64x2_t sum = vdupq_n_f64(0.0);
+      for (Eigen::Index j = 0; j < groups; ++j) {
+        const float64x2_t scales = vcvt_f64_f32(vset_lane_f32(row_d[groups + j], vdup_n_f32(row_d[j]), 1));
+        const float64x2_t products = vmulq_f64(vcvtq_f64_s64(vmovl_s32(vld1_s32(unit + j * tile_rows))), scales);
+        sum = vaddq_f64(sum, per_block ? vdivq_f64(products, vdupq_n_f64(double(token_sx[j]))) : products);
+      }
+      if (!per_block) sum = vdivq_f64(sum, vdupq_n_f64(double(token_sx[0])));
+      float32x2_t v = vcvt_f32_f64(sum);
+      if (bias) v = vadd_f32(v, vld1_f32(bias + o));
+      vst1_f32(row_y + o, v);
+    }
+    rescale_rows_grouped_scalar(row_acc, acc_stride, 1, body, row_end, kernel_groups, groups, d, token_sx, per_block,
+                                bias, row_y, y_stride);
+  }
+}
+
+/// The sum of n int8 codes (n a multiple of 16): SADDLV per 16 (at most 16 x 128 in magnitude).
+inline std::int32_t sum_codes_neon(const std::int8_t* q, Eigen::Index n) noexcept {
+  std::int32_t sum = 0;
+  for (Eigen::Index k = 0; k < n; k += 16) sum += vaddlvq_s8(vld1q_s8(q + k));
+  return sum;
 }
 
 /// quantize_row_scalar<float>, vectorized: same absmax, same scale, same products; FCVTNS
