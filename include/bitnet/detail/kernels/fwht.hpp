@@ -62,10 +62,11 @@ void fwht_row_scalar(const T* x, T* out, Eigen::Index n, Eigen::Index b, const T
 // Ops (one struct per ISA and T) gives: T, V, lanes, load, store, add, sub, mul, and
 // in_register(v, b), the stages h < min(b, lanes) on one register.
 //
-//   pass 1   every full register of the row: (forward: times scale), the in-register stages;
-//            a row tail shorter than a register (only when b < lanes: whole blocks) runs the
-//            reference;
-//   pass 2   b > lanes: the stages h >= lanes per block, two at a time (loads of v_j, v_{j+h},
+//   pass 1   runs of `regs` consecutive registers (regs = 4 when b >= 4 lanes, 2 when b = 2 lanes,
+//            else 1): forward times scale, the in-register stages on each register, then the
+//            stages h = lanes and 2 lanes between the run's registers; a row tail shorter than a
+//            register (only when b < lanes: whole blocks) runs the reference;
+//   pass 2   the stages h >= regs * lanes per block, two at a time (loads of v_j, v_{j+h},
 //            v_{j+2h}, v_{j+3h}, both stages in registers), then one alone if one is left;
 //   pass 3   inverse: times scale.
 #define BITNET_FWHT_ROW_KERNEL(TARGET, NAME)                                                                        \
@@ -74,16 +75,29 @@ void fwht_row_scalar(const T* x, T* out, Eigen::Index n, Eigen::Index b, const T
                    const typename Ops::T* scale, bool inverse) noexcept {                                          \
     using V = typename Ops::V;                                                                                      \
     constexpr Eigen::Index lanes = Ops::lanes;                                                                      \
+    const Eigen::Index regs = b >= 4 * lanes ? 4 : (b == 2 * lanes ? 2 : 1);                                        \
     const Eigen::Index full = n - n % lanes;                                                                        \
-    for (Eigen::Index k = 0; k < full; k += lanes) {                                                                \
-      V v = Ops::load(x + k);                                                                                       \
-      if (!inverse) v = Ops::mul(v, Ops::load(scale + k));                                                          \
-      Ops::store(out + k, Ops::in_register(v, b));                                                                  \
+    for (Eigen::Index k = 0; k < full; k += regs * lanes) {                                                         \
+      V a[4];                                                                                                       \
+      for (Eigen::Index r = 0; r < regs; ++r) {                                                                     \
+        a[r] = Ops::load(x + k + r * lanes);                                                                        \
+        if (!inverse) a[r] = Ops::mul(a[r], Ops::load(scale + k + r * lanes));                                      \
+        a[r] = Ops::in_register(a[r], b);                                                                           \
+      }                                                                                                             \
+      if (regs == 4) {                                                                                              \
+        const V s0 = Ops::add(a[0], a[1]), d0 = Ops::sub(a[0], a[1]);                                               \
+        const V s1 = Ops::add(a[2], a[3]), d1 = Ops::sub(a[2], a[3]);                                               \
+        a[0] = Ops::add(s0, s1), a[1] = Ops::add(d0, d1), a[2] = Ops::sub(s0, s1), a[3] = Ops::sub(d0, d1);         \
+      } else if (regs == 2) {                                                                                       \
+        const V s0 = Ops::add(a[0], a[1]), d0 = Ops::sub(a[0], a[1]);                                               \
+        a[0] = s0, a[1] = d0;                                                                                       \
+      }                                                                                                             \
+      for (Eigen::Index r = 0; r < regs; ++r) Ops::store(out + k + r * lanes, a[r]);                                \
     }                                                                                                               \
     if (full < n) fwht_row_scalar(x + full, out + full, n - full, b, scale + full, inverse);                        \
-    for (Eigen::Index s = 0; b > lanes && s < n; s += b) {                                                          \
+    for (Eigen::Index s = 0; b > regs * lanes && s < n; s += b) {                                                   \
       typename Ops::T* v = out + s;                                                                                 \
-      Eigen::Index h = lanes;                                                                                       \
+      Eigen::Index h = regs * lanes;                                                                                \
       for (; 4 * h <= b; h *= 4)                                                                                    \
         for (Eigen::Index i = 0; i < b; i += 4 * h)                                                                 \
           for (Eigen::Index j = i; j < i + h; j += lanes) {                                                         \
