@@ -125,12 +125,14 @@ TEST_CASE_TEMPLATE("rotation: fold keeps the product, unfold undoes fold", T, fl
 }
 
 TEST_CASE_TEMPLATE("rotation: every ISA and thread count gives the scalar reference's bits", T, float, double) {
-  // Block sizes 2..4096, row counts 1 and 5, strides wider than a row, tails shorter than a
-  // register (small blocks, odd block counts), in place and not.
+  // Block sizes 2..4096, row counts 1 and 5 (and 40 rows of 4096, enough values for two threads),
+  // strides wider than a row, tails shorter than a register (small blocks, odd block counts), in
+  // place and not.
   for (Index b = 2; b <= 4096; b *= 2) {
     const Index n = b <= 32 ? b * 13 : b * (b <= 512 ? 3 : 1);
     const hadamard_rotation rot = hadamard_rotation::random_signs(n, b, std::uint64_t(b));
-    for (Index rows : {1, 5}) {
+    for (Index rows : {Index(1), Index(5), b == 4096 ? Index(40) : Index(0)}) {
+      if (rows == 0) continue;
       const Index stride = n + 3;
       const Matrix<T> x = random_matrix<T>(rows, stride, unsigned(b * rows));
       for (bool inverse : {false, true}) {
