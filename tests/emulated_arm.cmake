@@ -1,4 +1,4 @@
-# The emulated AArch64 stage (preset "arm", cmake/toolchains/aarch64-linux-gnu.cmake): the kernel,
+# The emulated AArch64 stage (preset "arm", cmake/toolchains/aarch64-linux-gnu.cmake): the kernel, rotation (FWHT),
 # packing, quantization and BitLinear tests cross-built and run under qemu-user, once per emulated
 # CPU so that every ARM kernel path runs:
 #   max         NEON + SDOT + SMMLA: neon, dotprod and i8mm kernels (and scalar) compared;
@@ -6,7 +6,7 @@
 #   cortex-a72  NEON only (Raspberry Pi 4 class): best_isa() is neon.
 # BITNET_TEST_EXPECT_ISAS makes the run fail if a kernel the CPU has is not compiled or detected.
 # The rest of the suite (graph walking, safetensors, ...) has no ISA-specific code and runs natively.
-add_executable(bitnet_arm_tests main.cpp test_kernels.cpp test_group_kernels.cpp test_pack.cpp test_quant.cpp test_bit_linear.cpp)
+add_executable(bitnet_arm_tests main.cpp test_kernels.cpp test_group_kernels.cpp test_rotation.cpp test_pack.cpp test_quant.cpp test_bit_linear.cpp)
 target_link_libraries(bitnet_arm_tests PRIVATE bitnet::bitnet bitnet_warnings doctest::doctest)
 add_executable(bitnet_arm_forward_alloc_tests test_forward_alloc.cpp alloc_fault.cpp)
 target_link_libraries(bitnet_arm_forward_alloc_tests PRIVATE bitnet::bitnet bitnet_warnings doctest::doctest)
