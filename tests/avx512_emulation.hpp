@@ -18,6 +18,8 @@
 // Plain code generation for the kernels: the emulation must not emit AVX-512 instructions itself.
 #define BITNET_TARGET_AVX512
 #define BITNET_INLINE_AVX512 inline
+#define BITNET_TARGET_FWHT_AVX512
+#define BITNET_INLINE_FWHT_AVX512 inline
 
 #define BITNET_TEST_EMULATED_AVX512 1
 
@@ -30,3 +32,17 @@ inline void bitnet_test_mask_storeu_epi32(void* to, __mmask16 mask, simde__m512i
     if ((mask >> i) & 1) std::memcpy(static_cast<char*>(to) + 4 * i, &lanes[i], 4);
 }
 #define _mm512_mask_storeu_epi32(to, mask, v) bitnet_test_mask_storeu_epi32(to, mask, v)
+
+// SIMDe 0.7.4 gives these no native alias (the FWHT's in-register stages use them): permute_ps is
+// shuffle_ps of a vector with itself (the same 2-bit selectors in every 128-bit lane), permute_pd
+// picks element j from its pair by bit j of the immediate.
+inline simde__m512d bitnet_test_permute_pd(simde__m512d v, int imm) noexcept {
+  double in[8], out[8];
+  simde_mm512_storeu_pd(in, v);
+  for (int j = 0; j < 8; ++j) out[j] = in[(j & ~1) + ((imm >> j) & 1)];
+  return simde_mm512_loadu_pd(out);
+}
+#define _mm512_shuffle_f32x4(a, b, imm) simde_mm512_shuffle_f32x4(a, b, imm)
+#define _mm512_shuffle_f64x2(a, b, imm) simde_mm512_shuffle_f64x2(a, b, imm)
+#define _mm512_permute_ps(v, imm) simde_mm512_shuffle_ps(v, v, imm)
+#define _mm512_permute_pd(v, imm) bitnet_test_permute_pd(v, imm)

@@ -11,6 +11,8 @@
 
 #include <doctest/doctest.h>
 
+#include "kernel_isas.hpp"
+
 using bitnet::hadamard_rotation;
 using bitnet::Index;
 using bitnet::isa;
@@ -47,13 +49,6 @@ std::vector<std::int8_t> alternating_signs(Index n) {
   std::vector<std::int8_t> s(static_cast<std::size_t>(n));
   for (Index k = 0; k < n; ++k) s[std::size_t(k)] = (k * 7 / 3) % 2 == 0 ? 1 : -1;
   return s;
-}
-
-std::vector<isa> runnable_isas() {
-  std::vector<isa> isas;
-  for (isa which : bitnet::all_isas)
-    if (bitnet::isa_supported(which)) isas.push_back(which);
-  return isas;
 }
 
 }  // namespace
@@ -139,7 +134,7 @@ TEST_CASE_TEMPLATE("rotation: every ISA and thread count gives the scalar refere
         std::vector<T> expected(std::size_t(rows * stride), T(-7));
         if (inverse) rot.inverse_rows(isa::scalar, x.data(), rows, stride, expected.data(), stride);
         else rot.apply_rows(isa::scalar, x.data(), rows, stride, expected.data(), stride);
-        for (isa which : runnable_isas())
+        for (isa which : kernel_isas::runnable_isas())
           for (int threads : {1, 2}) {
             CAPTURE(b);
             CAPTURE(rows);

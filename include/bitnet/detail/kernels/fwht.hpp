@@ -148,8 +148,12 @@ void fwht_row_scalar(const T* x, T* out, Eigen::Index n, Eigen::Index b, const T
 #define BITNET_INLINE_FWHT_AVX2 __attribute__((target("avx2"), always_inline)) inline
 // AVX-512 F only (every CPU the avx512 kernels run on has it); its FMA is part of AVX-512 F. The
 // AVX2 code uses no FMA: the avx2 ISA is detected without checking for FMA3.
+// tests/avx512_emulation.hpp predefines it empty (SIMDe) so the AVX-512 transform also runs, emulated,
+// on CPUs without AVX-512.
+#ifndef BITNET_TARGET_FWHT_AVX512
 #define BITNET_TARGET_FWHT_AVX512 __attribute__((target("avx2,avx512f")))
 #define BITNET_INLINE_FWHT_AVX512 __attribute__((target("avx2,avx512f"), always_inline)) inline
+#endif
 
 /// self ^ sign (the lanes whose offset has bit h set negated) plus partner: one stage in a register.
 struct fwht_avx2_f32 {
