@@ -25,6 +25,7 @@
 // with. set_weight() gives the layer new latent weights, so it works in every state.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -142,7 +143,7 @@ class BitLinear {
           throw value_error("BitLinear::from_ternary: unit scale " + detail::format_value(d) + " at " +
                             detail::unit_position(r, g, unit_cols, codes.cols()) + " is not finite and >= 0");
     check_bias(bias, codes.rows());
-    packed_ternary packed(codes);  // throws value_error naming a code outside {-1, 0, +1}
+    packed_ternary packed(codes, col_alignment(options));  // throws value_error naming a code outside {-1, 0, +1}
     return BitLinear(ternary_tag{}, options, quantized_weights{std::move(packed), T(0), std::move(unit_scales)},
                      std::move(bias));
   }
@@ -275,17 +276,8 @@ class BitLinear {
       return y.swap(empty);
     }
 
-    const isa kernels = active_isa();
-    const int threads = num_threads();
     const Eigen::Ref<const Matrix<T>, 0, Eigen::OuterStride<>> input(x.derived());
-    const packed_ternary& packed = quantized_.packed;
-    const Index x_stride = packed.padded_cols();
     using detail::scratch_slot;
-    std::int8_t* xq = detail::thread_scratch_of<std::int8_t, scratch_slot::activations>(std::size_t(batch * x_stride));
-    T* scales = detail::thread_scratch_of<T, scratch_slot::scales>(std::size_t(batch));
-    std::int32_t* sums = detail::thread_scratch_of<std::int32_t, scratch_slot::sums>(std::size_t(batch));
-    std::int32_t* acc =
-        detail::thread_scratch_of<std::int32_t, scratch_slot::accumulators>(std::size_t(batch * out_features()));
     const T* rows = input.data();
     Index row_stride = input.outerStride();
     if (options_.rms_norm) {
@@ -296,6 +288,17 @@ class BitLinear {
       rows = normed;
       row_stride = in_features();
     }
+    if (options_.weight_scales != weight_scaling::per_tensor) return forward_units(input, rows, row_stride, y);
+
+    const isa kernels = active_isa();
+    const int threads = num_threads();
+    const packed_ternary& packed = quantized_.packed;
+    const Index x_stride = packed.padded_cols();
+    std::int8_t* xq = detail::thread_scratch_of<std::int8_t, scratch_slot::activations>(std::size_t(batch * x_stride));
+    T* scales = detail::thread_scratch_of<T, scratch_slot::scales>(std::size_t(batch));
+    std::int32_t* sums = detail::thread_scratch_of<std::int32_t, scratch_slot::sums>(std::size_t(batch));
+    std::int32_t* acc =
+        detail::thread_scratch_of<std::int32_t, scratch_slot::accumulators>(std::size_t(batch * out_features()));
     if (!detail::quantize_rows(kernels, rows, row_stride, batch, in_features(), xq, x_stride, scales, sums, threads))
       detail::require_finite(input, "BitLinear::forward: input");  // throws, naming the element
 
@@ -314,6 +317,49 @@ class BitLinear {
   }
 
  private:
+  /// forward() of a per_row / per_group layer from its (normalized) input rows, through the grouped
+  /// kernels: per_group multiplies each group of G columns on its own (virtual blocks, kernels.hpp),
+  /// per_row is the ungrouped product; the epilogue applies the unit scales (the formula at the top).
+  template <class Input>
+  void forward_units(const Input& input, const T* rows, Index row_stride, Matrix<T>& y) const {
+    const isa kernels = active_isa();
+    const int threads = num_threads();
+    const Index batch = input.rows(), out = out_features(), in = in_features();
+    const packed_ternary& packed = quantized_.packed;
+    const Index x_stride = packed.padded_cols();
+    const bool grouped = options_.weight_scales == weight_scaling::per_group;
+    const bool per_block = options_.activation_scales == activation_scaling::per_block;
+    const Index groups = this->groups();
+    const Index kernel_groups = grouped ? x_stride / options_.group_size : 1;  // > groups only for G = 32
+    const Index acc_rows = grouped ? packed.row_blocks() * kernel_groups * packed_ternary::block_rows : out;
+    using detail::scratch_slot;
+    std::int8_t* xq = detail::thread_scratch_of<std::int8_t, scratch_slot::activations>(std::size_t(batch * x_stride));
+    T* scales = detail::thread_scratch_of<T, scratch_slot::scales>(std::size_t(batch * (per_block ? groups : 1)));
+    std::int32_t* sums = detail::thread_scratch_of<std::int32_t, scratch_slot::sums>(std::size_t(batch * kernel_groups));
+    std::int32_t* acc = detail::thread_scratch_of<std::int32_t, scratch_slot::accumulators>(std::size_t(batch * acc_rows));
+    const bool finite =
+        grouped ? detail::quantize_rows_grouped(kernels, rows, row_stride, batch, in, options_.group_size, per_block, xq,
+                                                x_stride, scales, sums, threads)
+                : detail::quantize_rows(kernels, rows, row_stride, batch, in, xq, x_stride, scales, sums, threads);
+    if (!finite) detail::require_finite(input, "BitLinear::forward: input");  // throws, naming the element
+
+    Matrix<T> shaped;
+    const bool reshape = y.rows() != batch || y.cols() != out;
+    if (reshape) shaped = Matrix<T>(batch, out);  // not y.resize: Eigen's is not exception-safe
+    Matrix<T>& result = reshape ? shaped : y;
+    const detail::grouped_rescale<T> rescale{kernels,   acc,      acc_rows,
+                                             batch,     out,      kernel_groups,
+                                             groups,    quantized_.unit_scales.data(),
+                                             scales,    per_block, bias_ ? bias_->data() : nullptr,
+                                             result.data(), result.outerStride()};
+    detail::gemm_args args{packed.data(), grouped ? options_.group_size / packed_ternary::tile_cols : packed.col_tiles(),
+                           acc_rows, xq, x_stride, sums, batch, acc};
+    args.groups = kernel_groups;
+    detail::ternary_gemm(kernels, args, packed.row_blocks() * kernel_groups, threads, detail::min_work_per_thread,
+                         rescale.epilogue());
+    if (reshape) y.swap(shaped);
+  }
+
   /// The rescale of output columns [begin, end) of one forward call (the gemm epilogue).
   struct rescale_job {
     isa which;
@@ -362,6 +408,12 @@ class BitLinear {
     return options;
   }
 
+  // Columns pad to max(64, G) for per_group so every row block holds whole groups (pack.hpp).
+  static Index col_alignment(const bitlinear_options& options) noexcept {
+    return std::max(packed_ternary::block_cols,
+                    options.weight_scales == weight_scaling::per_group ? options.group_size : Index{0});
+  }
+
   std::string unit_name() const {
     return options_.weight_scales == weight_scaling::per_row ? "output row"
                                                              : "group of " + std::to_string(options_.group_size) + " inputs";
@@ -384,7 +436,7 @@ class BitLinear {
     if (options.weight_scales != weight_scaling::per_tensor) {
       unit_ternary_weights<T> units = detail::quantize_finite_weight_units(
           weight, detail::unit_columns(options.weight_scales, options.group_size, weight.cols()));
-      return {packed_ternary(units.values), T(0), std::move(units.scales)};
+      return {packed_ternary(units.values, col_alignment(options)), T(0), std::move(units.scales)};
     }
     ternary_weights<T> ternary = detail::quantize_finite_weights(weight, "BitLinear: weight");
     return {packed_ternary(ternary.values), ternary.scale, {}};
