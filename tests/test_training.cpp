@@ -93,20 +93,37 @@ void check_against_torch(const reference_case& c) {
   const Matrix<T> dy = tensor<T>(c, "dy", c.batch, c.out);
   std::optional<Vector<T>> b;
   if (c.bias) b = Vector<T>(tensor<T>(c, "b", c.out, 1));
-  const BitLinear<T> layer(w, b, {.rms_norm = c.rms, .rms_eps = c.eps});
+  // unit_training_reference.txt: scales per_row / per_group, group G, activations per_token / per_block
+  bitnet::bitlinear_options options{.rms_norm = c.rms, .rms_eps = c.eps};
+  if (const auto scales = c.keys.find("scales"); scales != c.keys.end()) {
+    options.weight_scales = scales->second == "per_row" ? bitnet::weight_scaling::per_row : bitnet::weight_scaling::per_group;
+    options.group_size = std::stoi(c.keys.at("group"));
+    if (c.keys.at("activations") == "per_block") options.activation_scales = bitnet::activation_scaling::per_block;
+  }
+  const bool units = options.weight_scales != bitnet::weight_scaling::per_tensor;
+  const bool blocks = options.activation_scales == bitnet::activation_scaling::per_block;
+  const Index unit = options.weight_scales == bitnet::weight_scaling::per_group ? options.group_size : c.in;
+  const BitLinear<T> layer(w, b, options);
   const T lambda = T(c.lambda);
   const auto [y, tape] = bitnet::train_forward(layer, x, lambda);
   const bitnet::bit_linear_gradients<T> grads = bitnet::backward(tape, dy);
 
   // Magnitudes, from bitnet's side.
   const Matrix<T> n = c.rms ? bitnet::rms_norm(x, T(c.eps)) : x;
-  const Matrix<T> q = bitnet::activation_quant(n), qw = bitnet::weight_quant(w);
-  const T sw = bitnet::weight_scale(w);
-  const Vector<T> sx = bitnet::activation_scales(n);
+  const Matrix<T> q = blocks ? bitnet::activation_quant_blocks(n, unit) : bitnet::activation_quant(n);
+  const Matrix<T> qw = units ? bitnet::weight_quant_units(w, options.weight_scales, options.group_size) : bitnet::weight_quant(w);
   auto away_from_ties = [](long double v) { return std::fabs(std::fabs(v) - std::floor(std::fabs(v)) - 0.5L) > 5e-4L; };
-  for (Index i = 0; i < w.size(); ++i) REQUIRE(away_from_ties((long double)w.data()[i] * sw));
+  if (units) {
+    const Matrix<T> d = bitnet::quantize_weight_units(w, options.weight_scales, options.group_size).scales;
+    for (Index r = 0; r < w.rows(); ++r)
+      for (Index k = 0; k < w.cols(); ++k) REQUIRE(away_from_ties((long double)w(r, k) / d(r, k / unit)));
+  } else {
+    const T sw = bitnet::weight_scale(w);
+    for (Index i = 0; i < w.size(); ++i) REQUIRE(away_from_ties((long double)w.data()[i] * sw));
+  }
+  const Matrix<T> sx = blocks ? bitnet::quantize_activation_blocks(n, unit).scales : Matrix<T>(bitnet::activation_scales(n));
   for (Index r = 0; r < n.rows(); ++r)
-    for (Index k = 0; k < n.cols(); ++k) REQUIRE(away_from_ties((long double)n(r, k) * sx(r)));
+    for (Index k = 0; k < n.cols(); ++k) REQUIRE(away_from_ties((long double)n(r, k) * sx(r, blocks ? k / unit : 0)));
 
   const long double eps_n = c.rms ? (long double)(c.in / 2 + 8) * u : 0;
   const long double eps_x = 2 * eps_n + 10 * u;
@@ -149,6 +166,18 @@ void check_against_torch(const reference_case& c) {
 TEST_CASE("training: gradients match PyTorch autograd on the published BitLinear (STE, warm-up lambda)") {
   const std::vector<reference_case> cases = read_reference(BITNET_TEST_DATA_DIR "/training_reference.txt");
   REQUIRE(cases.size() == 9);
+  for (const reference_case& c : cases) {
+    if (c.dtype == "f32")
+      check_against_torch<float>(c);
+    else
+      check_against_torch<double>(c);
+  }
+}
+
+TEST_CASE("training: per-unit absmean and per-block activations match PyTorch autograd (STE, warm-up lambda)") {
+  // The same bounds hold: d = mean|w| over a unit is rounded from a double mean on both sides.
+  const std::vector<reference_case> cases = read_reference(BITNET_TEST_DATA_DIR "/unit_training_reference.txt");
+  REQUIRE(cases.size() == 6);
   for (const reference_case& c : cases) {
     if (c.dtype == "f32")
       check_against_torch<float>(c);

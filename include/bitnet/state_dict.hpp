@@ -617,6 +617,11 @@ class state_saver {
     }
     const std::string weight_key = key(path, "weight"), scale_key = key(path, "weight_scale");
     if (!out_) {
+      if (layer.options().weight_scales != weight_scaling::per_tensor)  // first walk: nothing is written
+        throw state_error("save_state_dict: the BitLinear at " +
+                          (path.empty() ? std::string("(the root)") : quote_key(path)) +
+                          " has one scale per row or group; the Hugging Face packed form stores one weight_scale "
+                          "per tensor; save it as bit_linear_storage::latent");
       packed_ = true;
       if (layer.out_features() % hf::values_per_byte != 0)  // the packed rows cannot tell it
         config_.out_features[layer_name(options_.prefix, path)] = layer.out_features();

@@ -304,6 +304,11 @@ class BitLinearImpl : public ::torch::nn::Cloneable<BitLinearImpl> {
     if (!(options.rms_eps > 0) || !std::isfinite(options.rms_eps))
       throw value_error("bitnet::libtorch::BitLinear: rms_eps must be finite and > 0, got " +
                         std::to_string(options.rms_eps));
+    // The module's autograd forward is the per-tensor b1.58 layer; unit scales are bitnet::BitLinear's.
+    if (options.weight_scales != weight_scaling::per_tensor || options.group_size != 0 ||
+        options.activation_scales != activation_scaling::per_token)
+      throw value_error("bitnet::libtorch::BitLinear: only per_tensor weight scales and per_token activation scales "
+                        "are supported (per_row / per_group layers are bitnet::BitLinear's)");
     return options;
   }
 
@@ -786,6 +791,9 @@ module_replace_report replace_linear(::torch::nn::Module& root, const replace_op
       throw detail::transfer_failure(p.path, "the weight and bias must be contiguous tensors of one dtype");
   }
 
+  if (options.weights != ternary_import::quantize)
+    throw value_error("bitnet::libtorch::replace_linear: ternary_import::exact needs unit scales, which the libtorch "
+                      "BitLinear does not have; use bitnet::replace_linear on bitnet::BitLinear layers");
   for (detail::planned_linear& p : layers) {
     if (p.source->weight.scalar_type() == ::torch::kFloat)
       report.layers.push_back(detail::stage<Policy, float>(p, policy, options.layer_options, share));
