@@ -1,5 +1,6 @@
 #include <bitnet/kernels.hpp>
 #include <bitnet/rotation.hpp>
+#include <bitnet/training.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -212,4 +213,93 @@ TEST_CASE("rotation: refusals name what is wrong") {
   Matrix<float> big = Matrix<float>::Constant(1, 8, std::numeric_limits<float>::max());
   CHECK(message([&] { rot.apply(big); }).find("overflow") != std::string::npos);
   CHECK(rot.apply(Matrix<float>(0, 8)).rows() == 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The rotation inside BitLinear (bitlinear_options::rotation) and its fine-tuning.
+
+TEST_CASE("rotation in BitLinear: the layer computes the plain layer on R x (R n with RMSNorm), bit for bit") {
+  using bitnet::BitLinear;
+  using bitnet::bitlinear_options;
+  const Index in = 256, out = 40;
+  const hadamard_rotation rot = hadamard_rotation::random_signs(in, 64, 5);
+  const Matrix<float> w = random_matrix<float>(out, in, 1);
+  const Matrix<float> x = random_matrix<float>(3, in, 2);
+  for (const bool grouped : {false, true}) {
+    CAPTURE(grouped);
+    bitlinear_options plain;
+    if (grouped) {
+      plain.weight_scales = bitnet::weight_scaling::per_group;
+      plain.group_size = 64;
+    }
+    bitlinear_options rotated = plain;
+    rotated.rotation = rot;
+    const BitLinear<float> with(w, std::nullopt, rotated), without(w, std::nullopt, plain);
+    for (isa which : kernel_isas::runnable_isas()) {
+      if (!bitnet::isa_supported(which)) continue;  // forward runs the active (real) kernels
+      CAPTURE(bitnet::isa_name(which));
+      bitnet::force_isa(which);
+      CHECK(with.forward(x) == without.forward(rot.apply(x)));
+    }
+    bitnet::clear_forced_isa();
+    bitlinear_options normed = rotated;
+    normed.rms_norm = true;
+    CHECK(BitLinear<float>(w, std::nullopt, normed).forward(x) == without.forward(rot.apply(bitnet::rms_norm(x, 1e-6f))));
+  }
+  // A rotation of another width is refused by every way of building a layer.
+  bitlinear_options wrong;
+  wrong.rotation = hadamard_rotation::identity_signs(128, 64);
+  CHECK_THROWS_WITH_AS(BitLinear<float>(w, std::nullopt, wrong), doctest::Contains("the rotation is for 128 inputs, the layer has 256"),
+                       bitnet::shape_error);
+  CHECK_THROWS_AS(BitLinear<float>::from_ternary(Matrix<std::int8_t>::Zero(out, in), 1.0f, std::nullopt, wrong),
+                  bitnet::shape_error);
+  // A finite input the rotation takes past the largest float is an error, not a silent infinity.
+  bitlinear_options big;
+  big.rotation = hadamard_rotation::identity_signs(in, 64);
+  const Matrix<float> huge = Matrix<float>::Constant(1, in, 3e38f);
+  CHECK_THROWS_WITH_AS(BitLinear<float>(w, std::nullopt, big).forward(huge), doctest::Contains("rotated input overflowed"),
+                       bitnet::value_error);
+}
+
+TEST_CASE("rotation in BitLinear: a dense layer folded into the rotated basis keeps its product") {
+  const Index in = 512, out = 64;
+  const hadamard_rotation rot = hadamard_rotation::random_signs(in, 512, 9);
+  const Matrix<float> w = random_matrix<float>(out, in, 3);
+  const Matrix<float> x = random_matrix<float>(4, in, 4);
+  bitnet::bitlinear_options options;
+  options.rotation = rot;
+  const bitnet::BitLinear<float> layer(rot.fold(w), std::nullopt, options);
+  // (W R^T)(R x) = W x up to the ternary and int8 quantization: the same error as the unrotated
+  // layer's against the float product, not a different function.
+  const Matrix<float> exact = x * w.transpose();
+  const double err_rotated = (layer.forward(x) - exact).norm() / exact.norm();
+  const double err_plain = (bitnet::BitLinear<float>(w).forward(x) - exact).norm() / exact.norm();
+  CHECK(err_rotated < 0.6);
+  CHECK(err_rotated < 1.5 * err_plain);
+  CHECK(err_plain < 1.5 * err_rotated);
+}
+
+TEST_CASE("rotation in BitLinear: training keeps R fixed and the gradients flow through it") {
+  const Index in = 128, out = 24;
+  const hadamard_rotation rot = hadamard_rotation::random_signs(in, 32, 21);
+  bitnet::bitlinear_options options;
+  options.rotation = rot;
+  const Matrix<double> w = random_matrix<double>(out, in, 5);
+  const Matrix<double> x = random_matrix<double>(3, in, 6);
+  const Matrix<double> dy = random_matrix<double>(3, out, 7);
+  const bitnet::BitLinear<double> layer(w, std::nullopt, options);
+  // R^T as a dense matrix, from the transform of the identity's rows (apply(x) = x R^T).
+  const Matrix<double> rt = rot.apply(Matrix<double>(Matrix<double>::Identity(in, in)));
+  // lambda = 0: the float layer y = (R x) W^T, so dW = dy^T (R x) and dx = dy W R.
+  auto [y, tape] = bitnet::train_forward(layer, x, 0.0);
+  CHECK((y - x * rt * w.transpose()).cwiseAbs().maxCoeff() < 1e-12);
+  const bitnet::bit_linear_gradients<double> g = bitnet::backward(tape, dy);
+  CHECK((g.weight - dy.transpose() * (x * rt)).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK((g.input - dy * w * rt.transpose()).cwiseAbs().maxCoeff() < 1e-12);
+  // lambda = 1: the integer forward on R x, and the input gradient through the quantized weights.
+  auto [yq, tape_q] = bitnet::train_forward(layer, x, 1.0);
+  CHECK(yq == layer.forward(x));
+  CHECK(tape_q.input_operand() == bitnet::activation_quant(rot.apply(x)));
+  const bitnet::bit_linear_gradients<double> gq = bitnet::backward(tape_q, dy);
+  CHECK((gq.input - dy * tape_q.weight_operand() * rt.transpose()).cwiseAbs().maxCoeff() < 1e-12);
 }

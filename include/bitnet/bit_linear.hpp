@@ -43,6 +43,7 @@
 #include "matrix.hpp"
 #include "pack.hpp"
 #include "quant.hpp"
+#include "rotation.hpp"
 
 namespace bitnet {
 
@@ -56,7 +57,11 @@ struct bitlinear_options {
   Index group_size = 0;
   /// One int8 activation scale per token (b1.58), or per block of group_size inputs (needs per_group).
   activation_scaling activation_scales = activation_scaling::per_token;
-  // The input rotation (rotation.hpp) joins these options here.
+  /// An input rotation R (rotation.hpp: signs, then the normalized Walsh-Hadamard transform per
+  /// block), applied to the (normalized) input before its quantization: forward(x) multiplies the
+  /// weights by R x. Rotated ternary models (Ternary Bonsai 2) store their weights in that basis; a
+  /// dense layer converts to it with rotation->fold(W) (W R^T). Its in_features must be the layer's.
+  std::optional<hadamard_rotation> rotation{};
 };
 
 /// Tag of the BitLinear constructor that adopts the caller's buffers (see transfer::move).
@@ -99,6 +104,7 @@ class BitLinear {
                   "BitLinear::from_ternary: codes must be an int8 matrix");
     options = validated(options);
     check_shape(codes, "BitLinear::from_ternary: codes");
+    check_rotation(options, codes.cols(), "BitLinear::from_ternary");
     for (Index r = 0; r < codes.rows(); ++r)
       for (Index c = 0; c < codes.cols(); ++c)
         if (const int code = codes.coeff(r, c); code < -1 || code > 1)
@@ -130,6 +136,7 @@ class BitLinear {
       throw value_error("BitLinear::from_ternary: unit scales need options.weight_scales per_row or per_group; a "
                         "per_tensor layer takes one scale sw (the other overload)");
     check_shape(codes, "BitLinear::from_ternary: codes");
+    check_rotation(options, codes.cols(), "BitLinear::from_ternary");
     const Index unit_cols = detail::unit_columns(options.weight_scales, options.group_size, codes.cols());
     const Index groups = detail::unit_count(codes.cols(), unit_cols);
     if (unit_scales.rows() != codes.rows() || unit_scales.cols() != groups)
@@ -164,6 +171,7 @@ class BitLinear {
       throw value_error(std::string(what) + ": an exact import needs options.weight_scales per_row or per_group "
                                             "(a per_tensor layer stores 1 / d, which does not reproduce d exactly)");
     check_shape(weight, what);
+    check_rotation(options, weight.cols(), what);
     detail::require_finite(weight, what);
     unit_ternary_weights<T> split = detail::split_finite_ternary_units(
         weight, detail::unit_columns(options.weight_scales, options.group_size, weight.cols()), what);
@@ -288,6 +296,12 @@ class BitLinear {
       rows = normed;
       row_stride = in_features();
     }
+    if (options_.rotation) {  // R x, in place when the rows are the normalized copy already
+      T* rotated = detail::thread_scratch_of<T, scratch_slot::normed>(std::size_t(batch * in_features()));
+      options_.rotation->apply_rows(active_isa(), rows, batch, row_stride, rotated, in_features(), num_threads());
+      rows = rotated;
+      row_stride = in_features();
+    }
     if (options_.weight_scales != weight_scaling::per_tensor) return forward_units(input, rows, row_stride, y);
 
     const isa kernels = active_isa();
@@ -300,7 +314,7 @@ class BitLinear {
     std::int32_t* acc =
         detail::thread_scratch_of<std::int32_t, scratch_slot::accumulators>(std::size_t(batch * out_features()));
     if (!detail::quantize_rows(kernels, rows, row_stride, batch, in_features(), xq, x_stride, scales, sums, threads))
-      detail::require_finite(input, "BitLinear::forward: input");  // throws, naming the element
+      not_finite(input);
 
     // The rescale runs on each kernel thread for the rows it computed, straight into the output
     // (a new matrix if y's shape differs, swapped in only once nothing can fail).
@@ -341,7 +355,7 @@ class BitLinear {
         grouped ? detail::quantize_rows_grouped(kernels, rows, row_stride, batch, in, options_.group_size, per_block, xq,
                                                 x_stride, scales, sums, threads)
                 : detail::quantize_rows(kernels, rows, row_stride, batch, in, xq, x_stride, scales, sums, threads);
-    if (!finite) detail::require_finite(input, "BitLinear::forward: input");  // throws, naming the element
+    if (!finite) not_finite(input);
 
     Matrix<T> shaped;
     const bool reshape = y.rows() != batch || y.cols() != out;
@@ -388,6 +402,21 @@ class BitLinear {
   BitLinear(ternary_tag, bitlinear_options options, quantized_weights quantized, std::optional<Vector<T>> bias) noexcept
       : options_(options), quantized_(std::move(quantized)), bias_(std::move(bias)), never_had_latent_weights_(true) {}
 
+  /// The quantizer saw a non-finite value: the input's (named), or a finite input that the rotation
+  /// took past the largest T.
+  template <class Input>
+  [[noreturn]] void not_finite(const Input& input) const {
+    detail::require_finite(input, "BitLinear::forward: input");  // throws, naming the element
+    throw value_error("BitLinear::forward: the rotated input overflowed (a value near the largest finite T grows "
+                      "by up to sqrt(block size) in the rotation)");
+  }
+
+  static void check_rotation(const bitlinear_options& options, Index in_features, std::string_view what) {
+    if (options.rotation && options.rotation->in_features() != in_features)
+      throw shape_error(std::string(what) + ": the rotation is for " + std::to_string(options.rotation->in_features()) +
+                        " inputs, the layer has " + std::to_string(in_features));
+  }
+
   static bitlinear_options validated(bitlinear_options options) {
     if (!(options.rms_eps > 0) || !std::isfinite(options.rms_eps))
       throw value_error("BitLinear: rms_eps must be finite and > 0, got " + std::to_string(options.rms_eps));
@@ -432,6 +461,7 @@ class BitLinear {
 
   static quantized_weights quantize_checked(const Matrix<T>& weight, const bitlinear_options& options) {
     check_shape(weight, "BitLinear: weight");
+    check_rotation(options, weight.cols(), "BitLinear");
     detail::require_finite(weight, "BitLinear: weight");
     if (options.weight_scales != weight_scaling::per_tensor) {
       unit_ternary_weights<T> units = detail::quantize_finite_weight_units(

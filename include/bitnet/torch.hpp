@@ -309,6 +309,8 @@ class BitLinearImpl : public ::torch::nn::Cloneable<BitLinearImpl> {
         options.activation_scales != activation_scaling::per_token)
       throw value_error("bitnet::libtorch::BitLinear: only per_tensor weight scales and per_token activation scales "
                         "are supported (per_row / per_group layers are bitnet::BitLinear's)");
+    if (options.rotation)
+      throw value_error("bitnet::libtorch::BitLinear: no input rotation (rotated layers are bitnet::BitLinear's)");
     return options;
   }
 

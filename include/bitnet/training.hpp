@@ -41,6 +41,7 @@
 #include "layer_traits.hpp"
 #include "matrix.hpp"
 #include "quant.hpp"
+#include "rotation.hpp"
 
 namespace bitnet {
 
@@ -102,6 +103,7 @@ class bit_linear_tape {
   Matrix<T> weight_;   // W~; empty only in a default-constructed or moved-from tape
   Matrix<T> normed_;   // n = RMSNorm(x), with rms_norm
   Vector<T> inv_rms_;  // 1 / sqrt(mean(x^2) + eps) per row, with rms_norm
+  std::optional<hadamard_rotation> rotation_;  // the layer's input rotation R: backward applies R^T
 };
 
 /// The output of train_forward and what backward needs.
@@ -155,12 +157,16 @@ struct tape_access {
     } else {
       normed = x;
     }
+    // The operand the quantizer sees: R n with an input rotation (fixed; backward applies R^T).
+    tape.rotation_ = options.rotation;
+    const Matrix<T> rotated = options.rotation && batch > 0 ? options.rotation->apply(normed) : Matrix<T>();
+    const Matrix<T>& operand = options.rotation && batch > 0 ? rotated : normed;
 
     Matrix<T> output;
     if (lambda == T(0)) {
       // The float layer: no quantizer at all (n + 0 * d could turn a -0 into +0).
       tape.weight_ = latent;
-      tape.input_ = normed;
+      tape.input_ = operand;
       output = float_output(layer, tape);
     } else {
       // weight_quant(W) with the layer's scale sw (no second mean|W|): the code clamp(round(v), -1, 1)
@@ -186,8 +192,8 @@ struct tape_access {
       }
       Matrix<T> quantized_input =
           batch == 0 ? Matrix<T>(0, x.cols())
-          : options.activation_scales == activation_scaling::per_block ? activation_quant_blocks(normed, options.group_size)
-                                                                       : activation_quant(normed);
+          : options.activation_scales == activation_scaling::per_block ? activation_quant_blocks(operand, options.group_size)
+                                                                       : activation_quant(operand);
       if (lambda == T(1)) {
         tape.weight_ = std::move(quantized_weight);
         tape.input_ = std::move(quantized_input);
@@ -195,7 +201,7 @@ struct tape_access {
       } else {
         // PyTorch's order: v + lambda * (q(v) - v), each operation rounded in T.
         tape.weight_ = (latent.array() + lambda * (quantized_weight.array() - latent.array())).matrix();
-        tape.input_ = (normed.array() + lambda * (quantized_input.array() - normed.array())).matrix();
+        tape.input_ = (operand.array() + lambda * (quantized_input.array() - operand.array())).matrix();
         output = float_output(layer, tape);
       }
     }
@@ -223,6 +229,7 @@ struct tape_access {
     if (tape.has_bias_)
       grads.bias = dy.rows() == 0 ? Vector<T>(Vector<T>::Zero(dy.cols())) : Vector<T>(dy.colwise().sum().transpose());
     grads.input.noalias() = dy * tape.weight_;
+    if (tape.rotation_ && grads.input.rows() > 0) grads.input = tape.rotation_->inverse(grads.input);  // R^T
     if (tape.rms_norm_) {
       // n = x * r, r = (mean(x^2) + eps)^-1/2:  dx = r * (dn - n * mean(dn . n)).
       const Index features = tape.in_features();

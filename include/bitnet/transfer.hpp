@@ -299,7 +299,8 @@ struct checked {
     const Index out = source.out_features(), in = source.in_features();
     const Matrix<T> x = detail::probe_input<T>(2, in);
     const Matrix<T> y = staged.forward(x);
-    const Matrix<T> normed = options.rms_norm ? rms_norm(x, T(options.rms_eps)) : x;
+    Matrix<T> normed = options.rms_norm ? rms_norm(x, T(options.rms_eps)) : x;
+    if (options.rotation) normed = options.rotation->apply(normed);  // what the layer quantizes: R n
     const bool per_tensor = options.weight_scales == weight_scaling::per_tensor;
     const Index unit_cols = per_tensor ? in : detail::unit_columns(options.weight_scales, options.group_size, in);
     const Index groups = detail::unit_count(in, unit_cols);
