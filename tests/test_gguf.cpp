@@ -448,7 +448,7 @@ TEST_CASE("gguf: group encoding refuses what the formats cannot hold, naming the
   CHECK_THROWS_WITH_AS(gguf::encode_ternary_groups(tensor_type::Q2_0, two, bad, 64), doctest::Contains("rounds to 0 in fp16"),
                        bitnet::value_error);
   // The report names the block fp16 rounded relatively the most.
-  const Matrix<float> d = scales_of(1, 2, {0.1f, 0.5f});
+  const Matrix<float> d = scales_of(1, 2, {0.5f, 0.1f});
   const auto rounded = gguf::encode_ternary_groups(tensor_type::Q2_0, zero_codes(1, 128), d, 64);
   CHECK(rounded.scale.requested == double(0.1f));
   CHECK(rounded.scale.stored == 0.0999755859375);  // fp16 0x2e66
@@ -516,6 +516,12 @@ TEST_CASE("gguf: malformed files of the group-scaled types") {
                  "tensor \"w\": bytes [0, +56) run past the end of the data section (55 bytes)");
   check_rejected(image{}.header(1, 0).tensor("w", {256, 1}, 142, 0).pad().zeros(67), "bytes [0, +68) run past the end");
   check_rejected(image{}.header(1, 0).tensor("w", {128, 1}, 144, 0).pad().zeros(34), "unknown ggml type id 144");
+  // 34-byte blocks of 128 under id 42 (a PrismML build's Q2_0) overrun mainline's 18 per 64.
+  check_rejected(image{}.header(2, 0).tensor("a", {128, 1}, 42, 0).tensor("b", {128, 1}, 42, 64).pad().zeros(64 + 34),
+                 "tensor \"b\": bytes [64, +36) run past the end of the data section (98 bytes) (Q2_0 is read as "
+                 "mainline's 18 bytes per 64 weights; some PrismML builds wrote 34 bytes per 128 under the same id 42)");
+  check_rejected(image{}.header(2, 0).tensor("a", {256, 1}, 42, 0).tensor("b", {128, 1}, 42, 64).pad().zeros(128),
+                 "tensor \"b\": bytes [64, +36) overlap tensor \"a\" (Q2_0 is read as mainline's");
   CHECK(rejection(image{}.header(1, 0).tensor("w", {128, 2}, 143, 0).pad().zeros(56)).empty());
   CHECK_THROWS_WITH_AS(gguf::decode_blocks(tensor_type::PQ2_0, std::vector<std::byte>(33), 1, 128, "f.gguf", "w"),
                        "gguf: f.gguf: tensor \"w\": holds 33 bytes, PQ2_0 [128, 1] needs 34", bitnet::io_error);
@@ -530,8 +536,9 @@ TEST_CASE("gguf: malformed files of the group-scaled types") {
 
 namespace {
 
-/// A file with one PTQ1_0 tensor "blk.0.ffn_down.weight" (2 x 256, zero weights) and the
-/// prism.hadamard.* keys of a valid explicit-sign declaration, with `change` applied to them.
+/// A file with a PTQ1_0 tensor "blk.0.ffn_down.weight" (2 x 256, zero weights), a F32 vector
+/// "output.weight" and the prism.hadamard.* keys of a valid explicit-sign declaration (which
+/// set / erase change).
 struct hadamard_file {
   struct kv {
     std::string key;
@@ -579,17 +586,17 @@ struct hadamard_file {
   }
   image build() const {
     image file;
-    file.header(1, keys.size());
+    file.header(2, keys.size());
     for (const kv& k : keys) {
       file.str(k.key);
       k.put(file);
     }
-    file.tensor("blk.0.ffn_down.weight", {256, 2}, 143, 0).pad();
+    file.tensor("blk.0.ffn_down.weight", {256, 2}, 143, 0).tensor("output.weight", {4}, 0, 128).pad();
     for (int b = 0; b < 4; ++b) {
       const auto block = concat({repeated(24, 0x80), repeated(2, 0x7f), bytes_of({0x00, 0x3c})});
       file.bytes.insert(file.bytes.end(), block.begin(), block.end());
     }
-    return file;
+    return file.pad().f32(1).f32(2).f32(3).f32(4);
   }
 };
 
@@ -620,6 +627,8 @@ TEST_CASE("gguf: a declared Hadamard rotation is read as the fork declares it") 
                                          "(prism.hadamard.weight_names, block 128)"),
                        bitnet::io_error);
   CHECK(r.read_ternary_groups("blk.0.ffn_down.weight").codes == zero_codes(2, 256));
+  CHECK_THROWS_WITH_AS(r.read_matrix<float>("output.weight"), doctest::Contains("Hadamard-rotated basis"), bitnet::io_error);
+  CHECK(r.read_bytes("output.weight").size() == 16);
   const gguf::reader identity = hadamard_file{}
                                     .set("prism.hadamard.sign_mode", [](image& i) { i.u32(8).str("identity"); })
                                     .erase("prism.hadamard.sign_widths")

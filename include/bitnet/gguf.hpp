@@ -1,5 +1,5 @@
 // bitnet/gguf.hpp - read and write GGUF v3 files (ggml's model format, read by llama.cpp,
-// ik_llama.cpp and bitnet.cpp), and the ternary block formats TQ2_0, TQ1_0 and I2_S.
+// ik_llama.cpp and bitnet.cpp), and the ternary formats TQ2_0, TQ1_0, Q2_0, PQ2_0, PTQ1_0 and I2_S.
 //
 //   "GGUF", u32 version (3), u64 tensor count, u64 key-value count
 //   key-value pairs:  string key, u32 value type, value (strings: u64 length + bytes; arrays:
@@ -17,7 +17,11 @@
 // Ternary weights: a BitLinear computes y = (xq . codes^T) / (sx * sw); ggml stores weights as
 // code * d. So d = 1 / sw: TQ2_0 / TQ1_0 keep one fp16 d per 256 weights (rounded: relative error
 // at most 2^-11), I2_S one float32 d per tensor (chosen so that 1/d rounds back to sw exactly when
-// such a float exists). The codes are always exact. Needs only the core target (no JSON).
+// such a float exists). The codes are always exact. Block formats whose blocks carry different d
+// (Q2_0: 64 weights, PQ2_0 / PTQ1_0: 128, TQ2_0 / TQ1_0: 256) are group-scaled tensors: codes and
+// one magnitude d per row and block (ternary_tensor_groups), exact both ways. A Hadamard rotation
+// the file declares (prism.hadamard.*) is validated on open and refused by key when not understood.
+// Needs only the core target (no JSON).
 #pragma once
 
 #include <algorithm>
@@ -1375,6 +1379,13 @@ class reader {
       detail::fail(file, "truncated: the data section starts at byte " + std::to_string(data_offset_) +
                              ", past the end of the file (" + std::to_string(file_size()) + " bytes)");
     const std::uint64_t data_size = file_size() - data_offset_;
+    // Id 42 is mainline's Q2_0 (18 bytes per 64 weights); some PrismML builds wrote 34 bytes per 128
+    // under the same id, which then overlap or overrun: say so where that is the likely cause.
+    auto q2_0_hint = [](const tensor_info& t) {
+      return t.type == tensor_type::Q2_0 ? std::string(" (Q2_0 is read as mainline's 18 bytes per 64 weights; some "
+                                                       "PrismML builds wrote 34 bytes per 128 under the same id 42)")
+                                         : std::string();
+    };
     for (const tensor_info& t : tensors_) {
       if (t.offset % alignment_ != 0)
         detail::fail_tensor(file, t.name, "offset " + std::to_string(t.offset) + " is not a multiple of the alignment " +
@@ -1382,7 +1393,7 @@ class reader {
       if (t.offset > data_size || t.byte_size > data_size - t.offset)
         detail::fail_tensor(file, t.name, "bytes [" + std::to_string(t.offset) + ", +" + std::to_string(t.byte_size) +
                                               ") run past the end of the data section (" + std::to_string(data_size) +
-                                              " bytes)");
+                                              " bytes)" + q2_0_hint(t));
     }
     std::vector<const tensor_info*> by_offset;
     by_offset.reserve(tensors_.size());
@@ -1394,7 +1405,8 @@ class reader {
       if (by_offset[i]->offset < by_offset[i - 1]->offset + by_offset[i - 1]->byte_size)
         detail::fail_tensor(file, by_offset[i]->name, "bytes [" + std::to_string(by_offset[i]->offset) + ", +" +
                                                           std::to_string(by_offset[i]->byte_size) + ") overlap tensor " +
-                                                          detail::quote(by_offset[i - 1]->name));
+                                                          detail::quote(by_offset[i - 1]->name) +
+                                                          q2_0_hint(*by_offset[i - 1]));
     hadamard_ = detail::parse_hadamard(metadata_, file);
   }
 
