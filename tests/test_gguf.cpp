@@ -662,6 +662,8 @@ TEST_CASE("gguf: a rotation the reader does not implement is refused by name whe
   check_rejected(hadamard_file{}.erase("prism.hadamard.version").build(), "key \"prism.hadamard.version\": missing");
   check_rejected(hadamard_file{}.erase("prism.hadamard.block_size").build(), "key \"prism.hadamard.block_size\": missing");
   check_rejected(hadamard_file{}.set("prism.hadamard.block_size", u32(96)).build(), "block size 96 is not a power of 2");
+  check_rejected(hadamard_file{}.set("prism.hadamard.block_size", u32(65536)).build(),
+                 "block size 65536 is outside the 2 to 32768 this library's rotation implements");
   check_rejected(hadamard_file{}.set("prism.hadamard.weight_names", ints({1})).build(),
                  "key \"prism.hadamard.weight_names\": is an array of INT32, the rotation needs STRING");
   check_rejected(hadamard_file{}.set("prism.hadamard.sign_widths", ints({256, 100})).build(),

@@ -1052,7 +1052,8 @@ inline constexpr std::string_view hadamard_prefix = "prism.hadamard.";
 /// The declaration in `metadata`, or nullopt when it has no prism.hadamard.* key. Refuses (io_error
 /// naming the key) a version other than 1, a transform, axis or sign mode other than the fork's,
 /// a key the fork does not define, a type other than the one the fork reads, a block size that is
-/// not a power of 2, an empty or repeated weight list, signs that are not +-1 or do not add up.
+/// not a power of 2 from 2 to 32768, an empty or repeated weight list, signs that are not +-1 or
+/// do not add up.
 inline std::optional<hadamard_declaration> parse_hadamard(const std::vector<metadata_entry>& metadata,
                                                           std::string_view file) {
   std::map<std::string_view, const value*> keys;
@@ -1103,6 +1104,9 @@ inline std::optional<hadamard_declaration> parse_hadamard(const std::vector<meta
   h.block_size = std::get<std::uint32_t>(get("prism.hadamard.block_size", value_type::uint32, true)->data);
   if (h.block_size == 0 || (h.block_size & (h.block_size - 1)) != 0)
     fail_key(file, "prism.hadamard.block_size", "block size " + std::to_string(h.block_size) + " is not a power of 2");
+  if (h.block_size < 2 || h.block_size > 32768)  // hadamard_rotation's range (rotation.hpp)
+    fail_key(file, "prism.hadamard.block_size", "block size " + std::to_string(h.block_size) +
+                                                    " is outside the 2 to 32768 this library's rotation implements");
   (void)expect_string("prism.hadamard.transform", {"normalized-sylvester-walsh-hadamard"});
   (void)expect_string("prism.hadamard.axis", {"input-last-dimension"});
   h.explicit_signs = expect_string("prism.hadamard.sign_mode", {"identity", "explicit"}) == "explicit";
