@@ -1835,7 +1835,8 @@ struct model_tensor {
 };
 
 struct model_options {
-  tensor_type ternary_type = tensor_type::TQ2_0;  // TQ2_0 (mainline), TQ1_0 (mainline), I2_S (ik_llama.cpp)
+  // TQ2_0 / TQ1_0 / Q2_0 (mainline), PQ2_0 / PTQ1_0 (PrismML's fork), I2_S (ik_llama.cpp)
+  tensor_type ternary_type = tensor_type::TQ2_0;
   tensor_type float_type = tensor_type::F16;      // 2-D float tensors (F32, F16, BF16); norms are always F32
   /// tokenizer.ggml.* entries as the converters write them; when empty the file declares
   /// tokenizer.ggml.model = "none" (the engine then loads the model but cannot tokenize text).
@@ -1864,7 +1865,7 @@ std::vector<model_tensor_report> write_llama_model(const std::filesystem::path& 
   std::vector<metadata_entry> metadata = llama_metadata(h);
   if (!is_ternary(options.ternary_type))
     throw value_error("gguf::write_llama_model: ternary_type " + std::string(tensor_type_name(options.ternary_type)) +
-                      " is not TQ2_0, TQ1_0 or I2_S");
+                      " is not a ternary type (TQ2_0, TQ1_0, Q2_0, PQ2_0, PTQ1_0, I2_S)");
   if (options.float_type != tensor_type::F32 && options.float_type != tensor_type::F16 &&
       options.float_type != tensor_type::BF16)
     throw value_error("gguf::write_llama_model: float_type " + std::string(tensor_type_name(options.float_type)) +
