@@ -277,10 +277,10 @@ struct block_tensor {
 };
 
 /// What a group-scaled BitLinear is made of (weight_scaling::per_group, group = the format's
-/// block): ternary codes and one magnitude d > 0 per row and group, weight = code * d exactly.
+/// block): ternary codes and one magnitude d >= 0 per row and group, weight = code * d exactly.
 struct ternary_tensor_groups {
   Matrix<std::int8_t> codes;  // out x in, each -1, 0 or +1
-  Matrix<float> unit_scales;  // out x groups, each finite and > 0
+  Matrix<float> unit_scales;  // out x groups, each finite and >= 0 (0: a group of zero weights)
   Index group_size = 0;
 };
 
@@ -928,10 +928,10 @@ inline ternary_tensor decode_ternary(tensor_type type, std::span<const std::byte
 
 /// The codes and per-block magnitudes of a decoded block-format tensor, for a group-scaled
 /// BitLinear with group = the block: exact, weight = code * d for every weight of the file. A
-/// block with d = 0 holds zero weights: its codes become 0 and its d the smallest normal float
-/// (any d > 0 keeps code * d = 0; ggml's quantizers write d = 0 for an all-zero block). A negative
-/// d flips the block's codes (code * d is unchanged). Throws io_error for I2_S (one scale per
-/// tensor: to_bit_linear) or a d that is not finite, naming the tensor, row and block.
+/// block with d = 0 (ggml's quantizers write it for an all-zero block) holds zero weights: its
+/// codes become 0 and d stays 0. A negative d flips the block's codes (code * d is unchanged).
+/// Throws io_error for I2_S (one scale per tensor: to_bit_linear) or a d that is not finite,
+/// naming the tensor, row and block.
 inline ternary_tensor_groups to_groups(const ternary_tensor& tensor, std::string_view file = "<memory>",
                                        std::string_view name = {}) {
   if (tensor.blocks_per_row <= 0 || tensor.block_size <= 0)
@@ -949,7 +949,7 @@ inline ternary_tensor_groups to_groups(const ternary_tensor& tensor, std::string
       auto block_codes = groups.codes.row(r).segment(b * tensor.block_size, tensor.block_size);
       if (d == 0) block_codes.setZero();
       else if (d < 0) block_codes = -block_codes;
-      groups.unit_scales(r, b) = d == 0 ? std::numeric_limits<float>::min() : std::fabs(d);
+      groups.unit_scales(r, b) = std::fabs(d);  // -0 becomes +0
     }
   return groups;
 }
