@@ -75,7 +75,7 @@ slot_state state_of(std::string path, bool converted, const W& weight, const B& 
 }
 
 // A BitLinear: its latent weights when it has them (else none, and the packed codes' address),
-// and always its ternary codes and scale.
+// and always its ternary codes and scale (or unit scales).
 template <class T>
 slot_state state_of(std::string path, const BitLinear<T>& bit) {
   slot_state s = bit.has_latent_weights() ? state_of(std::move(path), true, bit.weight(), bit.bias())
@@ -84,6 +84,10 @@ slot_state state_of(std::string path, const BitLinear<T>& bit) {
   s.rows = bit.out_features();
   s.cols = bit.in_features();
   s.ternary_bytes = bytes_of(bit.ternary_weight());
+  if (bit.options().weight_scales != bitnet::weight_scaling::per_tensor) {
+    s.scale_bytes = bytes_of(bit.unit_scales());
+    return s;
+  }
   const T scale = bit.weight_scale();
   s.scale_bytes.resize(sizeof scale);
   std::memcpy(s.scale_bytes.data(), &scale, sizeof scale);

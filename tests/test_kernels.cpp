@@ -14,6 +14,7 @@
 
 #include <doctest/doctest.h>
 
+#include "kernel_isas.hpp"
 #include "reference.hpp"
 
 using bitnet::Index;
@@ -22,27 +23,9 @@ using bitnet::Matrix;
 
 namespace {
 
-#ifdef BITNET_TEST_EMULATED_AVX512
-constexpr bool emulated_avx512 = true;
-#else
-constexpr bool emulated_avx512 = false;
-#endif
-#ifdef BITNET_TEST_EMULATED_AMX
-constexpr bool emulated_amx = true;
-#else
-constexpr bool emulated_amx = false;
-#endif
-
-// The SIMD ISAs this CPU runs (the scalar kernel is always compared too); AVX-512 and AMX always
-// where this file is built with tests/avx512_emulation.hpp and tests/amx_emulation.hpp.
-std::vector<isa> runnable_isas() {
-  std::vector<isa> isas{isa::scalar};
-  for (isa which : bitnet::all_isas)
-    if (which != isa::scalar && (bitnet::isa_supported(which) || (which == isa::avx512 && emulated_avx512) ||
-                                 (which == isa::amx && emulated_amx)))
-      isas.push_back(which);
-  return isas;
-}
+using kernel_isas::emulated_amx;
+using kernel_isas::emulated_avx512;
+using kernel_isas::runnable_isas;
 
 // One kernel call the way BitLinear makes it: activations copied into zero-padded aligned rows,
 // their sums, and an output of batch x out int32. min_work 0 splits any layer over the threads.

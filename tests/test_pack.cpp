@@ -107,3 +107,42 @@ TEST_CASE("packed_ternary: copies are deep and compare equal") {
   other(8, 199) = std::int8_t(other(8, 199) == 1 ? 0 : 1);
   CHECK_FALSE(packed_ternary(other) == packed);
 }
+
+// Group-scaled layers pack with the columns aligned to max(64, G): every group of G columns is then
+// G / 16 whole tiles at tile j G / 16 of its row block's stream (the kernels' virtual block j).
+TEST_CASE("packed_ternary: column alignment for groups; group j of a row block starts at tile j G / 16") {
+  std::mt19937 rng(3);
+  for (Index alignment : {64, 128, 256})
+    for (Index cols : {1, 44, 64, 65, 128, 129, 300, 513}) {
+      CAPTURE(alignment);
+      CAPTURE(cols);
+      const Index rows = 19;
+      const Matrix<std::int8_t> codes = random_codes(rows, cols, rng);
+      const packed_ternary packed(codes, alignment);
+      CHECK(packed.col_alignment() == alignment);
+      CHECK(packed.padded_cols() == round_up(cols, alignment));
+      CHECK(packed.col_tiles() == round_up(cols, alignment) / 16);
+      CHECK(packed.size_bytes() == std::size_t(32 * round_up(cols, alignment) / 4));
+      CHECK(packed.unpack() == codes);
+      // The documented byte of (row, column), with the aligned padded_cols; padding is weight 0.
+      const Index groups = packed.padded_cols() / alignment, tiles_per_group = alignment / 16;
+      bool documented = true;
+      for (Index r = 0; r < 32; ++r)
+        for (Index j = 0; j < groups; ++j)
+          for (Index k = 0; k < alignment; ++k) {
+            const Index col = j * alignment + k;
+            const Index virtual_block = r / 16 * groups + j;  // the kernels' block: tiles_per_group tiles
+            const std::size_t byte =
+                std::size_t((virtual_block * tiles_per_group + k / 16) * 64 + r % 16 * 4 + k % 4);
+            const int code = ((packed.data()[byte] >> (2 * (k % 16 / 4))) & 3) - 1;
+            documented = documented && code == (r < rows && col < cols ? codes(r, col) : 0);
+          }
+      CHECK(documented);
+    }
+  const Matrix<std::int8_t> codes = random_codes(3, 100, rng);
+  CHECK_FALSE(packed_ternary(codes, 128) == packed_ternary(codes));  // same codes, another layout
+  CHECK(packed_ternary(codes, 64) == packed_ternary(codes));
+  for (Index bad : {0, 32, 96, 512, -64})
+    CHECK_THROWS_WITH_AS(packed_ternary(codes, bad), doctest::Contains("is not a power of two in [64, 256]"),
+                         bitnet::value_error);
+}

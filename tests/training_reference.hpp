@@ -1,5 +1,5 @@
 // The PyTorch autograd reference vectors of tests/data/training_reference.txt (written by
-// tests/data/make_training_reference.py): one case per "case" line, then one line per tensor of
+// tests/data/make_training_reference.py) and unit_training_reference.txt (make_unit_training_reference.py): one case per "case" line, then one line per tensor of
 // hex floats. Shared by the per-layer training tests and the libtorch tests.
 #pragma once
 
@@ -23,6 +23,7 @@ struct reference_case {
   Index batch = 0, in = 0, out = 0;
   bool bias = false, rms = false;
   double eps = 0, lambda = 0;
+  std::map<std::string, std::string> keys;  // header keys after lambda (unit_training_reference.txt)
   std::map<std::string, std::vector<double>> tensors;
 };
 
@@ -43,6 +44,7 @@ inline std::vector<reference_case> read_reference(const std::string& path) {
           key >> eps >> key >> lambda;
       c.eps = std::strtod(eps.c_str(), nullptr);
       c.lambda = std::strtod(lambda.c_str(), nullptr);
+      for (std::string value; in >> key >> value;) c.keys[key] = value;
       cases.push_back(std::move(c));
     } else if (tag != "end") {
       REQUIRE(!cases.empty());

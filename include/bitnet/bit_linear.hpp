@@ -7,6 +7,16 @@
 // quantized and packed (pack.hpp, 2 bits each) once, when the weights are set, never in forward();
 // forward() runs the kernels chosen at run time (kernels.hpp).
 //
+// Scale granularity (bitlinear_options::weight_scales): per_tensor is the b1.58 layer above, sw =
+// 1 / mean|W|. per_row and per_group give each unit (a row, or group_size consecutive inputs of a
+// row; a ragged last group covers its real columns only) a magnitude d = max(mean |w| over the
+// unit, 1e-5), the convention of the files (weight = code * d), and forward computes
+//
+//   y[b,o] = T( sum over groups j, ascending, of double(acc_j) * double(d[o,j]) / double(sx[b]) ) + b[o]
+//
+// with acc_j the int32 sum of group j (per_block activations: sx[b,j] inside the sum). unit_scales()
+// gives the d; from_ternary(codes, unit_scales, ...) and from_exact_ternary() import them exactly.
+//
 // Inference-only use: release_latent_weights() frees the float latent weights; the layer then
 // holds the packed codes (2 bits per weight plus padding), the scale and the bias. from_ternary()
 // builds a layer in that same state straight from codes and a scale (a loaded packed checkpoint):
@@ -38,6 +48,14 @@ namespace bitnet {
 struct bitlinear_options {
   bool rms_norm = false;  // apply RMSNorm (no learnable weight) to the input before quantizing
   double rms_eps = 1e-6;  // RMSNorm epsilon, > 0; used in the layer's precision (float(1e-6) == 1e-6f)
+  /// One weight scale per tensor (BitNet b1.58, the default), per output row, or per group of
+  /// group_size consecutive inputs of a row (Ternary Bonsai: 128; TQ2_0: 256; Q2_0: 64).
+  weight_scaling weight_scales = weight_scaling::per_tensor;
+  /// per_group: 32, 64, 128 or 256. Must be 0 otherwise.
+  Index group_size = 0;
+  /// One int8 activation scale per token (b1.58), or per block of group_size inputs (needs per_group).
+  activation_scaling activation_scales = activation_scaling::per_token;
+  // The input rotation (rotation.hpp) joins these options here.
 };
 
 /// Tag of the BitLinear constructor that adopts the caller's buffers (see transfer::move).
@@ -54,7 +72,7 @@ class BitLinear {
   /// nothing is kept then.
   explicit BitLinear(Matrix<T> weight, std::optional<Vector<T>> bias = std::nullopt,
                      bitlinear_options options = {})
-      : options_(validated(options)), quantized_(quantize_checked(weight)), weight_(std::move(weight)),
+      : options_(validated(options)), quantized_(quantize_checked(weight, options_)), weight_(std::move(weight)),
         bias_(validated_bias(std::move(bias), quantized_.packed.rows())) {}
 
   /// Takes over the buffers of `weight` and `bias` without copying them, and only once nothing can
@@ -62,7 +80,7 @@ class BitLinear {
   /// are untouched. On success they are left empty. release() gives the buffers back.
   BitLinear(adopt_buffers_t, Matrix<T>& weight, std::optional<Vector<T>>& bias, bitlinear_options options = {})
       : options_(validated(options)),
-        quantized_((check_bias(bias, weight.rows()), quantize_checked(weight))),
+        quantized_((check_bias(bias, weight.rows()), quantize_checked(weight, options_))),
         weight_(std::move(weight)),
         bias_(std::move(bias)) {}
 
@@ -87,8 +105,68 @@ class BitLinear {
                             ", column " + std::to_string(c) + " is not -1, 0 or +1");
     if (!std::isfinite(scale) || !(scale > 0))
       throw value_error("BitLinear::from_ternary: scale " + std::to_string(scale) + " is not finite and > 0");
+    if (options.weight_scales != weight_scaling::per_tensor)
+      throw value_error("BitLinear::from_ternary: one scale sw needs options.weight_scales per_tensor; a " +
+                        detail::scaling_name(options.weight_scales) + " layer takes a matrix of unit scales");
     check_bias(bias, codes.rows());
-    return BitLinear(ternary_tag{}, options, quantized_weights{packed_ternary(codes), scale}, std::move(bias));
+    return BitLinear(ternary_tag{}, options, quantized_weights{packed_ternary(codes), scale, {}}, std::move(bias));
+  }
+
+  /// A unit-scaled layer (options.weight_scales per_row or per_group) that computes with `codes`
+  /// (out x in, each -1, 0 or +1) times `unit_scales` (out x groups magnitudes d, groups = 1 per
+  /// row or ceil(in / group_size): weight(o, c) = codes(o, c) * d(o, c / group_size)), without
+  /// latent weights. Throws value_error for per_tensor options (use the scale overload), a bad
+  /// group_size, a code outside {-1, 0, +1} or a scale that is not finite and >= 0 (each naming its
+  /// row and column / group; a zero scale is a unit of zero weights, as files store it), and
+  /// shape_error for empty codes, unit_scales of the wrong shape or a bias of the wrong size.
+  template <class Derived>
+  static BitLinear from_ternary(const Eigen::MatrixBase<Derived>& codes, Matrix<T> unit_scales,
+                                std::optional<Vector<T>> bias = std::nullopt, bitlinear_options options = {}) {
+    static_assert(std::is_same_v<typename Derived::Scalar, std::int8_t>,
+                  "BitLinear::from_ternary: codes must be an int8 matrix");
+    options = validated(options);
+    if (options.weight_scales == weight_scaling::per_tensor)
+      throw value_error("BitLinear::from_ternary: unit scales need options.weight_scales per_row or per_group; a "
+                        "per_tensor layer takes one scale sw (the other overload)");
+    check_shape(codes, "BitLinear::from_ternary: codes");
+    const Index unit_cols = detail::unit_columns(options.weight_scales, options.group_size, codes.cols());
+    const Index groups = detail::unit_count(codes.cols(), unit_cols);
+    if (unit_scales.rows() != codes.rows() || unit_scales.cols() != groups)
+      throw shape_error("BitLinear::from_ternary: unit_scales is " +
+                        detail::shape_string(unit_scales.rows(), unit_scales.cols()) + ", the codes (" +
+                        detail::shape_string(codes.rows(), codes.cols()) + ") need " +
+                        detail::shape_string(codes.rows(), groups) + " (one scale per row and group)");
+    for (Index r = 0; r < unit_scales.rows(); ++r)
+      for (Index g = 0; g < groups; ++g)
+        if (const T d = unit_scales(r, g); !std::isfinite(d) || d < T(0))
+          throw value_error("BitLinear::from_ternary: unit scale " + detail::format_value(d) + " at " +
+                            detail::unit_position(r, g, unit_cols, codes.cols()) + " is not finite and >= 0");
+    check_bias(bias, codes.rows());
+    packed_ternary packed(codes);  // throws value_error naming a code outside {-1, 0, +1}
+    return BitLinear(ternary_tag{}, options, quantized_weights{std::move(packed), T(0), std::move(unit_scales)},
+                     std::move(bias));
+  }
+
+  /// The exact import of weights that are already ternary per unit (every nonzero |w| within a row
+  /// or group is the same d, as in Ternary Bonsai's unpacked FP16 / BF16 folders): the layer of
+  /// from_ternary(codes, unit_scales) with codes = sign(w) and d read off with no rounding, so
+  /// codes * d reproduce `weight` exactly (a -0 weight becomes code 0). Throws value_error naming
+  /// the row, group, columns and the two differing magnitudes if the weights are not ternary per
+  /// unit (never re-quantized), plus the checks of from_ternary; `what` starts the message (a
+  /// layer's path, say). The layer has no latent weights: set_weight(dequantized_weight()) gives
+  /// it some for fine-tuning (which re-quantizes with absmean, see docs/quantization.md).
+  static BitLinear from_exact_ternary(const Matrix<T>& weight, std::optional<Vector<T>> bias = std::nullopt,
+                                      bitlinear_options options = {},
+                                      std::string_view what = "BitLinear::from_exact_ternary") {
+    options = validated(options);
+    if (options.weight_scales == weight_scaling::per_tensor)
+      throw value_error(std::string(what) + ": an exact import needs options.weight_scales per_row or per_group "
+                                            "(a per_tensor layer stores 1 / d, which does not reproduce d exactly)");
+    check_shape(weight, what);
+    detail::require_finite(weight, what);
+    unit_ternary_weights<T> split = detail::split_finite_ternary_units(
+        weight, detail::unit_columns(options.weight_scales, options.group_size, weight.cols()), what);
+    return from_ternary(split.values, std::move(split.scales), std::move(bias), options);
   }
 
   /// Gives the latent weight and bias buffers back (the inverse of the adopting constructor). The
@@ -117,7 +195,31 @@ class BitLinear {
 
   /// Ternary codes {-1, 0, +1} (out x in), unpacked, and the scale sw: weight ~ ternary_weight() / weight_scale().
   Matrix<std::int8_t> ternary_weight() const { return quantized_.packed.unpack(); }
-  T weight_scale() const noexcept { return quantized_.scale; }
+  /// The per-tensor scale sw. Throws state_error for a per_row / per_group layer (see unit_scales()).
+  T weight_scale() const {
+    if (options_.weight_scales != weight_scaling::per_tensor)
+      throw state_error("BitLinear::weight_scale: the layer has one scale per " + unit_name() +
+                        ", not one per tensor; use unit_scales()");
+    return quantized_.scale;
+  }
+  /// The unit scales d (out x groups; per_row: out x 1), magnitudes: weight ~ ternary_weight()(o, c) *
+  /// unit_scales()(o, c / group_size). Throws state_error for a per_tensor layer (see weight_scale()).
+  const Matrix<T>& unit_scales() const {
+    if (options_.weight_scales == weight_scaling::per_tensor)
+      throw state_error("BitLinear::unit_scales: the layer has one scale per tensor (b1.58); use weight_scale()");
+    return quantized_.unit_scales;
+  }
+  /// Scales per output row: 1 for per_tensor and per_row, ceil(in / group_size) for per_group.
+  Index groups() const noexcept {
+    return options_.weight_scales == weight_scaling::per_group ? detail::unit_count(in_features(), options_.group_size) : 1;
+  }
+  /// The weights forward() computes with, in T: codes / sw (per_tensor) or codes * d (exact).
+  Matrix<T> dequantized_weight() const {
+    const Matrix<std::int8_t> codes = ternary_weight();
+    if (options_.weight_scales == weight_scaling::per_tensor)
+      return (codes.template cast<T>().array() / quantized_.scale).matrix();
+    return dequantize(unit_ternary_weights<T>{codes, quantized_.unit_scales, unit_cols()});
+  }
   /// The packed codes forward() reads.
   const packed_ternary& packed_weight() const noexcept { return quantized_.packed; }
 
@@ -128,7 +230,7 @@ class BitLinear {
 
   /// Heap bytes the layer holds: packed codes, latent weights (if held) and bias.
   std::size_t memory_bytes() const noexcept {
-    return quantized_.packed.capacity_bytes() + std::size_t(weight_.size()) * sizeof(T) +
+    return quantized_.packed.capacity_bytes() + std::size_t(weight_.size() + quantized_.unit_scales.size()) * sizeof(T) +
            (bias_ ? std::size_t(bias_->size()) * sizeof(T) : 0);
   }
 
@@ -138,7 +240,7 @@ class BitLinear {
     if (weight.rows() != out_features() || weight.cols() != in_features())
       throw shape_error("BitLinear::set_weight: weight is " + detail::shape_string(weight.rows(), weight.cols()) +
                         ", the layer is " + detail::shape_string(out_features(), in_features()));
-    quantized_weights quantized = quantize_checked(weight);
+    quantized_weights quantized = quantize_checked(weight, options_);
     quantized_ = std::move(quantized);
     weight_ = std::move(weight);
     never_had_latent_weights_ = false;
@@ -232,7 +334,8 @@ class BitLinear {
 
   struct quantized_weights {
     packed_ternary packed;
-    T scale;
+    T scale;                // per_tensor: sw
+    Matrix<T> unit_scales;  // per_row / per_group: out x groups magnitudes d; empty for per_tensor
   };
 
   struct ternary_tag {};
@@ -242,7 +345,29 @@ class BitLinear {
   static bitlinear_options validated(bitlinear_options options) {
     if (!(options.rms_eps > 0) || !std::isfinite(options.rms_eps))
       throw value_error("BitLinear: rms_eps must be finite and > 0, got " + std::to_string(options.rms_eps));
+    if (options.weight_scales == weight_scaling::per_tensor) {
+      if (options.group_size != 0)
+        throw value_error("BitLinear: group_size must be 0 with per_tensor scales, got " +
+                          std::to_string(options.group_size));
+    } else {
+      detail::check_unit_scaling(options.weight_scales, options.group_size, "BitLinear");
+    }
+    if (options.activation_scales == activation_scaling::per_block) {
+      if (options.weight_scales != weight_scaling::per_group)
+        throw value_error("BitLinear: per_block activation scales need per_group weight scales (the blocks are the "
+                          "weight groups)");
+    } else if (options.activation_scales != activation_scaling::per_token) {
+      throw value_error("BitLinear: activation_scales is not per_token or per_block");
+    }
     return options;
+  }
+
+  std::string unit_name() const {
+    return options_.weight_scales == weight_scaling::per_row ? "output row"
+                                                             : "group of " + std::to_string(options_.group_size) + " inputs";
+  }
+  Index unit_cols() const noexcept {
+    return detail::unit_columns(options_.weight_scales, options_.group_size, in_features());
   }
 
   template <class Derived>
@@ -253,11 +378,16 @@ class BitLinear {
                         " exceeds the exact-accumulation limit max_in_features = " + std::to_string(max_in_features));
   }
 
-  static quantized_weights quantize_checked(const Matrix<T>& weight) {
+  static quantized_weights quantize_checked(const Matrix<T>& weight, const bitlinear_options& options) {
     check_shape(weight, "BitLinear: weight");
     detail::require_finite(weight, "BitLinear: weight");
+    if (options.weight_scales != weight_scaling::per_tensor) {
+      unit_ternary_weights<T> units = detail::quantize_finite_weight_units(
+          weight, detail::unit_columns(options.weight_scales, options.group_size, weight.cols()));
+      return {packed_ternary(units.values), T(0), std::move(units.scales)};
+    }
     ternary_weights<T> ternary = detail::quantize_finite_weights(weight, "BitLinear: weight");
-    return {packed_ternary(ternary.values), ternary.scale};
+    return {packed_ternary(ternary.values), ternary.scale, {}};
   }
 
   static std::optional<Vector<T>> validated_bias(std::optional<Vector<T>> bias, Index out_features) {

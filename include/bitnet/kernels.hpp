@@ -207,13 +207,17 @@ inline void interleave_tokens(const gemm_args& a, Index tile, std::int8_t* dst) 
 
 /// What a kernel call does next with the rows it has just computed, on the same thread, so it is
 /// shared out over the threads with them (BitLinear's rescale): run(context, row_begin, row_end).
+/// The rows are output rows: for a grouped call (gemm_args::groups > 1) whole row blocks,
+/// [16 rb_begin, 16 rb_end), which may run past the layer's last row into its block's padding
+/// (grouped_rescale clamps them).
 struct gemm_epilogue {
   void (*run)(const void* context, Index row_begin, Index row_end) noexcept = nullptr;
   const void* context = nullptr;
 };
 
-/// One kernel call, prepared for its ISA and shared out over the pool: part i computes row blocks
-/// [i * per_part, min((i + 1) * per_part, row_blocks)), then runs the epilogue on their rows.
+/// One kernel call, prepared for its ISA and shared out over the pool: part i computes (virtual)
+/// row blocks [i * per_part, min((i + 1) * per_part, row_blocks)), then runs the epilogue on their
+/// rows. For a grouped call per_part is a multiple of groups: a part owns whole output rows.
 struct gemm_job {
   isa which;
   gemm_args args;
@@ -226,10 +230,14 @@ struct gemm_job {
 
   void run_range(Index part, Index begin, Index end) const noexcept {
     run_kernel(part, begin, end);
-    if (epilogue.run) epilogue.run(epilogue.context, begin * tile_rows, std::min(end * tile_rows, args.rows));
+    if (!epilogue.run) return;
+    if (args.groups == 1) return epilogue.run(epilogue.context, begin * tile_rows, std::min(end * tile_rows, args.rows));
+    epilogue.run(epilogue.context, begin / args.groups * tile_rows, end / args.groups * tile_rows);
   }
 
   void run_kernel([[maybe_unused]] Index part, Index begin, Index end) const noexcept {
+    // Grouped calls run the scalar kernel on every ISA until the SIMD kernels read virtual blocks.
+    if (args.groups > 1) return ternary_gemm_scalar(args, begin, end);
     switch (which) {
 #ifdef BITNET_X86
 #ifdef BITNET_HAS_AMX_KERNEL
@@ -267,18 +275,20 @@ struct gemm_job {
 /// each range's rows, by the thread that computed them), split into contiguous row ranges over at
 /// most `threads` threads (the caller's and the pool's, thread_pool.hpp), each
 /// given at least min_work multiply-adds. Every output is computed whole by one thread, so the
-/// split never changes a result. Scratch memory is the calling thread's (common.hpp): a call of a
+/// split never changes a result. A grouped call (a.groups > 1) passes row_blocks = real row
+/// blocks * groups virtual blocks and is split on whole real row blocks. Scratch memory is the calling thread's (common.hpp): a call of a
 /// shape seen before allocates nothing. Throws bad_alloc only before any work starts.
 inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int threads,
                          double min_work = min_work_per_thread, gemm_epilogue epilogue = {}) {
   last_run_isa = which;
   gemm_job job{which, a, a.x, nullptr, nullptr, 0, row_blocks, row_blocks, epilogue};
-  // Parts start at multiples of `granule` blocks: the AMX kernel takes blocks in pairs.
-  Index granule = 1;
+  // Parts start at multiples of `granule` virtual blocks: whole row blocks (all their groups), and
+  // pairs of them for the AMX kernel.
+  Index granule = a.groups;
 #ifdef BITNET_X86
   const bool amx_tiles = which == isa::amx && a.batch >= 16;
   if (amx_tiles) {
-    granule = 2;
+    granule = 2 * a.groups;
     if (const Index tail = a.batch % 16; tail != 0) {
       std::int8_t* rows = thread_scratch_of<std::int8_t, scratch_slot::token_tail>(std::size_t(16 * a.x_stride));
       std::memcpy(rows, a.x + (a.batch - tail) * a.x_stride, std::size_t(tail * a.x_stride));
@@ -293,7 +303,7 @@ inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int th
 #endif
   const double work = double(a.batch) * double(row_blocks) * double(a.col_tiles) * double(tile_rows * tile_cols);
   const Index by_work = min_work > 0 ? Index(std::min(work / min_work, 1e9)) : row_blocks;
-  const Index parts = std::clamp<Index>(by_work, 1, std::min<Index>(threads, row_blocks));
+  const Index parts = std::clamp<Index>(by_work, 1, std::min<Index>(threads, row_blocks / a.groups));
   job.per_part = ((row_blocks + parts - 1) / parts + granule - 1) / granule * granule;
   const Index used_parts = (row_blocks + job.per_part - 1) / job.per_part;
 #ifdef BITNET_HAS_AMX_KERNEL
@@ -306,6 +316,51 @@ inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int th
   thread_pool::instance().run(used_parts, gemm_job::run_part, &job);
 }
 
+/// quantize_row_scalar on the kernels of `which` (bit-identical for every ISA).
+template <class T>
+bool quantize_row(isa which, const T* x, Index cols, Index padded, std::int8_t* q, T& scale,
+                  std::int32_t& sum) noexcept {
+#ifdef BITNET_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (which != isa::scalar) return quantize_row_avx2(x, cols, padded, q, scale, sum);
+  }
+#elif defined(BITNET_ARM64)
+  if constexpr (std::is_same_v<T, float>) {
+    if (which != isa::scalar) return quantize_row_neon(x, cols, padded, q, scale, sum);
+  }
+#endif
+  (void)which;
+  return quantize_row_scalar(x, cols, padded, q, scale, sum);
+}
+
+/// row(r) -> bool for r in [0, rows), shared out over up to `threads` threads when there are
+/// enough values (rows x cols) for it; false if any call returned false.
+template <class Row>
+bool split_rows(Index rows, Index cols, int threads, const Row& row) noexcept {
+  struct split {
+    const Row& row;
+    Index rows, per_part;
+    mutable std::atomic<bool> ok{true};
+
+    bool range(Index begin, Index end) const noexcept {
+      for (Index r = begin; r < end; ++r)
+        if (!row(r)) return false;
+      return true;
+    }
+    static void run_part(const void* self, Index part) noexcept {
+      const split& s = *static_cast<const split*>(self);
+      const Index begin = part * s.per_part;
+      if (!s.range(begin, std::min(begin + s.per_part, s.rows))) s.ok.store(false);
+    }
+  };
+  // A part below ~64K values costs more to hand over than it saves.
+  const Index parts = std::clamp<Index>(rows * cols / (Index{1} << 16), 1, std::min<Index>(threads, rows));
+  split job{row, rows, (rows + parts - 1) / parts};
+  if (parts == 1) return job.range(0, rows);
+  thread_pool::instance().run((rows + job.per_part - 1) / job.per_part, split::run_part, &job);
+  return job.ok.load();
+}
+
 /// quantize_activations for `rows` rows of x (row stride x_stride), into q (row stride
 /// q_stride, zero-padded after cols), scales and per-row code sums, on the kernels of `which`;
 /// rows are shared out over up to `threads` threads when there are enough of them (each row is
@@ -314,53 +369,51 @@ inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int th
 template <class T>
 bool quantize_rows(isa which, const T* x, Index x_stride, Index rows, Index cols, std::int8_t* q, Index q_stride,
                    T* scales, std::int32_t* sums, int threads = 1) noexcept {
-  struct split {
-    isa which;
-    const T* x;
-    Index x_stride, rows, cols;
-    std::int8_t* q;
-    Index q_stride;
-    T* scales;
-    std::int32_t* sums;
-    Index per_part;
-    mutable std::atomic<bool> finite{true};
-
-    bool range(Index begin, Index end) const noexcept {
-      for (Index r = begin; r < end; ++r) {
-        bool ok;
-#ifdef BITNET_X86
-        if constexpr (std::is_same_v<T, float>) {
-          if (which != isa::scalar)
-            ok = quantize_row_avx2(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
-          else
-            ok = quantize_row_scalar(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
-        } else
-#elif defined(BITNET_ARM64)
-        if constexpr (std::is_same_v<T, float>) {
-          if (which != isa::scalar)
-            ok = quantize_row_neon(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
-          else
-            ok = quantize_row_scalar(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
-        } else
-#endif
-          ok = quantize_row_scalar(x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
-        if (!ok) return false;
-      }
-      return true;
-    }
-    static void run_part(const void* self, Index part) noexcept {
-      const split& s = *static_cast<const split*>(self);
-      const Index begin = part * s.per_part;
-      if (!s.range(begin, std::min(begin + s.per_part, s.rows))) s.finite.store(false);
-    }
-  };
   last_run_isa = which;
-  // A part below ~64K values costs more to hand over than it saves.
-  const Index parts = std::clamp<Index>(rows * cols / (Index{1} << 16), 1, std::min<Index>(threads, rows));
-  split job{which, x, x_stride, rows, cols, q, q_stride, scales, sums, (rows + parts - 1) / parts};
-  if (parts == 1) return job.range(0, rows);
-  thread_pool::instance().run((rows + job.per_part - 1) / job.per_part, split::run_part, &job);
-  return job.finite.load();
+  return split_rows(rows, cols, threads, [&](Index r) noexcept {
+    return quantize_row(which, x + r * x_stride, cols, q_stride, q + r * q_stride, scales[r], sums[r]);
+  });
+}
+
+/// The activations of a group-scaled layer (group size G, a power of two dividing q_stride, the
+/// packed padded_cols): quantize_rows, then per group. With groups = ceil(cols / G) and
+/// kernel_groups = q_stride / G (the gemm_args::groups of the product; more than groups only when
+/// G = 32 and the 64-column padding adds all-padding groups):
+///   * per token (per_block false): each row quantized whole as quantize_rows does, scales[r];
+///   * per block (per_block true): each group j of a row (its real columns [j G, min((j + 1) G,
+///     cols))) quantized on its own with the same formula over its own absmax, scales[r * groups + j];
+/// and sums[r * kernel_groups + j] the sum of group j's codes (0 for all-padding groups), what the
+/// grouped product subtracts. q rows are zero-padded after cols. Returns false if any input is not
+/// finite (outputs unspecified then).
+template <class T>
+bool quantize_rows_grouped(isa which, const T* x, Index x_stride, Index rows, Index cols, Index group_size,
+                           bool per_block, std::int8_t* q, Index q_stride, T* scales, std::int32_t* sums,
+                           int threads = 1) noexcept {
+  last_run_isa = which;
+  const Index groups = (cols + group_size - 1) / group_size, kernel_groups = q_stride / group_size;
+  return split_rows(rows, cols, threads, [&](Index r) noexcept {
+    const T* row = x + r * x_stride;
+    std::int8_t* row_q = q + r * q_stride;
+    std::int32_t* row_sums = sums + r * kernel_groups;
+    if (per_block) {
+      for (Index j = 0; j < groups; ++j) {
+        const Index first = j * group_size, width = std::min(group_size, cols - first);
+        const Index padded = j + 1 == groups ? q_stride - first : group_size;  // the last pads the row
+        if (!quantize_row(which, row + first, width, padded, row_q + first, scales[r * groups + j], row_sums[j]))
+          return false;
+      }
+    } else {
+      std::int32_t total;
+      if (!quantize_row(which, row, cols, q_stride, row_q, scales[r], total)) return false;
+      for (Index j = 0; j < groups; ++j) {
+        std::int32_t sum = 0;
+        for (Index k = j * group_size; k < (j + 1) * group_size; ++k) sum += row_q[k];
+        row_sums[j] = sum;
+      }
+    }
+    std::fill(row_sums + groups, row_sums + kernel_groups, 0);
+    return true;
+  });
 }
 
 /// rescale_rows_scalar on the kernels of `which` (bit-identical for every ISA).
@@ -380,6 +433,39 @@ void rescale_rows(isa which, const std::int32_t* acc, Index acc_stride, Index ba
   (void)which;
   rescale_rows_scalar(acc, acc_stride, batch, cols, sx, sw, bias, y, y_stride);
 }
+
+/// rescale_rows_grouped_scalar (scalar.hpp: the formulas) on the kernels of `which`
+/// (bit-identical for every ISA).
+template <class T>
+void rescale_rows_grouped(isa which, const std::int32_t* acc, Index acc_stride, Index batch, Index row_begin,
+                          Index row_end, Index kernel_groups, Index groups, const T* d, const T* sx, bool per_block,
+                          const T* bias, T* y, Index y_stride) noexcept {
+  (void)which;
+  rescale_rows_grouped_scalar(acc, acc_stride, batch, row_begin, row_end, kernel_groups, groups, d, sx, per_block,
+                              bias, y, y_stride);
+}
+
+/// The epilogue of a grouped ternary_gemm: rescale_rows_grouped of the rows each part computed,
+/// clamped to the layer's `out` rows. acc's row stride is the call's virtual rows.
+template <class T>
+struct grouped_rescale {
+  isa which;
+  const std::int32_t* acc;
+  Index acc_stride, batch, out, kernel_groups, groups;
+  const T* d;      // out x groups unit scales, row-major
+  const T* sx;     // batch (per token) or batch x groups (per block)
+  bool per_block;
+  const T* bias;   // out, or nullptr
+  T* y;
+  Index y_stride;
+
+  static void run(const void* self, Index row_begin, Index row_end) noexcept {
+    const grouped_rescale& r = *static_cast<const grouped_rescale*>(self);
+    rescale_rows_grouped(r.which, r.acc, r.acc_stride, r.batch, row_begin, std::min(row_end, r.out), r.kernel_groups,
+                         r.groups, r.d, r.sx, r.per_block, r.bias, r.y, r.y_stride);
+  }
+  gemm_epilogue epilogue() const noexcept { return {run, this}; }
+};
 
 }  // namespace BITNET_TU_ISA
 }  // namespace detail

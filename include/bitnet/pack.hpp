@@ -3,7 +3,9 @@
 // A ternary matrix W (out x in, values {-1, 0, +1}) is stored as codes c = w + 1 in {0, 1, 2}:
 //
 //   * rows are grouped in blocks of 16 (block_rows); the last block is padded with zero weights;
-//   * columns are padded with zero weights to a multiple of 64 (block_cols);
+//   * columns are padded with zero weights to a multiple of col_alignment(): 64 (block_cols) by
+//     default; a group-scaled layer (group size G) packs with max(64, G), so every group of G
+//     columns is a whole number of tiles and every row block has the same number of groups;
 //   * a tile is 16 rows x 16 columns in 64 bytes: byte 4 * j + c (row j of the block, c in 0..3)
 //     holds the code of the tile's column 4 * p + c in bits 2p and 2p + 1 ("plane" p = 0..3);
 //   * the tiles of a row block follow each other along the columns, so each row block is one
@@ -17,6 +19,11 @@
 //
 // Byte of (row r, column k):  (r / 16 * (padded_cols / 16) + k / 16) * 64 + r % 16 * 4 + k % 4,
 // bits 2 * (k % 16 / 4) and up. Storage: padded_rows * padded_cols / 4 bytes, 64-byte aligned.
+//
+// Groups: the tiles of a row block follow each other along the columns, so group j (columns
+// [j G, (j + 1) G)) of row block rb is tiles [j G / 16, (j + 1) G / 16) of its stream: the kernels
+// read each group as a "virtual block" of G / 16 tiles (kernels.hpp, docs/kernels.md) with no
+// change to the layout.
 #pragma once
 
 #include <cstddef>
@@ -44,13 +51,21 @@ class packed_ternary {
   /// An empty (0 x 0) matrix.
   packed_ternary() = default;
 
-  /// Packs ternary codes (out x in, each -1, 0 or +1). Throws shape_error for an empty matrix and
-  /// value_error naming the first code outside {-1, 0, +1}.
+  /// The largest column alignment: the largest group size of a group-scaled layer.
+  static constexpr Index max_col_alignment = 256;
+
+  /// Packs ternary codes (out x in, each -1, 0 or +1), columns padded to a multiple of
+  /// col_alignment (a power of two in [64, 256]). Throws shape_error for an empty matrix and
+  /// value_error naming the first code outside {-1, 0, +1} or a bad alignment.
   template <class Derived>
-  explicit packed_ternary(const Eigen::MatrixBase<Derived>& codes) {
+  explicit packed_ternary(const Eigen::MatrixBase<Derived>& codes, Index col_alignment = block_cols) {
     static_assert(std::is_same_v<typename Derived::Scalar, std::int8_t>,
                   "packed_ternary: codes must be an int8 matrix");
+    if (col_alignment < block_cols || col_alignment > max_col_alignment || (col_alignment & (col_alignment - 1)) != 0)
+      throw value_error("packed_ternary: column alignment " + std::to_string(col_alignment) +
+                        " is not a power of two in [64, 256]");
     detail::require_non_empty(codes, "packed_ternary: codes");
+    col_alignment_ = col_alignment;
     rows_ = codes.rows();
     cols_ = codes.cols();
     // Padding holds code 1 (weight 0): 0b01010101 per byte.
@@ -90,7 +105,9 @@ class packed_ternary {
   Index rows() const noexcept { return rows_; }
   Index cols() const noexcept { return cols_; }
   Index padded_rows() const noexcept { return round_up(rows_, block_rows); }
-  Index padded_cols() const noexcept { return round_up(cols_, block_cols); }
+  Index padded_cols() const noexcept { return round_up(cols_, col_alignment_); }
+  /// The multiple the columns are padded to: 64, or a group-scaled layer's max(64, G).
+  Index col_alignment() const noexcept { return col_alignment_; }
   Index row_blocks() const noexcept { return padded_rows() / block_rows; }
   /// Tiles per row block (padded_cols / 16).
   Index col_tiles() const noexcept { return padded_cols() / tile_cols; }
@@ -126,6 +143,7 @@ class packed_ternary {
 
   Index rows_ = 0;
   Index cols_ = 0;
+  Index col_alignment_ = block_cols;
   detail::aligned_vector<std::uint8_t> bytes_;
 };
 

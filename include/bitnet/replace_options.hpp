@@ -74,6 +74,15 @@ struct linear_info {
   bool has_bias = false;
 };
 
+/// How replace_linear gives the new layers their ternary weights.
+enum class ternary_import {
+  quantize,  // absmean quantization of the source weights per unit of layer_options.weight_scales (b1.58)
+  exact,     // the source weights are already ternary per unit (every nonzero |w| of a row / group equal,
+             // as Ternary Bonsai's unpacked FP16 / BF16 folders): codes and scales read off with no
+             // rounding (BitLinear::from_exact_ternary); any other layer is refused, naming it, its row and
+             // group. Needs per_row or per_group scales; the new layers hold no latent weights.
+};
+
 struct replace_options {
   /// Layers matching any rule are kept as they are (and need no BitLinear slot).
   std::vector<exclude_rule> exclude;
@@ -81,6 +90,8 @@ struct replace_options {
   std::function<bool(std::string_view path, const linear_info& layer)> predicate;
   /// The options every new BitLinear is built with.
   bitlinear_options layer_options;
+  /// Quantize the source weights (the default) or import them exactly (see ternary_import).
+  ternary_import weights = ternary_import::quantize;
   /// Build and check every new layer, report, then discard them: the graph is not changed.
   bool dry_run = false;
 };

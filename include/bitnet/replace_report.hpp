@@ -20,9 +20,11 @@ struct layer_report {
   Index in_features = 0;
   Index out_features = 0;
   bool has_bias = false;
-  double weight_scale = 0;          // sw: weight ~ ternary / sw
+  double weight_scale = 0;          // sw: weight ~ ternary / sw (per_tensor layers; 0 for unit scales)
+  std::string scales = "tensor";    // one scale per "tensor", per "row", or per group: "g128"
   double zero_fraction = 0;         // fraction of ternary weights that are 0
-  double reconstruction_error = 0;  // ||W - ternary / sw||_F / ||W||_F
+  double reconstruction_error = 0;  // ||W - ternary / sw||_F / ||W||_F (ternary * d for unit scales; 0 for
+                                    // a layer without latent weights: an exact import)
   std::size_t latent_bytes = 0;     // the latent (full-precision) weights the BitLinear keeps
   std::size_t packed_bytes = 0;     // the same weights packed as 2-bit ternary codes
 };
@@ -66,13 +68,20 @@ layer_report describe_layer(std::string path, const BitLinear<T>& layer) {
   row.in_features = layer.in_features();
   row.out_features = layer.out_features();
   row.has_bias = layer.bias().has_value();
-  row.weight_scale = double(layer.weight_scale());
   const auto& codes = layer.ternary_weight();
+  const Matrix<T> reconstructed_weight = layer.dequantized_weight();
+  switch (layer.options().weight_scales) {
+    case weight_scaling::per_tensor: row.weight_scale = double(layer.weight_scale()); break;
+    case weight_scaling::per_row: row.scales = "row"; break;
+    case weight_scaling::per_group: row.scales = "g" + std::to_string(layer.options().group_size); break;
+  }
+  const Matrix<T>& weight = layer.has_latent_weights() ? layer.weight() : reconstructed_weight;
   double zeros = 0, error_squares = 0, weight_squares = 0;
   for (Index r = 0; r < codes.rows(); ++r)
     for (Index c = 0; c < codes.cols(); ++c) {
-      const double w = double(layer.weight()(r, c));
-      const double reconstructed = double(codes(r, c)) / row.weight_scale;
+      const double w = double(weight(r, c));
+      const double reconstructed =
+          row.weight_scale != 0 ? double(codes(r, c)) / row.weight_scale : double(reconstructed_weight(r, c));
       zeros += codes(r, c) == 0;
       error_squares += (w - reconstructed) * (w - reconstructed);
       weight_squares += w * w;
@@ -125,7 +134,8 @@ inline std::string replace_report::to_string() const {
   rows.push_back({"layer", "in x out", "bias", "scale", "zeros", "recon.err", "latent", "packed"});
   for (const auto& l : layers)
     rows.push_back({l.path, std::to_string(l.in_features) + "x" + std::to_string(l.out_features),
-                    l.has_bias ? "yes" : "no", detail::format_number("%.4g", l.weight_scale),
+                    l.has_bias ? "yes" : "no",
+                    l.scales == "tensor" ? detail::format_number("%.4g", l.weight_scale) : "per " + l.scales,
                     detail::format_number("%.1f%%", 100 * l.zero_fraction),
                     detail::format_number("%.4f", l.reconstruction_error), detail::human_bytes(l.latent_bytes),
                     detail::human_bytes(l.packed_bytes)});

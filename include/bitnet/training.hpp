@@ -10,6 +10,10 @@
 //   y  = x~ . W~^T + b
 //   dW = dy^T . x~     db = sum over the batch of dy     dn = dy . W~     dx = RMSNorm'(dn)
 //
+// With one scale per unit (bitlinear_options::weight_scales per_row / per_group) weight_quant is
+// taken per unit, (W / d).round().clamp(-1, 1) * d with d the unit's absmean (quant.hpp's
+// weight_quant_units), and with per_block activations activation_quant per block of group_size.
+//
 // lambda is the warm-up strength (Hugging Face's 1.58-bit fine-tuning: lambda = min(step / 1000, 1)).
 // lambda = 0 is the float layer; lambda = 1 is the ternary layer, and then the output is
 // BitLinear::forward() itself, bit for bit. The optimizer and the backward of the rest of the
@@ -20,6 +24,7 @@
 //   layer.set_weight(layer.weight() - lr * g.weight);            // re-quantizes and re-packs
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -160,19 +165,36 @@ struct tape_access {
     } else {
       // weight_quant(W) with the layer's scale sw (no second mean|W|): the code clamp(round(v), -1, 1)
       // of v = W * sw is (v > 1/2) - (v < -1/2) (the ties +-1/2 round to 0, half to even), so this
-      // is one vectorized pass, bit-identical to quant.hpp's weight_quant (codes / sw).
-      const T sw = layer.weight_scale();
-      const auto scaled = latent.array() * sw;
-      const auto quantized_weight =
-          ((scaled > T(0.5)).template cast<T>() - (scaled < T(-0.5)).template cast<T>()) / sw;
-      Matrix<T> quantized_input = batch > 0 ? activation_quant(normed) : Matrix<T>(0, x.cols());
+      // is one vectorized pass, bit-identical to quant.hpp's weight_quant (codes / sw). Unit scales:
+      // v = W / d and codes * d, bit-identical to weight_quant_units.
+      Matrix<T> quantized_weight;
+      if (options.weight_scales == weight_scaling::per_tensor) {
+        const T sw = layer.weight_scale();
+        const auto scaled = latent.array() * sw;
+        quantized_weight = ((scaled > T(0.5)).template cast<T>() - (scaled < T(-0.5)).template cast<T>()) / sw;
+      } else {
+        const Matrix<T>& d = layer.unit_scales();
+        const Index unit = options.weight_scales == weight_scaling::per_row ? latent.cols() : options.group_size;
+        quantized_weight.resize(latent.rows(), latent.cols());
+        for (Index j = 0; j < d.cols(); ++j) {
+          const Index first = j * unit, width = std::min(unit, latent.cols() - first);
+          const auto scale = d.col(j).replicate(1, width).array();
+          const auto ratio = latent.middleCols(first, width).array() / scale;
+          quantized_weight.middleCols(first, width) =
+              (((ratio > T(0.5)).template cast<T>() - (ratio < T(-0.5)).template cast<T>()) * scale).matrix();
+        }
+      }
+      Matrix<T> quantized_input =
+          batch == 0 ? Matrix<T>(0, x.cols())
+          : options.activation_scales == activation_scaling::per_block ? activation_quant_blocks(normed, options.group_size)
+                                                                       : activation_quant(normed);
       if (lambda == T(1)) {
-        tape.weight_ = quantized_weight.matrix();
+        tape.weight_ = std::move(quantized_weight);
         tape.input_ = std::move(quantized_input);
         output = layer.forward(x);  // the integer path, bit for bit
       } else {
         // PyTorch's order: v + lambda * (q(v) - v), each operation rounded in T.
-        tape.weight_ = (latent.array() + lambda * (quantized_weight - latent.array())).matrix();
+        tape.weight_ = (latent.array() + lambda * (quantized_weight.array() - latent.array())).matrix();
         tape.input_ = (normed.array() + lambda * (quantized_input.array() - normed.array())).matrix();
         output = float_output(layer, tape);
       }

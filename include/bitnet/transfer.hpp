@@ -38,8 +38,13 @@ class layer_source {
  public:
   template <class S, int Order>
   layer_source(std::string_view path, const linear_view<S, Order>& view, const bitlinear_options& options,
-               bool adopted = false) noexcept
-      : path_(path), view_(&view), access_(&access_for<linear_view<S, Order>>), options_(&options), adopted_(adopted) {}
+               bool adopted = false, bool exact_import = false) noexcept
+      : path_(path),
+        view_(&view),
+        access_(&access_for<linear_view<S, Order>>),
+        options_(&options),
+        adopted_(adopted),
+        exact_import_(exact_import) {}
 
   /// The dotted path of the layer in the graph, e.g. "blocks.3.mlp.down".
   std::string_view path() const noexcept { return path_; }
@@ -71,6 +76,9 @@ class layer_source {
   const bitlinear_options& options() const noexcept { return *options_; }
   /// True when the new layer adopted the source's buffers instead of copying them.
   bool adopted() const noexcept { return adopted_; }
+  /// True for ternary_import::exact: the new layer holds the source's codes and unit scales and no
+  /// latent weights (BitLinear::from_exact_ternary).
+  bool exact_import() const noexcept { return exact_import_; }
 
  private:
   struct access {
@@ -128,6 +136,7 @@ class layer_source {
   const access* access_;
   const bitlinear_options* options_;
   bool adopted_;
+  bool exact_import_;
 };
 
 namespace detail {
@@ -239,7 +248,9 @@ struct checked {
                                                         detail::shape_string(staged.out_features(), staged.in_features()) +
                                                         ", the source is " + detail::shape_string(out, in));
     const Matrix<T> source_weight = source.weight_matrix();
-    if (std::memcmp(staged.weight().data(), source_weight.data(), sizeof(T) * std::size_t(source_weight.size())) != 0)
+    if (source.exact_import())
+      check_exact_weights(source, source_weight, staged);
+    else if (std::memcmp(staged.weight().data(), source_weight.data(), sizeof(T) * std::size_t(source_weight.size())) != 0)
       for (Index r = 0; r < out; ++r)
         for (Index c = 0; c < in; ++c)
           if (!detail::same_bits(staged.weight()(r, c), source_weight(r, c)))
@@ -258,36 +269,105 @@ struct checked {
   }
 
  private:
-  // The new layer's output on a probe input must equal (xq . wq^T) / (sx * sw) + b computed here from
-  // the source weights, up to the rounding of the two final operations in T.
+  // An exact import: codes times unit scales must be the source weights bit for bit (a -0 weight
+  // may come back as +0: a ternary code has no signed zero).
+  template <real_scalar T>
+  static void check_exact_weights(const layer_source<T>& source, const Matrix<T>& source_weight,
+                                  const BitLinear<T>& staged) {
+    if (staged.options().weight_scales == weight_scaling::per_tensor)
+      throw detail::transfer_failure(source.path(), "an exact import needs per_row or per_group weight scales");
+    const Matrix<T> imported = staged.dequantized_weight();
+    for (Index r = 0; r < source_weight.rows(); ++r)
+      for (Index c = 0; c < source_weight.cols(); ++c)
+        if (!detail::same_bits(imported(r, c), source_weight(r, c)) &&
+            !(source_weight(r, c) == T(0) && imported(r, c) == T(0)))
+          throw detail::transfer_failure(source.path(), "the new layer's codes times unit scales give " +
+                                                            detail::format_value(imported(r, c)) + " at " +
+                                                            detail::position(r, c) + ", the source weight is " +
+                                                            detail::format_value(source_weight(r, c)));
+  }
+
+  // The new layer's output on a probe input must equal what is computed here from the source weights:
+  // sum over units j of acc_j * scale_j + b, with acc_j the exact integer sum of unit j (the whole row
+  // for per_tensor) and scale_j = 1 / (sx * sw) (per_tensor) or d_j / sx_j (units), up to the rounding
+  // of the final operations in T. An exact import must also stay within the activation-quantization
+  // bound of the float layer of the source weights: |y - (n . w + b)| <= sum_k |w_k| |n_k - xq_k / sx_k|.
   template <real_scalar T>
   static void check_probe_output(const layer_source<T>& source, const Matrix<T>& source_weight,
                                  const BitLinear<T>& staged) {
+    const bitlinear_options& options = source.options();
     const Index out = source.out_features(), in = source.in_features();
     const Matrix<T> x = detail::probe_input<T>(2, in);
     const Matrix<T> y = staged.forward(x);
-    const quantized_activations<T> xq =
-        quantize_activations(source.options().rms_norm ? rms_norm(x, T(source.options().rms_eps)) : x);
-    const ternary_weights<T> wq = quantize_weights(source_weight);
+    const Matrix<T> normed = options.rms_norm ? rms_norm(x, T(options.rms_eps)) : x;
+    const bool per_tensor = options.weight_scales == weight_scaling::per_tensor;
+    const Index unit_cols = per_tensor ? in : detail::unit_columns(options.weight_scales, options.group_size, in);
+    const Index groups = detail::unit_count(in, unit_cols);
+
+    Matrix<std::int8_t> xq;
+    Matrix<T> sx;  // batch x groups
+    if (options.activation_scales == activation_scaling::per_block) {
+      quantized_activation_blocks<T> q = quantize_activation_blocks(normed, unit_cols);
+      xq = std::move(q.values);
+      sx = std::move(q.scales);
+    } else {
+      quantized_activations<T> q = quantize_activations(normed);
+      xq = std::move(q.values);
+      sx = q.scales.replicate(1, groups);
+    }
+    Matrix<std::int8_t> codes;
+    Matrix<double> unit_factor;  // out x groups: 1 / sw (per_tensor) or d
+    if (per_tensor) {
+      ternary_weights<T> wq = quantize_weights(source_weight);
+      codes = std::move(wq.values);
+      unit_factor = Matrix<double>::Constant(out, 1, 1.0 / double(wq.scale));
+    } else {
+      unit_ternary_weights<T> wq = source.exact_import()
+                                       ? split_ternary_units(source_weight, options.weight_scales, options.group_size)
+                                       : quantize_weight_units(source_weight, options.weight_scales, options.group_size);
+      codes = std::move(wq.values);
+      unit_factor = wq.scales.template cast<double>();
+    }
+
     const double eps = std::numeric_limits<T>::epsilon();
     for (Index b = 0; b < x.rows(); ++b)
       for (Index o = 0; o < out; ++o) {
         double sum = 0, magnitude = 0;
-        for (Index k = 0; k < in; ++k) {
-          const double term = double(xq.values(b, k)) * double(wq.values(o, k));
-          sum += term;
-          magnitude += std::abs(term);
+        for (Index j = 0; j < groups; ++j) {
+          double acc = 0, acc_magnitude = 0;
+          for (Index k = j * unit_cols; k < std::min(in, (j + 1) * unit_cols); ++k) {
+            const double term = double(xq(b, k)) * double(codes(o, k));
+            acc += term;
+            acc_magnitude += std::abs(term);
+          }
+          const double scale = unit_factor(o, j) / double(sx(b, j));
+          sum += acc * scale;
+          magnitude += acc_magnitude * scale;
         }
-        const double scale = double(xq.scales(b)) * double(wq.scale);
         const double bias = source.has_bias() ? double(source.bias(o)) : 0.0;
-        const double expected = sum / scale + bias;
-        const double tolerance =
-            4 * eps * (magnitude / scale + std::abs(bias)) + 4 * double(std::numeric_limits<T>::min());
-        if (!(std::abs(double(y(b, o)) - expected) <= tolerance))
+        const double expected = sum + bias;
+        const double rounding = 4 * eps * (magnitude + std::abs(bias)) + 4 * double(std::numeric_limits<T>::min());
+        if (!(std::abs(double(y(b, o)) - expected) <= rounding))
           throw detail::transfer_failure(
               source.path(), "the new layer's output on the probe input differs from the reference BitLinear of the "
                              "source weights at output " + std::to_string(o) + " (" + std::to_string(double(y(b, o))) +
                              " instead of " + std::to_string(expected) + ")");
+        if (source.exact_import()) {
+          double exact = bias, bound = rounding, float_magnitude = std::abs(bias);
+          for (Index k = 0; k < in; ++k) {
+            const double w = double(source_weight(o, k)), n = double(normed(b, k));
+            exact += n * w;
+            float_magnitude += std::abs(n * w);
+            bound += std::abs(w) * std::abs(n - double(xq(b, k)) / double(sx(b, k / unit_cols)));
+          }
+          bound += 4 * eps * float_magnitude;
+          if (!(std::abs(double(y(b, o)) - exact) <= bound))
+            throw detail::transfer_failure(
+                source.path(), "the new layer's output on the probe input is " + std::to_string(double(y(b, o))) +
+                                   " at output " + std::to_string(o) + ", farther from the float layer of the source "
+                                   "weights (" + std::to_string(exact) + ") than activation quantization allows (" +
+                                   std::to_string(bound) + ")");
+        }
       }
   }
 };

@@ -34,7 +34,7 @@ class pending_layer {
 
   /// Prepare: build the new layer off to the side. May throw; the graph stays as it was, or (for
   /// adopted buffers) restorable by roll_back.
-  virtual void stage(Policy& policy, const bitlinear_options& options, bool take_buffers) = 0;
+  virtual void stage(Policy& policy, const bitlinear_options& options, ternary_import weights, bool take_buffers) = 0;
   /// Verify: run the policy's checks on the built layer. May throw.
   virtual void verify(Policy& policy) = 0;
   virtual layer_report describe() const = 0;
@@ -60,15 +60,19 @@ class staged_linear : public pending_layer<Policy> {
  public:
   staged_linear(std::string path, L& source) : pending_layer<Policy>(std::move(path)), source_(&source) {}
 
-  void stage(Policy& policy, const bitlinear_options& options, bool take_buffers) override {
+  void stage(Policy& policy, const bitlinear_options& options, ternary_import weights, bool take_buffers) override {
     options_ = options;
+    exact_ = weights == ternary_import::exact;
     if constexpr (movable_linear_layer<L, T>) {
-      if (take_buffers) return adopt(policy);
+      if (take_buffers && !exact_) return adopt(policy);  // an exact import keeps no latent weights to adopt
     }
     const auto view = layer_traits<L>::linear(*source_);
-    const layer_source<T> source(this->path(), view, options_);
+    const layer_source<T> source(this->path(), view, options_, false, exact_);
     policy.prepare(source);
-    build([&] { return BitLinear<T>(source.weight_matrix(), source.bias_vector(), options_); });
+    if (exact_)
+      build([&] { return BitLinear<T>::from_exact_ternary(source.weight_matrix(), source.bias_vector(), options_, "weight"); });
+    else
+      build([&] { return BitLinear<T>(source.weight_matrix(), source.bias_vector(), options_); });
   }
 
   void verify(Policy& policy) override {
@@ -77,7 +81,7 @@ class staged_linear : public pending_layer<Policy> {
       policy.verify(layer_source<T>(this->path(), view, options_, true), *staged_);
     } else {
       const auto view = layer_traits<L>::linear(*source_);
-      policy.verify(layer_source<T>(this->path(), view, options_), *staged_);
+      policy.verify(layer_source<T>(this->path(), view, options_, false, exact_), *staged_);
     }
   }
 
@@ -126,6 +130,7 @@ class staged_linear : public pending_layer<Policy> {
 
   L* source_;
   bitlinear_options options_;
+  bool exact_ = false;
   std::optional<linear_buffers<T>> adopted_;
 };
 
@@ -155,8 +160,8 @@ class pointer_slot final : public staged_linear<Policy, L, T> {
 
   // The new node is built from the staged layer, which then lives inside it; staging for a pointer
   // slot therefore always copies (adopted buffers could not be handed back out of a user's node).
-  void stage(Policy& policy, const bitlinear_options& options, bool) override {
-    staged_linear<Policy, L, T>::stage(policy, options, false);
+  void stage(Policy& policy, const bitlinear_options& options, ternary_import weights, bool) override {
+    staged_linear<Policy, L, T>::stage(policy, options, weights, false);
   }
 
   void finish() override {
@@ -318,7 +323,7 @@ replace_report run_transaction(Graph& graph, const replace_options& options, Pol
   report.layers.reserve(layers.size());
   const bool take_buffers = Policy::takes_buffers && !options.dry_run;
   try {
-    for (auto& layer : layers) layer->stage(policy, options.layer_options, take_buffers);
+    for (auto& layer : layers) layer->stage(policy, options.layer_options, options.weights, take_buffers);
     for (auto& layer : layers) layer->verify(policy);
     for (auto& layer : layers) report.layers.push_back(layer->describe());
     if (!options.dry_run)

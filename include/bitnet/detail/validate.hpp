@@ -1,6 +1,7 @@
 // Input checks shared by the public functions: each throws a bitnet error naming what and where.
 #pragma once
 
+#include <charconv>
 #include <cmath>
 #include <string>
 #include <string_view>
@@ -13,6 +14,14 @@ namespace bitnet::detail {
 
 inline std::string shape_string(Eigen::Index rows, Eigen::Index cols) {
   return std::to_string(rows) + "x" + std::to_string(cols);
+}
+
+/// The shortest text that reads back as exactly v (so two values an error says differ print differently).
+template <class S>
+std::string format_value(S v) {
+  char text[64];
+  const auto [end, ec] = std::to_chars(text, text + sizeof text, v);
+  return ec == std::errc{} ? std::string(text, end) : std::to_string(v);
 }
 
 template <class Derived>

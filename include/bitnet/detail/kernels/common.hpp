@@ -16,17 +16,36 @@ namespace bitnet::detail {
 /// One product of packed ternary weights (pack.hpp) with int8 activations:
 ///   acc[b * rows + o] = sum_k x[b * x_stride + k] * w(o, k)   for the rows of the blocks asked for.
 /// The kernels compute sum_k x * (w + 1) from the codes c = w + 1 and subtract x_sums[b] = sum_k x[b, k].
-/// x rows are zero-padded to col_tiles * 16 columns (a multiple of 64) and 64-byte aligned.
+/// x rows are zero-padded to x_stride columns (packed_ternary::padded_cols) and 64-byte aligned.
+///
+/// Grouped calls (groups > 1, group-scaled layers): every group of G = 16 col_tiles columns of a
+/// row block is a "virtual block" of its own. Virtual block v = rb * groups + j is group j of row
+/// block rb: its tiles start at weights + v * col_tiles * 64 (the same formula: pack.hpp stores a
+/// row block's groups one after the other), it multiplies columns [j G, (j + 1) G) of each token,
+/// and subtracts x_sums[b * groups + j], the sum of those activations. rows = virtual rows =
+/// row blocks * groups * 16, and acc[b * rows + v * 16 + r] is the group's exact int32 sum
+/// (padding rows and all-padding groups included: they are 0 up to the x_sums subtracted).
 struct gemm_args {
   const std::uint8_t* weights;  // packed_ternary::data()
-  Eigen::Index col_tiles;       // 64-byte tiles per row block
-  Eigen::Index rows;            // the real output rows (acc's row stride)
+  Eigen::Index col_tiles;       // 64-byte tiles per (virtual) block
+  Eigen::Index rows;            // the real output rows, or the virtual rows of a grouped call (acc's row stride)
   const std::int8_t* x;
   Eigen::Index x_stride;
-  const std::int32_t* x_sums;
+  const std::int32_t* x_sums;   // batch (ungrouped) or batch x groups
   Eigen::Index batch;
   std::int32_t* acc;            // batch x rows
+  Eigen::Index groups = 1;      // virtual blocks per row block: padded_cols / G, or 1 (ungrouped)
 };
+
+/// The column where virtual block v's activations start in a token's row (0 when ungrouped).
+inline Eigen::Index group_column(const gemm_args& a, Eigen::Index v) noexcept {
+  return a.groups == 1 ? 0 : v % a.groups * a.col_tiles * 16;
+}
+
+/// The activation sum virtual block v subtracts for `token`.
+inline std::int32_t group_x_sum(const gemm_args& a, Eigen::Index v, Eigen::Index token) noexcept {
+  return a.groups == 1 ? a.x_sums[token] : a.x_sums[token * a.groups + v % a.groups];
+}
 
 inline constexpr Eigen::Index tile_rows = 16;   // packed_ternary::block_rows
 inline constexpr Eigen::Index tile_cols = 16;   // packed_ternary::tile_cols

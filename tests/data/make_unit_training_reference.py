@@ -1,0 +1,139 @@
+#!/usr/bin/python3
+"""Reference gradients of BitLinear with one weight scale per unit (per output row, or per group of
+G inputs) and per-token or per-block activation scales, under the straight-through estimator, by
+PyTorch autograd, for tests/test_training.cpp (which reads the output and does not need torch).
+
+    /usr/bin/python3 tests/data/make_unit_training_reference.py > tests/data/unit_training_reference.txt
+
+Debian 12's python3-torch (1.13). The module is the published BitLinear with its quantizers taken per
+unit (the absmean of BitNet b1.58 over each row or group of G inputs, ragged last group over its real
+columns; Ternary Bonsai's magnitude convention w ~ code * d) and activations per token or per block
+of G inputs (absmax, as llama.cpp quantizes activations for block formats):
+
+    d   = mean(|w| over the unit).clamp(min=1e-5)        (mean in float64, then rounded: as bitnet)
+    w_q = (w / d).round().clamp(-1, 1) * d
+    x_q = n + lambda * (activation_quant(n per token or per block) - n).detach()
+    w~  = w + lambda * (w_q - w).detach()
+    y   = F.linear(x_q, w~, b)
+
+Same output format as make_training_reference.py, with three more header keys: scales (per_row or
+per_group), group (G, 0 for per_row) and activations (per_token or per_block). Cases are redrawn
+until no quantizer input lies within 1e-3 of a rounding boundary.
+"""
+import torch
+import torch.nn.functional as F
+
+torch.set_num_threads(1)
+EPS = float(torch.tensor(1e-6, dtype=torch.float32))
+MARGIN = 1e-3
+
+
+def units(cols, unit):
+    return [(first, min(first + unit, cols)) for first in range(0, cols, unit)]
+
+
+def activation_quant(x, unit):
+    """Per token (unit = all columns) or per block of `unit` columns; returns q(x) and x * s."""
+    q, scaled = torch.empty_like(x), torch.empty_like(x)
+    for first, end in units(x.shape[1], unit):
+        part = x[:, first:end]
+        scale = 127.0 / part.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+        q[:, first:end] = (part * scale).round().clamp(-128, 127) / scale
+        scaled[:, first:end] = part * scale
+    return q, scaled
+
+
+def weight_quant(w, unit):
+    q, ratio = torch.empty_like(w), torch.empty_like(w)
+    for first, end in units(w.shape[1], unit):
+        part = w[:, first:end]
+        d = part.double().abs().mean(dim=-1, keepdim=True).to(w.dtype).clamp(min=1e-5)
+        q[:, first:end] = (part / d).round().clamp(-1, 1) * d
+        ratio[:, first:end] = part / d
+    return q, ratio
+
+
+def rms_norm(x, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def near_boundary(v):
+    frac = (v.double().abs() - v.double().abs().floor() - 0.5).abs()
+    return bool((frac < MARGIN).any())
+
+
+def draw(dtype, batch, in_f, out_f, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    row_scale = torch.exp(torch.randn(batch, 1, generator=g, dtype=torch.float64) * 1.5)
+    x = (torch.randn(batch, in_f, generator=g, dtype=torch.float64) * row_scale)
+    x[:, 3] *= 20  # an outlier channel: per-block activation scales differ from the per-token one
+    x = x.to(dtype)
+    col_scale = torch.exp(torch.randn(1, in_f, generator=g, dtype=torch.float64))  # groups of different size
+    w = (torch.randn(out_f, in_f, generator=g, dtype=torch.float64) * 0.3 * col_scale).to(dtype)
+    b = (torch.randn(out_f, generator=g, dtype=torch.float64) * 0.1).to(dtype) if bias else None
+    dy = torch.randn(batch, out_f, generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b, dy
+
+
+def run(x, w, b, dy, rms, lam, weight_unit, act_unit):
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    if b is not None:
+        b = b.clone().requires_grad_(True)
+    n = rms_norm(x, EPS) if rms else x
+    aq, n_scaled = activation_quant(n.detach(), act_unit)
+    wq, w_ratio = weight_quant(w.detach(), weight_unit)
+    x_q = n + lam * (aq - n).detach()
+    w_q = w + lam * (wq - w).detach()
+    y = F.linear(x_q, w_q, b)
+    y.backward(dy)
+    tie = near_boundary(n_scaled) or near_boundary(w_ratio)
+    return y.detach(), x.grad, w.grad, (b.grad if b is not None else None), tie
+
+
+def hexes(t):
+    return " ".join(float(v).hex() for v in t.detach().double().flatten().tolist())
+
+
+CASES = [
+    # name, dtype, batch, in, out, bias, rms, lambda, scales, group, activations
+    ("row_lambda1", torch.float32, 4, 45, 7, True, False, 1.0, "per_row", 0, "per_token"),
+    ("g32_ragged_lambda1", torch.float32, 3, 80, 6, True, False, 1.0, "per_group", 32, "per_token"),
+    ("g32_block_rms_lambda1", torch.float32, 5, 100, 9, True, True, 1.0, "per_group", 32, "per_block"),
+    ("g64_block_lambda_half", torch.float32, 3, 150, 5, False, True, 0.5, "per_group", 64, "per_block"),
+    ("g128_block_lambda1_f64", torch.float64, 2, 300, 6, True, True, 1.0, "per_group", 128, "per_block"),
+    ("g32_lambda0375_f64", torch.float64, 4, 70, 8, True, False, 0.375, "per_group", 32, "per_token"),
+]
+
+
+def main():
+    print("# generated by tests/data/make_unit_training_reference.py with torch", torch.__version__)
+    print("# per case: header line, then tensors x w [b] dy y dx dw [db] as hex floats, row-major")
+    for name, dtype, batch, in_f, out_f, bias, rms, lam, scales, group, activations in CASES:
+        weight_unit = in_f if scales == "per_row" else group
+        act_unit = group if activations == "per_block" else in_f
+        seed = sum(map(ord, name))
+        while True:
+            x, w, b, dy = draw(dtype, batch, in_f, out_f, bias, seed)
+            y, dx, dw, db, tie = run(x, w, b, dy, rms, lam, weight_unit, act_unit)
+            if not tie:
+                break
+            seed += 1000
+        dt = "f32" if dtype == torch.float32 else "f64"
+        print(f"case {name} dtype {dt} batch {batch} in {in_f} out {out_f} bias {int(bias)} rms {int(rms)} "
+              f"eps {EPS.hex()} lambda {float(lam).hex()} scales {scales} group {group} activations {activations}")
+        print("x", hexes(x))
+        print("w", hexes(w))
+        if bias:
+            print("b", hexes(b))
+        print("dy", hexes(dy))
+        print("y", hexes(y))
+        print("dx", hexes(dx))
+        print("dw", hexes(dw))
+        if bias:
+            print("db", hexes(db))
+        print("end")
+
+
+if __name__ == "__main__":
+    main()
