@@ -483,12 +483,82 @@ TEST_CASE("gguf: group-scaled tensors through a file: writer, read_ternary_group
     CHECK(g.codes == codes);
     CHECK(g.unit_scales == pq);
     CHECK(g.group_size == 128);
-    CHECK_THROWS_WITH_AS(r.read_bit_linear<float>(name), doctest::Contains("read_ternary_groups"), bitnet::io_error);
+    // Unequal block scales: read_bit_linear makes a group-scaled layer, group = the block.
+    const BitLinear<float> layer = r.read_bit_linear<float>(name);
+    CHECK(layer.options().weight_scales == bitnet::weight_scaling::per_group);
+    CHECK(layer.options().group_size == 128);
+    CHECK(layer.ternary_weight() == codes);
+    CHECK(layer.unit_scales() == pq);
   }
   CHECK(r.read_ternary_groups("q2").unit_scales == q2);
   CHECK(r.read_ternary_groups("q2").group_size == 64);
   CHECK(r.read_blocks("q2").codes == codes);
   CHECK_THROWS_WITH_AS(r.read_blocks("missing"), doctest::Contains("no such tensor"), bitnet::io_error);
+}
+
+TEST_CASE_TEMPLATE("gguf: group-scaled and per-row BitLinear -> GGUF -> BitLinear, exact", T, float, double) {
+  temp_dir dir;
+  const fs::path path = dir.path / "layers.gguf";
+  std::mt19937 rng(3);
+  std::uniform_int_distribution<int> code(-1, 1);
+  Matrix<std::int8_t> codes(4, 256);
+  for (Index i = 0; i < codes.size(); ++i) codes.data()[i] = std::int8_t(code(rng));
+  Matrix<T> d128(4, 2), d64(4, 4), row(4, 1);
+  for (Index i = 0; i < d128.size(); ++i) d128.data()[i] = T(0.25) * T(i + 1);  // fp16-exact
+  for (Index i = 0; i < d64.size(); ++i) d64.data()[i] = T(1) / T(1 << (i % 5));
+  row << T(0.5), T(1.5), T(2), T(0.125);
+  bitnet::bitlinear_options g128, g64, per_row;
+  g128.weight_scales = g64.weight_scales = bitnet::weight_scaling::per_group;
+  g128.group_size = 128, g64.group_size = 64;
+  per_row.weight_scales = bitnet::weight_scaling::per_row;
+  const Vector<T> bias = Vector<T>::LinSpaced(4, -1, 1);
+  const auto a = BitLinear<T>::from_ternary(codes, d128, bias, g128);
+  const auto b = BitLinear<T>::from_ternary(codes, d64, std::nullopt, g64);
+  const auto c = BitLinear<T>::from_ternary(codes, row, std::nullopt, per_row);
+  {
+    gguf::writer w(path, {}, {{"a.pq2", tensor_type::PQ2_0, {256, 4}}, {"a.ptq1", tensor_type::PTQ1_0, {256, 4}},
+                              {"b.q2", tensor_type::Q2_0, {256, 4}}, {"c.tq2", tensor_type::TQ2_0, {256, 4}},
+                              {"bad", tensor_type::Q2_0, {256, 4}}, {"i2s", tensor_type::I2_S, {256, 4}}});
+    CHECK(w.write_bit_linear("a.pq2", a).relative_error() == 0);
+    CHECK(w.write_bit_linear("a.ptq1", a).relative_error() == 0);
+    CHECK(w.write_bit_linear("b.q2", b).relative_error() == 0);
+    CHECK(w.write_bit_linear("c.tq2", c).relative_error() == 0);
+    CHECK_THROWS_WITH_AS(w.write_bit_linear("bad", a),
+                         "gguf::encode_ternary_groups(Q2_0, layer \"bad\"): the layer's scale groups are 128 weights, a "
+                         "Q2_0 block is 64 (choose the format whose block is the group: Q2_0 64, PQ2_0 / PTQ1_0 128, "
+                         "TQ2_0 / TQ1_0 256)",
+                         bitnet::value_error);
+    w.write_bit_linear("bad", b);
+    w.write_bit_linear("i2s", BitLinear<T>::from_ternary(codes, T(2)));
+    w.finish();
+  }
+  const gguf::reader r(path);
+  for (const char* name : {"a.pq2", "a.ptq1"}) {
+    const BitLinear<T> back = r.read_bit_linear<T>(name, bias);
+    CHECK(back.options().group_size == 128);
+    CHECK(back.ternary_weight() == codes);
+    CHECK(back.unit_scales() == d128);
+    CHECK(back.bias() == a.bias());
+  }
+  CHECK(r.read_bit_linear<T>("b.q2").unit_scales() == d64);
+  // A per-row layer is stored with its row's d in every block and comes back per block, same weights.
+  const BitLinear<T> rows = r.read_bit_linear<T>("c.tq2");
+  CHECK(rows.options().group_size == 256);
+  CHECK(rows.dequantized_weight() == c.dequantized_weight());
+  // Options: per_group takes the file's block or none; per_row and I2_S-per_group are refused.
+  bitnet::bitlinear_options ask = g64;
+  const std::string mismatch =
+      "gguf: " + path.string() + ": tensor \"a.pq2\": options ask for groups of 64 weights, its PQ2_0 blocks are 128";
+  CHECK_THROWS_WITH_AS(r.read_bit_linear<T>("a.pq2", std::nullopt, ask), mismatch.c_str(), bitnet::io_error);
+  ask.group_size = 0;
+  CHECK(r.read_bit_linear<T>("a.pq2", std::nullopt, ask).unit_scales() == d128);
+  CHECK_THROWS_WITH_AS(r.read_bit_linear<T>("a.pq2", std::nullopt, per_row), doctest::Contains("not per row"),
+                       bitnet::io_error);
+  CHECK_THROWS_WITH_AS(r.read_bit_linear<T>("i2s", std::nullopt, g128), doctest::Contains("is I2_S, one scale for the whole"),
+                       bitnet::io_error);
+  CHECK(r.read_bit_linear<T>("i2s").weight_scale() == T(2));
+  CHECK_THROWS_WITH_AS(gguf::encode_bit_linear(c, tensor_type::I2_S, "c"), doctest::Contains("needs a block format"),
+                       bitnet::value_error);
 }
 
 TEST_CASE("gguf: a Q2_0 file with a +2 code: read_blocks reads it, a BitLinear refuses it by name") {

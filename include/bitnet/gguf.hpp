@@ -954,6 +954,19 @@ inline ternary_tensor_groups to_groups(const ternary_tensor& tensor, std::string
   return groups;
 }
 
+/// A group-scaled BitLinear (weight_scaling::per_group, group = the format's block) computing with
+/// the codes and per-block scales of `groups` (to_groups): weight = code * d exactly. The options'
+/// weight_scales and group_size come from the file; the caller's others (rms_norm,
+/// activation_scales) are kept.
+template <real_scalar T>
+BitLinear<T> to_group_bit_linear(const ternary_tensor_groups& groups, std::optional<Vector<T>> bias = std::nullopt,
+                                 bitlinear_options options = {}) {
+  options.weight_scales = weight_scaling::per_group;
+  options.group_size = groups.group_size;
+  return BitLinear<T>::from_ternary(groups.codes, Matrix<T>(groups.unit_scales.template cast<T>()), std::move(bias),
+                                    options);
+}
+
 /// A BitLinear computing with the decoded codes and sw = 1 / d, when every block has the same d
 /// (as converters write BitNet models). Throws io_error naming the first block whose d differs
 /// from block 0's (to_groups gives such a tensor's codes and per-block scales), or a d that cannot
@@ -1003,11 +1016,34 @@ float i2_s_scale_for(T sw) {
   return d;
 }
 
-/// A BitLinear's codes and scale as a tensor of `type` (a block format or I2_S), with what the
-/// storage did to d = 1 / sw. Throws shape_error when in_features is not a multiple of
-/// row_multiple(type), value_error when 1 / sw does not fit fp16 (block formats).
+/// A BitLinear's codes and scales as a tensor of `type`, with what the storage did to the scale (the
+/// block rounded relatively the most). per_tensor: one d = 1 / sw in every block (a block format or
+/// I2_S); per_group: encode_ternary_groups (a block format whose block is the group, else a
+/// value_error naming `layer` and both sizes); per_row: every block of a row gets the row's d (a
+/// block format; reading it back gives a per_group layer with the same weights). Throws
+/// shape_error when in_features is not a multiple of the block, value_error when a d does not fit
+/// fp16 or the type cannot hold the layer's scales (I2_S: one per tensor).
 template <real_scalar T>
-encoded_ternary encode_bit_linear(const BitLinear<T>& layer, tensor_type type) {
+encoded_ternary encode_bit_linear(const BitLinear<T>& layer, tensor_type type, std::string_view layer_name = {}) {
+  switch (layer.options().weight_scales) {
+    case weight_scaling::per_group:
+      return encode_ternary_groups(type, layer.ternary_weight(), layer.unit_scales(), layer.options().group_size,
+                                   layer_name);
+    case weight_scaling::per_row: {
+      const std::string what = "gguf::encode_bit_linear(" + std::string(tensor_type_name(type)) +
+                               (layer_name.empty() ? std::string() : ", layer " + detail::quote(layer_name)) + ")";
+      if (!is_block_ternary(type))
+        throw value_error(what + ": a per_row layer needs a block format (one d per block), not " +
+                          std::string(tensor_type_name(type)));
+      const Matrix<std::int8_t> codes = layer.ternary_weight();
+      if (std::uint64_t(codes.cols()) % row_multiple(type) != 0)
+        throw shape_error(what + ": rows of " + std::to_string(codes.cols()) + " weights are not a multiple of " +
+                          std::to_string(row_multiple(type)));
+      const Matrix<T>& d = layer.unit_scales();
+      return detail::encode_blocks(type, codes, [&d](Index r, Index) { return double(d(r, 0)); }, what);
+    }
+    case weight_scaling::per_tensor: break;
+  }
   const T sw = layer.weight_scale();
   const double d = 1.0 / double(sw);
   if (type == tensor_type::I2_S) return encode_ternary(type, layer.ternary_weight(), d, i2_s_scale_for(sw));
@@ -1288,14 +1324,40 @@ class reader {
     return to_groups(read_ternary(name), source_name(), name);
   }
 
-  /// A BitLinear from a ternary tensor whose block scales are all equal (shape from the file).
-  /// Throws io_error for unequal block scales (read_ternary_groups reads them) and for a tensor
-  /// the file declares Hadamard-rotated: this layer would compute W diag(s) H x, not W x.
+  /// A BitLinear from a ternary tensor (shape from the file), exactly as stored. With per_tensor
+  /// options (the default): one scale sw = 1 / d when every block's d is the same, as converters
+  /// write BitNet models, else a group-scaled layer (per_group, group = the format's block, the
+  /// blocks' d as unit scales). With per_group options: always group-scaled (group_size 0 or the
+  /// block). The caller's other options are kept. Throws io_error for per_row options, a
+  /// group_size that is not the block, per_group from I2_S (one scale per tensor), a code or scale
+  /// no layer can hold, and a tensor the file declares Hadamard-rotated (this layer would compute
+  /// W diag(s) H x, not W x).
   template <real_scalar T>
   BitLinear<T> read_bit_linear(std::string_view name, std::optional<Vector<T>> bias = std::nullopt,
                                bitlinear_options options = {}) const {
     refuse_rotated(name);
-    return to_bit_linear<T>(read_ternary(name), source_name(), name, std::move(bias), options);
+    const ternary_tensor tensor = read_ternary(name);
+    const bool equal_scales = std::all_of(tensor.scales.begin(), tensor.scales.end(), [&](float d) {
+      return std::bit_cast<std::uint32_t>(d) == std::bit_cast<std::uint32_t>(tensor.scales.front());
+    });
+    switch (options.weight_scales) {
+      case weight_scaling::per_row:
+        detail::fail_tensor(source_name(), name, "stores one scale per block, not per row: read it with per_tensor or "
+                                                 "per_group options");
+      case weight_scaling::per_group:
+        if (tensor.block_size == 0)
+          detail::fail_tensor(source_name(), name, "is I2_S, one scale for the whole tensor: no per_group layer");
+        if (options.group_size != 0 && options.group_size != tensor.block_size)
+          detail::fail_tensor(source_name(), name, "options ask for groups of " + std::to_string(options.group_size) +
+                                                       " weights, its " + std::string(tensor_type_name(info(name).type)) +
+                                                       " blocks are " + std::to_string(tensor.block_size));
+        break;
+      case weight_scaling::per_tensor:
+        if (equal_scales || tensor.block_size == 0)
+          return to_bit_linear<T>(tensor, source_name(), name, std::move(bias), options);
+        break;
+    }
+    return to_group_bit_linear<T>(to_groups(tensor, source_name(), name), std::move(bias), options);
   }
 
   /// The Hadamard rotation the file declares (validated when the file opened), if any.
@@ -1635,8 +1697,9 @@ class writer {
     write_bytes(name, bytes);
   }
 
-  /// Writes a BitLinear's codes and scale into a tensor declared with a ternary type and sizes
-  /// {in_features, out_features}; returns what the storage did to d = 1 / sw.
+  /// Writes a BitLinear's codes and scales into a tensor declared with a ternary type and sizes
+  /// {in_features, out_features} (encode_bit_linear: per_group layers need a block format whose
+  /// block is the group); returns what the storage did to the scale.
   template <real_scalar T>
   scale_rounding write_bit_linear(std::string_view name, const BitLinear<T>& layer) {
     const tensor_info& t = layout_[claim(name)];
@@ -1647,7 +1710,7 @@ class writer {
                                           std::to_string(layer.out_features()) + "x" + std::to_string(layer.in_features()) +
                                           " (sizes [" + std::to_string(layer.in_features()) + ", " +
                                           std::to_string(layer.out_features()) + "])"));
-    encoded_ternary encoded = encode_bit_linear(layer, t.type);
+    encoded_ternary encoded = encode_bit_linear(layer, t.type, name);
     write_bytes(name, encoded.bytes);
     return encoded.scale;
   }

@@ -116,6 +116,8 @@ inline bool check_file(const std::uint8_t* data, std::size_t size) {
           const gguf::ternary_tensor_groups groups = gguf::to_groups(decoded, "fuzz-input", t.name);
           require((groups.codes.array().abs() <= 1).all(), "group codes are ternary");
           require((groups.unit_scales.array() >= 0).all(), "unit scales are >= 0");
+          const auto layer = gguf::to_group_bit_linear<float>(groups);
+          require(layer.ternary_weight() == groups.codes, "a group-scaled layer keeps the codes");
         }
         (void)gguf::to_bit_linear<float>(decoded, "fuzz-input", t.name);
       } else {
