@@ -6,6 +6,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <limits>
 #include <map>
@@ -166,8 +167,8 @@ TEST_CASE("gguf: TQ2_0 code 3 is refused with its row and column") {
     FAIL("accepted code 3");
   } catch (const bitnet::io_error& e) {
     CHECK(std::string(e.what()) ==
-          "gguf: f.gguf: tensor \"blk.0.ffn_up.weight\": the 2-bit code at row 1, column 129 is 3, not a ternary "
-          "code (0, 1, 2 for -1, 0, +1)");
+          "gguf: f.gguf: tensor \"blk.0.ffn_up.weight\": the 2-bit code at row 1, column 129 (block 0 of the row) is "
+          "3, not a ternary code (0, 1, 2 for -1, 0, +1); ggml reads it as +2 d");
   }
 }
 
@@ -249,7 +250,7 @@ TEST_CASE("gguf: I2_S, by hand") {
 
   expected[5] = std::byte{0x57};  // group 0, m5, k3: code 3 at row 0, column 101
   CHECK_THROWS_WITH_AS(gguf::decode_ternary(tensor_type::I2_S, expected, 2, 128),
-                       doctest::Contains("row 0, column 101 is 3"), bitnet::io_error);
+                       doctest::Contains("row 0, column 101 (group 0 of the tensor) is 3"), bitnet::io_error);
 }
 
 TEST_CASE("gguf: ternary encoding refuses what the formats cannot hold") {
@@ -269,6 +270,484 @@ TEST_CASE("gguf: ternary encoding refuses what the formats cannot hold") {
                        bitnet::value_error);
   CHECK(gguf::encode_ternary(tensor_type::TQ2_0, zero_codes(1, 256), 6e-8).scale.stored == std::ldexp(1.0, -24));  // subnormal
   CHECK_THROWS_AS(gguf::decode_ternary(tensor_type::TQ2_0, std::vector<std::byte>(65), 1, 256), bitnet::io_error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group-scaled block formats: one fp16 d per block of 64 (Q2_0), 128 (PQ2_0, PTQ1_0) or 256
+// (TQ2_0, TQ1_0), bytes worked out by hand from the formats' definitions (mainline ggml-common.h /
+// ggml-quants.c for Q2_0, PrismML's llama.cpp fork for PQ2_0 / PTQ1_0; docs/gguf.md).
+
+namespace {
+
+std::vector<std::byte> repeated(std::size_t n, unsigned byte) { return std::vector<std::byte>(n, std::byte(byte)); }
+
+std::vector<std::byte> concat(std::initializer_list<std::vector<std::byte>> parts) {
+  std::vector<std::byte> out;
+  for (const auto& p : parts) out.insert(out.end(), p.begin(), p.end());
+  return out;
+}
+
+Matrix<float> scales_of(Index rows, Index cols, std::initializer_list<float> values) {
+  Matrix<float> m(rows, cols);
+  std::copy(values.begin(), values.end(), m.data());
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("gguf: Q2_0 block, by hand: fp16 d first, 4 weights a byte from the low bits, code 3 is +2 d") {
+  // d = 0.5 (0x3800); weights 0-3 = -1, 0, +1, +2: codes 0, 1, 2, 3 -> 0 | 1 << 2 | 2 << 4 | 3 << 6 = 0xe4;
+  // weights 4-7 = +1, +1, -1, 0: 2 | 2 << 2 | 0 << 4 | 1 << 6 = 0x4a; every other weight 0 (0x55).
+  const auto bytes = concat({bytes_of({0x00, 0x38, 0xe4, 0x4a}), repeated(14, 0x55)});
+  const gguf::block_tensor raw = gguf::decode_blocks(tensor_type::Q2_0, bytes, 1, 64);
+  Matrix<std::int8_t> expected = zero_codes(1, 64);
+  const std::int8_t first[8] = {-1, 0, 1, 2, 1, 1, -1, 0};
+  for (Index j = 0; j < 8; ++j) expected(0, j) = first[j];
+  CHECK(raw.codes == expected);
+  CHECK(raw.block_size == 64);
+  CHECK(raw.scales == scales_of(1, 1, {0.5f}));
+  // +2 is no ternary code: a BitLinear refuses it, naming the tensor, row, column and block.
+  CHECK_THROWS_WITH_AS(gguf::decode_ternary(tensor_type::Q2_0, bytes, 1, 64, "f.gguf", "blk.0.attn_k.weight"),
+                       "gguf: f.gguf: tensor \"blk.0.attn_k.weight\": the 2-bit code at row 0, column 3 (block 0 of the "
+                       "row) is 3, not a ternary code (0, 1, 2 for -1, 0, +1); ggml reads it as +2 d",
+                       bitnet::io_error);
+  // Encoding: weight 3 = 0 instead gives 0 | 1 << 2 | 2 << 4 | 1 << 6 = 0x64.
+  expected(0, 3) = 0;
+  const auto encoded = gguf::encode_ternary_groups(tensor_type::Q2_0, expected, scales_of(1, 1, {0.5f}), 64);
+  CHECK(encoded.bytes == concat({bytes_of({0x00, 0x38, 0x64, 0x4a}), repeated(14, 0x55)}));
+  CHECK(encoded.scale.relative_error() == 0);
+}
+
+TEST_CASE("gguf: PQ2_0 block, by hand: Q2_0's codec, 128 weights, d first") {
+  // d = 0x3555 = 1.3330078125 * 2^-2; byte 0 = 0x06: weights 0-3 codes 2, 1, 0, 0 (+1, 0, -1, -1);
+  // byte 31 = 0x95: weights 124-126 code 1, weight 127 code 2 (+1).
+  const auto bytes = concat({bytes_of({0x55, 0x35, 0x06}), repeated(30, 0x55), bytes_of({0x95})});
+  Matrix<std::int8_t> expected = zero_codes(1, 128);
+  expected(0, 0) = 1, expected(0, 2) = -1, expected(0, 3) = -1, expected(0, 127) = 1;
+  const gguf::ternary_tensor decoded = gguf::decode_ternary(tensor_type::PQ2_0, bytes, 1, 128);
+  CHECK(decoded.codes == expected);
+  REQUIRE(decoded.scales.size() == 1);
+  CHECK(decoded.scales[0] == 0.33325195f);
+  CHECK(decoded.block_size == 128);
+  CHECK(gguf::encode_ternary_groups(tensor_type::PQ2_0, expected, scales_of(1, 1, {0.33325195f}), 128).bytes == bytes);
+}
+
+TEST_CASE("gguf: PTQ1_0 block, by hand: TQ1_0's trits position-major in stages of 16 and 8 bytes") {
+  // qs[m] (m < 16): trit n is weight 16 n + m; qs[16 + m] (m < 8): weight 80 + 8 n + m; qh[h]: trit n
+  // (n < 4) is weight 120 + 2 n + h. A byte of trits t0..t4 (code + 1, t0 most significant) is
+  // ceil((81 t0 + 27 t1 + 9 t2 + 3 t3 + t4) 256 / 243). Weights 1 = +1, 16 = -1, 81 = +1, 120 = +1,
+  // 127 = -1, the rest 0:
+  //   qs[0]: weights 0, 16, 32, 48, 64 -> trits 1 0 1 1 1 -> 94 -> ceil(24064 / 243) = 100 = 0x64
+  //   qs[1]: weights 1, 17, 33, 49, 65 -> 2 1 1 1 1 -> 202 -> ceil(51712 / 243) = 213 = 0xd5
+  //   qs[17]: weights 81, 89, 97, 105, 113 -> 2 1 1 1 1 -> 0xd5; other qs: 1 1 1 1 1 -> 121 -> 0x80
+  //   qh[0]: weights 120, 122, 124, 126, then 0 -> 2 1 1 1 0 -> 201 -> ceil(51456 / 243) = 212 = 0xd4
+  //   qh[1]: weights 121, 123, 125, 127, then 0 -> 1 1 1 0 0 -> 117 -> ceil(29952 / 243) = 124 = 0x7c
+  // then d = 0.25 (0x3400). Reading trits carrier-major (weight 5 m + n) would put weight 1's +1 at 5.
+  const auto bytes = concat({bytes_of({0x64, 0xd5}), repeated(15, 0x80), bytes_of({0xd5}), repeated(6, 0x80),
+                             bytes_of({0xd4, 0x7c, 0x00, 0x34})});
+  REQUIRE(bytes.size() == 28);
+  Matrix<std::int8_t> expected = zero_codes(1, 128);
+  expected(0, 1) = 1, expected(0, 16) = -1, expected(0, 81) = 1, expected(0, 120) = 1, expected(0, 127) = -1;
+  const gguf::block_tensor decoded = gguf::decode_blocks(tensor_type::PTQ1_0, bytes, 1, 128);
+  CHECK(decoded.codes == expected);
+  CHECK(decoded.codes(0, 5) == 0);
+  CHECK(decoded.scales == scales_of(1, 1, {0.25f}));
+  CHECK(gguf::encode_ternary_groups(tensor_type::PTQ1_0, expected, scales_of(1, 1, {0.25f}), 128).bytes == bytes);
+}
+
+TEST_CASE("gguf: every code of every position survives PTQ1_0") {
+  // 3 rows whose weights cycle through -1, 0, +1 with different phases, each block its own d.
+  Matrix<std::int8_t> codes(3, 256);
+  for (Index r = 0; r < 3; ++r)
+    for (Index c = 0; c < 256; ++c) codes(r, c) = std::int8_t((c * 7 + r) % 3 - 1);
+  const Matrix<float> d = scales_of(3, 2, {0.5f, 0.25f, 1.0f, 2.0f, 0.125f, 3.0f});
+  const auto encoded = gguf::encode_ternary_groups(tensor_type::PTQ1_0, codes, d, 128);
+  REQUIRE(encoded.bytes.size() == 6 * 28);
+  const gguf::block_tensor decoded = gguf::decode_blocks(tensor_type::PTQ1_0, encoded.bytes, 3, 256);
+  CHECK(decoded.codes == codes);
+  CHECK(decoded.scales == d);
+}
+
+TEST_CASE("gguf: TQ2_0 / TQ1_0 with a d per block, by hand") {
+  // TQ2_0, 1 x 512: block 0 weight 0 = +1 (byte 0 = 0x56), d = 1 (0x3c00); block 1 weight 128 = -1
+  // (byte 32 = 0x54: h = 1, m = 0, n = 0), d = 2 (0x4000).
+  const auto tq2 = concat({bytes_of({0x56}), repeated(63, 0x55), bytes_of({0x00, 0x3c}), repeated(32, 0x55),
+                           bytes_of({0x54}), repeated(31, 0x55), bytes_of({0x00, 0x40})});
+  const gguf::ternary_tensor t2 = gguf::decode_ternary(tensor_type::TQ2_0, tq2, 1, 512);
+  const gguf::ternary_tensor_groups g2 = gguf::to_groups(t2);
+  Matrix<std::int8_t> expected = zero_codes(1, 512);
+  expected(0, 0) = 1, expected(0, 384) = -1;
+  CHECK(g2.codes == expected);
+  CHECK(g2.group_size == 256);
+  CHECK(g2.unit_scales == scales_of(1, 2, {1.0f, 2.0f}));
+  CHECK(gguf::encode_ternary_groups(tensor_type::TQ2_0, expected, g2.unit_scales, 256).bytes == tq2);
+  // TQ1_0, 1 x 512: block 1 weight 256 = +1 (qs[0] trits 2 1 1 1 1 = 0xd5), zeros are 0x80 / 0x7f.
+  const auto tq1 = concat({repeated(48, 0x80), repeated(4, 0x7f), bytes_of({0x00, 0x38, 0xd5}), repeated(47, 0x80),
+                           repeated(4, 0x7f), bytes_of({0x00, 0x34})});
+  const gguf::ternary_tensor_groups g1 = gguf::to_groups(gguf::decode_ternary(tensor_type::TQ1_0, tq1, 1, 512));
+  expected.setZero();
+  expected(0, 256) = 1;
+  CHECK(g1.codes == expected);
+  CHECK(g1.unit_scales == scales_of(1, 2, {0.5f, 0.25f}));
+  CHECK(gguf::encode_ternary_groups(tensor_type::TQ1_0, expected, g1.unit_scales, 256).bytes == tq1);
+  // One d for every block still makes a per-tensor layer, whatever the block format.
+  const auto same = gguf::encode_ternary(tensor_type::PQ2_0, expected, 0.5);
+  CHECK(gguf::to_bit_linear<float>(gguf::decode_ternary(tensor_type::PQ2_0, same.bytes, 1, 512)).weight_scale() == 2.0f);
+}
+
+TEST_CASE("gguf: to_groups keeps code * d exact: zero and negative d, refusals") {
+  gguf::ternary_tensor t;
+  t.codes = zero_codes(2, 256);
+  t.codes(0, 0) = 1, t.codes(0, 128) = -1, t.codes(1, 1) = 1;
+  t.block_size = 128, t.blocks_per_row = 2;
+  t.scales = {0.5f, -0.25f, 0.0f, 1.0f};
+  const gguf::ternary_tensor_groups g = gguf::to_groups(t);
+  CHECK(g.codes(0, 0) == 1);
+  CHECK(g.codes(0, 128) == 1);  // -1 * -0.25 = +1 * 0.25
+  CHECK(g.codes(1, 1) == 0);    // a block with d = 0 holds zero weights
+  CHECK(g.unit_scales == scales_of(2, 2, {0.5f, 0.25f, 0.0f, 1.0f}));
+  t.scales[2] = -0.0f;
+  CHECK_FALSE(std::signbit(gguf::to_groups(t).unit_scales(1, 0)));
+  t.scales[3] = std::numeric_limits<float>::infinity();
+  CHECK_THROWS_WITH_AS(gguf::to_groups(t, "f.gguf", "w"),
+                       "gguf: f.gguf: tensor \"w\": scale d = inf of row 1, block 1 is not finite", bitnet::io_error);
+  gguf::ternary_tensor i2s;
+  i2s.codes = zero_codes(1, 128);
+  i2s.scales = {1.0f};
+  CHECK_THROWS_WITH_AS(gguf::to_groups(i2s), doctest::Contains("one scale for the whole tensor (I2_S)"), bitnet::io_error);
+}
+
+TEST_CASE("gguf: group encoding refuses what the formats cannot hold, naming the layer") {
+  const Matrix<std::int8_t> codes = zero_codes(2, 256);
+  const Matrix<float> four = Matrix<float>::Constant(2, 4, 0.5f);
+  CHECK_THROWS_WITH_AS(gguf::encode_ternary_groups(tensor_type::PQ2_0, codes, four, 64, "blk.0.ffn_up.weight"),
+                       "gguf::encode_ternary_groups(PQ2_0, layer \"blk.0.ffn_up.weight\"): the layer's scale groups are 64 "
+                       "weights, a PQ2_0 block is 128 (choose the format whose block is the group: Q2_0 64, PQ2_0 / "
+                       "PTQ1_0 128, TQ2_0 / TQ1_0 256)",
+                       bitnet::value_error);
+  CHECK_THROWS_WITH_AS(gguf::encode_ternary_groups(tensor_type::I2_S, codes, four, 64), doctest::Contains("not a block format"),
+                       bitnet::value_error);
+  CHECK_THROWS_AS(gguf::encode_ternary_groups(tensor_type::Q2_0, codes, Matrix<float>::Constant(2, 3, 0.5f), 64),
+                  bitnet::shape_error);
+  CHECK_THROWS_AS(gguf::encode_ternary_groups(tensor_type::TQ2_0, zero_codes(2, 128), Matrix<float>::Ones(2, 1), 256),
+                  bitnet::shape_error);
+  Matrix<std::int8_t> two = codes;
+  two(1, 70) = 2;
+  CHECK_THROWS_WITH_AS(gguf::encode_ternary_groups(tensor_type::Q2_0, two, four, 64), doctest::Contains("row 1, column 70"),
+                       bitnet::value_error);
+  Matrix<float> bad = four;
+  bad(1, 2) = std::nanf("");
+  CHECK_THROWS_WITH_AS(gguf::encode_ternary_groups(tensor_type::Q2_0, codes, bad, 64), doctest::Contains("(row 1, block 2)"),
+                       bitnet::value_error);
+  bad(1, 2) = 70000.0f;
+  CHECK_THROWS_WITH_AS(gguf::encode_ternary_groups(tensor_type::Q2_0, codes, bad, 64), doctest::Contains("overflows fp16"),
+                       bitnet::value_error);
+  // A d that rounds to 0 in fp16 vanishes the weights of a block with codes, not of an all-zero one.
+  bad(1, 2) = 1e-9f;
+  CHECK(gguf::encode_ternary_groups(tensor_type::Q2_0, codes, bad, 64).bytes.size() == 8 * 18);
+  two(1, 70) = 0;
+  two(1, 130) = 1;
+  CHECK_THROWS_WITH_AS(gguf::encode_ternary_groups(tensor_type::Q2_0, two, bad, 64), doctest::Contains("rounds to 0 in fp16"),
+                       bitnet::value_error);
+  // The report names the block fp16 rounded relatively the most.
+  const Matrix<float> d = scales_of(1, 2, {0.5f, 0.1f});
+  const auto rounded = gguf::encode_ternary_groups(tensor_type::Q2_0, zero_codes(1, 128), d, 64);
+  CHECK(rounded.scale.requested == double(0.1f));
+  CHECK(rounded.scale.stored == 0.0999755859375);  // fp16 0x2e66
+}
+
+TEST_CASE("gguf: group-scaled tensors through a file: writer, read_ternary_groups, read_blocks") {
+  temp_dir dir;
+  const fs::path path = dir.path / "groups.gguf";
+  std::mt19937 rng(20);
+  std::uniform_int_distribution<int> code(-1, 1);
+  Matrix<std::int8_t> codes(3, 256);
+  for (Index i = 0; i < codes.size(); ++i) codes.data()[i] = std::int8_t(code(rng));
+  // fp16-exact scales: the file keeps them bit for bit.
+  const Matrix<float> pq = scales_of(3, 2, {0.5f, 0.375f, 1.25f, 0.0625f, 3.0f, 0.75f});
+  const Matrix<float> q2 = Matrix<float>::Constant(3, 4, 0.5f) + Matrix<float>::Identity(3, 4);
+  {
+    gguf::writer w(path, {{"general.architecture", std::string("llama")}},
+                   {{"pq", tensor_type::PQ2_0, {256, 3}}, {"ptq", tensor_type::PTQ1_0, {256, 3}},
+                    {"q2", tensor_type::Q2_0, {256, 3}}});
+    CHECK(w.write_ternary_groups("pq", codes, pq, 128).relative_error() == 0);
+    CHECK(w.write_ternary_groups("ptq", codes, pq, 128).relative_error() == 0);
+    CHECK_THROWS_WITH_AS(w.write_ternary_groups("q2", codes, pq, 128), doctest::Contains("a Q2_0 block is 64"),
+                         bitnet::value_error);
+    w.write_ternary_groups("q2", codes, q2, 64);
+    w.finish();
+  }
+  const gguf::reader r(path);
+  for (const char* name : {"pq", "ptq"}) {
+    const gguf::ternary_tensor_groups g = r.read_ternary_groups(name);
+    CHECK(g.codes == codes);
+    CHECK(g.unit_scales == pq);
+    CHECK(g.group_size == 128);
+    // Unequal block scales: read_bit_linear makes a group-scaled layer, group = the block.
+    const BitLinear<float> layer = r.read_bit_linear<float>(name);
+    CHECK(layer.options().weight_scales == bitnet::weight_scaling::per_group);
+    CHECK(layer.options().group_size == 128);
+    CHECK(layer.ternary_weight() == codes);
+    CHECK(layer.unit_scales() == pq);
+  }
+  CHECK(r.read_ternary_groups("q2").unit_scales == q2);
+  CHECK(r.read_ternary_groups("q2").group_size == 64);
+  CHECK(r.read_blocks("q2").codes == codes);
+  CHECK_THROWS_WITH_AS(r.read_blocks("missing"), doctest::Contains("no such tensor"), bitnet::io_error);
+}
+
+TEST_CASE_TEMPLATE("gguf: group-scaled and per-row BitLinear -> GGUF -> BitLinear, exact", T, float, double) {
+  temp_dir dir;
+  const fs::path path = dir.path / "layers.gguf";
+  std::mt19937 rng(3);
+  std::uniform_int_distribution<int> code(-1, 1);
+  Matrix<std::int8_t> codes(4, 256);
+  for (Index i = 0; i < codes.size(); ++i) codes.data()[i] = std::int8_t(code(rng));
+  Matrix<T> d128(4, 2), d64(4, 4), row(4, 1);
+  for (Index i = 0; i < d128.size(); ++i) d128.data()[i] = T(0.25) * T(i + 1);  // fp16-exact
+  for (Index i = 0; i < d64.size(); ++i) d64.data()[i] = T(1) / T(1 << (i % 5));
+  row << T(0.5), T(1.5), T(2), T(0.125);
+  bitnet::bitlinear_options g128, g64, per_row;
+  g128.weight_scales = g64.weight_scales = bitnet::weight_scaling::per_group;
+  g128.group_size = 128, g64.group_size = 64;
+  per_row.weight_scales = bitnet::weight_scaling::per_row;
+  const Vector<T> bias = Vector<T>::LinSpaced(4, -1, 1);
+  const auto a = BitLinear<T>::from_ternary(codes, d128, bias, g128);
+  const auto b = BitLinear<T>::from_ternary(codes, d64, std::nullopt, g64);
+  const auto c = BitLinear<T>::from_ternary(codes, row, std::nullopt, per_row);
+  {
+    gguf::writer w(path, {}, {{"a.pq2", tensor_type::PQ2_0, {256, 4}}, {"a.ptq1", tensor_type::PTQ1_0, {256, 4}},
+                              {"b.q2", tensor_type::Q2_0, {256, 4}}, {"c.tq2", tensor_type::TQ2_0, {256, 4}},
+                              {"bad", tensor_type::Q2_0, {256, 4}}, {"i2s", tensor_type::I2_S, {256, 4}}});
+    CHECK(w.write_bit_linear("a.pq2", a).relative_error() == 0);
+    CHECK(w.write_bit_linear("a.ptq1", a).relative_error() == 0);
+    CHECK(w.write_bit_linear("b.q2", b).relative_error() == 0);
+    CHECK(w.write_bit_linear("c.tq2", c).relative_error() == 0);
+    CHECK_THROWS_WITH_AS(w.write_bit_linear("bad", a),
+                         "gguf::encode_ternary_groups(Q2_0, layer \"bad\"): the layer's scale groups are 128 weights, a "
+                         "Q2_0 block is 64 (choose the format whose block is the group: Q2_0 64, PQ2_0 / PTQ1_0 128, "
+                         "TQ2_0 / TQ1_0 256)",
+                         bitnet::value_error);
+    w.write_bit_linear("bad", b);
+    w.write_bit_linear("i2s", BitLinear<T>::from_ternary(codes, T(2)));
+    w.finish();
+  }
+  const gguf::reader r(path);
+  for (const char* name : {"a.pq2", "a.ptq1"}) {
+    const BitLinear<T> back = r.read_bit_linear<T>(name, bias);
+    CHECK(back.options().group_size == 128);
+    CHECK(back.ternary_weight() == codes);
+    CHECK(back.unit_scales() == d128);
+    CHECK(back.bias() == a.bias());
+  }
+  CHECK(r.read_bit_linear<T>("b.q2").unit_scales() == d64);
+  // A per-row layer is stored with its row's d in every block and comes back per block, same weights.
+  const BitLinear<T> rows = r.read_bit_linear<T>("c.tq2");
+  CHECK(rows.options().group_size == 256);
+  CHECK(rows.dequantized_weight() == c.dequantized_weight());
+  // Options: per_group takes the file's block or none; per_row and I2_S-per_group are refused.
+  bitnet::bitlinear_options ask = g64;
+  const std::string mismatch =
+      "gguf: " + path.string() + ": tensor \"a.pq2\": options ask for groups of 64 weights, its PQ2_0 blocks are 128";
+  CHECK_THROWS_WITH_AS(r.read_bit_linear<T>("a.pq2", std::nullopt, ask), mismatch.c_str(), bitnet::io_error);
+  ask.group_size = 0;
+  CHECK(r.read_bit_linear<T>("a.pq2", std::nullopt, ask).unit_scales() == d128);
+  CHECK_THROWS_WITH_AS(r.read_bit_linear<T>("a.pq2", std::nullopt, per_row), doctest::Contains("not per row"),
+                       bitnet::io_error);
+  CHECK_THROWS_WITH_AS(r.read_bit_linear<T>("i2s", std::nullopt, g128), doctest::Contains("is I2_S, one scale for the whole"),
+                       bitnet::io_error);
+  CHECK(r.read_bit_linear<T>("i2s").weight_scale() == T(2));
+  CHECK_THROWS_WITH_AS(gguf::encode_bit_linear(c, tensor_type::I2_S, "c"), doctest::Contains("needs a block format"),
+                       bitnet::value_error);
+}
+
+TEST_CASE("gguf: a Q2_0 file with a +2 code: read_blocks reads it, a BitLinear refuses it by name") {
+  image file;
+  file.header(1, 0).tensor("blk.1.ffn_gate.weight", {128, 1}, 42, 0).pad();
+  const auto block0 = concat({bytes_of({0x00, 0x3c}), repeated(16, 0x55)});
+  const auto block1 = concat({bytes_of({0x00, 0x38}), repeated(5, 0x55), bytes_of({0xd5}), repeated(10, 0x55)});
+  file.bytes.insert(file.bytes.end(), block0.begin(), block0.end());
+  file.bytes.insert(file.bytes.end(), block1.begin(), block1.end());
+  const gguf::reader r = file.open();
+  const gguf::block_tensor raw = r.read_blocks("blk.1.ffn_gate.weight");
+  CHECK(raw.codes(0, 64 + 23) == 2);  // byte 5 of block 1, bits 6-7 = 3: weight 4 * 5 + 3
+  CHECK(raw.scales == scales_of(1, 2, {1.0f, 0.5f}));
+  CHECK_THROWS_WITH_AS(r.read_ternary_groups("blk.1.ffn_gate.weight"),
+                       "gguf: test.gguf: tensor \"blk.1.ffn_gate.weight\": the 2-bit code at row 0, column 87 (block 1 "
+                       "of the row) is 3, not a ternary code (0, 1, 2 for -1, 0, +1); ggml reads it as +2 d",
+                       bitnet::io_error);
+  CHECK_THROWS_AS(r.read_bit_linear<float>("blk.1.ffn_gate.weight"), bitnet::io_error);
+}
+
+TEST_CASE("gguf: malformed files of the group-scaled types") {
+  check_rejected(image{}.header(1, 0).tensor("w", {100, 1}, 142, 0).pad().zeros(34),
+                 "tensor \"w\": rows of 100 elements are not a multiple of the PQ2_0 block size 128");
+  check_rejected(image{}.header(1, 0).tensor("w", {32, 1}, 42, 0).pad().zeros(18),
+                 "tensor \"w\": rows of 32 elements are not a multiple of the Q2_0 block size 64");
+  check_rejected(image{}.header(1, 0).tensor("w", {128, 2}, 143, 0).pad().zeros(55),
+                 "tensor \"w\": bytes [0, +56) run past the end of the data section (55 bytes)");
+  check_rejected(image{}.header(1, 0).tensor("w", {256, 1}, 142, 0).pad().zeros(67), "bytes [0, +68) run past the end");
+  check_rejected(image{}.header(1, 0).tensor("w", {128, 1}, 144, 0).pad().zeros(34), "unknown ggml type id 144");
+  // 34-byte blocks of 128 under id 42 (a PrismML build's Q2_0) overrun mainline's 18 per 64.
+  check_rejected(image{}.header(2, 0).tensor("a", {128, 1}, 42, 0).tensor("b", {128, 1}, 42, 64).pad().zeros(64 + 34),
+                 "tensor \"b\": bytes [64, +36) run past the end of the data section (98 bytes) (Q2_0 is read as "
+                 "mainline's 18 bytes per 64 weights; some PrismML builds wrote 34 bytes per 128 under the same id 42)");
+  check_rejected(image{}.header(2, 0).tensor("a", {256, 1}, 42, 0).tensor("b", {128, 1}, 42, 64).pad().zeros(128),
+                 "tensor \"b\": bytes [64, +36) overlap tensor \"a\" (Q2_0 is read as mainline's");
+  CHECK(rejection(image{}.header(1, 0).tensor("w", {128, 2}, 143, 0).pad().zeros(56)).empty());
+  CHECK_THROWS_WITH_AS(gguf::decode_blocks(tensor_type::PQ2_0, std::vector<std::byte>(33), 1, 128, "f.gguf", "w"),
+                       "gguf: f.gguf: tensor \"w\": holds 33 bytes, PQ2_0 [128, 1] needs 34", bitnet::io_error);
+  CHECK_THROWS_WITH_AS(gguf::decode_blocks(tensor_type::PTQ1_0, std::vector<std::byte>(28), 1, 64),
+                       doctest::Contains("needs rows of a multiple of 128 weights, got 1x64"), bitnet::io_error);
+  CHECK_THROWS_WITH_AS(gguf::decode_blocks(tensor_type::I2_S, std::vector<std::byte>(64), 1, 128),
+                       doctest::Contains("not a ternary block format"), bitnet::io_error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotations a file declares (PrismML's prism.hadamard.* keys)
+
+namespace {
+
+/// A file with a PTQ1_0 tensor "blk.0.ffn_down.weight" (2 x 256, zero weights), a F32 vector
+/// "output.weight" and the prism.hadamard.* keys of a valid explicit-sign declaration (which
+/// set / erase change).
+struct hadamard_file {
+  struct kv {
+    std::string key;
+    std::function<void(image&)> put;  // type and value
+  };
+  std::vector<kv> keys;
+
+  hadamard_file() {
+    auto u32 = [](std::uint32_t v) { return [v](image& i) { i.u32(4).u32(v); }; };
+    auto text = [](std::string v) { return [v](image& i) { i.u32(8).str(v); }; };
+    auto names = [](std::vector<std::string> v) {
+      return [v](image& i) {
+        i.u32(9).u32(8).u64(v.size());
+        for (const auto& s : v) i.str(s);
+      };
+    };
+    auto ints = [](std::vector<std::int32_t> v) {
+      return [v](image& i) {
+        i.u32(9).u32(5).u64(v.size());
+        for (auto x : v) i.u32(std::uint32_t(x));
+      };
+    };
+    std::vector<std::int32_t> signs(256 + 128, 1);
+    signs[1] = -1, signs[256] = -1;
+    keys = {{"prism.hadamard.version", u32(1)},
+            {"prism.hadamard.block_size", u32(128)},
+            {"prism.hadamard.transform", text("normalized-sylvester-walsh-hadamard")},
+            {"prism.hadamard.axis", text("input-last-dimension")},
+            {"prism.hadamard.sign_mode", text("explicit")},
+            {"prism.hadamard.weight_names", names({"blk.0.ffn_down.weight", "output.weight"})},
+            {"prism.hadamard.inverse_weight_names", names({"token_embd.weight"})},
+            {"prism.hadamard.sign_widths", ints({256, 128})},
+            {"prism.hadamard.sign_values", ints(signs)},
+            {"prism.hadamard.gdn_v_grouped", [](image& i) { i.u32(7).u8(0); }}};
+  }
+  hadamard_file& set(const std::string& key, std::function<void(image&)> put) {
+    for (kv& k : keys)
+      if (k.key == key) return k.put = std::move(put), *this;
+    keys.push_back({key, std::move(put)});
+    return *this;
+  }
+  hadamard_file& erase(const std::string& key) {
+    std::erase_if(keys, [&](const kv& k) { return k.key == key; });
+    return *this;
+  }
+  image build() const {
+    image file;
+    file.header(2, keys.size());
+    for (const kv& k : keys) {
+      file.str(k.key);
+      k.put(file);
+    }
+    file.tensor("blk.0.ffn_down.weight", {256, 2}, 143, 0).tensor("output.weight", {4}, 0, 128).pad();
+    for (int b = 0; b < 4; ++b) {
+      const auto block = concat({repeated(24, 0x80), repeated(2, 0x7f), bytes_of({0x00, 0x3c})});
+      file.bytes.insert(file.bytes.end(), block.begin(), block.end());
+    }
+    return file.pad().f32(1).f32(2).f32(3).f32(4);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("gguf: a declared Hadamard rotation is read as the fork declares it") {
+  const gguf::reader r = hadamard_file{}.build().open();
+  REQUIRE(r.hadamard());
+  const gguf::hadamard_declaration& h = *r.hadamard();
+  CHECK(h.block_size == 128);
+  CHECK(h.explicit_signs);
+  CHECK(h.rotates("blk.0.ffn_down.weight"));
+  CHECK_FALSE(h.rotates("blk.0.ffn_up.weight"));
+  CHECK(h.inverse("token_embd.weight"));
+  CHECK_FALSE(h.gdn_v_grouped);
+  const std::vector<std::int8_t> s256 = h.signs_for(256);
+  REQUIRE(s256.size() == 256);
+  CHECK(s256[0] == 1);
+  CHECK(s256[1] == -1);
+  CHECK(std::count(s256.begin(), s256.end(), -1) == 1);
+  const std::vector<std::int8_t> s128 = h.signs_for(128);
+  CHECK(s128[0] == -1);  // the values are the widths' vectors one after the other
+  CHECK_THROWS_WITH_AS(h.signs_for(512, "f.gguf", "w"), doctest::Contains("has no width 512"), bitnet::io_error);
+  CHECK_THROWS_WITH_AS(h.signs_for(192), doctest::Contains("not a multiple of the Hadamard block 128"), bitnet::io_error);
+  // The stored weights are W diag(s) H: a plain BitLinear of them would be wrong, so it is refused.
+  CHECK_THROWS_WITH_AS(r.read_bit_linear<float>("blk.0.ffn_down.weight"),
+                       doctest::Contains("tensor \"blk.0.ffn_down.weight\": is stored in a Hadamard-rotated basis "
+                                         "(prism.hadamard.weight_names, block 128)"),
+                       bitnet::io_error);
+  CHECK(r.read_ternary_groups("blk.0.ffn_down.weight").codes == zero_codes(2, 256));
+  CHECK_THROWS_WITH_AS(r.read_matrix<float>("output.weight"), doctest::Contains("Hadamard-rotated basis"), bitnet::io_error);
+  CHECK(r.read_bytes("output.weight").size() == 16);
+  const gguf::reader identity = hadamard_file{}
+                                    .set("prism.hadamard.sign_mode", [](image& i) { i.u32(8).str("identity"); })
+                                    .erase("prism.hadamard.sign_widths")
+                                    .erase("prism.hadamard.sign_values")
+                                    .build()
+                                    .open();
+  CHECK(identity.hadamard()->signs_for(384) == std::vector<std::int8_t>(384, 1));
+  CHECK_FALSE(image{}.header(0, 0).open().hadamard());
+}
+
+TEST_CASE("gguf: a rotation the reader does not implement is refused by name when the file opens") {
+  auto text = [](std::string v) { return [v](image& i) { i.u32(8).str(v); }; };
+  auto u32 = [](std::uint32_t v) { return [v](image& i) { i.u32(4).u32(v); }; };
+  auto ints = [](std::vector<std::int32_t> v) {
+    return [v](image& i) {
+      i.u32(9).u32(5).u64(v.size());
+      for (auto x : v) i.u32(std::uint32_t(x));
+    };
+  };
+  check_rejected(hadamard_file{}.set("prism.hadamard.version", u32(2)).build(),
+                 "key \"prism.hadamard.version\": version 2 of the Hadamard rotation is not one this reader implements");
+  check_rejected(hadamard_file{}.set("prism.hadamard.version", [](image& i) { i.u32(10).u64(1); }).build(),
+                 "key \"prism.hadamard.version\": is UINT64, the rotation needs UINT32");
+  check_rejected(hadamard_file{}.set("prism.hadamard.transform", text("randomized-hadamard")).build(),
+                 "key \"prism.hadamard.transform\": \"randomized-hadamard\" is not a rotation this reader implements");
+  check_rejected(hadamard_file{}.set("prism.hadamard.axis", text("output-first-dimension")).build(),
+                 "key \"prism.hadamard.axis\"");
+  check_rejected(hadamard_file{}.set("prism.hadamard.sign_mode", text("random")).build(), "key \"prism.hadamard.sign_mode\"");
+  check_rejected(hadamard_file{}.set("prism.hadamard.permutation", u32(1)).build(),
+                 "key \"prism.hadamard.permutation\": is not a key of the Hadamard rotation this reader implements");
+  check_rejected(hadamard_file{}.erase("prism.hadamard.version").build(), "key \"prism.hadamard.version\": missing");
+  check_rejected(hadamard_file{}.erase("prism.hadamard.block_size").build(), "key \"prism.hadamard.block_size\": missing");
+  check_rejected(hadamard_file{}.set("prism.hadamard.block_size", u32(96)).build(), "block size 96 is not a power of 2");
+  check_rejected(hadamard_file{}.set("prism.hadamard.block_size", u32(65536)).build(),
+                 "block size 65536 is outside the 2 to 32768 this library's rotation implements");
+  check_rejected(hadamard_file{}.set("prism.hadamard.weight_names", ints({1})).build(),
+                 "key \"prism.hadamard.weight_names\": is an array of INT32, the rotation needs STRING");
+  check_rejected(hadamard_file{}.set("prism.hadamard.sign_widths", ints({256, 100})).build(),
+                 "width 100 is not a positive multiple of the block 128");
+  check_rejected(hadamard_file{}.set("prism.hadamard.sign_widths", ints({256})).build(),
+                 "key \"prism.hadamard.sign_values\": holds 384 values, the widths add up to 256");
+  std::vector<std::int32_t> zero(384, 1);
+  zero[7] = 0;
+  check_rejected(hadamard_file{}.set("prism.hadamard.sign_values", ints(zero)).build(), "value 7 is 0, not +1 or -1");
+  check_rejected(hadamard_file{}.erase("prism.hadamard.sign_values").build(), "key \"prism.hadamard.sign_values\": missing");
+  check_rejected(hadamard_file{}.set("prism.hadamard.sign_mode", text("identity")).build(),
+                 "signs given with sign mode \"identity\"");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -325,7 +804,8 @@ TEST_CASE("gguf: unequal block scales are refused, naming the first differing bl
   const auto decoded = gguf::decode_ternary(tensor_type::TQ2_0, encoded.bytes, 2, 512);
   CHECK_THROWS_WITH_AS(gguf::to_bit_linear<float>(decoded, "f.gguf", "blk.3.attn_q.weight"),
                        "gguf: f.gguf: tensor \"blk.3.attn_q.weight\": block scales differ: block 2 (row 1, columns "
-                       "0-255) has d = 0.500488281, block 0 has d = 0.5 (a BitLinear has one scale per tensor)",
+                       "0-255) has d = 0.500488281, block 0 has d = 0.5 (one scale per tensor here; to_groups / "
+                       "reader::read_ternary_groups give the codes and per-block scales of a group-scaled layer)",
                        bitnet::io_error);
   const auto zero = gguf::decode_ternary(tensor_type::TQ2_0, gguf::encode_ternary(tensor_type::TQ2_0, codes, 0.0).bytes, 2, 512);
   CHECK_THROWS_WITH_AS(gguf::to_bit_linear<float>(zero), doctest::Contains("is not finite and > 0"), bitnet::io_error);
@@ -649,7 +1129,9 @@ TEST_CASE("gguf: malformed tensor infos") {
 TEST_CASE("gguf: tensor byte sizes of ggml's types (sizeof the block structs of ggml-common.h)") {
   // block_q4_0: fp16 d + 16 bytes for 32 weights = 18; block_q8_0: 2 + 32 = 34; block_q4_K: 2 fp16 +
   // 12 scale bytes + 128 = 144 per 256; block_q6_K: 128 + 64 + 16 + 2 = 210; block_tq1_0: 48 + 4 + 2 = 54;
-  // block_tq2_0: 64 + 2 = 66; block_iq4_nl: 2 + 16 = 18 per 32; block_mxfp4: 1 + 16 = 17 per 32.
+  // block_tq2_0: 64 + 2 = 66; block_iq4_nl: 2 + 16 = 18 per 32; block_mxfp4: 1 + 16 = 17 per 32;
+  // block_q2_0: 2 + 64 / 4 = 18 per 64; PrismML's block_pq2_0: 2 + 32 = 34 and block_ptq1_0:
+  // 24 + 2 + 2 = 28 per 128.
   struct expectation {
     tensor_type type;
     std::uint64_t row, bytes_per_row;
@@ -658,7 +1140,8 @@ TEST_CASE("gguf: tensor byte sizes of ggml's types (sizeof the block structs of 
                                {tensor_type::F64, 3, 24}, {tensor_type::I8, 3, 3}, {tensor_type::Q4_0, 64, 36},
                                {tensor_type::Q8_0, 64, 68}, {tensor_type::Q4_K, 256, 144}, {tensor_type::Q6_K, 512, 420},
                                {tensor_type::TQ1_0, 512, 108}, {tensor_type::TQ2_0, 256, 66}, {tensor_type::IQ4_NL, 32, 18},
-                               {tensor_type::MXFP4, 64, 34}}) {
+                               {tensor_type::MXFP4, 64, 34}, {tensor_type::Q2_0, 128, 36},
+                               {tensor_type::PQ2_0, 256, 68}, {tensor_type::PTQ1_0, 384, 84}}) {
     const std::vector<std::uint64_t> ne{e.row, 5};
     CHECK(gguf::tensor_byte_size(e.type, ne) == 5 * e.bytes_per_row);
   }
@@ -666,6 +1149,9 @@ TEST_CASE("gguf: tensor byte sizes of ggml's types (sizeof the block structs of 
   CHECK(gguf::tensor_byte_size(tensor_type::I2_S, std::vector<std::uint64_t>{128, 5}) == 160 + 32);
   CHECK(gguf::find_tensor_type(35)->name == "TQ2_0");
   CHECK(gguf::find_tensor_type(36)->name == "I2_S");
+  CHECK(gguf::find_tensor_type(42)->name == "Q2_0");
+  CHECK(gguf::find_tensor_type(142)->name == "PQ2_0");  // PrismML's fork, ggml.h
+  CHECK(gguf::find_tensor_type(143)->name == "PTQ1_0");
   for (std::uint32_t retired : {4u, 5u, 31u, 32u, 33u, 37u, 38u, 43u, 134u}) CHECK_FALSE(gguf::find_tensor_type(retired));
 }
 

@@ -1,5 +1,5 @@
 // bitnet/gguf.hpp - read and write GGUF v3 files (ggml's model format, read by llama.cpp,
-// ik_llama.cpp and bitnet.cpp), and the ternary block formats TQ2_0, TQ1_0 and I2_S.
+// ik_llama.cpp and bitnet.cpp), and the ternary formats TQ2_0, TQ1_0, Q2_0, PQ2_0, PTQ1_0 and I2_S.
 //
 //   "GGUF", u32 version (3), u64 tensor count, u64 key-value count
 //   key-value pairs:  string key, u32 value type, value (strings: u64 length + bytes; arrays:
@@ -17,7 +17,11 @@
 // Ternary weights: a BitLinear computes y = (xq . codes^T) / (sx * sw); ggml stores weights as
 // code * d. So d = 1 / sw: TQ2_0 / TQ1_0 keep one fp16 d per 256 weights (rounded: relative error
 // at most 2^-11), I2_S one float32 d per tensor (chosen so that 1/d rounds back to sw exactly when
-// such a float exists). The codes are always exact. Needs only the core target (no JSON).
+// such a float exists). The codes are always exact. Block formats whose blocks carry different d
+// (Q2_0: 64 weights, PQ2_0 / PTQ1_0: 128, TQ2_0 / TQ1_0: 256) are group-scaled tensors: codes and
+// one magnitude d per row and block (ternary_tensor_groups), exact both ways. A Hadamard rotation
+// the file declares (prism.hadamard.*) is validated on open and refused by key when not understood.
+// Needs only the core target (no JSON).
 #pragma once
 
 #include <algorithm>
@@ -129,12 +133,14 @@ struct metadata_entry {
 // Tensor types
 
 /// ggml's tensor types with their ids in the file (ggml.h; I2_S = 36 is bitnet.cpp's and
-/// ik_llama.cpp's, an id mainline ggml retired).
+/// ik_llama.cpp's, an id mainline ggml retired; PQ2_0 = 142 and PTQ1_0 = 143 are PrismML's fork's,
+/// which mainline does not read).
 enum class tensor_type : std::uint32_t {
   F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q8_1 = 9, Q2_K = 10, Q3_K = 11,
   Q4_K = 12, Q5_K = 13, Q6_K = 14, Q8_K = 15, IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19,
   IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, I8 = 24, I16 = 25, I32 = 26, I64 = 27, F64 = 28,
-  IQ1_M = 29, BF16 = 30, TQ1_0 = 34, TQ2_0 = 35, I2_S = 36, MXFP4 = 39, NVFP4 = 40, Q1_0 = 41, Q2_0 = 42
+  IQ1_M = 29, BF16 = 30, TQ1_0 = 34, TQ2_0 = 35, I2_S = 36, MXFP4 = 39, NVFP4 = 40, Q1_0 = 41, Q2_0 = 42,
+  PQ2_0 = 142, PTQ1_0 = 143
 };
 
 /// Elements per block and bytes per block (sizeof the block struct in ggml-common.h).
@@ -145,7 +151,7 @@ struct type_traits {
   std::uint64_t block_bytes;
 };
 
-inline constexpr std::array<type_traits, 36> all_tensor_types{{
+inline constexpr std::array<type_traits, 38> all_tensor_types{{
     {tensor_type::F32, "F32", 1, 4},          {tensor_type::F16, "F16", 1, 2},
     {tensor_type::Q4_0, "Q4_0", 32, 18},      {tensor_type::Q4_1, "Q4_1", 32, 20},
     {tensor_type::Q5_0, "Q5_0", 32, 22},      {tensor_type::Q5_1, "Q5_1", 32, 24},
@@ -164,6 +170,7 @@ inline constexpr std::array<type_traits, 36> all_tensor_types{{
     {tensor_type::TQ2_0, "TQ2_0", 256, 66},   {tensor_type::I2_S, "I2_S", 1, 1},  // size: see tensor_byte_size
     {tensor_type::MXFP4, "MXFP4", 32, 17},    {tensor_type::NVFP4, "NVFP4", 64, 36},
     {tensor_type::Q1_0, "Q1_0", 128, 18},     {tensor_type::Q2_0, "Q2_0", 64, 18},
+    {tensor_type::PQ2_0, "PQ2_0", 128, 34},   {tensor_type::PTQ1_0, "PTQ1_0", 128, 28},
 }};
 
 /// The traits of type id `id`, or nullopt for an id no engine defines.
@@ -187,10 +194,17 @@ inline constexpr std::size_t tq1_0_block_bytes = 54;  // qs[48], qh[4], fp16 d
 inline constexpr std::uint64_t i2_s_group_weights = 128;
 inline constexpr std::uint64_t i2_s_trailer_bytes = 32;  // float32 d, then zeros
 
-/// The ternary block formats: 256 weights a block for TQ1_0 / TQ2_0; I2_S has 128-weight groups.
-constexpr bool is_ternary(tensor_type type) noexcept {
-  return type == tensor_type::TQ1_0 || type == tensor_type::TQ2_0 || type == tensor_type::I2_S;
+/// The block formats of ternary weights with one fp16 scale d per block (weight = code * d):
+/// TQ2_0 / TQ1_0 (256 weights, mainline ggml), Q2_0 (64, mainline ggml; its 2-bit code 3 is +2 d,
+/// not ternary), PQ2_0 / PTQ1_0 (128, PrismML's fork). The block size is traits_of(type).block_size.
+constexpr bool is_block_ternary(tensor_type type) noexcept {
+  return type == tensor_type::TQ1_0 || type == tensor_type::TQ2_0 || type == tensor_type::Q2_0 ||
+         type == tensor_type::PQ2_0 || type == tensor_type::PTQ1_0;
 }
+
+/// The types a BitLinear loads from and writes to: the block formats and I2_S (one float32 scale
+/// per tensor, weights in groups of 128).
+constexpr bool is_ternary(tensor_type type) noexcept { return is_block_ternary(type) || type == tensor_type::I2_S; }
 
 /// Weights per row must be a multiple of this to write or decode the type (I2_S: 128, its group).
 constexpr std::uint64_t row_multiple(tensor_type type) noexcept {
@@ -251,6 +265,23 @@ struct ternary_tensor {
   Matrix<std::int8_t> codes;  // out x in (rows = ne[1], columns = ne[0]), each -1, 0 or +1
   std::vector<float> scales;  // d of each block, row-major over blocks (I2_S: one for the tensor)
   Index blocks_per_row = 0;   // 0 for I2_S (one scale for the whole tensor)
+  Index block_size = 0;       // weights a block (0 for I2_S)
+};
+
+/// A block-format tensor as the format's own decoder reads it: codes -1, 0, +1 and, where the
+/// format has it (Q2_0's and TQ2_0's 2-bit code 3), +2; one d per block.
+struct block_tensor {
+  Matrix<std::int8_t> codes;  // out x in
+  Matrix<float> scales;       // out x blocks per row: d of each block (weight = code * d)
+  Index block_size = 0;
+};
+
+/// What a group-scaled BitLinear is made of (weight_scaling::per_group, group = the format's
+/// block): ternary codes and one magnitude d >= 0 per row and group, weight = code * d exactly.
+struct ternary_tensor_groups {
+  Matrix<std::int8_t> codes;  // out x in, each -1, 0 or +1
+  Matrix<float> unit_scales;  // out x groups, each finite and >= 0 (0: a group of zero weights)
+  Index group_size = 0;
 };
 
 /// Encoded blocks of a whole tensor and what happened to the scale.
@@ -540,44 +571,31 @@ T scale_from_d(double d) noexcept {
 // The block codecs below take codes already checked to be -1, 0 or +1 (encode_ternary does).
 namespace detail {
 
-// --- TQ2_0: per 256 weights, 64 code bytes then fp16 d. Byte 32 * h + m holds the weights
-// 128 * h + 32 * n + m (n = 0..3) in bits 2n, 2n + 1, as code + 1 (ggml-quants.c).
+// --- Q2_0 (64 weights, mainline ggml) and PQ2_0 (128, PrismML's fork): fp16 d first, then one
+// byte per 4 weights: weight j sits in byte j / 4, bits 2 (j % 4) and 2 (j % 4) + 1 (low bits
+// first), as code + 1; code 3 is +2 d (ggml-common.h block_q2_0, ggml-quants.c dequantize_row_q2_0).
+//
+// --- TQ2_0 (256): 64 code bytes then fp16 d. Byte 32 h + m holds the weights 128 h + 32 n + m
+// (n = 0..3) in bits 2n, 2n + 1, as code + 1 (ggml-quants.c dequantize_row_tq2_0).
+//
+// --- TQ1_0 (256, mainline) and PTQ1_0 (128, PrismML's fork): base-3. A byte holds up to 5 trits
+// t0..t4 (code + 1) as ceil((t0 * 81 + t1 * 27 + t2 * 9 + t3 * 3 + t4) * 256 / 243); trit k is read
+// back as ((uint8)(byte * 3^k) * 3) >> 8. The qs bytes come in stages: a stage of c bytes starting
+// at weight w holds 5c weights, trit n of its byte m being weight w + n c + m (position-major:
+// consecutive weights sit in consecutive bytes, not in consecutive trits of one byte). Then the qh
+// bytes: trit n (n < 4) of qh[h] is weight w + n H + h (H qh bytes), trit 4 is 0. Then fp16 d.
+// TQ1_0: stages of 32 and 16 bytes, 4 qh bytes. PTQ1_0: 16 and 8 bytes, 2 qh bytes.
 
-/// Encodes one 256-weight block (codes in {-1, 0, +1}) with fp16 scale bits `d_bits` into 66 bytes.
-inline void encode_tq2_0_block(std::span<const std::int8_t, 256> codes, std::uint16_t d_bits,
-                               std::span<std::byte, tq2_0_block_bytes> out) noexcept {
-  for (std::size_t h = 0; h < 2; ++h)
-    for (std::size_t m = 0; m < 32; ++m) {
-      unsigned byte = 0;
-      for (std::size_t n = 0; n < 4; ++n) byte |= unsigned(codes[128 * h + 32 * n + m] + 1) << (2 * n);
-      out[32 * h + m] = std::byte(byte);
-    }
-  store_little_endian(out.data() + 64, d_bits);
-}
-
-/// Decodes one TQ2_0 block. Returns the index of the first weight whose 2-bit code is 3 (not a
-/// ternary value; ggml would read it as +2 d), or nullopt when every code is ternary.
-inline std::optional<std::size_t> decode_tq2_0_block(std::span<const std::byte, tq2_0_block_bytes> in,
-                                                     std::span<std::int8_t, 256> codes, std::uint16_t& d_bits) noexcept {
-  std::optional<std::size_t> bad;
-  for (std::size_t h = 0; h < 2; ++h)
-    for (std::size_t m = 0; m < 32; ++m) {
-      const auto byte = static_cast<unsigned>(in[32 * h + m]);
-      for (std::size_t n = 0; n < 4; ++n) {
-        const unsigned code = (byte >> (2 * n)) & 3;
-        const std::size_t i = 128 * h + 32 * n + m;
-        if (code == 3 && (!bad || i < *bad)) bad = i;
-        codes[i] = static_cast<std::int8_t>(int(code) - 1);
-      }
-    }
-  d_bits = load_little_endian<std::uint16_t>(in.data() + 64);
-  return bad;
-}
-
-// --- TQ1_0: per 256 weights, qs[48] + qh[4] + fp16 d. A byte holds up to 5 trits t0..t4 (code + 1)
-// as ceil((t0 * 81 + t1 * 27 + t2 * 9 + t3 * 3 + t4) * 256 / 243); trit k is read back as
-// ((uint8)(byte * 3^k) * 3) >> 8. qs[m] (m < 32): trit n is weight 32 n + m; qs[32 + m] (m < 16):
-// weight 160 + 16 n + m; qh[j] (j < 4): trit n (n < 4) is weight 240 + 4 n + j, trit 4 is 0.
+struct trit_stage {
+  std::size_t first_byte, bytes, first_weight;
+};
+struct trit_layout {
+  std::array<trit_stage, 2> stages;
+  trit_stage qh;
+  std::size_t d_byte;
+};
+inline constexpr trit_layout tq1_0_layout{{{{0, 32, 0}, {32, 16, 160}}}, {48, 4, 240}, 52};
+inline constexpr trit_layout ptq1_0_layout{{{{0, 16, 0}, {16, 8, 80}}}, {24, 2, 120}, 26};
 
 inline std::byte pack_trits(std::span<const unsigned, 5> trits) noexcept {
   unsigned q = 0;
@@ -590,35 +608,87 @@ inline unsigned trit(std::byte byte, unsigned k) noexcept {
   return (q * 3) >> 8;
 }
 
-inline void encode_tq1_0_block(std::span<const std::int8_t, 256> codes, std::uint16_t d_bits,
-                               std::span<std::byte, tq1_0_block_bytes> out) noexcept {
+inline void encode_trits(const trit_layout& l, std::span<const std::int8_t> codes, std::uint16_t d_bits,
+                         std::span<std::byte> out) noexcept {
   std::array<unsigned, 5> t{};
-  for (std::size_t m = 0; m < 32; ++m) {
-    for (std::size_t n = 0; n < 5; ++n) t[n] = unsigned(codes[32 * n + m] + 1);
-    out[m] = pack_trits(t);
-  }
-  for (std::size_t m = 0; m < 16; ++m) {
-    for (std::size_t n = 0; n < 5; ++n) t[n] = unsigned(codes[160 + 16 * n + m] + 1);
-    out[32 + m] = pack_trits(t);
-  }
-  for (std::size_t j = 0; j < 4; ++j) {
-    for (std::size_t n = 0; n < 4; ++n) t[n] = unsigned(codes[240 + 4 * n + j] + 1);
+  for (const trit_stage& s : l.stages)
+    for (std::size_t m = 0; m < s.bytes; ++m) {
+      for (std::size_t n = 0; n < 5; ++n) t[n] = unsigned(codes[s.first_weight + n * s.bytes + m] + 1);
+      out[s.first_byte + m] = pack_trits(t);
+    }
+  for (std::size_t h = 0; h < l.qh.bytes; ++h) {
+    for (std::size_t n = 0; n < 4; ++n) t[n] = unsigned(codes[l.qh.first_weight + n * l.qh.bytes + h] + 1);
     t[4] = 0;
-    out[48 + j] = pack_trits(t);
+    out[l.qh.first_byte + h] = pack_trits(t);
   }
-  store_little_endian(out.data() + 52, d_bits);
+  store_little_endian(out.data() + l.d_byte, d_bits);
 }
 
-/// Decodes one TQ1_0 block (every byte decodes to trits in {0, 1, 2}: nothing to refuse).
-inline void decode_tq1_0_block(std::span<const std::byte, tq1_0_block_bytes> in, std::span<std::int8_t, 256> codes,
-                               std::uint16_t& d_bits) noexcept {
-  for (std::size_t m = 0; m < 32; ++m)
-    for (unsigned n = 0; n < 5; ++n) codes[32 * n + m] = std::int8_t(int(trit(in[m], n)) - 1);
-  for (std::size_t m = 0; m < 16; ++m)
-    for (unsigned n = 0; n < 5; ++n) codes[160 + 16 * n + m] = std::int8_t(int(trit(in[32 + m], n)) - 1);
-  for (std::size_t j = 0; j < 4; ++j)
-    for (unsigned n = 0; n < 4; ++n) codes[240 + 4 * n + j] = std::int8_t(int(trit(in[48 + j], n)) - 1);
-  d_bits = load_little_endian<std::uint16_t>(in.data() + 52);
+inline void decode_trits(const trit_layout& l, std::span<const std::byte> in, std::span<std::int8_t> codes,
+                         std::uint16_t& d_bits) noexcept {
+  for (const trit_stage& s : l.stages)
+    for (std::size_t m = 0; m < s.bytes; ++m)
+      for (unsigned n = 0; n < 5; ++n)
+        codes[s.first_weight + n * s.bytes + m] = std::int8_t(int(trit(in[s.first_byte + m], n)) - 1);
+  for (std::size_t h = 0; h < l.qh.bytes; ++h)
+    for (unsigned n = 0; n < 4; ++n)
+      codes[l.qh.first_weight + n * l.qh.bytes + h] = std::int8_t(int(trit(in[l.qh.first_byte + h], n)) - 1);
+  d_bits = load_little_endian<std::uint16_t>(in.data() + l.d_byte);
+}
+
+/// Encodes one block of `type` (codes in {-1, 0, +1}, traits_of(type).block_size of them) with fp16
+/// scale bits `d_bits` into traits_of(type).block_bytes bytes.
+inline void encode_block(tensor_type type, std::span<const std::int8_t> codes, std::uint16_t d_bits,
+                         std::span<std::byte> out) noexcept {
+  switch (type) {
+    case tensor_type::Q2_0:
+    case tensor_type::PQ2_0:
+      store_little_endian(out.data(), d_bits);
+      for (std::size_t k = 0; k < codes.size() / 4; ++k) {
+        unsigned byte = 0;
+        for (std::size_t i = 0; i < 4; ++i) byte |= unsigned(codes[4 * k + i] + 1) << (2 * i);
+        out[2 + k] = std::byte(byte);
+      }
+      return;
+    case tensor_type::TQ2_0:
+      for (std::size_t h = 0; h < 2; ++h)
+        for (std::size_t m = 0; m < 32; ++m) {
+          unsigned byte = 0;
+          for (std::size_t n = 0; n < 4; ++n) byte |= unsigned(codes[128 * h + 32 * n + m] + 1) << (2 * n);
+          out[32 * h + m] = std::byte(byte);
+        }
+      store_little_endian(out.data() + 64, d_bits);
+      return;
+    case tensor_type::TQ1_0: encode_trits(tq1_0_layout, codes, d_bits, out); return;
+    default: encode_trits(ptq1_0_layout, codes, d_bits, out); return;  // PTQ1_0
+  }
+}
+
+/// Decodes one block of `type` into codes as ggml reads them (-1, 0, +1, and +2 for a 2-bit code
+/// 3) and the fp16 bits of d. Returns the index of the first +2, or nullopt when every code is
+/// ternary (the base-3 formats always are).
+inline std::optional<std::size_t> decode_block(tensor_type type, std::span<const std::byte> in,
+                                               std::span<std::int8_t> codes, std::uint16_t& d_bits) noexcept {
+  std::optional<std::size_t> plus_two;
+  auto put = [&](std::size_t i, unsigned code) {
+    if (code == 3 && (!plus_two || i < *plus_two)) plus_two = i;
+    codes[i] = static_cast<std::int8_t>(int(code) - 1);
+  };
+  switch (type) {
+    case tensor_type::Q2_0:
+    case tensor_type::PQ2_0:
+      d_bits = load_little_endian<std::uint16_t>(in.data());
+      for (std::size_t j = 0; j < codes.size(); ++j) put(j, (unsigned(in[2 + j / 4]) >> (2 * (j % 4))) & 3);
+      return plus_two;
+    case tensor_type::TQ2_0:
+      for (std::size_t h = 0; h < 2; ++h)
+        for (std::size_t m = 0; m < 32; ++m)
+          for (std::size_t n = 0; n < 4; ++n) put(128 * h + 32 * n + m, (unsigned(in[32 * h + m]) >> (2 * n)) & 3);
+      d_bits = load_little_endian<std::uint16_t>(in.data() + 64);
+      return plus_two;
+    case tensor_type::TQ1_0: decode_trits(tq1_0_layout, in, codes, d_bits); return std::nullopt;
+    default: decode_trits(ptq1_0_layout, in, codes, d_bits); return std::nullopt;  // PTQ1_0
+  }
 }
 
 // --- I2_S (bitnet.cpp's x86 layout, as ik_llama.cpp's dequantize_row_ms_i2s reads it): the whole
@@ -647,7 +717,62 @@ std::vector<std::byte> encode_i2_s(const Eigen::MatrixBase<Derived>& codes, floa
 // ---------------------------------------------------------------------------------------------
 // Whole ternary tensors
 
-/// Encodes an out x in matrix of codes as `type` with one scale d for every block (TQ2_0 / TQ1_0:
+namespace detail {
+
+/// fp16 bits of a block scale d (finite, >= 0), rounded to nearest; `all_zero` says the block's
+/// codes are all 0, where any d gives the same weights and one that rounds to 0 is fine.
+inline std::uint16_t block_scale_bits(double d, bool all_zero, std::string_view what) {
+  const auto rounded = round_to_format(d, binary16);
+  if (!rounded) throw value_error(std::string(what) + ": scale d = " + number_text(d) + " overflows fp16 (max 65504)");
+  if (d > 0 && *rounded == 0 && !all_zero)
+    throw value_error(std::string(what) + ": scale d = " + number_text(d) + " rounds to 0 in fp16 (smallest 5.96e-8)");
+  return encode_half(*rounded);
+}
+
+template <class Derived>
+void check_ternary_codes(const Eigen::MatrixBase<Derived>& codes, const std::string& what) {
+  static_assert(std::is_same_v<typename Derived::Scalar, std::int8_t>, "gguf: codes must be int8");
+  bitnet::detail::require_non_empty(codes, what + ": codes");
+  for (Index r = 0; r < codes.rows(); ++r)
+    for (Index c = 0; c < codes.cols(); ++c)
+      if (const int v = codes.coeff(r, c); v < -1 || v > 1)
+        throw value_error(what + ": code " + std::to_string(v) + " at row " + std::to_string(r) + ", column " +
+                          std::to_string(c) + " is not -1, 0 or +1");
+}
+
+/// Encodes codes (rows x cols, cols a multiple of the block) block by block with d of block (r, b)
+/// from `d_of(r, b)`; returns the bytes and the block whose fp16 d is relatively furthest off.
+template <class Derived, class ScaleOf>
+encoded_ternary encode_blocks(tensor_type type, const Eigen::MatrixBase<Derived>& codes, ScaleOf d_of,
+                              const std::string& what) {
+  const type_traits t = traits_of(type);
+  const auto block = Index(t.block_size);
+  const Index blocks_per_row = codes.cols() / block;
+  encoded_ternary result;
+  result.bytes.resize(std::size_t(codes.rows() * blocks_per_row) * t.block_bytes);
+  std::vector<std::int8_t> codes_of_block(std::size_t(block), 0);
+  std::byte* out = result.bytes.data();
+  for (Index r = 0; r < codes.rows(); ++r)
+    for (Index b = 0; b < blocks_per_row; ++b, out += t.block_bytes) {
+      bool all_zero = true;
+      for (Index i = 0; i < block; ++i) {
+        codes_of_block[std::size_t(i)] = codes.coeff(r, b * block + i);
+        all_zero = all_zero && codes_of_block[std::size_t(i)] == 0;
+      }
+      const double d = d_of(r, b);
+      const std::string where = what + " (row " + std::to_string(r) + ", block " + std::to_string(b) + ")";
+      check_d(d, where);
+      const std::uint16_t bits = block_scale_bits(d, all_zero, where);
+      const scale_rounding rounding{d, half_to_float(bits)};
+      if ((r == 0 && b == 0) || rounding.relative_error() > result.scale.relative_error()) result.scale = rounding;
+      encode_block(type, codes_of_block, bits, std::span<std::byte>(out, t.block_bytes));
+    }
+  return result;
+}
+
+}  // namespace detail
+
+/// Encodes an out x in matrix of codes as `type` with one scale d for every block (block formats:
 /// fp16, rounded to nearest; I2_S: the float32 `d_f32` when given, else d rounded to nearest).
 /// Throws shape_error when in is not a multiple of row_multiple(type), value_error for a code
 /// outside {-1, 0, +1}, a d that is not finite and >= 0, one too large for the format, or a
@@ -662,15 +787,11 @@ encoded_ternary encode_ternary(tensor_type type, const Eigen::MatrixBase<Derived
   if (std::uint64_t(codes.cols()) % row_multiple(type) != 0)
     throw shape_error(what + ": rows of " + std::to_string(codes.cols()) + " weights are not a multiple of " +
                       std::to_string(row_multiple(type)));
-  for (Index r = 0; r < codes.rows(); ++r)
-    for (Index c = 0; c < codes.cols(); ++c)
-      if (const int v = codes.coeff(r, c); v < -1 || v > 1)
-        throw value_error(what + ": code " + std::to_string(v) + " at row " + std::to_string(r) + ", column " +
-                          std::to_string(c) + " is not -1, 0 or +1");
+  detail::check_ternary_codes(codes, what);
   detail::check_d(d, what);
-  encoded_ternary result;
-  result.scale.requested = d;
   if (type == tensor_type::I2_S) {
+    encoded_ternary result;
+    result.scale.requested = d;
     const auto rounded = detail::round_to_format(d, detail::binary32);
     if (!d_f32 && !rounded) throw value_error(what + ": scale d = " + detail::number_text(d) + " overflows float32");
     const float stored = d_f32 ? *d_f32 : static_cast<float>(*rounded);
@@ -680,87 +801,176 @@ encoded_ternary encode_ternary(tensor_type type, const Eigen::MatrixBase<Derived
     result.bytes = detail::encode_i2_s(codes, stored);
     return result;
   }
-  const auto rounded = detail::round_to_format(d, detail::binary16);
-  if (!rounded) throw value_error(what + ": scale d = " + detail::number_text(d) + " overflows fp16 (max 65504)");
-  if (d > 0 && *rounded == 0)
-    throw value_error(what + ": scale d = " + detail::number_text(d) + " rounds to 0 in fp16 (smallest 5.96e-8)");
-  const std::uint16_t d_bits = detail::encode_half(*rounded);
-  result.scale.stored = *rounded;
-  const bool tq2 = type == tensor_type::TQ2_0;
-  const std::size_t block_bytes = tq2 ? tq2_0_block_bytes : tq1_0_block_bytes;
-  const Index blocks_per_row = codes.cols() / Index(tq_block_weights);
-  result.bytes.resize(std::size_t(codes.rows() * blocks_per_row) * block_bytes);
-  std::array<std::int8_t, 256> block;
-  std::byte* out = result.bytes.data();
-  for (Index r = 0; r < codes.rows(); ++r)
-    for (Index b = 0; b < blocks_per_row; ++b, out += block_bytes) {
-      for (Index i = 0; i < 256; ++i) block[std::size_t(i)] = codes.coeff(r, b * 256 + i);
-      if (tq2) detail::encode_tq2_0_block(block, d_bits, std::span<std::byte, tq2_0_block_bytes>(out, tq2_0_block_bytes));
-      else detail::encode_tq1_0_block(block, d_bits, std::span<std::byte, tq1_0_block_bytes>(out, tq1_0_block_bytes));
+  // One d for the tensor: its fp16 rounding must not vanish even where a block is all zero.
+  (void)detail::block_scale_bits(d, false, what);
+  return detail::encode_blocks(type, codes, [d](Index, Index) { return d; }, what);
+}
+
+/// Encodes codes (out x in) with one scale per row and group (`unit_scales`, out x groups, the
+/// magnitudes d of weight = code * d) as a block format whose block is `group_size` (Q2_0: 64,
+/// PQ2_0 / PTQ1_0: 128, TQ2_0 / TQ1_0: 256). Each d is rounded to fp16 (nearest); the result's
+/// scale reports the block rounded relatively the most. A block whose codes are all 0 may have
+/// any d >= 0 (ggml's quantizers write 0 there). `layer` names the layer in messages. Throws
+/// value_error when the type is not a block format or its block is not `group_size` (naming the
+/// layer and both sizes), for a code outside {-1, 0, +1} or a d that is not finite and >= 0 or
+/// does not fit fp16; shape_error when in is not a multiple of the block or unit_scales is not
+/// out x (in / group_size).
+template <class Derived, class ScalesDerived>
+encoded_ternary encode_ternary_groups(tensor_type type, const Eigen::MatrixBase<Derived>& codes,
+                                      const Eigen::MatrixBase<ScalesDerived>& unit_scales, Index group_size,
+                                      std::string_view layer = {}) {
+  static_assert(std::is_same_v<typename Derived::Scalar, std::int8_t>, "gguf::encode_ternary_groups: codes must be int8");
+  static_assert(real_scalar<typename ScalesDerived::Scalar>, "gguf::encode_ternary_groups: scales must be float or double");
+  const std::string what = "gguf::encode_ternary_groups(" + std::string(tensor_type_name(type)) +
+                           (layer.empty() ? std::string() : ", layer " + detail::quote(layer)) + ")";
+  if (!is_block_ternary(type))
+    throw value_error(what + ": not a block format with one scale per block (Q2_0, PQ2_0, PTQ1_0, TQ2_0, TQ1_0)");
+  const auto block = Index(traits_of(type).block_size);
+  if (group_size != block)
+    throw value_error(what + ": the layer's scale groups are " + std::to_string(group_size) + " weights, a " +
+                      std::string(tensor_type_name(type)) + " block is " + std::to_string(block) +
+                      " (choose the format whose block is the group: Q2_0 64, PQ2_0 / PTQ1_0 128, TQ2_0 / TQ1_0 256)");
+  bitnet::detail::require_non_empty(codes, what + ": codes");
+  if (codes.cols() % block != 0)
+    throw shape_error(what + ": rows of " + std::to_string(codes.cols()) + " weights are not a multiple of the block " +
+                      std::to_string(block));
+  if (unit_scales.rows() != codes.rows() || unit_scales.cols() != codes.cols() / block)
+    throw shape_error(what + ": unit scales are " + std::to_string(unit_scales.rows()) + "x" +
+                      std::to_string(unit_scales.cols()) + ", the codes need " + std::to_string(codes.rows()) + "x" +
+                      std::to_string(codes.cols() / block));
+  detail::check_ternary_codes(codes, what);
+  return detail::encode_blocks(
+      type, codes, [&](Index r, Index b) { return double(unit_scales.coeff(r, b)); }, what);
+}
+
+/// Decodes the bytes of a `rows` x `cols` block-format tensor as ggml's dequantize_row_* does:
+/// every code (a 2-bit code 3 is +2) and every block's d, nothing refused. `file` and `tensor`
+/// name it in messages. Throws io_error when `type` is not a block format, for a row length that
+/// is not a multiple of the block or a byte count that does not match.
+inline block_tensor decode_blocks(tensor_type type, std::span<const std::byte> bytes, Index rows, Index cols,
+                                  std::string_view file = "<memory>", std::string_view tensor = {}) {
+  if (!is_block_ternary(type))
+    detail::fail_tensor(file, tensor, "is " + std::string(tensor_type_name(type)) +
+                                          ", not a ternary block format (Q2_0, PQ2_0, PTQ1_0, TQ2_0, TQ1_0)");
+  const type_traits t = traits_of(type);
+  if (rows <= 0 || cols <= 0 || std::uint64_t(cols) % t.block_size != 0)
+    detail::fail_tensor(file, tensor, "a " + std::string(t.name) + " tensor needs rows of a multiple of " +
+                                          std::to_string(t.block_size) + " weights, got " + std::to_string(rows) + "x" +
+                                          std::to_string(cols));
+  const std::array<std::uint64_t, 2> ne{std::uint64_t(cols), std::uint64_t(rows)};
+  const std::optional<std::uint64_t> expected = tensor_byte_size(type, ne);
+  if (!expected || *expected != bytes.size())
+    detail::fail_tensor(file, tensor, "holds " + std::to_string(bytes.size()) + " bytes, " + std::string(t.name) + " " +
+                                          detail::ne_text(ne) + " needs " +
+                                          (expected ? std::to_string(*expected) : std::string("more than 2^64")));
+  const auto block = Index(t.block_size);
+  block_tensor result;
+  result.block_size = block;
+  result.codes.resize(rows, cols);
+  result.scales.resize(rows, cols / block);
+  std::vector<std::int8_t> codes_of_block(static_cast<std::size_t>(block));
+  const std::byte* in = bytes.data();
+  for (Index r = 0; r < rows; ++r)
+    for (Index b = 0; b < cols / block; ++b, in += t.block_bytes) {
+      std::uint16_t d_bits = 0;
+      (void)detail::decode_block(type, std::span<const std::byte>(in, t.block_bytes), codes_of_block, d_bits);
+      for (Index i = 0; i < block; ++i) result.codes(r, b * block + i) = codes_of_block[std::size_t(i)];
+      result.scales(r, b) = detail::half_to_float(d_bits);
     }
   return result;
 }
 
 /// Decodes the bytes of a `rows` x `cols` ternary tensor of `type`. `file` and `tensor` name it in
 /// messages. Throws io_error for a byte count that does not match, a row length that is not a
-/// multiple of row_multiple(type), or a 2-bit code 3 (naming its row and column).
+/// multiple of row_multiple(type), or a 2-bit code 3 (+2 d in Q2_0 and TQ2_0, no ternary value;
+/// the message names its row, column and block). decode_blocks reads such a tensor whole.
 inline ternary_tensor decode_ternary(tensor_type type, std::span<const std::byte> bytes, Index rows, Index cols,
                                      std::string_view file = "<memory>", std::string_view tensor = {}) {
   if (!is_ternary(type))
     detail::fail_tensor(file, tensor, "is " + std::string(tensor_type_name(type)) + ", not a ternary type");
-  if (rows <= 0 || cols <= 0 || std::uint64_t(cols) % row_multiple(type) != 0)
-    detail::fail_tensor(file, tensor, "a " + std::string(tensor_type_name(type)) + " tensor needs rows of a multiple of " +
-                                          std::to_string(row_multiple(type)) + " weights, got " +
-                                          std::to_string(rows) + "x" + std::to_string(cols));
-  const std::array<std::uint64_t, 2> ne{std::uint64_t(cols), std::uint64_t(rows)};
-  const std::optional<std::uint64_t> expected = tensor_byte_size(type, ne);
-  if (!expected || *expected != bytes.size())
-    detail::fail_tensor(file, tensor, "holds " + std::to_string(bytes.size()) + " bytes, " +
-                                          std::string(tensor_type_name(type)) + " " + detail::ne_text(ne) + " needs " +
-                                          (expected ? std::to_string(*expected) : std::string("more than 2^64")));
   ternary_tensor result;
-  result.codes.resize(rows, cols);
-  auto bad_code = [&](Index r, Index c) {
+  auto bad_code = [&](Index r, Index c, const std::string& where) {
     detail::fail_tensor(file, tensor, "the 2-bit code at row " + std::to_string(r) + ", column " + std::to_string(c) +
-                                          " is 3, not a ternary code (0, 1, 2 for -1, 0, +1)");
+                                          " (" + where + ") is 3, not a ternary code (0, 1, 2 for -1, 0, +1)" +
+                                          (type == tensor_type::I2_S ? "" : "; ggml reads it as +2 d"));
   };
   if (type == tensor_type::I2_S) {
+    if (rows <= 0 || cols <= 0 || std::uint64_t(cols) % i2_s_group_weights != 0)
+      detail::fail_tensor(file, tensor, "a I2_S tensor needs rows of a multiple of " + std::to_string(i2_s_group_weights) +
+                                            " weights, got " + std::to_string(rows) + "x" + std::to_string(cols));
+    const std::array<std::uint64_t, 2> ne{std::uint64_t(cols), std::uint64_t(rows)};
+    const std::optional<std::uint64_t> expected = tensor_byte_size(type, ne);
+    if (!expected || *expected != bytes.size())
+      detail::fail_tensor(file, tensor, "holds " + std::to_string(bytes.size()) + " bytes, I2_S " + detail::ne_text(ne) +
+                                            " needs " + (expected ? std::to_string(*expected) : std::string("more than 2^64")));
+    result.codes.resize(rows, cols);
     const std::size_t count = std::size_t(rows * cols);
     std::size_t e = 0;
     for (Index r = 0; r < rows; ++r)
       for (Index c = 0; c < cols; ++c, ++e) {
         const unsigned code = (unsigned(bytes[e / 128 * 32 + e % 32]) >> (6 - 2 * (e % 128 / 32))) & 3;
-        if (code == 3) bad_code(r, c);
+        if (code == 3) bad_code(r, c, "group " + std::to_string(e / 128) + " of the tensor");
         result.codes(r, c) = std::int8_t(int(code) - 1);
       }
     result.scales.push_back(detail::load_little_endian<float>(bytes.data() + count / 4));
     return result;
   }
-  const bool tq2 = type == tensor_type::TQ2_0;
-  const std::size_t block_bytes = tq2 ? tq2_0_block_bytes : tq1_0_block_bytes;
-  result.blocks_per_row = cols / Index(tq_block_weights);
-  result.scales.reserve(std::size_t(rows * result.blocks_per_row));
-  std::array<std::int8_t, 256> block;
-  const std::byte* in = bytes.data();
+  block_tensor blocks = decode_blocks(type, bytes, rows, cols, file, tensor);
   for (Index r = 0; r < rows; ++r)
-    for (Index b = 0; b < result.blocks_per_row; ++b, in += block_bytes) {
-      std::uint16_t d_bits = 0;
-      if (tq2) {
-        if (const auto bad = detail::decode_tq2_0_block(std::span<const std::byte, tq2_0_block_bytes>(in, tq2_0_block_bytes),
-                                                block, d_bits))
-          bad_code(r, b * 256 + Index(*bad));
-      } else {
-        detail::decode_tq1_0_block(std::span<const std::byte, tq1_0_block_bytes>(in, tq1_0_block_bytes), block, d_bits);
-      }
-      for (Index i = 0; i < 256; ++i) result.codes(r, b * 256 + i) = block[std::size_t(i)];
-      result.scales.push_back(detail::half_to_float(d_bits));
-    }
+    for (Index c = 0; c < cols; ++c)
+      if (blocks.codes(r, c) == 2) bad_code(r, c, "block " + std::to_string(c / blocks.block_size) + " of the row");
+  result.codes = std::move(blocks.codes);
+  result.blocks_per_row = blocks.scales.cols();
+  result.block_size = blocks.block_size;
+  result.scales.assign(blocks.scales.data(), blocks.scales.data() + blocks.scales.size());  // row-major
   return result;
+}
+
+/// The codes and per-block magnitudes of a decoded block-format tensor, for a group-scaled
+/// BitLinear with group = the block: exact, weight = code * d for every weight of the file. A
+/// block with d = 0 (ggml's quantizers write it for an all-zero block) holds zero weights: its
+/// codes become 0 and d stays 0. A negative d flips the block's codes (code * d is unchanged).
+/// Throws io_error for I2_S (one scale per tensor: to_bit_linear) or a d that is not finite,
+/// naming the tensor, row and block.
+inline ternary_tensor_groups to_groups(const ternary_tensor& tensor, std::string_view file = "<memory>",
+                                       std::string_view name = {}) {
+  if (tensor.blocks_per_row <= 0 || tensor.block_size <= 0)
+    detail::fail_tensor(file, name, "has one scale for the whole tensor (I2_S), no scale groups");
+  ternary_tensor_groups groups;
+  groups.group_size = tensor.block_size;
+  groups.codes = tensor.codes;
+  groups.unit_scales.resize(tensor.codes.rows(), tensor.blocks_per_row);
+  for (Index r = 0; r < tensor.codes.rows(); ++r)
+    for (Index b = 0; b < tensor.blocks_per_row; ++b) {
+      const float d = tensor.scales[std::size_t(r * tensor.blocks_per_row + b)];
+      if (!std::isfinite(d))
+        detail::fail_tensor(file, name, "scale d = " + detail::number_text(d) + " of row " + std::to_string(r) + ", block " +
+                                            std::to_string(b) + " is not finite");
+      auto block_codes = groups.codes.row(r).segment(b * tensor.block_size, tensor.block_size);
+      if (d == 0) block_codes.setZero();
+      else if (d < 0) block_codes = -block_codes;
+      groups.unit_scales(r, b) = std::fabs(d);  // -0 becomes +0
+    }
+  return groups;
+}
+
+/// A group-scaled BitLinear (weight_scaling::per_group, group = the format's block) computing with
+/// the codes and per-block scales of `groups` (to_groups): weight = code * d exactly. The options'
+/// weight_scales and group_size come from the file; the caller's others (rms_norm,
+/// activation_scales) are kept.
+template <real_scalar T>
+BitLinear<T> to_group_bit_linear(const ternary_tensor_groups& groups, std::optional<Vector<T>> bias = std::nullopt,
+                                 bitlinear_options options = {}) {
+  options.weight_scales = weight_scaling::per_group;
+  options.group_size = groups.group_size;
+  return BitLinear<T>::from_ternary(groups.codes, Matrix<T>(groups.unit_scales.template cast<T>()), std::move(bias),
+                                    options);
 }
 
 /// A BitLinear computing with the decoded codes and sw = 1 / d, when every block has the same d
 /// (as converters write BitNet models). Throws io_error naming the first block whose d differs
-/// from block 0's, or a d that cannot be a layer scale (not finite and > 0).
+/// from block 0's (to_groups gives such a tensor's codes and per-block scales), or a d that cannot
+/// be a layer scale (not finite and > 0).
 template <real_scalar T>
 BitLinear<T> to_bit_linear(const ternary_tensor& tensor, std::string_view file = "<memory>",
                            std::string_view name = {}, std::optional<Vector<T>> bias = std::nullopt,
@@ -770,15 +980,18 @@ BitLinear<T> to_bit_linear(const ternary_tensor& tensor, std::string_view file =
   auto block_text = [&](std::size_t i) {
     if (tensor.blocks_per_row == 0) return std::string("the tensor");
     const auto per_row = std::size_t(tensor.blocks_per_row);
-    const std::size_t first = i % per_row * tq_block_weights;
+    const auto size = std::size_t(tensor.block_size);
+    const std::size_t first = i % per_row * size;
     return "block " + std::to_string(i) + " (row " + std::to_string(i / per_row) + ", columns " +
-           std::to_string(first) + "-" + std::to_string(first + tq_block_weights - 1) + ")";
+           std::to_string(first) + "-" + std::to_string(first + size - 1) + ")";
   };
   for (std::size_t i = 1; i < tensor.scales.size(); ++i)
     if (std::bit_cast<std::uint32_t>(tensor.scales[i]) != std::bit_cast<std::uint32_t>(d))
       detail::fail_tensor(file, name, "block scales differ: " + block_text(i) + " has d = " +
                                           detail::number_text(tensor.scales[i]) + ", block 0 has d = " +
-                                          detail::number_text(d) + " (a BitLinear has one scale per tensor)");
+                                          detail::number_text(d) +
+                                          " (one scale per tensor here; to_groups / reader::read_ternary_groups give "
+                                          "the codes and per-block scales of a group-scaled layer)");
   if (!std::isfinite(d) || !(d > 0))
     detail::fail_tensor(file, name, "scale d = " + detail::number_text(d) + " of " + block_text(0) +
                                         " is not finite and > 0, so 1 / d is no layer scale");
@@ -803,15 +1016,194 @@ float i2_s_scale_for(T sw) {
   return d;
 }
 
-/// A BitLinear's codes and scale as a tensor of `type` (TQ2_0, TQ1_0 or I2_S), with what the
-/// storage did to d = 1 / sw. Throws shape_error when in_features is not a multiple of
-/// row_multiple(type), value_error when 1 / sw does not fit fp16 (TQ types).
+/// A BitLinear's codes and scales as a tensor of `type`, with what the storage did to the scale (the
+/// block rounded relatively the most). per_tensor: one d = 1 / sw in every block (a block format or
+/// I2_S); per_group: encode_ternary_groups (a block format whose block is the group, else a
+/// value_error naming `layer` and both sizes); per_row: every block of a row gets the row's d (a
+/// block format; reading it back gives a per_group layer with the same weights). Throws
+/// shape_error when in_features is not a multiple of the block, value_error when a d does not fit
+/// fp16 or the type cannot hold the layer's scales (I2_S: one per tensor).
 template <real_scalar T>
-encoded_ternary encode_bit_linear(const BitLinear<T>& layer, tensor_type type) {
+encoded_ternary encode_bit_linear(const BitLinear<T>& layer, tensor_type type, std::string_view layer_name = {}) {
+  switch (layer.options().weight_scales) {
+    case weight_scaling::per_group:
+      return encode_ternary_groups(type, layer.ternary_weight(), layer.unit_scales(), layer.options().group_size,
+                                   layer_name);
+    case weight_scaling::per_row: {
+      const std::string what = "gguf::encode_bit_linear(" + std::string(tensor_type_name(type)) +
+                               (layer_name.empty() ? std::string() : ", layer " + detail::quote(layer_name)) + ")";
+      if (!is_block_ternary(type))
+        throw value_error(what + ": a per_row layer needs a block format (one d per block), not " +
+                          std::string(tensor_type_name(type)));
+      const Matrix<std::int8_t> codes = layer.ternary_weight();
+      if (std::uint64_t(codes.cols()) % row_multiple(type) != 0)
+        throw shape_error(what + ": rows of " + std::to_string(codes.cols()) + " weights are not a multiple of " +
+                          std::to_string(row_multiple(type)));
+      const Matrix<T>& d = layer.unit_scales();
+      return detail::encode_blocks(type, codes, [&d](Index r, Index) { return double(d(r, 0)); }, what);
+    }
+    case weight_scaling::per_tensor: break;
+  }
   const T sw = layer.weight_scale();
   const double d = 1.0 / double(sw);
   if (type == tensor_type::I2_S) return encode_ternary(type, layer.ternary_weight(), d, i2_s_scale_for(sw));
   return encode_ternary(type, layer.ternary_weight(), d);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotations a file declares
+
+/// A Hadamard rotation declared by a file with PrismML's keys (llama.cpp fork, src/llama-model.cpp
+/// load_hparams; Ternary Bonsai 2 files). The tensors named in weight_names are stored as
+/// W' = W diag(s) H: the runtime computes W' (H (s * x)) with H the normalized Sylvester
+/// Walsh-Hadamard matrix of block_size applied blockwise along the input (ne[0]) and s the sign
+/// vector of the input width (all +1 for sign mode "identity"). inverse_weight_names are tables
+/// whose rows are stored rotated (token_embd). Everything else about a declaration is refused
+/// when the file opens (reader::hadamard()), never assumed.
+struct hadamard_declaration {
+  std::uint32_t block_size = 0;
+  bool explicit_signs = false;                                // "explicit"; "identity": no sign flip
+  std::map<std::uint64_t, std::vector<std::int8_t>> signs;    // by input width, each +1 / -1
+  std::vector<std::string> weight_names;                      // stored W diag(s) H
+  std::vector<std::string> inverse_weight_names;              // rows stored rotated
+  bool gdn_v_grouped = false;  // the fork permutes ssm_out's input from tiled to grouped heads first
+
+  bool rotates(std::string_view tensor) const noexcept {
+    return std::find(weight_names.begin(), weight_names.end(), tensor) != weight_names.end();
+  }
+  bool inverse(std::string_view tensor) const noexcept {
+    return std::find(inverse_weight_names.begin(), inverse_weight_names.end(), tensor) != inverse_weight_names.end();
+  }
+  /// The signs s for a tensor whose rows are `width` long (all +1 in identity mode). Throws io_error
+  /// naming the tensor when width is not a multiple of block_size or, in explicit mode, the file
+  /// declares no signs of that width.
+  std::vector<std::int8_t> signs_for(std::uint64_t width, std::string_view file = "<memory>",
+                                     std::string_view tensor = {}) const;
+};
+
+namespace detail {
+
+inline constexpr std::string_view hadamard_prefix = "prism.hadamard.";
+
+/// The declaration in `metadata`, or nullopt when it has no prism.hadamard.* key. Refuses (io_error
+/// naming the key) a version other than 1, a transform, axis or sign mode other than the fork's,
+/// a key the fork does not define, a type other than the one the fork reads, a block size that is
+/// not a power of 2 from 2 to 32768, an empty or repeated weight list, signs that are not +-1 or
+/// do not add up.
+inline std::optional<hadamard_declaration> parse_hadamard(const std::vector<metadata_entry>& metadata,
+                                                          std::string_view file) {
+  std::map<std::string_view, const value*> keys;
+  for (const metadata_entry& e : metadata)
+    if (e.key.starts_with(hadamard_prefix)) keys.emplace(e.key, &e.val);
+  if (keys.empty()) return std::nullopt;
+  static constexpr std::array<std::string_view, 10> known{
+      "prism.hadamard.version",      "prism.hadamard.block_size",  "prism.hadamard.transform",
+      "prism.hadamard.axis",         "prism.hadamard.sign_mode",   "prism.hadamard.weight_names",
+      "prism.hadamard.inverse_weight_names", "prism.hadamard.sign_widths", "prism.hadamard.sign_values",
+      "prism.hadamard.gdn_v_grouped"};
+  for (const auto& [key, v] : keys)
+    if (std::find(known.begin(), known.end(), key) == known.end())
+      fail_key(file, key, "is not a key of the Hadamard rotation this reader implements (prism.hadamard version 1): "
+                          "refused rather than ignored");
+  auto get = [&](std::string_view key, value_type type, bool required) -> const value* {
+    const auto it = keys.find(key);
+    if (it == keys.end()) {
+      if (required) fail_key(file, key, "missing: the file declares a Hadamard rotation (prism.hadamard.*) without it");
+      return nullptr;
+    }
+    if (it->second->type() != type)
+      fail_key(file, key, "is " + std::string(value_type_name(it->second->type())) + ", the rotation needs " +
+                              std::string(value_type_name(type)));
+    return it->second;
+  };
+  auto get_array = [&](std::string_view key, value_type element, bool required) -> const array* {
+    const value* v = get(key, value_type::array, required);
+    if (!v) return nullptr;
+    const array& a = std::get<array>(v->data);
+    if (a.element_type() != element)
+      fail_key(file, key, "is an array of " + std::string(value_type_name(a.element_type())) + ", the rotation needs " +
+                              std::string(value_type_name(element)));
+    return &a;
+  };
+  auto expect_string = [&](std::string_view key, std::initializer_list<std::string_view> allowed) {
+    const std::string& text = std::get<std::string>(get(key, value_type::string, true)->data);
+    for (std::string_view a : allowed)
+      if (text == a) return text;
+    fail_key(file, key, quote(text) + " is not a rotation this reader implements (expected " + quote(*allowed.begin()) +
+                            (allowed.size() > 1 ? " or " + quote(*(allowed.begin() + 1)) : std::string()) + ")");
+  };
+  hadamard_declaration h;
+  if (const auto version = std::get<std::uint32_t>(get("prism.hadamard.version", value_type::uint32, true)->data);
+      version != 1)
+    fail_key(file, "prism.hadamard.version", "version " + std::to_string(version) +
+                                                 " of the Hadamard rotation is not one this reader implements (1)");
+  h.block_size = std::get<std::uint32_t>(get("prism.hadamard.block_size", value_type::uint32, true)->data);
+  if (h.block_size == 0 || (h.block_size & (h.block_size - 1)) != 0)
+    fail_key(file, "prism.hadamard.block_size", "block size " + std::to_string(h.block_size) + " is not a power of 2");
+  if (h.block_size < 2 || h.block_size > 32768)  // hadamard_rotation's range (rotation.hpp)
+    fail_key(file, "prism.hadamard.block_size", "block size " + std::to_string(h.block_size) +
+                                                    " is outside the 2 to 32768 this library's rotation implements");
+  (void)expect_string("prism.hadamard.transform", {"normalized-sylvester-walsh-hadamard"});
+  (void)expect_string("prism.hadamard.axis", {"input-last-dimension"});
+  h.explicit_signs = expect_string("prism.hadamard.sign_mode", {"identity", "explicit"}) == "explicit";
+  h.weight_names = std::get<std::vector<std::string>>(get_array("prism.hadamard.weight_names", value_type::string, true)->items);
+  if (h.weight_names.empty()) fail_key(file, "prism.hadamard.weight_names", "is empty: a rotation of no tensor");
+  if (const array* inv = get_array("prism.hadamard.inverse_weight_names", value_type::string, false))
+    h.inverse_weight_names = std::get<std::vector<std::string>>(inv->items);
+  std::set<std::string_view> seen;
+  for (const std::string& name : h.weight_names)
+    if (!seen.insert(name).second) fail_key(file, "prism.hadamard.weight_names", "names tensor " + quote(name) + " twice");
+  for (const std::string& name : h.inverse_weight_names)
+    if (seen.contains(name))
+      fail_key(file, "prism.hadamard.inverse_weight_names", "names tensor " + quote(name) + ", also in weight_names");
+  if (const value* g = get("prism.hadamard.gdn_v_grouped", value_type::boolean, false)) h.gdn_v_grouped = std::get<bool>(g->data);
+  const array* widths = get_array("prism.hadamard.sign_widths", value_type::int32, h.explicit_signs);
+  const array* values = get_array("prism.hadamard.sign_values", value_type::int32, h.explicit_signs);
+  if (!h.explicit_signs) {
+    if (widths || values)
+      fail_key(file, widths ? "prism.hadamard.sign_widths" : "prism.hadamard.sign_values",
+               "signs given with sign mode \"identity\" (which has none)");
+    return h;
+  }
+  const auto& w = std::get<std::vector<std::int32_t>>(widths->items);
+  const auto& v = std::get<std::vector<std::int32_t>>(values->items);
+  if (w.empty()) fail_key(file, "prism.hadamard.sign_widths", "is empty with sign mode \"explicit\"");
+  std::size_t offset = 0;
+  for (const std::int32_t width : w) {
+    if (width <= 0 || std::uint32_t(width) % h.block_size != 0 || std::size_t(width) > v.size() - offset)
+      fail_key(file, "prism.hadamard.sign_widths", "width " + std::to_string(width) + " is not a positive multiple of the block " +
+                                                       std::to_string(h.block_size) + " within the " + std::to_string(v.size()) +
+                                                       " sign values");
+    std::vector<std::int8_t> signs;
+    signs.reserve(std::size_t(width));
+    for (std::size_t i = offset; i < offset + std::size_t(width); ++i) {
+      if (v[i] != 1 && v[i] != -1)
+        fail_key(file, "prism.hadamard.sign_values", "value " + std::to_string(i) + " is " + std::to_string(v[i]) + ", not +1 or -1");
+      signs.push_back(std::int8_t(v[i]));
+    }
+    if (!h.signs.emplace(std::uint64_t(width), std::move(signs)).second)
+      fail_key(file, "prism.hadamard.sign_widths", "width " + std::to_string(width) + " appears twice");
+    offset += std::size_t(width);
+  }
+  if (offset != v.size())
+    fail_key(file, "prism.hadamard.sign_values", "holds " + std::to_string(v.size()) + " values, the widths add up to " +
+                                                     std::to_string(offset));
+  return h;
+}
+
+}  // namespace detail
+
+inline std::vector<std::int8_t> hadamard_declaration::signs_for(std::uint64_t width, std::string_view file,
+                                                                std::string_view tensor) const {
+  if (block_size == 0 || width % block_size != 0)
+    detail::fail_tensor(file, tensor, "rows of " + std::to_string(width) + " weights are not a multiple of the Hadamard block " +
+                                          std::to_string(block_size) + " (prism.hadamard.block_size)");
+  if (!explicit_signs) return std::vector<std::int8_t>(std::size_t(width), 1);
+  const auto it = signs.find(width);
+  if (it == signs.end())
+    detail::fail_tensor(file, tensor, "is rotated with explicit signs, but prism.hadamard.sign_widths has no width " +
+                                          std::to_string(width));
+  return it->second;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -875,9 +1267,11 @@ class reader {
 
   /// A F32 / F16 / BF16 / F64 tensor of 1 or 2 dimensions (trailing dims of 1 ignored) as a
   /// row-major matrix: rows = ne[1], columns = ne[0]. Exact except F64 into float (nearest even).
+  /// Throws io_error for a tensor the file declares stored rotated (read_bytes reads it as stored).
   template <real_scalar T>
   Matrix<T> read_matrix(std::string_view name) const {
     const tensor_info& t = info(name);
+    refuse_rotated(name);
     const auto [rows, cols] = matrix_shape(t);
     std::size_t element_bytes = 0;
     switch (t.type) {
@@ -905,25 +1299,84 @@ class reader {
     return m;
   }
 
-  /// A ternary tensor (TQ2_0, TQ1_0, I2_S) of 2 dimensions: codes out x in and its block scales.
+  /// A ternary tensor (a block format or I2_S) of 2 dimensions: codes out x in and its block scales.
+  /// Throws io_error for a 2-bit code 3 (read_blocks reads it).
   ternary_tensor read_ternary(std::string_view name) const {
     const tensor_info& t = info(name);
     if (!is_ternary(t.type))
       detail::fail_tensor(source_name(), name, "is " + std::string(tensor_type_name(t.type)) +
-                                                   ", not a ternary type (TQ2_0, TQ1_0, I2_S)");
+                                                   ", not a ternary type (Q2_0, PQ2_0, PTQ1_0, TQ2_0, TQ1_0, I2_S)");
     const auto [rows, cols] = matrix_shape(t);
     return decode_ternary(t.type, read_bytes(name), rows, cols, source_name(), name);
   }
 
-  /// A BitLinear from a ternary tensor whose block scales are all equal (shape from the file).
+  /// A block-format tensor as ggml decodes it, Q2_0's +2 codes included (decode_blocks).
+  block_tensor read_blocks(std::string_view name) const {
+    const tensor_info& t = info(name);
+    const auto [rows, cols] = matrix_shape(t);
+    return decode_blocks(t.type, read_bytes(name), rows, cols, source_name(), name);
+  }
+
+  /// The codes and per-block scales of a block-format tensor for a group-scaled BitLinear (group =
+  /// the block; to_groups), whatever its scales. A tensor the file declares rotated is stored as
+  /// W diag(s) H: hadamard() says how its input must be rotated.
+  ternary_tensor_groups read_ternary_groups(std::string_view name) const {
+    return to_groups(read_ternary(name), source_name(), name);
+  }
+
+  /// A BitLinear from a ternary tensor (shape from the file), exactly as stored. With per_tensor
+  /// options (the default): one scale sw = 1 / d when every block's d is the same, as converters
+  /// write BitNet models, else a group-scaled layer (per_group, group = the format's block, the
+  /// blocks' d as unit scales). With per_group options: always group-scaled (group_size 0 or the
+  /// block). The caller's other options are kept. Throws io_error for per_row options, a
+  /// group_size that is not the block, per_group from I2_S (one scale per tensor), a code or scale
+  /// no layer can hold, and a tensor the file declares Hadamard-rotated (this layer would compute
+  /// W diag(s) H x, not W x).
   template <real_scalar T>
   BitLinear<T> read_bit_linear(std::string_view name, std::optional<Vector<T>> bias = std::nullopt,
                                bitlinear_options options = {}) const {
-    return to_bit_linear<T>(read_ternary(name), source_name(), name, std::move(bias), options);
+    refuse_rotated(name);
+    const ternary_tensor tensor = read_ternary(name);
+    const bool equal_scales = std::all_of(tensor.scales.begin(), tensor.scales.end(), [&](float d) {
+      return std::bit_cast<std::uint32_t>(d) == std::bit_cast<std::uint32_t>(tensor.scales.front());
+    });
+    switch (options.weight_scales) {
+      case weight_scaling::per_row:
+        detail::fail_tensor(source_name(), name, "stores one scale per block, not per row: read it with per_tensor or "
+                                                 "per_group options");
+      case weight_scaling::per_group:
+        if (tensor.block_size == 0)
+          detail::fail_tensor(source_name(), name, "is I2_S, one scale for the whole tensor: no per_group layer");
+        if (options.group_size != 0 && options.group_size != tensor.block_size)
+          detail::fail_tensor(source_name(), name, "options ask for groups of " + std::to_string(options.group_size) +
+                                                       " weights, its " + std::string(tensor_type_name(info(name).type)) +
+                                                       " blocks are " + std::to_string(tensor.block_size));
+        break;
+      case weight_scaling::per_tensor:
+        if (equal_scales || tensor.block_size == 0)
+          return to_bit_linear<T>(tensor, source_name(), name, std::move(bias), options);
+        break;
+    }
+    return to_group_bit_linear<T>(to_groups(tensor, source_name(), name), std::move(bias), options);
   }
+
+  /// The Hadamard rotation the file declares (validated when the file opened), if any.
+  const std::optional<hadamard_declaration>& hadamard() const noexcept { return hadamard_; }
 
  private:
   explicit reader(std::shared_ptr<const bitnet::detail::byte_source> source) : source_(std::move(source)) { parse(); }
+
+  void refuse_rotated(std::string_view name) const {
+    if (!hadamard_) return;
+    const bool forward = hadamard_->rotates(name);
+    if (!forward && !hadamard_->inverse(name)) return;
+    detail::fail_tensor(source_name(), name,
+                        std::string("is stored in a Hadamard-rotated basis (") +
+                            (forward ? "prism.hadamard.weight_names" : "prism.hadamard.inverse_weight_names") +
+                            ", block " + std::to_string(hadamard_->block_size) +
+                            ") and this read does not undo the rotation: read_ternary_groups / read_bytes with hadamard() "
+                            "give the stored values and the transform");
+  }
 
   std::pair<Index, Index> matrix_shape(const tensor_info& t) const {
     for (std::size_t i = 2; i < t.ne.size(); ++i)
@@ -992,6 +1445,13 @@ class reader {
       detail::fail(file, "truncated: the data section starts at byte " + std::to_string(data_offset_) +
                              ", past the end of the file (" + std::to_string(file_size()) + " bytes)");
     const std::uint64_t data_size = file_size() - data_offset_;
+    // Id 42 is mainline's Q2_0 (18 bytes per 64 weights); some PrismML builds wrote 34 bytes per 128
+    // under the same id, which then overlap or overrun: say so where that is the likely cause.
+    auto q2_0_hint = [](const tensor_info& t) {
+      return t.type == tensor_type::Q2_0 ? std::string(" (Q2_0 is read as mainline's 18 bytes per 64 weights; some "
+                                                       "PrismML builds wrote 34 bytes per 128 under the same id 42)")
+                                         : std::string();
+    };
     for (const tensor_info& t : tensors_) {
       if (t.offset % alignment_ != 0)
         detail::fail_tensor(file, t.name, "offset " + std::to_string(t.offset) + " is not a multiple of the alignment " +
@@ -999,7 +1459,7 @@ class reader {
       if (t.offset > data_size || t.byte_size > data_size - t.offset)
         detail::fail_tensor(file, t.name, "bytes [" + std::to_string(t.offset) + ", +" + std::to_string(t.byte_size) +
                                               ") run past the end of the data section (" + std::to_string(data_size) +
-                                              " bytes)");
+                                              " bytes)" + q2_0_hint(t));
     }
     std::vector<const tensor_info*> by_offset;
     by_offset.reserve(tensors_.size());
@@ -1011,7 +1471,9 @@ class reader {
       if (by_offset[i]->offset < by_offset[i - 1]->offset + by_offset[i - 1]->byte_size)
         detail::fail_tensor(file, by_offset[i]->name, "bytes [" + std::to_string(by_offset[i]->offset) + ", +" +
                                                           std::to_string(by_offset[i]->byte_size) + ") overlap tensor " +
-                                                          detail::quote(by_offset[i - 1]->name));
+                                                          detail::quote(by_offset[i - 1]->name) +
+                                                          q2_0_hint(*by_offset[i - 1]));
+    hadamard_ = detail::parse_hadamard(metadata_, file);
   }
 
   tensor_info read_tensor_info(detail::cursor& in, std::uint64_t i) {
@@ -1062,6 +1524,7 @@ class reader {
   std::map<std::string, std::size_t, std::less<>> keys_;
   std::vector<tensor_info> tensors_;
   std::map<std::string, std::size_t, std::less<>> index_;
+  std::optional<hadamard_declaration> hadamard_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1234,8 +1697,9 @@ class writer {
     write_bytes(name, bytes);
   }
 
-  /// Writes a BitLinear's codes and scale into a tensor declared with a ternary type and sizes
-  /// {in_features, out_features}; returns what the storage did to d = 1 / sw.
+  /// Writes a BitLinear's codes and scales into a tensor declared with a ternary type and sizes
+  /// {in_features, out_features} (encode_bit_linear: per_group layers need a block format whose
+  /// block is the group); returns what the storage did to the scale.
   template <real_scalar T>
   scale_rounding write_bit_linear(std::string_view name, const BitLinear<T>& layer) {
     const tensor_info& t = layout_[claim(name)];
@@ -1246,7 +1710,22 @@ class writer {
                                           std::to_string(layer.out_features()) + "x" + std::to_string(layer.in_features()) +
                                           " (sizes [" + std::to_string(layer.in_features()) + ", " +
                                           std::to_string(layer.out_features()) + "])"));
-    encoded_ternary encoded = encode_bit_linear(layer, t.type);
+    encoded_ternary encoded = encode_bit_linear(layer, t.type, name);
+    write_bytes(name, encoded.bytes);
+    return encoded.scale;
+  }
+
+  /// Writes ternary codes (out x in) with one scale per row and group of `group_size` inputs into a
+  /// tensor declared with a block format whose block is the group and sizes {in, out}
+  /// (encode_ternary_groups); returns the block whose fp16 d is relatively furthest off.
+  template <class Derived, class ScalesDerived>
+  scale_rounding write_ternary_groups(std::string_view name, const Eigen::MatrixBase<Derived>& codes,
+                                      const Eigen::MatrixBase<ScalesDerived>& unit_scales, Index group_size) {
+    const tensor_info& t = layout_[claim(name)];
+    if (t.ne.size() != 2 || t.ne[0] != std::uint64_t(codes.cols()) || t.ne[1] != std::uint64_t(codes.rows()))
+      throw shape_error(message(name, "declared sizes " + detail::ne_text(t.ne) + ", the codes are " +
+                                          std::to_string(codes.rows()) + "x" + std::to_string(codes.cols())));
+    encoded_ternary encoded = encode_ternary_groups(t.type, codes, unit_scales, group_size, name);
     write_bytes(name, encoded.bytes);
     return encoded.scale;
   }
@@ -1491,7 +1970,8 @@ struct model_tensor {
 };
 
 struct model_options {
-  tensor_type ternary_type = tensor_type::TQ2_0;  // TQ2_0 (mainline), TQ1_0 (mainline), I2_S (ik_llama.cpp)
+  // TQ2_0 / TQ1_0 / Q2_0 (mainline), PQ2_0 / PTQ1_0 (PrismML's fork), I2_S (ik_llama.cpp)
+  tensor_type ternary_type = tensor_type::TQ2_0;
   tensor_type float_type = tensor_type::F16;      // 2-D float tensors (F32, F16, BF16); norms are always F32
   /// tokenizer.ggml.* entries as the converters write them; when empty the file declares
   /// tokenizer.ggml.model = "none" (the engine then loads the model but cannot tokenize text).
@@ -1522,7 +2002,7 @@ std::vector<model_tensor_report> write_llama_model(const std::filesystem::path& 
   std::vector<metadata_entry> metadata = llama_metadata(h);
   if (!is_ternary(options.ternary_type))
     throw value_error("gguf::write_llama_model: ternary_type " + std::string(tensor_type_name(options.ternary_type)) +
-                      " is not TQ2_0, TQ1_0 or I2_S");
+                      " is not a ternary type (TQ2_0, TQ1_0, Q2_0, PQ2_0, PTQ1_0, I2_S)");
   if (options.float_type != tensor_type::F32 && options.float_type != tensor_type::F16 &&
       options.float_type != tensor_type::BF16)
     throw value_error("gguf::write_llama_model: float_type " + std::string(tensor_type_name(options.float_type)) +

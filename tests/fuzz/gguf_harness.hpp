@@ -102,10 +102,23 @@ inline bool check_file(const std::uint8_t* data, std::size_t size) {
     require(raw.empty() || std::memcmp(raw.data(), data + file.data_offset() + t.offset, raw.size()) == 0,
             "read_bytes gives the file's bytes");
     try {
+      if (gguf::is_block_ternary(t.type)) {
+        const gguf::block_tensor raw = file.read_blocks(t.name);
+        require(std::uint64_t(raw.codes.cols()) == t.ne[0], "raw columns are ne[0]");
+        require((raw.codes.array() >= -1).all() && (raw.codes.array() <= 2).all(), "raw codes are -1..+2");
+        require(raw.scales.cols() * raw.block_size == raw.codes.cols(), "one scale per block");
+      }
       if (gguf::is_ternary(t.type)) {
         const gguf::ternary_tensor decoded = file.read_ternary(t.name);
         require(std::uint64_t(decoded.codes.cols()) == t.ne[0], "decoded columns are ne[0]");
         require((decoded.codes.array().abs() <= 1).all(), "decoded codes are ternary");
+        if (decoded.blocks_per_row > 0) {
+          const gguf::ternary_tensor_groups groups = gguf::to_groups(decoded, "fuzz-input", t.name);
+          require((groups.codes.array().abs() <= 1).all(), "group codes are ternary");
+          require((groups.unit_scales.array() >= 0).all(), "unit scales are >= 0");
+          const auto layer = gguf::to_group_bit_linear<float>(groups);
+          require(layer.ternary_weight() == groups.codes, "a group-scaled layer keeps the codes");
+        }
         (void)gguf::to_bit_linear<float>(decoded, "fuzz-input", t.name);
       } else {
         (void)file.read_matrix<double>(t.name);

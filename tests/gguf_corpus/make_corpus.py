@@ -41,6 +41,27 @@ TQ2 = bytes([0x56]) + bytes([0x55] * 63) + struct.pack("<H", 0x3C00)
 TQ1 = bytes([128] * 48) + bytes([127] * 4) + struct.pack("<H", 0x3800)
 # I2_S 1 x 128: all zero weights (0x55), float32 d = 0.25, 28 zero bytes.
 I2S = bytes([0x55] * 32) + struct.pack("<f", 0.25) + bytes(28)
+# Q2_0 (64 weights): fp16 d first, 4 codes a byte from the low bits; all zero (0x55) but weight 0 = +1.
+Q2 = struct.pack("<H", 0x3C00) + bytes([0x56]) + bytes([0x55] * 15)
+# PQ2_0 (128 weights, PrismML): Q2_0's codec; all zero, d = 0.5.
+PQ2 = struct.pack("<H", 0x3800) + bytes([0x55] * 32)
+# PTQ1_0 (128 weights, PrismML): qs[24] (0x80: five zero trits), qh[2] (0x7f), fp16 d = 0.25.
+PTQ1 = bytes([0x80] * 24) + bytes([0x7F] * 2) + struct.pack("<H", 0x3400)
+
+
+def hadamard_kvs(version=1, transform="normalized-sylvester-walsh-hadamard", extra=()):
+    """PrismML's declaration of a Hadamard rotation of block 128 with explicit signs for width 128."""
+    return [kv("prism.hadamard.version", U32, struct.pack("<I", version)),
+            kv("prism.hadamard.block_size", U32, struct.pack("<I", 128)),
+            kv("prism.hadamard.transform", STR, s(transform)),
+            kv("prism.hadamard.axis", STR, s("input-last-dimension")),
+            kv("prism.hadamard.sign_mode", STR, s("explicit")),
+            kv("prism.hadamard.weight_names", ARR, struct.pack("<IQ", STR, 1) + s("w")),
+            kv("prism.hadamard.sign_widths", ARR, struct.pack("<IQ", I32, 1) + struct.pack("<i", 128)),
+            kv("prism.hadamard.sign_values", ARR, struct.pack("<IQ", I32, 128) + struct.pack("<128i", *([1, -1] * 64))),
+            ] + list(extra)
+
+
 ALL_KV = [
     kv("u8", U8, b"\x07"), kv("i8", I8, b"\xff"), kv("u16", U16, struct.pack("<H", 9)),
     kv("i16", I16, struct.pack("<h", -9)), kv("u32", U32, struct.pack("<I", 9)), kv("i32", I32, struct.pack("<i", -9)),
@@ -66,6 +87,13 @@ valid = {
     "tq2_code_3": gguf([], [tensor("w", [256, 1], 35, 0)], bytes([0x57]) + TQ2[1:]),  # opens; decoding refuses
     "unequal_scales": gguf([], [tensor("w", [512, 1], 35, 0)], TQ2 + TQ2[:64] + struct.pack("<H", 0x3800)),
     "zero_size": gguf([], [tensor("z", [0, 3], 0, 0), tensor("f", [1], 0, 0)], struct.pack("<f", 1)),
+    # Group-scaled types, each 2 blocks a row with unequal d.
+    "group_scaled": gguf([], [tensor("q2", [128, 1], 42, 0), tensor("pq2", [256, 1], 142, 64),
+                              tensor("ptq1", [256, 1], 143, 160)],
+                         padded(Q2 + Q2[:1] + b"\x38" + Q2[2:]) + padded(PQ2 + b"\x00\x3c" + PQ2[2:]) +
+                         PTQ1 + PTQ1[:26] + struct.pack("<H", 0x3800)),
+    "q2_code_3": gguf([], [tensor("w", [64, 1], 42, 0)], Q2[:2] + bytes([0x57]) + Q2[3:]),  # +2: raw only
+    "hadamard_declared": gguf(hadamard_kvs(), [tensor("w", [128, 1], 143, 0)], PTQ1),
 }
 one_t = lambda t, data=bytes(64): gguf([], [t], data)
 invalid = {
@@ -103,6 +131,13 @@ invalid = {
     "offset_huge": one_t(tensor("t", [4], 0, (1 << 64) - 32)),
     "overlap": gguf([], [tensor("a", [16], 0, 0), tensor("b", [4], 0, 32)], bytes(64)),
     "data_section_missing": gguf([], [tensor("t", [4], 0, 0)], pad=False),
+    "pq2_row_not_whole_blocks": one_t(tensor("t", [100, 1], 142, 0)),
+    "ptq1_past_end": gguf([], [tensor("t", [128, 2], 143, 0)], PTQ1 + PTQ1[:27]),
+    "type_id_144": one_t(tensor("t", [128], 144, 0)),
+    "hadamard_version_2": gguf(hadamard_kvs(version=2), [tensor("w", [128, 1], 143, 0)], PTQ1),
+    "hadamard_unknown_transform": gguf(hadamard_kvs(transform="dct"), [tensor("w", [128, 1], 143, 0)], PTQ1),
+    "hadamard_unknown_key": gguf(hadamard_kvs(extra=[kv("prism.hadamard.scale", F32, struct.pack("<f", 2))]),
+                                 [tensor("w", [128, 1], 143, 0)], PTQ1),
 }
 
 for folder, files in (("valid", valid), ("invalid", invalid)):
