@@ -317,7 +317,7 @@ TEST_CASE("convert to GGUF: refusals name the reason and leave the file system e
   refused(dir / "nan", dir / "n.gguf", "non-finite value (nan) at row 0, column 7");
   // Options that do not apply to GGUF are refused before anything is read.
   bitnet::convert_options bad = gguf_options(gguf::tensor_type::Q4_0);
-  refused(dir / "llama", dir / "m.gguf", "is not TQ2_0, TQ1_0 or I2_S", bad);
+  refused(dir / "llama", dir / "m.gguf", "is not a ternary GGUF type", bad);
   bad = gguf_options();
   bad.scale_dtype = st::dtype::F16;
   refused(dir / "llama", dir / "m.gguf", "scale_dtype does not apply", bad);

@@ -1332,7 +1332,8 @@ inline convert_report convert_model(const std::filesystem::path& input, const st
                         "TQ2_0 / TQ1_0, float32 for I2_S): scale_dtype does not apply");
     if (!gguf::is_ternary(options.gguf_ternary_type))
       throw value_error("convert_model: gguf_ternary_type " +
-                        std::string(gguf::tensor_type_name(options.gguf_ternary_type)) + " is not TQ2_0, TQ1_0 or I2_S");
+                        std::string(gguf::tensor_type_name(options.gguf_ternary_type)) +
+                        " is not a ternary GGUF type (TQ2_0, TQ1_0, Q2_0, PQ2_0, PTQ1_0 or I2_S)");
     if (const auto t = options.gguf_float_type;
         t && *t != gguf::tensor_type::F32 && *t != gguf::tensor_type::F16 && *t != gguf::tensor_type::BF16)
       throw value_error("convert_model: gguf_float_type " + std::string(gguf::tensor_type_name(*t)) +
