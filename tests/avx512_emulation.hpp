@@ -42,6 +42,11 @@ inline simde__m512d bitnet_test_permute_pd(simde__m512d v, int imm) noexcept {
   for (int j = 0; j < 8; ++j) out[j] = in[(j & ~1) + ((imm >> j) & 1)];
   return simde_mm512_loadu_pd(out);
 }
+// Clang's and unoptimized GCC's headers define these four as macros already: replace them.
+#undef _mm512_shuffle_f32x4
+#undef _mm512_shuffle_f64x2
+#undef _mm512_permute_ps
+#undef _mm512_permute_pd
 #define _mm512_shuffle_f32x4(a, b, imm) simde_mm512_shuffle_f32x4(a, b, imm)
 #define _mm512_shuffle_f64x2(a, b, imm) simde_mm512_shuffle_f64x2(a, b, imm)
 #define _mm512_permute_ps(v, imm) simde_mm512_shuffle_ps(v, v, imm)
