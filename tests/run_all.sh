@@ -3,7 +3,9 @@
 #   1. dev:      -Wall -Wextra -Werror build, every public header compiled alone, all tests,
 #                examples, and the find_package / FetchContent consumer projects;
 #   2. sanitize: the same tests under AddressSanitizer + UndefinedBehaviorSanitizer, built with
-#                clang++-14 (dev builds with GCC; the header checks are left to dev);
+#                clang++-14 (dev builds with GCC; the header checks, examples, the command-line
+#                tool and the consumer projects, which exercise packaging rather than memory
+#                safety, are left to dev);
 #   3. tsan:     the concurrency tests (concurrent forward, thread counts) under ThreadSanitizer,
 #                built from the few test files that run threads (BITNET_THREAD_TESTS_ONLY).
 #   4. arm:      when g++-aarch64-linux-gnu and qemu-aarch64 are installed, the kernel, packing and
