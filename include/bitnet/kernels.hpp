@@ -187,8 +187,9 @@ inline void set_num_threads(int n) {
 namespace detail {
 inline namespace BITNET_TU_ISA {
 
-/// Below this many multiply-adds per thread a thread costs more than it saves.
-inline constexpr double min_work_per_thread = 1 << 21;
+/// Below this many multiply-adds per thread a thread costs more than it saves (2^19: a 640 x 2560
+/// k / v projection splits in two at batch 1; docs/kernels.md, "Threads").
+inline constexpr double min_work_per_thread = 1 << 19;
 
 /// Copies the activations of each token tile of `tile` tokens (the last may be shorter, n tokens)
 /// into dst interleaved by 4-byte groups: group q of the tile's token t at (q * n + t) * 4 from the
