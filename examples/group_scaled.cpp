@@ -2,8 +2,9 @@
 // names whose projections are exactly {-d, 0, +d} per group of 128 inputs. The example writes such a
 // folder, loads it into a graph of plain Linear layers, imports every projection exactly (codes and
 // scales read off, transfer::checked proving codes x scales == the BF16 weights bit for bit), runs
-// it, fine-tunes it a few steps (straight-through estimator, absmean per group), saves the latent
-// weights and reloads them into a fresh graph that computes the same outputs bit for bit.
+// it, fine-tunes it a few steps (straight-through estimator against the imported scales, which an
+// exact import freezes: step 0 is the imported model, bit for bit), saves the latent weights and
+// reloads them into a fresh import of the folder, which then computes the same outputs bit for bit.
 #include <bitnet/hf_model.hpp>
 #include <bitnet/replace.hpp>
 #include <bitnet/state_dict.hpp>
@@ -13,6 +14,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -136,11 +138,19 @@ int main() {
   for (float& v : x_inter.reshaped()) v = normal(rng);
   const Matrix<float> imported = run(model, x_hidden, x_inter);
 
-  // 3. Fine-tune a few steps: the layers get latent weights (codes x scales), then the STE with
-  //    absmean per group drives each projection towards a target (here: its imported output + 0.1).
+  // 3. Fine-tune a few steps: the layers get latent weights (codes x scales: with the imported
+  //    scales frozen this changes nothing), then the STE drives each projection towards a target
+  //    (here: its imported output + 0.1), quantizing against the imported scales.
   bitnet::for_each_bit_linear(model, [](std::string_view, BitLinear<float>& layer) {
     layer.set_weight(layer.dequantized_weight());
   });
+  if (run(model, x_hidden, x_inter) != imported) {
+    std::printf("giving the imported layers latent weights changed the model\n");
+    return 1;
+  }
+  // The scales are the imported d (0.008 to 0.016 here): a code moves once its latent weight crosses
+  // +-d/2, so the step must move weights by a fraction of d within a few steps.
+  const float learning_rate = 2.0f;
   double first_loss = 0, last_loss = 0;
   for (int step = 0; step < 5; ++step) {
     double loss = 0;
@@ -151,22 +161,33 @@ int main() {
       const Matrix<float> dy = (y - target) * (2.0f / float(y.size()));
       loss += double((y - target).squaredNorm()) / double(y.size());
       const auto grads = bitnet::backward(tape, dy);
-      layer.set_weight(layer.weight() - 0.05f * grads.weight);
+      layer.set_weight(layer.weight() - learning_rate * grads.weight);
     });
     (step == 0 ? first_loss : last_loss) = loss;
   }
   std::printf("fine-tuning, 5 steps: loss %.5f -> %.5f\n", first_loss, last_loss);
   const Matrix<float> tuned = run(model, x_hidden, x_inter);
 
-  // 4. Save the latent weights, reload them into a fresh model, quantize per group: the same layers.
+  // 4. Save the latent weights. The scales are the folder's (frozen), so a reload is: import the
+  //    folder again, then give each layer its saved latent weights (set_weight keeps the scales).
   bitnet::save_state_dict(model, root / "tuned.safetensors");
+  qwen3::causal_lm checkpoint = qwen3::make();  // plain Linear layers holding the saved latent weights
+  bitnet::load_state_dict(checkpoint, root / "tuned.safetensors");
+  bitnet::replace_options hold = options;       // BitLinear layers keep their latent weights bit for bit:
+  hold.weights = bitnet::ternary_import::quantize;  // a way to read them back by path
+  bitnet::replace_linear<bitnet::transfer::move>(checkpoint, hold);
+  std::map<std::string, Matrix<float>, std::less<>> saved;
+  bitnet::for_each_bit_linear(checkpoint, [&](std::string_view path, BitLinear<float>& layer) {
+    saved.emplace(std::string(path), layer.weight());
+  });
   qwen3::causal_lm reloaded = qwen3::make();
-  bitnet::load_state_dict(reloaded, root / "tuned.safetensors");
-  bitnet::replace_options quantize = options;
-  quantize.weights = bitnet::ternary_import::quantize;
-  bitnet::replace_linear(reloaded, quantize);
+  bitnet::load_state_dict(reloaded, bitnet::hf::checkpoint(unpacked));
+  bitnet::replace_linear(reloaded, options);
+  bitnet::for_each_bit_linear(reloaded, [&](std::string_view path, BitLinear<float>& layer) {
+    layer.set_weight(saved.at(std::string(path)));
+  });
   const bool same = run(reloaded, x_hidden, x_inter) == tuned;
   std::printf("imported outputs changed by fine-tuning: %s; reloaded model computes the same outputs bit for bit: %s\n",
               imported == tuned ? "no" : "yes", same ? "yes" : "no");
-  return same && imported != tuned ? 0 : 1;
+  return same && imported != tuned && last_loss < first_loss ? 0 : 1;
 }

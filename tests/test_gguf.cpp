@@ -1,6 +1,7 @@
 #include <bitnet/gguf.hpp>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -15,6 +16,8 @@
 #include <vector>
 
 #include <doctest/doctest.h>
+
+#include "reference.hpp"
 
 namespace gguf = bitnet::gguf;
 namespace fs = std::filesystem;
@@ -693,11 +696,18 @@ TEST_CASE("gguf: a declared Hadamard rotation is read as the fork declares it") 
   CHECK(s128[0] == -1);  // the values are the widths' vectors one after the other
   CHECK_THROWS_WITH_AS(h.signs_for(512, "f.gguf", "w"), doctest::Contains("has no width 512"), bitnet::io_error);
   CHECK_THROWS_WITH_AS(h.signs_for(192), doctest::Contains("not a multiple of the Hadamard block 128"), bitnet::io_error);
-  // The stored weights are W diag(s) H: a plain BitLinear of them would be wrong, so it is refused.
-  CHECK_THROWS_WITH_AS(r.read_bit_linear<float>("blk.0.ffn_down.weight"),
-                       doctest::Contains("tensor \"blk.0.ffn_down.weight\": is stored in a Hadamard-rotated basis "
-                                         "(prism.hadamard.weight_names, block 128)"),
+  // The stored weights are W diag(s) H: the layer gets the declared rotation (block, the signs of its width).
+  const BitLinear<float> down = r.read_bit_linear<float>("blk.0.ffn_down.weight");
+  REQUIRE(down.options().rotation);
+  CHECK(*down.options().rotation == bitnet::hadamard_rotation(128, s256));
+  bitnet::bitlinear_options other;
+  other.rotation = bitnet::hadamard_rotation::identity_signs(256, 128);
+  CHECK_THROWS_WITH_AS(r.read_bit_linear<float>("blk.0.ffn_down.weight", std::nullopt, other),
+                       doctest::Contains("tensor \"blk.0.ffn_down.weight\": options.rotation (block 128, 256 inputs) is "
+                                         "not the rotation the file declares for it"),
                        bitnet::io_error);
+  other.rotation = bitnet::hadamard_rotation(128, s256);
+  CHECK(*r.read_bit_linear<float>("blk.0.ffn_down.weight", std::nullopt, other).options().rotation == *other.rotation);
   CHECK(r.read_ternary_groups("blk.0.ffn_down.weight").codes == zero_codes(2, 256));
   CHECK_THROWS_WITH_AS(r.read_matrix<float>("output.weight"), doctest::Contains("Hadamard-rotated basis"), bitnet::io_error);
   CHECK(r.read_bytes("output.weight").size() == 16);
@@ -748,6 +758,308 @@ TEST_CASE("gguf: a rotation the reader does not implement is refused by name whe
   check_rejected(hadamard_file{}.erase("prism.hadamard.sign_values").build(), "key \"prism.hadamard.sign_values\": missing");
   check_rejected(hadamard_file{}.set("prism.hadamard.sign_mode", text("identity")).build(),
                  "signs given with sign mode \"identity\"");
+}
+
+namespace {
+
+// Codes in {-1, 0, +1} and per-group magnitudes exact in fp16 (k * 2^-12, k < 2048).
+struct group_weights {
+  Matrix<std::int8_t> codes;
+  Matrix<float> scales;
+};
+group_weights random_group_weights(Index out, Index in, Index group, std::mt19937& rng) {
+  std::uniform_int_distribution<int> code(-1, 1), step(1, 2047);
+  group_weights g{Matrix<std::int8_t>(out, in), Matrix<float>(out, in / group)};
+  for (Index r = 0; r < out; ++r) {
+    for (Index c = 0; c < in; ++c) g.codes(r, c) = std::int8_t(code(rng));
+    for (Index j = 0; j < in / group; ++j) g.scales(r, j) = std::ldexp(float(step(rng)), -12);
+  }
+  return g;
+}
+
+// R x by the definition, densely and in long double: block j of R x is H_b / sqrt(b) times block j
+// of s . x, with H_b[i][k] = (-1)^popcount(i & k).
+Matrix<long double> dense_rotation(const Matrix<float>& x, const bitnet::hadamard_rotation& rotation) {
+  const Index b = rotation.block_size(), n = x.cols();
+  Matrix<long double> y = Matrix<long double>::Zero(x.rows(), n);
+  for (Index r = 0; r < x.rows(); ++r)
+    for (Index i = 0; i < n; ++i) {
+      const Index first = i / b * b;
+      long double sum = 0;
+      for (Index k = first; k < first + b; ++k) {
+        const int sign = (std::popcount(std::uint64_t((i - first) & (k - first))) % 2) ? -1 : 1;
+        sum += sign * rotation.signs()[std::size_t(k)] * (long double)x(r, k);
+      }
+      y(r, i) = sum / std::sqrt((long double)b);
+    }
+  return y;
+}
+
+}  // namespace
+
+TEST_CASE("gguf: a rotated group layer written and read back computes the float reference of its weights on R x") {
+  temp_dir dir;
+  std::mt19937 rng(71);
+  const Index out = 5, in = 512;
+  struct config {
+    const char* tensor;
+    tensor_type type;
+    Index group;
+    bitnet::hadamard_rotation rotation;
+  };
+  const config configs[] = {
+      {"blk.0.ffn_up.weight", tensor_type::PQ2_0, 128, bitnet::hadamard_rotation::random_signs(in, 256, 5)},
+      {"blk.0.ffn_up.weight", tensor_type::PTQ1_0, 128, bitnet::hadamard_rotation::random_signs(in, 512, 6)},
+      {"blk.0.attn_q.weight", tensor_type::Q2_0, 64, bitnet::hadamard_rotation::identity_signs(in, 64)},
+  };
+  for (const config& c : configs) {
+    INFO(gguf::tensor_type_name(c.type));
+    const group_weights g = random_group_weights(out, in, c.group, rng);
+    bitnet::bitlinear_options options;
+    options.weight_scales = bitnet::weight_scaling::per_group;
+    options.group_size = c.group;
+    options.rotation = c.rotation;
+    const Vector<float> bias = reference::random_matrix<float>(out, 1, rng, 0.1);
+    const auto layer = BitLinear<float>::from_ternary(g.codes, g.scales, bias, options);
+    const fs::path path = dir.path / "rotated.gguf";
+    const std::vector<gguf::metadata_entry> declared = gguf::hadamard_metadata({{c.tensor, c.rotation}});
+    {
+      gguf::writer w(path, declared, {{c.tensor, c.type, {std::uint64_t(in), std::uint64_t(out)}}});
+      w.write_bit_linear(c.tensor, layer);
+      w.finish();
+    }
+    const gguf::reader r(path);
+    REQUIRE(r.hadamard());
+    CHECK(r.hadamard()->explicit_signs == (c.rotation.signs() != std::vector<std::int8_t>(std::size_t(in), 1)));
+    const BitLinear<float> back = r.read_bit_linear<float>(c.tensor, bias);
+    REQUIRE(back.options().rotation);
+    CHECK(*back.options().rotation == c.rotation);
+    CHECK(back.options().group_size == c.group);
+    CHECK(back.options().scale_update == bitnet::weight_scale_update::frozen);
+    CHECK(back.ternary_weight() == g.codes);
+    CHECK(back.unit_scales() == g.scales);
+
+    // The float reference of the same weights (codes x scales) on R x, R built densely from its
+    // definition: within the activation-quantization bound (per token, |R x - xq / sx| <= max|R x| / 254
+    // for each input) plus rounding.
+    const Matrix<float> x = reference::random_matrix<float>(3, in, rng, 2.0);
+    const Matrix<float> y = back.forward(x);
+    CHECK(y == layer.forward(x));
+    const Matrix<long double> rx = dense_rotation(x, c.rotation);
+    for (Index b = 0; b < x.rows(); ++b) {
+      const long double step = rx.row(b).cwiseAbs().maxCoeff() / 254;
+      for (Index o = 0; o < out; ++o) {
+        long double exact = bias(o), weight_sum = 0, magnitude = std::fabs((long double)bias(o));
+        for (Index k = 0; k < in; ++k) {
+          const long double w = (long double)g.codes(o, k) * (long double)g.scales(o, k / c.group);
+          exact += w * rx(b, k);
+          weight_sum += std::fabs(w);
+          magnitude += std::fabs(w * rx(b, k));
+        }
+        const long double bound = weight_sum * step * (1 + 1e-5L) + 1e-5L * magnitude;
+        CHECK(std::fabs((long double)y(b, o) - exact) <= bound);
+      }
+    }
+  }
+}
+
+TEST_CASE("gguf: fine-tuned frozen layers save and reload as they are") {
+  temp_dir dir;
+  std::mt19937 rng(73);
+  const Index out = 4, in = 256;
+  const group_weights g = random_group_weights(out, in, 128, rng);
+  bitnet::bitlinear_options options;
+  options.weight_scales = bitnet::weight_scaling::per_group;
+  options.group_size = 128;
+  options.rotation = bitnet::hadamard_rotation::random_signs(in, 128, 9);
+  // An exact import, then a "fine-tuning step" that moves some codes (the scales stay: frozen).
+  Matrix<float> w(out, in);
+  for (Index r = 0; r < out; ++r)
+    for (Index c = 0; c < in; ++c) w(r, c) = float(g.codes(r, c)) * g.scales(r, c / 128);
+  BitLinear<float> layer = BitLinear<float>::from_exact_ternary(w, std::nullopt, options);
+  REQUIRE(layer.options().scale_update == bitnet::weight_scale_update::frozen);
+  Matrix<float> stepped = w;
+  stepped(0, 0) = g.scales(0, 0) * (g.codes(0, 0) == 0 ? 0.75f : 0.25f);  // the code changes
+  stepped(3, 200) = -g.scales(3, 1);
+  layer.set_weight(stepped);
+  CHECK(layer.unit_scales() == g.scales);
+  CHECK(layer.ternary_weight() != g.codes);
+  const fs::path path = dir.path / "tuned.gguf";
+  {
+    gguf::writer out_file(path, gguf::hadamard_metadata({{"blk.3.ffn_down.weight", *options.rotation}}),
+                          {{"blk.3.ffn_down.weight", tensor_type::PQ2_0, {std::uint64_t(in), std::uint64_t(out)}}});
+    out_file.write_bit_linear("blk.3.ffn_down.weight", layer);
+    out_file.finish();
+  }
+  BitLinear<float> reloaded = gguf::reader(path).read_bit_linear<float>("blk.3.ffn_down.weight");
+  CHECK(reloaded.options().scale_update == bitnet::weight_scale_update::frozen);
+  CHECK(*reloaded.options().rotation == *options.rotation);
+  CHECK(reloaded.ternary_weight() == layer.ternary_weight());
+  CHECK(reloaded.unit_scales() == layer.unit_scales());
+  const Matrix<float> x = reference::random_matrix<float>(2, in, rng);
+  CHECK(reloaded.forward(x) == layer.forward(x));
+  // Fine-tuning goes on from the reloaded layer without a jump.
+  reloaded.set_weight(reloaded.dequantized_weight());
+  CHECK(reloaded.forward(x) == layer.forward(x));
+}
+
+TEST_CASE("gguf: the writer declares rotations and refuses layers that do not match the declaration") {
+  temp_dir dir;
+  const auto r8 = bitnet::hadamard_rotation::random_signs(256, 64, 1);
+  const auto other_signs = bitnet::hadamard_rotation::random_signs(256, 64, 2);
+  const auto block128 = bitnet::hadamard_rotation::random_signs(512, 128, 3);
+  CHECK_THROWS_WITH_AS(gguf::hadamard_metadata({}), "gguf::hadamard_metadata: no rotated tensor", bitnet::value_error);
+  CHECK_THROWS_WITH_AS(gguf::hadamard_metadata({{"a", r8}, {"b", block128}}),
+                       "gguf::hadamard_metadata: tensor \"b\" is rotated in blocks of 128, tensor \"a\" in blocks of 64 "
+                       "(a file declares one block size)",
+                       bitnet::value_error);
+  CHECK_THROWS_WITH_AS(gguf::hadamard_metadata({{"a", r8}, {"b", other_signs}}),
+                       doctest::Contains("tensors \"a\" and \"b\" both have 256 inputs but different signs"),
+                       bitnet::value_error);
+  CHECK_THROWS_WITH_AS(gguf::hadamard_metadata({{"a", r8}, {"a", r8}}), doctest::Contains("\"a\" is listed twice"),
+                       bitnet::value_error);
+  // What the keys say, as PrismML's converter writes them.
+  const auto keys = gguf::hadamard_metadata({{"blk.1.ffn_up.weight", r8}, {"blk.0.ffn_up.weight", r8}});
+  std::map<std::string, gguf::value> by_key;
+  for (const auto& e : keys) by_key[e.key] = e.val;
+  CHECK(by_key.at("prism.hadamard.version") == gguf::value(std::uint32_t{1}));
+  CHECK(by_key.at("prism.hadamard.block_size") == gguf::value(std::uint32_t{64}));
+  CHECK(by_key.at("prism.hadamard.sign_mode") == gguf::value(std::string("explicit")));
+  CHECK(by_key.at("prism.hadamard.sign_widths") == gguf::value(gguf::array(std::vector<std::int32_t>{256})));
+  CHECK(by_key.at("prism.hadamard.sign_values") ==
+        gguf::value(gguf::array(std::vector<std::int32_t>(r8.signs().begin(), r8.signs().end()))));
+  CHECK(by_key.at("prism.hadamard.weight_names") ==
+        gguf::value(gguf::array(std::vector<std::string>{"blk.1.ffn_up.weight", "blk.0.ffn_up.weight"})));
+  CHECK(gguf::hadamard_metadata({{"a", bitnet::hadamard_rotation::identity_signs(256, 64)}})[4].val ==
+        gguf::value(std::string("identity")));
+
+  Matrix<std::int8_t> codes = Matrix<std::int8_t>::Ones(2, 256);
+  bitnet::bitlinear_options rotated;
+  rotated.rotation = r8;
+  const auto with_r8 = BitLinear<float>::from_ternary(codes, 1.0f, std::nullopt, rotated);
+  rotated.rotation = other_signs;
+  const auto with_other = BitLinear<float>::from_ternary(codes, 1.0f, std::nullopt, rotated);
+  const auto plain = BitLinear<float>::from_ternary(codes, 1.0f);
+  const fs::path path = dir.path / "w.gguf";
+  const auto before = dir.snapshot();
+  {
+    gguf::writer w(path, gguf::hadamard_metadata({{"rot", r8}}),
+                   {{"rot", tensor_type::TQ2_0, {256, 2}}, {"plain", tensor_type::TQ2_0, {256, 2}}});
+    CHECK_THROWS_WITH_AS(w.write_bit_linear("plain", with_r8),
+                         doctest::Contains("tensor \"plain\": the layer's rotation (block 64, 256 inputs) is not "
+                                           "declared: list the tensor in the metadata's prism.hadamard.* keys"),
+                         bitnet::value_error);
+    CHECK_THROWS_WITH_AS(w.write_bit_linear("rot", plain),
+                         doctest::Contains("tensor \"rot\": is declared rotated (prism.hadamard.weight_names), the layer "
+                                           "has no rotation"),
+                         bitnet::value_error);
+    CHECK_THROWS_WITH_AS(w.write_bit_linear("rot", with_other),
+                         doctest::Contains("tensor \"rot\": the layer's rotation (block 64, 256 inputs) is not the one "
+                                           "the metadata declares for width 256 (block 64, sign mode explicit)"),
+                         bitnet::value_error);
+  }  // never finished: the file system is as it was
+  CHECK(dir.snapshot() == before);
+  // A declaration the reader would refuse is refused by the writer (here: an unknown key).
+  std::vector<gguf::metadata_entry> bad = gguf::hadamard_metadata({{"rot", r8}});
+  bad.push_back({"prism.hadamard.permutation", std::uint32_t{1}});
+  CHECK_THROWS_WITH_AS(gguf::writer(path, bad, {}),
+                       doctest::Contains("key \"prism.hadamard.permutation\": is not a key of the Hadamard rotation"),
+                       bitnet::value_error);
+}
+
+TEST_CASE("gguf: rotations a BitLinear cannot represent are refused by tensor name") {
+  temp_dir dir;
+  const auto rotation = bitnet::hadamard_rotation::random_signs(256, 128, 4);
+  std::vector<gguf::metadata_entry> keys =
+      gguf::hadamard_metadata({{"blk.0.ssm_out.weight", rotation}, {"blk.0.attn_qkv.weight", rotation}});
+  keys.push_back({"prism.hadamard.gdn_v_grouped", true});
+  bitnet::bitlinear_options options;
+  options.rotation = rotation;
+  const auto layer = BitLinear<float>::from_ternary(Matrix<std::int8_t>::Ones(2, 256), 1.0f, std::nullopt, options);
+  const fs::path path = dir.path / "gdn.gguf";
+  {
+    gguf::writer w(path, keys,
+                   {{"blk.0.ssm_out.weight", tensor_type::TQ2_0, {256, 2}}, {"blk.0.attn_qkv.weight", tensor_type::TQ2_0, {256, 2}}});
+    w.write_bit_linear("blk.0.ssm_out.weight", layer);
+    w.write_bit_linear("blk.0.attn_qkv.weight", layer);
+    w.finish();
+  }
+  const gguf::reader r(path);
+  CHECK_THROWS_WITH_AS(r.read_bit_linear<float>("blk.0.ssm_out.weight"),
+                       doctest::Contains("tensor \"blk.0.ssm_out.weight\": is rotated after a permutation of its input "
+                                         "heads (prism.hadamard.gdn_v_grouped"),
+                       bitnet::io_error);
+  CHECK(*r.read_bit_linear<float>("blk.0.attn_qkv.weight").options().rotation == rotation);
+  // A float tensor declared rotated is still refused by read_matrix: its values are not the model's.
+  const gguf::reader prism = hadamard_file{}.build().open();
+  CHECK_THROWS_WITH_AS(prism.read_matrix<float>("output.weight"), doctest::Contains("Hadamard-rotated basis"),
+                       bitnet::io_error);
+}
+
+TEST_CASE("gguf: Q2_0 / TQ2_0 / TQ1_0 written by ggml's own code load exactly (tests/data/ggml_reference.gguf)") {
+  // Made by tests/data/make_ggml_reference.cpp against ggml d99724f2: ggml_quantize_chunk's blocks,
+  // ggml's gguf writer, and ggml's own dequantization (to_float) of each tensor stored next to it.
+  const gguf::reader file(BITNET_TEST_DATA_DIR "/ggml_reference.gguf");
+  struct expected {
+    const char* name;
+    tensor_type type;
+    Index rows, cols, block;
+  };
+  const expected tensors[] = {{"q2_0", tensor_type::Q2_0, 3, 192, 64},
+                              {"tq2_0", tensor_type::TQ2_0, 2, 512, 256},
+                              {"tq1_0", tensor_type::TQ1_0, 2, 256, 256}};
+  std::mt19937 rng(79);
+  for (const expected& e : tensors) {
+    INFO(e.name);
+    REQUIRE(file.info(e.name).type == e.type);
+    const Matrix<float> ggml = file.read_matrix<float>(std::string(e.name) + ".dequantized");
+    REQUIRE(ggml.rows() == e.rows);
+    REQUIRE(ggml.cols() == e.cols);
+    // Codes x scales, decoded by bitnet, are ggml's values bit for bit (a zero is a zero of either sign).
+    const gguf::ternary_tensor_groups groups = file.read_ternary_groups(e.name);
+    CHECK(groups.group_size == e.block);
+    Index nonzero = 0;
+    for (Index r = 0; r < e.rows; ++r)
+      for (Index c = 0; c < e.cols; ++c) {
+        const float ours = float(groups.codes(r, c)) * groups.unit_scales(r, c / e.block);
+        CHECK((std::bit_cast<std::uint32_t>(ours) == std::bit_cast<std::uint32_t>(ggml(r, c)) ||
+               (ours == 0 && ggml(r, c) == 0)));
+        nonzero += groups.codes(r, c) != 0;
+      }
+    CHECK(nonzero > e.rows * e.cols / 4);  // the codes are not trivially zero
+    // The layer read from the file computes with exactly those weights, and its output is the float
+    // layer of ggml's values within the per-token activation-quantization bound.
+    const BitLinear<float> layer = file.read_bit_linear<float>(e.name);
+    CHECK(layer.dequantized_weight() == ggml);
+    CHECK(layer.options().weight_scales == bitnet::weight_scaling::per_group);  // the blocks' d differ
+    CHECK(layer.options().scale_update == bitnet::weight_scale_update::frozen);
+    const Matrix<float> x = reference::random_matrix<float>(4, e.cols, rng, 2.0);
+    const Matrix<float> y = layer.forward(x);
+    for (Index b = 0; b < x.rows(); ++b) {
+      const long double step = (long double)x.row(b).cwiseAbs().maxCoeff() / 254;
+      for (Index o = 0; o < e.rows; ++o) {
+        long double exact = 0, weight_sum = 0, magnitude = 0;
+        for (Index k = 0; k < e.cols; ++k) {
+          exact += (long double)ggml(o, k) * (long double)x(b, k);
+          weight_sum += std::fabs((long double)ggml(o, k));
+          magnitude += std::fabs((long double)ggml(o, k) * (long double)x(b, k));
+        }
+        CHECK(std::fabs((long double)y(b, o) - exact) <= weight_sum * step * (1 + 1e-5L) + 1e-5L * magnitude);
+      }
+    }
+  }
+  // Written back by bitnet in the same type, the bytes are ggml's bytes.
+  temp_dir dir;
+  const fs::path path = dir.path / "again.gguf";
+  {
+    std::vector<gguf::tensor_spec> specs;
+    for (const expected& e : tensors) specs.push_back({e.name, e.type, {std::uint64_t(e.cols), std::uint64_t(e.rows)}});
+    gguf::writer w(path, {}, specs);
+    for (const expected& e : tensors) w.write_bit_linear(e.name, file.read_bit_linear<float>(e.name));
+    w.finish();
+  }
+  const gguf::reader again(path);
+  for (const expected& e : tensors) CHECK(again.read_bytes(e.name) == file.read_bytes(e.name));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -104,6 +104,9 @@ TEST_CASE("torch BitLinear: registers weight and bias as torch::nn::Linear does,
   CHECK((no_bias->named_parameters().keys() == std::vector<std::string>{"weight"}));
   CHECK_THROWS_AS(BitLinear(0, 3), bitnet::shape_error);
   CHECK_THROWS_AS(BitLinear(5, 3, true, bitnet::bitlinear_options{.rms_norm = false, .rms_eps = 0}), bitnet::value_error);
+  bitnet::bitlinear_options frozen;
+  frozen.scale_update = bitnet::weight_scale_update::frozen;
+  CHECK_THROWS_WITH_AS(BitLinear(5, 3, true, frozen), doctest::Contains("only absmean scales"), bitnet::value_error);
   CHECK_THROWS_AS(BitLinear(torch::zeros({3, 5}, torch::kHalf), torch::Tensor()), bitnet::value_error);
   CHECK_THROWS_AS(BitLinear(torch::zeros({3, 5}), torch::zeros({4})), bitnet::shape_error);
   CHECK_THROWS_AS(BitLinear(torch::zeros({3, 5}), torch::zeros({3}, torch::kDouble)), bitnet::value_error);
@@ -485,6 +488,11 @@ TEST_CASE("torch BitLinear: eval forwards from two threads after a weight change
 
 TEST_CASE("torch replace_linear: a root module that lives on the stack") {
   nn::SequentialImpl root(nn::Linear(3, 3), nn::ReLU(), nn::Linear(3, 2));
+  bitnet::replace_options per_layer;
+  per_layer.layer_options_for = [](std::string_view, const bitnet::linear_info&) { return bitnet::bitlinear_options{}; };
+  CHECK_THROWS_WITH_AS(bitnet::libtorch::replace_linear(root, per_layer),
+                       doctest::Contains("layer_options_for (per-layer options) is not supported"), bitnet::value_error);
+  CHECK(root.ptr(2)->as<nn::LinearImpl>());
   CHECK(bitnet::libtorch::replace_linear(root).layers.size() == 2);
   CHECK(root.ptr(2)->as<BitLinearImpl>());
 }

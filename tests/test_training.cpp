@@ -478,3 +478,253 @@ TEST_CASE("training: for_each_bit_linear visits every BitLinear with its path, s
   bitnet::for_each_bit_linear(tree, [&](std::string_view path, BitLinear<float>&) { paths.emplace_back(path); });
   CHECK(paths == std::vector<std::string>{"layers.0.q", "layers.0.o", "layers.1.q", "layers.1.o", "lm_head"});
 }
+
+// ---- Frozen scales: fine-tuning an exactly imported ternary model (bitlinear_options::scale_update) ----
+
+namespace {
+
+// Weights ternary per unit of `unit` inputs, as Ternary Bonsai's unpacked folders hold them: each
+// unit of a row is {-d, 0, +d} for one d (a multiple of 2^-14: exact in T), about a third zeros.
+template <class T>
+Matrix<T> ternary_per_unit(Index out, Index in, Index unit, std::mt19937& rng) {
+  std::uniform_int_distribution<int> code(-1, 1), step(1, 4000);
+  Matrix<T> w(out, in);
+  for (Index r = 0; r < out; ++r)
+    for (Index first = 0; first < in; first += unit) {
+      const T d = T(std::ldexp(double(step(rng)), -14));
+      for (Index c = first; c < std::min(in, first + unit); ++c) w(r, c) = T(code(rng)) * d;
+    }
+  return w;
+}
+
+bitnet::bitlinear_options unit_options(bitnet::weight_scaling scales, Index group,
+                                       bitnet::activation_scaling activations = bitnet::activation_scaling::per_token) {
+  bitnet::bitlinear_options o;
+  o.weight_scales = scales;
+  o.group_size = group;
+  o.activation_scales = activations;
+  return o;
+}
+
+// The sum over k of |a(., k)| |b(., k)| for each (i, j): the magnitude a product's rounding scales with.
+template <class T>
+Matrix<long double> magnitudes(const Matrix<T>& a, const Matrix<T>& b_transposed) {
+  Matrix<long double> m(a.rows(), b_transposed.rows());
+  for (Index i = 0; i < a.rows(); ++i)
+    for (Index j = 0; j < b_transposed.rows(); ++j) {
+      long double sum = 0;
+      for (Index k = 0; k < a.cols(); ++k) sum += std::fabs((long double)a(i, k) * (long double)b_transposed(j, k));
+      m(i, j) = sum;
+    }
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("training: an exactly imported layer fine-tunes from exactly itself (frozen scales)", T, float,
+                   double) {
+  using bitnet::activation_scaling;
+  using bitnet::weight_scale_update;
+  using bitnet::weight_scaling;
+  std::mt19937 rng(41);
+  struct config {
+    const char* name;
+    bitnet::bitlinear_options options;
+    Index in;
+    bool rotated;
+  };
+  const config configs[] = {
+      {"per_group 64, ragged last group", unit_options(weight_scaling::per_group, 64), 200, false},
+      {"per_row, rms_norm", unit_options(weight_scaling::per_row, 0), 77, false},
+      {"per_group 32, per_block activations, rotation block 32",
+       unit_options(weight_scaling::per_group, 32, activation_scaling::per_block), 128, true},
+  };
+  for (config c : configs) {
+    INFO(c.name);
+    const Index out = 6, batch = 5;
+    if (c.options.weight_scales == weight_scaling::per_row) c.options.rms_norm = true;
+    if (c.rotated) c.options.rotation = bitnet::hadamard_rotation::random_signs(c.in, 32, 7);
+    const Index unit = c.options.weight_scales == weight_scaling::per_row ? c.in : c.options.group_size;
+    const Matrix<T> w = ternary_per_unit<T>(out, c.in, unit, rng);
+    const Vector<T> b = reference::random_matrix<T>(out, 1, rng, 0.1);
+    const Matrix<T> x = reference::random_matrix<T>(batch, c.in, rng, 2.0);
+
+    // The import is frozen whatever the options said (their default is absmean).
+    REQUIRE(c.options.scale_update == weight_scale_update::absmean);
+    const BitLinear<T> imported = BitLinear<T>::from_exact_ternary(w, b, c.options);
+    CHECK(imported.options().scale_update == weight_scale_update::frozen);
+    const Matrix<T> y_imported = imported.forward(x);
+
+    // Step 0: latent weights = the imported weights. Nothing changes, bit for bit.
+    BitLinear<T> layer = imported;
+    layer.set_weight(imported.dequantized_weight());
+    CHECK(layer.ternary_weight() == imported.ternary_weight());
+    CHECK(same_bits(layer.unit_scales(), imported.unit_scales()));
+    CHECK(same_bits(layer.forward(x), y_imported));
+    const auto [y1, tape1] = bitnet::train_forward(layer, x, T(1));
+    CHECK(same_bits(y1, y_imported));
+    CHECK(same_bits(tape1.weight_operand(), imported.dequantized_weight()));
+
+    // lambda 0 is the float layer of the imported weights on the (normalized, rotated) input.
+    Matrix<T> n = c.options.rms_norm ? bitnet::rms_norm(x, T(1e-6)) : x;
+    if (c.options.rotation) n = c.options.rotation->apply(n);
+    const bitnet::Linear<T> dense(imported.dequantized_weight(), b);
+    const Matrix<T> y_float = dense.forward(n);
+    CHECK(same_bits(bitnet::train_forward(layer, x, T(0)).output, y_float));
+
+    // In between, W~ = W (the weights are their own quantization) and only x~ moves: the output is
+    // within lambda times the activation-quantization error of the float layer, plus rounding.
+    const T lambda = T(0.375);
+    const Matrix<T> aq = c.options.activation_scales == activation_scaling::per_block
+                             ? bitnet::activation_quant_blocks(n, c.options.group_size)
+                             : bitnet::activation_quant(n);
+    const auto [y_mixed, tape_mixed] = bitnet::train_forward(layer, x, lambda);
+    CHECK(same_bits(tape_mixed.weight_operand(), imported.dequantized_weight()));
+    const Matrix<T> wd = imported.dequantized_weight();
+    const Matrix<long double> float_magnitude = magnitudes(n, wd), quant_magnitude = magnitudes(aq, wd);
+    const long double u = std::numeric_limits<T>::epsilon();
+    for (Index r = 0; r < batch; ++r)
+      for (Index o = 0; o < out; ++o) {
+        long double quant_error = 0;
+        for (Index k = 0; k < c.in; ++k)
+          quant_error += std::fabs((long double)wd(o, k)) * std::fabs((long double)n(r, k) - (long double)aq(r, k));
+        const long double bound = (long double)lambda * quant_error +
+                                  2 * (c.in + 4) * u * (float_magnitude(r, o) + quant_magnitude(r, o) + std::fabs(b(o)));
+        CHECK(std::fabs((long double)y_mixed(r, o) - (long double)y_float(r, o)) <= bound);
+      }
+
+    // What absmean would have done at step 0 (the scales become d times the nonzero fraction): the
+    // outputs jump. This is what frozen prevents.
+    BitLinear<T> absmean_layer(imported.dequantized_weight(), b, c.options);
+    CHECK(absmean_layer.options().scale_update == weight_scale_update::absmean);
+    CHECK_FALSE(same_bits(absmean_layer.forward(x), y_imported));
+  }
+}
+
+TEST_CASE_TEMPLATE("training: frozen scales quantize round-clip(w / d) against the kept d; gradients against a naive "
+                   "reference",
+                   T, float, double) {
+  using bitnet::weight_scale_update;
+  using bitnet::weight_scaling;
+  std::mt19937 rng(43);
+  const Index out = 5, in = 80, group = 32, batch = 6;  // groups of 32, 32 and a ragged 16
+  const auto options = unit_options(weight_scaling::per_group, group);
+  const Matrix<T> w = ternary_per_unit<T>(out, in, group, rng);
+  const Vector<T> b = reference::random_matrix<T>(out, 1, rng, 0.1);
+  BitLinear<T> layer = BitLinear<T>::from_exact_ternary(w, b, options);
+  const Matrix<T> d = layer.unit_scales();
+
+  // Latent weights after some optimizer steps: the imported ones moved by up to 0.8 d, some past
+  // +-d/2, a few far past d, and the ties +-d/2 (which go to the even code 0).
+  std::uniform_real_distribution<double> move(-0.8, 0.8);
+  Matrix<T> latent(out, in);
+  for (Index r = 0; r < out; ++r)
+    for (Index c = 0; c < in; ++c) latent(r, c) = w(r, c) + T(move(rng)) * d(r, c / group);
+  latent(0, 0) = d(0, 0) * T(0.5);
+  latent(0, 1) = -d(0, 0) * T(0.5);
+  latent(1, 40) = d(1, 1) * T(3);
+  latent(2, 70) = -d(2, 2) * T(5);
+  layer.set_weight(latent);
+  CHECK(same_bits(layer.unit_scales(), d));  // kept, bit for bit
+  Matrix<std::int8_t> codes(out, in);
+  for (Index r = 0; r < out; ++r)
+    for (Index c = 0; c < in; ++c)
+      codes(r, c) = std::int8_t(reference::clamp(reference::round_half_even(latent(r, c) / d(r, c / group)), T(-1), T(1)));
+  CHECK(layer.ternary_weight() == codes);
+  CHECK(codes(0, 0) == 0);
+  CHECK(codes(0, 1) == 0);
+  CHECK(codes(1, 40) == 1);
+  CHECK(codes(2, 70) == -1);
+  // absmean would have derived new scales from the same latent weights.
+  bitnet::bitlinear_options absmean = options;
+  CHECK_FALSE(same_bits(BitLinear<T>(latent, b, absmean).unit_scales(), d));
+
+  const Matrix<T> x = reference::random_matrix<T>(batch, in, rng, 2.0);
+  const Matrix<T> dy = reference::random_matrix<T>(batch, out, rng);
+  const Matrix<T> aq = reference::activation_quant(x);
+  for (const T lambda : {T(1), T(0.375)}) {
+    INFO("lambda " << double(lambda));
+    // The naive operands: W~ = W + lambda (q(W) - W) with q(W) = code * d, x~ likewise (PyTorch's order).
+    Matrix<T> w_mixed(out, in), x_mixed(batch, in);
+    for (Index r = 0; r < out; ++r)
+      for (Index c = 0; c < in; ++c) {
+        const T q = T(codes(r, c)) * d(r, c / group);
+        w_mixed(r, c) = lambda == T(1) ? q : latent(r, c) + lambda * (q - latent(r, c));
+      }
+    for (Index r = 0; r < batch; ++r)
+      for (Index c = 0; c < in; ++c) x_mixed(r, c) = lambda == T(1) ? aq(r, c) : x(r, c) + lambda * (aq(r, c) - x(r, c));
+    const auto [y, tape] = bitnet::train_forward(layer, x, lambda);
+    CHECK(same_bits(tape.weight_operand(), w_mixed));
+    CHECK(same_bits(tape.input_operand(), x_mixed));
+    if (lambda == T(1)) CHECK(same_bits(y, layer.forward(x)));
+    const auto g = bitnet::backward(tape, dy);
+
+    // Products in long double against bitnet's in T: within 2 (K + 2) u of the term magnitudes (the
+    // output: plus its bias, added in T).
+    const long double u = std::numeric_limits<T>::epsilon();
+    auto check_product = [&](const Matrix<T>& ours, const Matrix<T>& a, const Matrix<T>& bt, const Vector<T>* bias,
+                             const char* what) {
+      INFO(what);
+      const Matrix<long double> m = magnitudes(a, bt);
+      for (Index i = 0; i < ours.rows(); ++i)
+        for (Index j = 0; j < ours.cols(); ++j) {
+          long double exact = bias ? (long double)(*bias)(j) : 0;
+          for (Index t = 0; t < a.cols(); ++t) exact += (long double)a(i, t) * (long double)bt(j, t);
+          const long double magnitude = m(i, j) + (bias ? std::fabs((long double)(*bias)(j)) : 0);
+          CHECK(std::fabs((long double)ours(i, j) - exact) <= 2 * (a.cols() + 3) * u * magnitude);
+        }
+    };
+    check_product(y, x_mixed, w_mixed, &b, "y");
+    check_product(g.weight, Matrix<T>(dy.transpose()), Matrix<T>(x_mixed.transpose()), nullptr, "dW");
+    check_product(g.input, dy, Matrix<T>(w_mixed.transpose()), nullptr, "dx");
+    REQUIRE(g.bias);
+    for (Index o = 0; o < out; ++o) {
+      long double sum = 0, magnitude = 0;
+      for (Index r = 0; r < batch; ++r) sum += dy(r, o), magnitude += std::fabs((long double)dy(r, o));
+      CHECK(std::fabs((long double)(*g.bias)(o) - sum) <= 2 * (batch + 2) * u * magnitude);
+    }
+  }
+}
+
+TEST_CASE("training: frozen per-tensor scale, frozen units of scale 0, and what absmean does instead") {
+  using bitnet::weight_scale_update;
+  std::mt19937 rng(47);
+  const Matrix<float> w0 = reference::random_matrix<float>(4, 70, rng, 0.5);
+  BitLinear<float> frozen(w0, std::nullopt, {.scale_update = weight_scale_update::frozen});
+  BitLinear<float> absmean(w0);
+  const float sw = reference::weight_scale(w0);  // the first quantization is absmean either way
+  CHECK(frozen.weight_scale() == sw);
+  CHECK(absmean.weight_scale() == sw);
+  const Matrix<float> w1 = w0 * 3.0f;
+  frozen.set_weight(w1);
+  absmean.set_weight(w1);
+  CHECK(frozen.weight_scale() == sw);
+  CHECK(frozen.ternary_weight() == reference::weight_codes(w1, sw));
+  CHECK(absmean.weight_scale() == reference::weight_scale(w1));
+  CHECK(absmean.weight_scale() != sw);
+  // A packed b1.58 checkpoint made frozen keeps its sw through set_weight(dequantized_weight()).
+  const Matrix<std::int8_t> codes = reference::weight_codes(w0, sw);
+  auto loaded = BitLinear<float>::from_ternary(codes, 2.5f, std::nullopt, {.scale_update = weight_scale_update::frozen});
+  const Matrix<float> y = loaded.forward(w0);
+  loaded.set_weight(loaded.dequantized_weight());
+  CHECK(loaded.weight_scale() == 2.5f);
+  CHECK(same_bits(loaded.forward(w0), y));
+
+  // A unit whose imported scale is 0 (files store all-zero blocks so) stays zero: codes 0.
+  bitnet::bitlinear_options grouped = unit_options(bitnet::weight_scaling::per_group, 32);
+  grouped.scale_update = weight_scale_update::frozen;
+  Matrix<float> scales(2, 2);
+  scales << 0.5f, 0.0f, 0.25f, 0.125f;
+  auto zero_unit = BitLinear<float>::from_ternary(Matrix<std::int8_t>::Ones(2, 64), scales, std::nullopt, grouped);
+  zero_unit.set_weight(Matrix<float>::Constant(2, 64, 1.0f));
+  const Matrix<std::int8_t> got = zero_unit.ternary_weight();
+  CHECK(got.block(0, 0, 1, 32) == Matrix<std::int8_t>::Ones(1, 32));
+  CHECK(got.block(0, 32, 1, 32) == Matrix<std::int8_t>::Zero(1, 32));
+  CHECK(got.block(1, 0, 1, 64) == Matrix<std::int8_t>::Ones(1, 64));
+  CHECK(same_bits(zero_unit.unit_scales(), scales));
+
+  bitnet::bitlinear_options bad;
+  bad.scale_update = static_cast<weight_scale_update>(7);
+  CHECK_THROWS_WITH_AS(BitLinear<float>(w0, std::nullopt, bad), doctest::Contains("scale_update is not absmean or frozen"),
+                       bitnet::value_error);
+}

@@ -16,6 +16,8 @@
 //
 // with acc_j the int32 sum of group j (per_block activations: sx[b,j] inside the sum). unit_scales()
 // gives the d; from_ternary(codes, unit_scales, ...) and from_exact_ternary() import them exactly.
+// bitlinear_options::scale_update says whether new latent weights (set_weight) re-derive the scales
+// by absmean (b1.58) or quantize against the scales the layer has (frozen: exact imports).
 //
 // Inference-only use: release_latent_weights() frees the float latent weights; the layer then
 // holds the packed codes (2 bits per weight plus padding), the scale and the bias. from_ternary()
@@ -47,6 +49,21 @@
 
 namespace bitnet {
 
+/// What happens to a layer's weight scales when it is given latent weights (constructor, set_weight).
+enum class weight_scale_update {
+  /// BitNet b1.58: the scales are the absmean of the latent weights (per tensor, row or group),
+  /// derived again on every set_weight. The default.
+  absmean,
+  /// The scales stay those the layer has (from_ternary's, an exact import's, or the absmean of the
+  /// weights the layer was first built with) and latent weights quantize against them:
+  /// code = clamp(round(w / d), -1, 1) per unit (per_tensor: clamp(round(w * sw), -1, 1); a unit
+  /// whose d is 0 gets codes 0). Fine-tuning an imported ternary model then starts from exactly the
+  /// imported layer: set_weight(dequantized_weight()) changes nothing. Exact imports
+  /// (from_exact_ternary, replace_options::weights = ternary_import::exact, group-scaled GGUF reads)
+  /// always give frozen layers.
+  frozen,
+};
+
 struct bitlinear_options {
   bool rms_norm = false;  // apply RMSNorm (no learnable weight) to the input before quantizing
   double rms_eps = 1e-6;  // RMSNorm epsilon, > 0; used in the layer's precision (float(1e-6) == 1e-6f)
@@ -62,6 +79,9 @@ struct bitlinear_options {
   /// weights by R x. Rotated ternary models (Ternary Bonsai 2) store their weights in that basis; a
   /// dense layer converts to it with rotation->fold(W) (W R^T). Its in_features must be the layer's.
   std::optional<hadamard_rotation> rotation{};
+  /// Re-derive the scales from the latent weights on every set_weight (absmean, b1.58) or keep
+  /// them (frozen); see weight_scale_update.
+  weight_scale_update scale_update = weight_scale_update::absmean;
 };
 
 /// Tag of the BitLinear constructor that adopts the caller's buffers (see transfer::move).
@@ -161,12 +181,14 @@ class BitLinear {
   /// codes * d reproduce `weight` exactly (a -0 weight becomes code 0). Throws value_error naming
   /// the row, group, columns and the two differing magnitudes if the weights are not ternary per
   /// unit (never re-quantized), plus the checks of from_ternary; `what` starts the message (a
-  /// layer's path, say). The layer has no latent weights: set_weight(dequantized_weight()) gives
-  /// it some for fine-tuning (which re-quantizes with absmean, see docs/quantization.md).
+  /// layer's path, say). The imported scales are the model, so the layer is always
+  /// weight_scale_update::frozen (options.scale_update is set): it has no latent weights, and
+  /// set_weight(dequantized_weight()) gives it some for fine-tuning without changing a bit of it.
   static BitLinear from_exact_ternary(const Matrix<T>& weight, std::optional<Vector<T>> bias = std::nullopt,
                                       bitlinear_options options = {},
                                       std::string_view what = "BitLinear::from_exact_ternary") {
     options = validated(options);
+    options.scale_update = weight_scale_update::frozen;
     if (options.weight_scales == weight_scaling::per_tensor)
       throw value_error(std::string(what) + ": an exact import needs options.weight_scales per_row or per_group "
                                             "(a per_tensor layer stores 1 / d, which does not reproduce d exactly)");
@@ -244,12 +266,16 @@ class BitLinear {
   }
 
   /// Replaces the latent weight (same shape), re-quantizes and re-packs; after a release or
-  /// from_ternary() this gives the layer latent weights. Strong guarantee.
+  /// from_ternary() this gives the layer latent weights. With options().scale_update absmean the
+  /// scales are derived again from `weight`; with frozen they are kept and only the codes change.
+  /// Strong guarantee.
   void set_weight(Matrix<T> weight) {
     if (weight.rows() != out_features() || weight.cols() != in_features())
       throw shape_error("BitLinear::set_weight: weight is " + detail::shape_string(weight.rows(), weight.cols()) +
                         ", the layer is " + detail::shape_string(out_features(), in_features()));
-    quantized_weights quantized = quantize_checked(weight, options_);
+    quantized_weights quantized = options_.scale_update == weight_scale_update::frozen
+                                      ? quantize_with_scales(weight, "BitLinear::set_weight: weight")
+                                      : quantize_checked(weight, options_);
     quantized_ = std::move(quantized);
     weight_ = std::move(weight);
     never_had_latent_weights_ = false;
@@ -434,6 +460,8 @@ class BitLinear {
     } else if (options.activation_scales != activation_scaling::per_token) {
       throw value_error("BitLinear: activation_scales is not per_token or per_block");
     }
+    if (options.scale_update != weight_scale_update::absmean && options.scale_update != weight_scale_update::frozen)
+      throw value_error("BitLinear: scale_update is not absmean or frozen");
     return options;
   }
 
@@ -457,6 +485,28 @@ class BitLinear {
     if (weight.cols() > max_in_features)
       throw shape_error(std::string(what) + ": in_features " + std::to_string(weight.cols()) +
                         " exceeds the exact-accumulation limit max_in_features = " + std::to_string(max_in_features));
+  }
+
+  // frozen: the codes of `weight` against the layer's own scales (see weight_scale_update); the same
+  // comparisons as the absmean quantizers, so training's W~ and forward agree code for code.
+  quantized_weights quantize_with_scales(const Matrix<T>& weight, std::string_view what) const {
+    detail::require_finite(weight, what);
+    Matrix<std::int8_t> codes(weight.rows(), weight.cols());
+    const auto code_of = [](T v) { return static_cast<std::int8_t>(int(v > T(0.5)) - int(v < T(-0.5))); };
+    if (options_.weight_scales == weight_scaling::per_tensor) {
+      const T sw = quantized_.scale;
+      for (Index r = 0; r < weight.rows(); ++r)
+        for (Index c = 0; c < weight.cols(); ++c) codes(r, c) = code_of(weight(r, c) * sw);
+      return {packed_ternary(codes), sw, {}};
+    }
+    const Matrix<T>& d = quantized_.unit_scales;
+    const Index unit = unit_cols();
+    for (Index r = 0; r < weight.rows(); ++r)
+      for (Index c = 0; c < weight.cols(); ++c) {
+        const T scale = d(r, c / unit);
+        codes(r, c) = scale > T(0) ? code_of(weight(r, c) / scale) : std::int8_t{0};
+      }
+    return {packed_ternary(codes, col_alignment(options_)), T(0), d};
   }
 
   static quantized_weights quantize_checked(const Matrix<T>& weight, const bitlinear_options& options) {

@@ -20,7 +20,9 @@
 // such a float exists). The codes are always exact. Block formats whose blocks carry different d
 // (Q2_0: 64 weights, PQ2_0 / PTQ1_0: 128, TQ2_0 / TQ1_0: 256) are group-scaled tensors: codes and
 // one magnitude d per row and block (ternary_tensor_groups), exact both ways. A Hadamard rotation
-// the file declares (prism.hadamard.*) is validated on open and refused by key when not understood.
+// the file declares (prism.hadamard.*) is validated on open and refused by key when not understood;
+// read_bit_linear gives a declared-rotated tensor's layer that rotation, and the writer declares
+// (hadamard_metadata) and checks the rotations of the layers it writes.
 // Needs only the core target (no JSON).
 #pragma once
 
@@ -53,6 +55,7 @@
 #include "detail/validate.hpp"
 #include "errors.hpp"
 #include "matrix.hpp"
+#include "rotation.hpp"
 
 namespace bitnet::gguf {
 
@@ -956,13 +959,15 @@ inline ternary_tensor_groups to_groups(const ternary_tensor& tensor, std::string
 
 /// A group-scaled BitLinear (weight_scaling::per_group, group = the format's block) computing with
 /// the codes and per-block scales of `groups` (to_groups): weight = code * d exactly. The options'
-/// weight_scales and group_size come from the file; the caller's others (rms_norm,
-/// activation_scales) are kept.
+/// weight_scales and group_size come from the file, and scale_update is frozen (an exact import:
+/// fine-tuning keeps the file's scales); the caller's others (rms_norm, activation_scales,
+/// rotation) are kept.
 template <real_scalar T>
 BitLinear<T> to_group_bit_linear(const ternary_tensor_groups& groups, std::optional<Vector<T>> bias = std::nullopt,
                                  bitlinear_options options = {}) {
   options.weight_scales = weight_scaling::per_group;
   options.group_size = groups.group_size;
+  options.scale_update = weight_scale_update::frozen;
   return BitLinear<T>::from_ternary(groups.codes, Matrix<T>(groups.unit_scales.template cast<T>()), std::move(bias),
                                     options);
 }
@@ -1206,6 +1211,56 @@ inline std::vector<std::int8_t> hadamard_declaration::signs_for(std::uint64_t wi
   return it->second;
 }
 
+/// The prism.hadamard.* keys that declare the tensors of `rotated` (GGUF name, the rotation of the
+/// layer written there) stored in a rotated basis, as PrismML's converter writes them: version 1,
+/// the block size, sign mode "explicit" with one sign vector per input width (sign_widths
+/// ascending, sign_values concatenated in that order), or "identity" when every sign is +1. Put
+/// them in the writer's metadata: writer::write_bit_linear writes a rotated layer only into a
+/// tensor declared with its rotation, and reader::read_bit_linear gives it back. Throws value_error
+/// for an empty list, an empty or repeated name, block sizes that differ (a file has one) or two
+/// rotations of one width with different signs (a file has one vector per width), naming them.
+inline std::vector<metadata_entry> hadamard_metadata(const std::vector<std::pair<std::string, hadamard_rotation>>& rotated) {
+  constexpr std::string_view what = "gguf::hadamard_metadata: ";
+  if (rotated.empty()) throw value_error(std::string(what) + "no rotated tensor");
+  const Index block = rotated.front().second.block_size();
+  std::map<Index, std::pair<std::string_view, const std::vector<std::int8_t>*>> by_width;
+  std::set<std::string_view> seen;
+  std::vector<std::string> names;
+  bool all_plus = true;
+  for (const auto& [name, rotation] : rotated) {
+    if (name.empty()) throw value_error(std::string(what) + "a tensor name is empty");
+    if (!seen.insert(name).second) throw value_error(std::string(what) + "tensor " + detail::quote(name) + " is listed twice");
+    if (rotation.block_size() != block)
+      throw value_error(std::string(what) + "tensor " + detail::quote(name) + " is rotated in blocks of " +
+                        std::to_string(rotation.block_size()) + ", tensor " + detail::quote(rotated.front().first) +
+                        " in blocks of " + std::to_string(block) + " (a file declares one block size)");
+    const auto [it, inserted] = by_width.emplace(rotation.in_features(), std::pair{std::string_view(name), &rotation.signs()});
+    if (!inserted && *it->second.second != rotation.signs())
+      throw value_error(std::string(what) + "tensors " + detail::quote(it->second.first) + " and " + detail::quote(name) +
+                        " both have " + std::to_string(rotation.in_features()) +
+                        " inputs but different signs (a file declares one sign vector per width)");
+    all_plus = all_plus && std::all_of(rotation.signs().begin(), rotation.signs().end(), [](std::int8_t v) { return v == 1; });
+    names.push_back(name);
+  }
+  std::vector<metadata_entry> keys{
+      {"prism.hadamard.version", std::uint32_t{1}},
+      {"prism.hadamard.block_size", std::uint32_t(block)},
+      {"prism.hadamard.transform", std::string("normalized-sylvester-walsh-hadamard")},
+      {"prism.hadamard.axis", std::string("input-last-dimension")},
+      {"prism.hadamard.sign_mode", std::string(all_plus ? "identity" : "explicit")},
+      {"prism.hadamard.weight_names", array(std::move(names))}};
+  if (!all_plus) {
+    std::vector<std::int32_t> widths, values;
+    for (const auto& [width, entry] : by_width) {
+      widths.push_back(std::int32_t(width));
+      values.insert(values.end(), entry.second->begin(), entry.second->end());
+    }
+    keys.push_back({"prism.hadamard.sign_widths", array(std::move(widths))});
+    keys.push_back({"prism.hadamard.sign_values", array(std::move(values))});
+  }
+  return keys;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reader
 
@@ -1328,14 +1383,18 @@ class reader {
   /// options (the default): one scale sw = 1 / d when every block's d is the same, as converters
   /// write BitNet models, else a group-scaled layer (per_group, group = the format's block, the
   /// blocks' d as unit scales). With per_group options: always group-scaled (group_size 0 or the
-  /// block). The caller's other options are kept. Throws io_error for per_row options, a
-  /// group_size that is not the block, per_group from I2_S (one scale per tensor), a code or scale
-  /// no layer can hold, and a tensor the file declares Hadamard-rotated (this layer would compute
-  /// W diag(s) H x, not W x).
+  /// block; frozen scales, to_group_bit_linear). The caller's other options are kept. A tensor the
+  /// file declares Hadamard-rotated (prism.hadamard.weight_names) gets the declared rotation as
+  /// options.rotation (block_size, the signs of its input width): the layer computes
+  /// W_stored (R x), as the fork does. Throws io_error for per_row options, a group_size that is not
+  /// the block, per_group from I2_S (one scale per tensor), a code or scale no layer can hold, a
+  /// rotation a BitLinear cannot represent (ssm_out with gdn_v_grouped: a head permutation first;
+  /// a table stored with rotated rows, inverse_weight_names) and an options.rotation that differs
+  /// from the declared one.
   template <real_scalar T>
   BitLinear<T> read_bit_linear(std::string_view name, std::optional<Vector<T>> bias = std::nullopt,
                                bitlinear_options options = {}) const {
-    refuse_rotated(name);
+    apply_declared_rotation(name, options);
     const ternary_tensor tensor = read_ternary(name);
     const bool equal_scales = std::all_of(tensor.scales.begin(), tensor.scales.end(), [&](float d) {
       return std::bit_cast<std::uint32_t>(d) == std::bit_cast<std::uint32_t>(tensor.scales.front());
@@ -1365,6 +1424,28 @@ class reader {
 
  private:
   explicit reader(std::shared_ptr<const bitnet::detail::byte_source> source) : source_(std::move(source)) { parse(); }
+
+  // The rotation the file declares for tensor `name` (a linear layer's input), into options.
+  void apply_declared_rotation(std::string_view name, bitlinear_options& options) const {
+    if (!hadamard_ || hadamard_->inverse(name)) return refuse_rotated(name);
+    if (!hadamard_->rotates(name)) return;
+    if (hadamard_->gdn_v_grouped && name.find("ssm_out") != std::string_view::npos)
+      detail::fail_tensor(source_name(), name,
+                          "is rotated after a permutation of its input heads (prism.hadamard.gdn_v_grouped: tiled to "
+                          "grouped value heads, then signs and the Hadamard transform), which a BitLinear's rotation "
+                          "cannot represent");
+    const tensor_info& t = info(name);
+    const std::uint64_t width = t.ne.empty() ? 1 : t.ne[0];
+    hadamard_rotation declared(Index(hadamard_->block_size), hadamard_->signs_for(width, source_name(), name));
+    if (options.rotation && *options.rotation != declared)
+      detail::fail_tensor(source_name(), name,
+                          "options.rotation (block " + std::to_string(options.rotation->block_size()) + ", " +
+                              std::to_string(options.rotation->in_features()) +
+                              " inputs) is not the rotation the file declares for it (block " +
+                              std::to_string(hadamard_->block_size) + ", the signs of width " + std::to_string(width) +
+                              "); leave options.rotation empty to take the file's");
+    options.rotation = std::move(declared);
+  }
 
   void refuse_rotated(std::string_view name) const {
     if (!hadamard_) return;
@@ -1559,6 +1640,11 @@ class writer {
         alignment_ = *x;
       }
     }
+    try {  // a declared rotation must be one the reader accepts (and write_bit_linear checks layers against it)
+      hadamard_ = detail::parse_hadamard(metadata, path_.string());
+    } catch (const io_error& e) {
+      throw value_error(e.what());
+    }
     std::set<std::string> names;  // copies: the specs' names are moved into layout_ below
     std::uint64_t offset = 0;
     for (tensor_spec& spec : tensors) {
@@ -1699,9 +1785,13 @@ class writer {
 
   /// Writes a BitLinear's codes and scales into a tensor declared with a ternary type and sizes
   /// {in_features, out_features} (encode_bit_linear: per_group layers need a block format whose
-  /// block is the group); returns what the storage did to the scale.
+  /// block is the group); returns what the storage did to the scale. A layer with an input rotation
+  /// goes only into a tensor the metadata declares rotated with that rotation (hadamard_metadata),
+  /// and a tensor declared rotated only takes such a layer: value_error otherwise, since the
+  /// reader rebuilds the rotation from the declaration.
   template <real_scalar T>
   scale_rounding write_bit_linear(std::string_view name, const BitLinear<T>& layer) {
+    check_rotation(name, layer);
     const tensor_info& t = layout_[claim(name)];
     if (!is_ternary(t.type))
       throw value_error(message(name, "is declared " + std::string(tensor_type_name(t.type)) + ", not a ternary type"));
@@ -1759,6 +1849,31 @@ class writer {
     return detail::message(path_.string(), tensor.empty() ? detail::subject::none : detail::subject::tensor, tensor, rule);
   }
 
+  template <real_scalar T>
+  void check_rotation(std::string_view name, const BitLinear<T>& layer) const {
+    const std::optional<hadamard_rotation>& rotation = layer.options().rotation;
+    const bool declared = hadamard_ && hadamard_->rotates(name);
+    if (!rotation) {
+      if (declared)
+        throw value_error(message(name, "is declared rotated (prism.hadamard.weight_names), the layer has no rotation"));
+      return;
+    }
+    const std::string layer_rotation = "the layer's rotation (block " + std::to_string(rotation->block_size()) + ", " +
+                                       std::to_string(rotation->in_features()) + " inputs)";
+    if (!declared)
+      throw value_error(message(name, layer_rotation + " is not declared: list the tensor in the metadata's "
+                                                       "prism.hadamard.* keys (gguf::hadamard_metadata)"));
+    const auto width = std::uint64_t(rotation->in_features());
+    const auto signs = hadamard_->signs.find(width);
+    if (Index(hadamard_->block_size) != rotation->block_size() || (hadamard_->explicit_signs && signs == hadamard_->signs.end()) ||
+        (hadamard_->explicit_signs ? signs->second != rotation->signs()
+                                   : !std::all_of(rotation->signs().begin(), rotation->signs().end(),
+                                                  [](std::int8_t v) { return v == 1; })))
+      throw value_error(message(name, layer_rotation + " is not the one the metadata declares for width " +
+                                          std::to_string(width) + " (block " + std::to_string(hadamard_->block_size) +
+                                          ", sign mode " + (hadamard_->explicit_signs ? "explicit" : "identity") + ")"));
+  }
+
   std::size_t claim(std::string_view name) const {
     if (finished_) throw io_error(message(name, "the file is already finished"));
     const auto it = index_.find(name);
@@ -1781,6 +1896,7 @@ class writer {
   std::map<std::string, std::size_t, std::less<>> index_;
   std::vector<bool> written_;
   bool finished_ = false;
+  std::optional<hadamard_declaration> hadamard_;
 };
 
 

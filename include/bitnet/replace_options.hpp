@@ -80,7 +80,8 @@ enum class ternary_import {
   exact,     // the source weights are already ternary per unit (every nonzero |w| of a row / group equal,
              // as Ternary Bonsai's unpacked FP16 / BF16 folders): codes and scales read off with no
              // rounding (BitLinear::from_exact_ternary); any other layer is refused, naming it, its row and
-             // group. Needs per_row or per_group scales; the new layers hold no latent weights.
+             // group. Needs per_row or per_group scales; the new layers hold no latent weights and
+             // are weight_scale_update::frozen (fine-tuning keeps the imported scales).
 };
 
 struct replace_options {
@@ -88,8 +89,15 @@ struct replace_options {
   std::vector<exclude_rule> exclude;
   /// Called for each layer no rule excluded; return false to keep it as it is.
   std::function<bool(std::string_view path, const linear_info& layer)> predicate;
-  /// The options every new BitLinear is built with.
+  /// The options every new BitLinear is built with (unless layer_options_for is set).
   bitlinear_options layer_options;
+  /// Per-layer options: when set, called once for each layer that will be converted (after the
+  /// exclude rules and the predicate, in graph order) with its path and shape; that layer is built
+  /// with what it returns instead of layer_options. The way to give layers of different input
+  /// widths their own rotation (a rotated model's signs are per width) or their own group size.
+  /// A rotation whose width is not the layer's in_features, or any bitnet::error it throws, aborts
+  /// the whole replacement before anything changes (transfer_error naming the layer).
+  std::function<bitlinear_options(std::string_view path, const linear_info& layer)> layer_options_for;
   /// Quantize the source weights (the default) or import them exactly (see ternary_import).
   ternary_import weights = ternary_import::quantize;
   /// Build and check every new layer, report, then discard them: the graph is not changed.

@@ -311,6 +311,9 @@ class BitLinearImpl : public ::torch::nn::Cloneable<BitLinearImpl> {
                         "are supported (per_row / per_group layers are bitnet::BitLinear's)");
     if (options.rotation)
       throw value_error("bitnet::libtorch::BitLinear: no input rotation (rotated layers are bitnet::BitLinear's)");
+    if (options.scale_update != weight_scale_update::absmean)
+      throw value_error("bitnet::libtorch::BitLinear: only absmean scales (its autograd forward derives the scale from "
+                        "the weight on every step; frozen scales are bitnet::BitLinear's)");
     return options;
   }
 
@@ -796,6 +799,9 @@ module_replace_report replace_linear(::torch::nn::Module& root, const replace_op
   if (options.weights != ternary_import::quantize)
     throw value_error("bitnet::libtorch::replace_linear: ternary_import::exact needs unit scales, which the libtorch "
                       "BitLinear does not have; use bitnet::replace_linear on bitnet::BitLinear layers");
+  if (options.layer_options_for)
+    throw value_error("bitnet::libtorch::replace_linear: layer_options_for (per-layer options) is not supported by the "
+                      "libtorch module, which takes one set of options (layer_options) without rotation or unit scales");
   for (detail::planned_linear& p : layers) {
     if (p.source->weight.scalar_type() == ::torch::kFloat)
       report.layers.push_back(detail::stage<Policy, float>(p, policy, options.layer_options, share));

@@ -13,6 +13,8 @@
 // With one scale per unit (bitlinear_options::weight_scales per_row / per_group) weight_quant is
 // taken per unit, (W / d).round().clamp(-1, 1) * d with d the unit's absmean (quant.hpp's
 // weight_quant_units), and with per_block activations activation_quant per block of group_size.
+// The scales are the layer's: with bitlinear_options::scale_update frozen (exact imports) d stays
+// the imported one, so an imported model fine-tunes from exactly itself.
 //
 // lambda is the warm-up strength (Hugging Face's 1.58-bit fine-tuning: lambda = min(step / 1000, 1)).
 // lambda = 0 is the float layer; lambda = 1 is the ternary layer, and then the output is
@@ -127,8 +129,9 @@ struct tape_access {
     if (!layer.has_latent_weights())
       throw state_error(std::string(what) +
                         ": the layer has no latent weights (released by release_latent_weights(), or built by "
-                        "from_ternary() from a packed checkpoint), so it cannot be trained: training updates the "
-                        "latent weights; give it some with set_weight() first");
+                        "from_ternary() / an exact import from a packed checkpoint), so it cannot be trained: "
+                        "training updates the latent weights; give it some with set_weight() first "
+                        "(set_weight(layer.dequantized_weight()) keeps a frozen layer exactly as it is)");
     if (x_in.cols() != layer.in_features())
       throw shape_error(std::string(what) + ": input has " + std::to_string(x_in.cols()) +
                         " features, the layer expects " + std::to_string(layer.in_features()));
@@ -172,23 +175,15 @@ struct tape_access {
       // weight_quant(W) with the layer's scale sw (no second mean|W|): the code clamp(round(v), -1, 1)
       // of v = W * sw is (v > 1/2) - (v < -1/2) (the ties +-1/2 round to 0, half to even), so this
       // is one vectorized pass, bit-identical to quant.hpp's weight_quant (codes / sw). Unit scales:
-      // v = W / d and codes * d, bit-identical to weight_quant_units.
+      // the layer's own codes times its d (set_weight derived those codes from these latent weights
+      // and these d: absmean's weight_quant_units, or the frozen d's round-clip(W / d)).
       Matrix<T> quantized_weight;
       if (options.weight_scales == weight_scaling::per_tensor) {
         const T sw = layer.weight_scale();
         const auto scaled = latent.array() * sw;
         quantized_weight = ((scaled > T(0.5)).template cast<T>() - (scaled < T(-0.5)).template cast<T>()) / sw;
       } else {
-        const Matrix<T>& d = layer.unit_scales();
-        const Index unit = options.weight_scales == weight_scaling::per_row ? latent.cols() : options.group_size;
-        quantized_weight.resize(latent.rows(), latent.cols());
-        for (Index j = 0; j < d.cols(); ++j) {
-          const Index first = j * unit, width = std::min(unit, latent.cols() - first);
-          const auto scale = d.col(j).replicate(1, width).array();
-          const auto ratio = latent.middleCols(first, width).array() / scale;
-          quantized_weight.middleCols(first, width) =
-              (((ratio > T(0.5)).template cast<T>() - (ratio < T(-0.5)).template cast<T>()) * scale).matrix();
-        }
+        quantized_weight = layer.dequantized_weight();
       }
       Matrix<T> quantized_input =
           batch == 0 ? Matrix<T>(0, x.cols())

@@ -25,16 +25,18 @@ namespace bitnet::detail {
 template <class Policy>
 class pending_layer {
  public:
-  explicit pending_layer(std::string path) : path_(std::move(path)) {}
+  pending_layer(std::string path, bitlinear_options options) : path_(std::move(path)), options_(std::move(options)) {}
   pending_layer(const pending_layer&) = delete;
   pending_layer& operator=(const pending_layer&) = delete;
   virtual ~pending_layer() = default;
 
   const std::string& path() const noexcept { return path_; }
+  /// The options this layer is built with (replace_options::layer_options, or layer_options_for's).
+  const bitlinear_options& options() const noexcept { return options_; }
 
   /// Prepare: build the new layer off to the side. May throw; the graph stays as it was, or (for
   /// adopted buffers) restorable by roll_back.
-  virtual void stage(Policy& policy, const bitlinear_options& options, ternary_import weights, bool take_buffers) = 0;
+  virtual void stage(Policy& policy, ternary_import weights, bool take_buffers) = 0;
   /// Verify: run the policy's checks on the built layer. May throw.
   virtual void verify(Policy& policy) = 0;
   virtual layer_report describe() const = 0;
@@ -47,6 +49,7 @@ class pending_layer {
 
  private:
   std::string path_;
+  bitlinear_options options_;
 };
 
 /// The part every slot kind shares: building BitLinear<T> from a linear layer L of the graph.
@@ -58,11 +61,13 @@ class staged_linear : public pending_layer<Policy> {
                 "`verify(const layer_source<T>&, const BitLinear<T>&)`; see docs/transfer-policies.md");
 
  public:
-  staged_linear(std::string path, L& source) : pending_layer<Policy>(std::move(path)), source_(&source) {}
+  staged_linear(std::string path, bitlinear_options options, L& source)
+      : pending_layer<Policy>(std::move(path), std::move(options)), source_(&source) {}
 
-  void stage(Policy& policy, const bitlinear_options& options, ternary_import weights, bool take_buffers) override {
-    options_ = options;
+  void stage(Policy& policy, ternary_import weights, bool take_buffers) override {
+    options_ = this->options();
     exact_ = weights == ternary_import::exact;
+    if (exact_) options_.scale_update = weight_scale_update::frozen;  // what from_exact_ternary builds
     if constexpr (movable_linear_layer<L, T>) {
       if (take_buffers && !exact_) return adopt(policy);  // an exact import keeps no latent weights to adopt
     }
@@ -138,8 +143,8 @@ class staged_linear : public pending_layer<Policy> {
 template <class Policy, class Variant, class L, real_scalar T>
 class variant_slot final : public staged_linear<Policy, L, T> {
  public:
-  variant_slot(std::string path, Variant& slot, L& source)
-      : staged_linear<Policy, L, T>(std::move(path), source), slot_(&slot) {}
+  variant_slot(std::string path, bitlinear_options options, Variant& slot, L& source)
+      : staged_linear<Policy, L, T>(std::move(path), std::move(options), source), slot_(&slot) {}
 
   void commit() noexcept override {
     slot_->template emplace<variant_bit_linear<Variant>::index>(std::move(*this->staged_));
@@ -155,13 +160,13 @@ class variant_slot final : public staged_linear<Policy, L, T> {
 template <class Policy, class Pointer, class L, real_scalar T>
 class pointer_slot final : public staged_linear<Policy, L, T> {
  public:
-  pointer_slot(std::string path, Pointer& slot, L& source)
-      : staged_linear<Policy, L, T>(std::move(path), source), slot_(&slot) {}
+  pointer_slot(std::string path, bitlinear_options options, Pointer& slot, L& source)
+      : staged_linear<Policy, L, T>(std::move(path), std::move(options), source), slot_(&slot) {}
 
   // The new node is built from the staged layer, which then lives inside it; staging for a pointer
   // slot therefore always copies (adopted buffers could not be handed back out of a user's node).
-  void stage(Policy& policy, const bitlinear_options& options, ternary_import weights, bool) override {
-    staged_linear<Policy, L, T>::stage(policy, options, weights, false);
+  void stage(Policy& policy, ternary_import weights, bool) override {
+    staged_linear<Policy, L, T>::stage(policy, weights, false);
   }
 
   void finish() override {
@@ -249,7 +254,7 @@ class planner {
     if constexpr (bit_linear_slot<Variant>) {  // else check_variant's message is the only error
       if (!first_visit(&slot) || kept(path, layer)) return;
       using T = typename bit_linear_scalar<std::variant_alternative_t<variant_bit_linear<Variant>::index, Variant>>::type;
-      layers_.push_back(std::make_unique<variant_slot<Policy, Variant, L, T>>(path, slot, layer));
+      layers_.push_back(std::make_unique<variant_slot<Policy, Variant, L, T>>(path, options_for(path, layer), slot, layer));
     }
   }
 
@@ -264,7 +269,7 @@ class planner {
                   "see docs/customization.md");
     if (!first_visit(&slot) || kept(path, layer)) return;
     using T = std::conditional_t<choice == 1, float, double>;
-    layers_.push_back(std::make_unique<pointer_slot<Policy, Pointer, L, T>>(path, slot, layer));
+    layers_.push_back(std::make_unique<pointer_slot<Policy, Pointer, L, T>>(path, options_for(path, layer), slot, layer));
   }
 
   // Already converted; a variant slot holding it must still be one replace_linear accepts.
@@ -287,6 +292,33 @@ class planner {
 
   bool first_visit(const void* slot) { return visited_.insert(slot).second; }
 
+  template <class L>
+  static linear_info info_of(const L& layer) {
+    const auto view = layer_traits<L>::linear(layer);
+    return {view.weight.cols(), view.weight.rows(), view.bias.has_value()};
+  }
+
+  // The options the layer at `path` is built with: replace_options::layer_options_for's, checked
+  // against the layer's width here (before anything is built), or layer_options.
+  template <class L>
+  bitlinear_options options_for(const std::string& path, const L& layer) const {
+    if (!options_.layer_options_for) return options_.layer_options;
+    const linear_info info = info_of(layer);
+    bitlinear_options chosen;
+    try {
+      chosen = options_.layer_options_for(path, info);
+    } catch (const transfer_error&) {
+      throw;
+    } catch (const error& e) {
+      throw transfer_failure(path, std::string("layer_options_for threw: ") + e.what());
+    }
+    if (chosen.rotation && chosen.rotation->in_features() != info.in_features)
+      throw transfer_failure(path, "layer_options_for gave a rotation for " +
+                                       std::to_string(chosen.rotation->in_features()) + " inputs, the layer has " +
+                                       std::to_string(info.in_features));
+    return chosen;
+  }
+
   // Whether an exclude rule or the predicate keeps this layer (recorded in the report).
   template <class L>
   bool kept(const std::string& path, const L& layer) {
@@ -296,9 +328,7 @@ class planner {
         return true;
       }
     if (options_.predicate) {
-      const auto view = layer_traits<L>::linear(layer);
-      const linear_info info{view.weight.cols(), view.weight.rows(), view.bias.has_value()};
-      if (!options_.predicate(path, info)) {
+      if (!options_.predicate(path, info_of(layer))) {
         report_.kept.push_back({path, "rejected by the predicate"});
         return true;
       }
@@ -323,7 +353,7 @@ replace_report run_transaction(Graph& graph, const replace_options& options, Pol
   report.layers.reserve(layers.size());
   const bool take_buffers = Policy::takes_buffers && !options.dry_run;
   try {
-    for (auto& layer : layers) layer->stage(policy, options.layer_options, options.weights, take_buffers);
+    for (auto& layer : layers) layer->stage(policy, options.weights, take_buffers);
     for (auto& layer : layers) layer->verify(policy);
     for (auto& layer : layers) report.layers.push_back(layer->describe());
     if (!options.dry_run)
