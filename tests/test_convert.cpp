@@ -567,6 +567,7 @@ TEST_CASE("convert: a non-exact unit or a rotation that cannot be applied is ref
     Index c = 128;
     while (up(5, c) == 0) ++c;
     up(5, c) *= 2;
+    fs::create_directories(dir / "broken");
     st::writer out(dir / "broken" / "model.safetensors", specs, {{"format", "pt"}});
     for (const st::tensor_info& t : in.tensors()) {
       if (t.shape.size() == 2) out.write(t.name, tensors.at(t.name));

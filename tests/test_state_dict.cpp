@@ -869,6 +869,10 @@ bitnet::state_dict_options exact_options() {
 std::map<std::string, std::string> tree_of(const fs::path& root) {
   std::map<std::string, std::string> files;
   for (const auto& entry : fs::recursive_directory_iterator(root)) {
+    if (entry.is_directory()) {
+      files[entry.path().string()] = "/";
+      continue;
+    }
     std::ifstream in(entry.path(), std::ios::binary);
     files[entry.path().string()] = std::string(std::istreambuf_iterator<char>(in), {});
   }
@@ -949,7 +953,9 @@ TEST_CASE("state dict: refusals of an unpacked folder name what and where, and c
                        doctest::Contains("hadamard_packing.json: transform.name must be "
                                          "\"normalized-signed-sylvester-walsh-hadamard\", got \"random-orthogonal\""),
                        bitnet::io_error);
-  write_folder(dir / "role", up, down, packing_json(signs, "fold-before-matmul\"}, {\"name\": \"norm\", \"axis\": -1, \"role\": \"inverse-after-lookup"));
+  write_folder(dir / "role", up, down, packing_json(signs, "normalized-signed-sylvester-walsh-hadamard",
+                                                  "fold-before-matmul\"}, {\"name\": \"norm\", \"axis\": -1, \"role\": "
+                                                  "\"inverse-after-lookup"));
   const std::string role_message =
       "\"norm\": " + (dir / "role" / "hadamard_packing.json").string() + " declares it stored rotated (inverse-after-lookup)";
   CHECK_THROWS_WITH_AS(bitnet::load_state_dict(model, dir / "role", exact_options()),
