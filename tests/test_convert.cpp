@@ -443,3 +443,167 @@ TEST_CASE("convert: bad options are refused before anything is read") {
   CHECK(error_of([&] { bitnet::convert_model(dir / "missing", dir / "out"); }).find("no such file or folder") !=
         std::string::npos);
 }
+
+namespace {
+
+// A Ternary Bonsai-style unpacked folder: Qwen3 names, BF16 weights exactly {-d, 0, +d} per group of
+// 128 inputs (d with 7 significant bits), q/k/v biases, hadamard_packing.json folding the MLP
+// projections with explicit signs (block 64) and the embedding "inverse-after-lookup".
+std::map<std::string, Matrix<float>> write_bonsai_folder(const fs::path& folder, const std::vector<std::int8_t>& signs256,
+                                                         const std::vector<std::int8_t>& signs384) {
+  std::mt19937 rng(4);
+  std::uniform_int_distribution<int> code(-1, 1), mantissa(64, 127);
+  std::map<std::string, Matrix<float>> weights;
+  const auto ternary = [&](Index out, Index in) {
+    Matrix<float> w(out, in);
+    for (Index r = 0; r < out; ++r)
+      for (Index first = 0; first < in; first += 128) {
+        const float d = std::ldexp(float(mantissa(rng)), -12);
+        for (Index c = first; c < first + 128; ++c) w(r, c) = float(code(rng)) * d;
+      }
+    return w;
+  };
+  const std::string p = "model.layers.0.";
+  weights[p + "self_attn.q_proj.weight"] = ternary(256, 256);
+  weights[p + "self_attn.k_proj.weight"] = ternary(128, 256);
+  weights[p + "mlp.up_proj.weight"] = ternary(384, 256);
+  weights[p + "mlp.down_proj.weight"] = ternary(256, 384);
+  weights["model.embed_tokens.weight"] = ternary(16, 256);
+  std::vector<st::tensor_spec> specs;
+  for (const auto& [name, w] : weights)
+    specs.push_back({name, st::dtype::BF16, {std::uint64_t(w.rows()), std::uint64_t(w.cols())}});
+  specs.push_back({p + "self_attn.q_proj.bias", st::dtype::BF16, {256}});
+  specs.push_back({"model.norm.weight", st::dtype::BF16, {256}});
+  fs::create_directories(folder);
+  st::writer out(folder / "model.safetensors", specs, {{"format", "pt"}});
+  for (const auto& [name, w] : weights) out.write(name, w);
+  out.write(p + "self_attn.q_proj.bias", Vector<float>::LinSpaced(256, -1.0f, 1.0f).unaryExpr([](float v) {
+    return std::ldexp(std::nearbyint(std::ldexp(v, 6)), -6);  // exact in BF16
+  }));
+  out.write("model.norm.weight", Vector<float>::Ones(256));
+  out.finish();
+  write_text(folder / "config.json", R"({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "tie_word_embeddings": true})");
+  std::string packing = R"({"schema_version": 2, "kind": "hadamard-weight-fold", "status": "requires-matching-runtime", )"
+                        R"("transform": {"name": "normalized-signed-sylvester-walsh-hadamard", "block_size": 64, )"
+                        R"("sign_mode": "explicit"}, "signs": {)";
+  for (const auto& [width, signs] : {std::pair{256, &signs256}, std::pair{384, &signs384}}) {
+    packing += (width == 256 ? "\"" : ", \"") + std::to_string(width) + "\": [";
+    for (std::size_t k = 0; k < signs->size(); ++k) packing += (k ? ", " : "") + std::to_string(int((*signs)[k]));
+    packing += "]";
+  }
+  packing += R"(}, "tensors": [{"name": "model.layers.0.mlp.up_proj.weight", "axis": -1, "role": "fold-before-matmul"}, )"
+             R"({"name": "model.layers.0.mlp.down_proj.weight", "axis": -1, "role": "fold-before-matmul"}, )"
+             R"({"name": "model.embed_tokens.weight", "axis": -1, "role": "inverse-after-lookup"}]})";
+  write_text(folder / "hadamard_packing.json", packing);
+  return weights;
+}
+
+bitnet::convert_options bonsai_options() {
+  bitnet::convert_options options;
+  options.weight_scales = bitnet::weight_scaling::per_group;
+  options.group_size = 128;
+  options.activation_scales = bitnet::activation_scaling::per_block;
+  options.weights = bitnet::ternary_import::exact;
+  return options;
+}
+
+}  // namespace
+
+TEST_CASE("convert: a Ternary Bonsai-style unpacked folder converts exactly to the packed group-scaled form") {
+  scratch_dir dir;
+  const auto r256 = bitnet::hadamard_rotation::random_signs(256, 64, 1), r384 = bitnet::hadamard_rotation::random_signs(384, 64, 2);
+  const auto weights = write_bonsai_folder(dir / "in", r256.signs(), r384.signs());
+  const bitnet::convert_report report = bitnet::convert_model(dir / "in", dir / "out", bonsai_options());
+  REQUIRE(report.layers.size() == 4);  // the embedding stays dense (default exclude)
+  for (const auto& layer : report.layers) CHECK(layer.relative_error == 0.0);
+  const hf::checkpoint out(dir / "out");
+  REQUIRE(out.quantization());
+  const hf::quantization_config& declared = *out.quantization();
+  CHECK(declared.weight_scales == bitnet::weight_scaling::per_group);
+  CHECK(declared.group_size == 128);
+  CHECK(declared.activation_scales == bitnet::activation_scaling::per_block);
+  REQUIRE(declared.rotation);
+  CHECK(declared.rotation->block_size == 64);
+  CHECK(declared.rotation->layers ==
+        std::vector<std::string>{"model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"});
+  const nlohmann::json config = nlohmann::json::parse(read_text(dir / "out" / "config.json"));
+  CHECK(config.at("quantization_config").at("bitnet_group_size") == 128);
+  CHECK(config.at("model_type") == "qwen3");
+  CHECK(read_text(dir / "out" / "hadamard_packing.json") == read_text(dir / "in" / "hadamard_packing.json"));
+  // Codes x scales == the source weights, bit for bit; each layer with the rotation of its width.
+  for (const auto& [name, w] : weights) {
+    if (name.find("embed") != std::string::npos) continue;
+    const std::string module = name.substr(0, name.size() - 7);
+    const bitnet::BitLinear<float> layer = hf::load_bit_linear<float>(out, module);
+    CHECK(layer.dequantized_weight() == w);
+    CHECK(layer.unit_scales().cols() == w.cols() / 128);
+    if (name.find("mlp") != std::string::npos) {
+      REQUIRE(layer.options().rotation);
+      CHECK(*layer.options().rotation == (w.cols() == 256 ? r256 : r384));
+    } else {
+      CHECK_FALSE(layer.options().rotation);
+    }
+  }
+  // The bias is stored as it is added (unit layers): byte for byte.
+  const st::reader in_file(dir / "in" / "model.safetensors"), out_file(dir / "out" / "model.safetensors");
+  CHECK(out_file.read_bytes("model.layers.0.self_attn.q_proj.bias") == in_file.read_bytes("model.layers.0.self_attn.q_proj.bias"));
+  CHECK(out_file.read_bytes("model.embed_tokens.weight") == in_file.read_bytes("model.embed_tokens.weight"));
+}
+
+TEST_CASE("convert: a non-exact unit or a rotation that cannot be applied is refused by name; nothing is written") {
+  scratch_dir dir;
+  const auto r256 = bitnet::hadamard_rotation::random_signs(256, 64, 1), r384 = bitnet::hadamard_rotation::random_signs(384, 64, 2);
+  write_bonsai_folder(dir / "in", r256.signs(), r384.signs());
+  // Break row 5, group 1 of up_proj: one weight twice its group's magnitude.
+  {
+    const st::reader in(dir / "in" / "model.safetensors");
+    std::map<std::string, Matrix<float>> tensors;
+    std::vector<st::tensor_spec> specs;
+    for (const st::tensor_info& t : in.tensors()) {
+      specs.push_back({t.name, t.type, t.shape});
+      tensors[t.name] = t.shape.size() == 2 ? in.read_matrix<float>(t.name) : Matrix<float>(in.read_vector<float>(t.name).transpose());
+    }
+    Matrix<float>& up = tensors.at("model.layers.0.mlp.up_proj.weight");
+    Index c = 128;
+    while (up(5, c) == 0) ++c;
+    up(5, c) *= 2;
+    fs::create_directories(dir / "broken");
+    st::writer out(dir / "broken" / "model.safetensors", specs, {{"format", "pt"}});
+    for (const st::tensor_info& t : in.tensors()) {
+      if (t.shape.size() == 2) out.write(t.name, tensors.at(t.name));
+      else out.write(t.name, Vector<float>(tensors.at(t.name).transpose()));
+    }
+    out.finish();
+    fs::copy_file(dir / "in" / "config.json", dir / "broken" / "config.json");
+    fs::copy_file(dir / "in" / "hadamard_packing.json", dir / "broken" / "hadamard_packing.json");
+  }
+  const auto before = tree_of(dir.path);
+  CHECK_THROWS_WITH_AS(bitnet::convert_model(dir / "broken", dir / "out", bonsai_options()),
+                       doctest::Contains("tensor \"model.layers.0.mlp.up_proj.weight\": model.layers.0.mlp.up_proj: the weights "
+                                         "are not ternary at row 5, group 1 (columns 128 to 255)"),
+                       bitnet::value_error);
+  CHECK(tree_of(dir.path) == before);  // no OUT, no staging folder
+  // The same folder quantized (absmean per group) converts; exact import is what refuses.
+  bitnet::convert_options quantize = bonsai_options();
+  quantize.weights = bitnet::ternary_import::quantize;
+  CHECK(bitnet::convert_model(dir / "broken", dir / "quantized", quantize).layers.size() == 4);
+  // A declared role for a converted weight that a layer cannot apply, and options that do not fit.
+  std::string packing = read_text(dir / "in" / "hadamard_packing.json");
+  packing.replace(packing.find("\"role\": \"fold-before-matmul\""), 28, "\"role\": \"inverse-after-lookup\"");
+  write_text(dir / "in" / "hadamard_packing.json", packing);
+  const auto before_role = tree_of(dir.path);
+  CHECK_THROWS_WITH_AS(bitnet::convert_model(dir / "in", dir / "out", bonsai_options()),
+                       doctest::Contains("declares the linear weight \"model.layers.0.mlp.up_proj.weight\" "
+                                         "inverse-after-lookup, which a converted layer cannot apply"),
+                       bitnet::io_error);
+  CHECK(tree_of(dir.path) == before_role);
+  bitnet::convert_options bf16 = bonsai_options();
+  bf16.scale_dtype = st::dtype::BF16;
+  CHECK_THROWS_WITH_AS(bitnet::convert_model(dir / "in", dir / "out", bf16), doctest::Contains("as F32 magnitudes"),
+                       bitnet::value_error);
+  bitnet::convert_options exact_per_tensor;
+  exact_per_tensor.weights = bitnet::ternary_import::exact;
+  CHECK_THROWS_WITH_AS(bitnet::convert_model(dir / "in", dir / "out", exact_per_tensor),
+                       doctest::Contains("ternary_import::exact needs weight_scales per_row or per_group"),
+                       bitnet::value_error);
+}

@@ -431,3 +431,61 @@ TEST_CASE("hf model: the quantization_config block has exactly BitNetQuantConfig
   CHECK(block["modules_to_not_convert"] == nlohmann::json::array({"lm_head"}));
   CHECK(block["bitnet_out_features"]["a.b"] == 7);  // the one extra key, which BitNetQuantConfig's **kwargs takes
 }
+
+namespace units_case {
+struct one_layer {
+  std::optional<BitLinear<float>> fc;
+};
+BITNET_LAYERS(one_layer, fc);
+}  // namespace units_case
+
+TEST_CASE("hf model: a folder's declarations of unit scales and rotations must agree, and its hadamard_packing.json is read") {
+  const fs::path dir = fs::temp_directory_path() / ("bitnet_hf_model_units_" + std::to_string(std::random_device{}()));
+  struct cleanup {
+    fs::path path;
+    ~cleanup() {
+      std::error_code ec;
+      fs::remove_all(path, ec);
+    }
+  } remove_later{dir};
+  fs::create_directories(dir);
+  // A per_group 64 layer saved packed; config.json then declares group 128: the folder contradicts itself.
+  bitnet::bitlinear_options options;
+  options.weight_scales = bitnet::weight_scaling::per_group;
+  options.group_size = 64;
+  units_case::one_layer layer;
+  layer.fc.emplace(Matrix<float>::Ones(4, 128), std::nullopt, options);
+  bitnet::save_state_dict(layer, dir / "model.safetensors", {.bit_linear = bitnet::bit_linear_storage::hf_packed});
+  hf::quantization_config config;
+  config.weight_scales = bitnet::weight_scaling::per_group;
+  config.group_size = 128;
+  std::ofstream(dir / "config.json") << R"({"quantization_config": )" << hf::to_json(config) << "}";
+  const std::string conflict = "config.json declares bitnet_weight_scales / bitnet_group_size \"per_group 128\", but " +
+                               (dir / "model.safetensors").string() + " declares \"per_group 64\"";
+  CHECK_THROWS_WITH_AS(hf::checkpoint{dir}, doctest::Contains(conflict.c_str()), bitnet::io_error);
+  config.group_size = 64;
+  std::ofstream(dir / "config.json") << R"({"quantization_config": )" << hf::to_json(config) << "}";
+  const hf::checkpoint model(dir);
+  CHECK(model.quantization()->group_size == 64);
+  CHECK(hf::load_bit_linear<float>(model, "fc").unit_scales() == Matrix<float>::Ones(4, 2));
+  // hadamard_packing.json: identity signs, one folded tensor; then one it does not hold.
+  std::ofstream(dir / "hadamard_packing.json")
+      << R"({"schema_version": 1, "kind": "hadamard-weight-fold", "transform": {"name": )"
+      << R"("normalized-signed-sylvester-walsh-hadamard", "block_size": 32, "sign_mode": "identity"}, )"
+      << R"("tensors": [{"name": "fc.weight", "axis": -1, "role": "fold-before-matmul"}]})";
+  const hf::checkpoint folded(dir);
+  CHECK(folded.folded_role("fc.weight") == "fold-before-matmul");
+  CHECK(folded.folded_role("fc.weight_scale").empty());
+  CHECK(*folded.folded_rotation("fc.weight", 128) == bitnet::hadamard_rotation::identity_signs(128, 32));
+  std::ofstream(dir / "hadamard_packing.json")
+      << R"({"schema_version": 1, "kind": "hadamard-weight-fold", "transform": {"name": )"
+      << R"("normalized-signed-sylvester-walsh-hadamard", "block_size": 32, "sign_mode": "identity"}, )"
+      << R"("tensors": [{"name": "lm_head.weight", "axis": -1, "role": "fold-before-matmul"}]})";
+  CHECK_THROWS_WITH_AS(hf::checkpoint{dir}, doctest::Contains("lists tensor \"lm_head.weight\", which the model does not hold"),
+                       bitnet::io_error);
+  std::ofstream(dir / "hadamard_packing.json")
+      << R"({"schema_version": 3, "kind": "hadamard-weight-fold", "transform": {"name": )"
+      << R"("normalized-signed-sylvester-walsh-hadamard", "block_size": 32, "sign_mode": "identity"}, "tensors": []})";
+  CHECK_THROWS_WITH_AS(hf::checkpoint{dir}, doctest::Contains("hadamard_packing.json: schema_version must be 1 or 2"),
+                       bitnet::io_error);
+}

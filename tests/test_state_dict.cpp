@@ -1,11 +1,14 @@
 #include <bitnet/state_dict.hpp>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <deque>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <random>
@@ -799,4 +802,272 @@ TEST_CASE("state dict: a bitnet_parameters hook may pass an Eigen::Map it built 
                        bitnet::error);
   CHECK(wrong.norm.gain == std::vector<float>{9, 9});
   CHECK(wrong.table_storage == std::vector<float>(6, 0.0f));
+}
+
+// ---- Ternary Bonsai-style folders: exact import, declared rotations, packed unit layers ------------
+
+namespace bonsai_case {
+using proj = std::optional<BitLinear<float>>;
+struct folder_block {
+  proj up, down;
+  Vector<float> norm;
+};
+BITNET_LAYERS(folder_block, up, down, norm);
+struct dense_block {
+  Linear<float> up;
+};
+BITNET_LAYERS(dense_block, up);
+
+constexpr Index group = 64;
+
+// Ternary per group of 64 inputs; every d has 7 significant bits, so BF16 holds the weights exactly.
+Matrix<float> ternary(Index out, Index in, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> code(-1, 1), mantissa(64, 127);
+  Matrix<float> w(out, in);
+  for (Index r = 0; r < out; ++r)
+    for (Index first = 0; first < in; first += group) {
+      const float d = std::ldexp(float(mantissa(rng)), -12);
+      for (Index c = first; c < std::min(first + group, in); ++c) w(r, c) = float(code(rng)) * d;
+    }
+  return w;
+}
+
+// A folder with BF16 "up.weight" (6 x 128), "down.weight" (5 x 160, a ragged last group), "norm",
+// and, when `packing` is not empty, that text as hadamard_packing.json.
+void write_folder(const fs::path& folder, const Matrix<float>& up, const Matrix<float>& down, const std::string& packing) {
+  fs::create_directories(folder);
+  st::writer out(folder / "model.safetensors",
+                 {{"up.weight", st::dtype::BF16, {6, 128}}, {"down.weight", st::dtype::BF16, {5, 160}},
+                  {"norm", st::dtype::BF16, {128}}},
+                 {{"format", "pt"}});
+  out.write("up.weight", up);
+  out.write("down.weight", down);
+  out.write("norm", Vector<float>::Ones(128));
+  out.finish();
+  std::ofstream(folder / "config.json") << R"({"model_type": "qwen3"})";
+  if (!packing.empty()) std::ofstream(folder / "hadamard_packing.json") << packing;
+}
+
+std::string packing_json(const std::vector<std::int8_t>& signs128, const std::string& transform = "normalized-signed-sylvester-walsh-hadamard",
+                         const std::string& role = "fold-before-matmul") {
+  std::string text = R"({"schema_version": 2, "kind": "hadamard-weight-fold", "status": "requires-matching-runtime", )"
+                     R"("transform": {"name": ")" + transform + R"(", "block_size": 32, "sign_mode": "explicit"}, "signs": {"128": [)";
+  for (std::size_t k = 0; k < signs128.size(); ++k) text += (k ? ", " : "") + std::to_string(int(signs128[k]));
+  return text + R"(]}, "tensors": [{"name": "up.weight", "axis": -1, "role": ")" + role + R"("}]})";
+}
+
+bitnet::state_dict_options exact_options() {
+  bitnet::state_dict_options options;
+  options.new_layers.weight_scales = bitnet::weight_scaling::per_group;
+  options.new_layers.group_size = group;
+  options.weights = bitnet::ternary_import::exact;
+  return options;
+}
+
+// Every file under `root` with its bytes: what a refusal must leave as it was.
+std::map<std::string, std::string> tree_of(const fs::path& root) {
+  std::map<std::string, std::string> files;
+  for (const auto& entry : fs::recursive_directory_iterator(root)) {
+    if (entry.is_directory()) {
+      files[entry.path().string()] = "/";
+      continue;
+    }
+    std::ifstream in(entry.path(), std::ios::binary);
+    files[entry.path().string()] = std::string(std::istreambuf_iterator<char>(in), {});
+  }
+  return files;
+}
+}  // namespace bonsai_case
+
+TEST_CASE("state dict: an unpacked folder imports exactly per group, with the rotation hadamard_packing.json declares") {
+  using namespace bonsai_case;
+  scratch_dir dir;
+  const Matrix<float> up = ternary(6, 128, 1), down = ternary(5, 160, 2);
+  const auto rotation = bitnet::hadamard_rotation::random_signs(128, 32, 9);
+  write_folder(dir / "folder", up, down, packing_json(rotation.signs()));
+  folder_block model;
+  const bitnet::state_dict_report report = bitnet::load_state_dict(model, dir / "folder", exact_options());
+  CHECK(report.loaded.size() == 3);
+  REQUIRE(model.up);
+  REQUIRE(model.down);
+  CHECK(model.up->dequantized_weight() == up);  // codes x d == the BF16 weights, bit for bit
+  CHECK(model.down->dequantized_weight() == down);
+  CHECK(model.down->unit_scales().cols() == 3);  // 64 + 64 + 32
+  CHECK_FALSE(model.up->has_latent_weights());   // imported, not quantized
+  REQUIRE(model.up->options().rotation);
+  CHECK(*model.up->options().rotation == rotation);  // declared for up.weight only
+  CHECK_FALSE(model.down->options().rotation);
+  // The layer computes W (R x): against the same weights applied to the rotated input in double.
+  Matrix<float> x(2, 128);
+  for (Index c = 0; c < 128; ++c) x(0, c) = float(c % 7) - 3.0f, x(1, c) = float(c % 5) * 0.5f;
+  const Matrix<float> rx = rotation.apply(x), y = model.up->forward(x);
+  for (Index b = 0; b < 2; ++b)
+    for (Index o = 0; o < 6; ++o) {
+      const double absmax = double(rx.row(b).cwiseAbs().maxCoeff());
+      double exact = 0, weights = 0;
+      for (Index c = 0; c < 128; ++c) exact += double(up(o, c)) * double(rx(b, c)), weights += std::fabs(double(up(o, c)));
+      CHECK(std::fabs(double(y(b, o)) - exact) <= absmax / 254.0 * weights * (1 + 1e-5) + 1e-6);
+    }
+  // Without the exact import the same folder is quantized (absmean per group): other scales.
+  folder_block quantized;
+  bitnet::state_dict_options quantize = exact_options();
+  quantize.weights = bitnet::ternary_import::quantize;
+  bitnet::load_state_dict(quantized, dir / "folder", quantize);
+  CHECK(quantized.up->dequantized_weight() != up);
+  CHECK(quantized.up->options().rotation == model.up->options().rotation);
+}
+
+TEST_CASE("state dict: fine-tuned latent weights reload into an imported (frozen) layer with its scales") {
+  using namespace bonsai_case;
+  scratch_dir dir;
+  const Matrix<float> up = ternary(6, 128, 1), down = ternary(5, 160, 2);
+  write_folder(dir / "folder", up, down, "");
+  folder_block tuned;
+  bitnet::load_state_dict(tuned, dir / "folder", exact_options());
+  REQUIRE(tuned.up);
+  REQUIRE(tuned.up->options().scale_update == bitnet::weight_scale_update::frozen);
+  const Matrix<float> imported_scales = tuned.up->unit_scales();
+  // A fine-tuning step's worth of change: every weight moved, some across a code boundary.
+  Matrix<float> latent = tuned.up->dequantized_weight();
+  for (Index r = 0; r < latent.rows(); ++r)
+    for (Index c = 0; c < latent.cols(); ++c) latent(r, c) += imported_scales(r, c / group) * (float((r * 7 + c) % 9) - 4.0f) / 6.0f;
+  tuned.up->set_weight(latent);
+  tuned.down->set_weight(tuned.down->dequantized_weight());
+  CHECK(tuned.up->unit_scales() == imported_scales);
+  CHECK(tuned.up->dequantized_weight() != up);  // some codes moved
+  bitnet::save_state_dict(tuned, dir / "tuned.safetensors");
+  // Reload: import the folder again, then the tuned latent weights into the same (frozen) slots.
+  folder_block reloaded;
+  bitnet::load_state_dict(reloaded, dir / "folder", exact_options());
+  bitnet::load_state_dict(reloaded, dir / "tuned.safetensors");
+  REQUIRE(reloaded.up);
+  CHECK(reloaded.up->unit_scales() == imported_scales);  // not the absmean of the latent weights
+  CHECK(reloaded.up->weight() == tuned.up->weight());
+  CHECK(reloaded.up->dequantized_weight() == tuned.up->dequantized_weight());
+  Matrix<float> x(2, 128);
+  for (Index c = 0; c < 128; ++c) x(0, c) = float(c % 7) - 3.0f, x(1, c) = float(c % 5) * 0.5f;
+  CHECK(reloaded.up->forward(x) == tuned.up->forward(x));
+  // Into empty slots the same file is quantized with absmean, as any latent checkpoint.
+  folder_block fresh;
+  bitnet::state_dict_options per_group;
+  per_group.new_layers = exact_options().new_layers;
+  bitnet::load_state_dict(fresh, dir / "tuned.safetensors", per_group);
+  REQUIRE(fresh.up);
+  CHECK(fresh.up->unit_scales() != imported_scales);
+}
+
+TEST_CASE("state dict: refusals of an unpacked folder name what and where, and change nothing") {
+  using namespace bonsai_case;
+  scratch_dir dir;
+  Matrix<float> up = ternary(6, 128, 1);
+  const Matrix<float> down = ternary(5, 160, 2);
+  const auto signs = bitnet::hadamard_rotation::random_signs(128, 32, 9).signs();
+  // A weight that breaks its group: row 4, group 1 (columns 64 to 127).
+  Matrix<float> broken = up;
+  broken(4, 70) = broken(4, 70) == 0 ? 0.5f : broken(4, 70) * 2;
+  write_folder(dir / "broken", broken, down, "");
+  const auto before = tree_of(dir.path);
+  folder_block model;
+  model.norm = Vector<float>::Constant(128, 3.0f);
+  CHECK_THROWS_WITH_AS(bitnet::load_state_dict(model, dir / "broken", exact_options()),
+                       doctest::Contains("\"up.weight\": exact import of up: the weights are not ternary at row 4, group 1 (columns 64 "
+                                         "to 127)"),
+                       bitnet::io_error);
+  CHECK_FALSE(model.up);
+  CHECK_FALSE(model.down);
+  CHECK(model.norm == Vector<float>::Constant(128, 3.0f));
+  CHECK(tree_of(dir.path) == before);
+  // An exact import needs unit scales: per_tensor would store 1 / d.
+  write_folder(dir / "plain", up, down, "");
+  bitnet::state_dict_options per_tensor = exact_options();
+  per_tensor.new_layers = {};
+  CHECK_THROWS_WITH_AS(bitnet::load_state_dict(model, dir / "plain", per_tensor),
+                       doctest::Contains("an exact import needs options.weight_scales per_row or per_group"),
+                       bitnet::io_error);
+  CHECK_FALSE(model.up);
+  // A rotation the folder declares but bitnet cannot interpret, or cannot apply, is refused by name.
+  write_folder(dir / "transform", up, down, packing_json(signs, "random-orthogonal"));
+  CHECK_THROWS_WITH_AS(bitnet::load_state_dict(model, dir / "transform", exact_options()),
+                       doctest::Contains("hadamard_packing.json: transform.name must be "
+                                         "\"normalized-signed-sylvester-walsh-hadamard\", got \"random-orthogonal\""),
+                       bitnet::io_error);
+  write_folder(dir / "role", up, down, packing_json(signs, "normalized-signed-sylvester-walsh-hadamard",
+                                                  "fold-before-matmul\"}, {\"name\": \"norm\", \"axis\": -1, \"role\": "
+                                                  "\"inverse-after-lookup"));
+  const std::string role_message =
+      "\"norm\": " + (dir / "role" / "hadamard_packing.json").string() + " declares it stored rotated (inverse-after-lookup)";
+  CHECK_THROWS_WITH_AS(bitnet::load_state_dict(model, dir / "role", exact_options()),
+                       doctest::Contains(role_message.c_str()),
+                       bitnet::io_error);
+  std::vector<std::int8_t> short_signs(signs.begin(), signs.begin() + 64);
+  std::string wrong_width = packing_json(short_signs);
+  wrong_width.replace(wrong_width.find("\"128\""), 5, "\"64\"");
+  write_folder(dir / "width", up, down, wrong_width);
+  CHECK_THROWS_WITH_AS(bitnet::load_state_dict(model, dir / "width", exact_options()),
+                       doctest::Contains("tensor \"up.weight\" (128 inputs): signs has no vector of width 128"),
+                       bitnet::io_error);
+  CHECK_FALSE(model.up);
+  CHECK(model.norm == Vector<float>::Constant(128, 3.0f));
+  // A folded weight cannot go into a plain linear layer, which does not rotate its input.
+  write_folder(dir / "folded", up, down, packing_json(signs));
+  dense_block dense{Linear<float>(128, 6, false)};
+  const Matrix<float> kept = dense.up.weight;
+  CHECK_THROWS_WITH_AS(bitnet::load_state_dict(dense, dir / "folded", {.strict = false}),
+                       doctest::Contains("declares it stored rotated (fold-before-matmul), but the graph holds a plain "
+                                         "linear layer"),
+                       bitnet::io_error);
+  CHECK(dense.up.weight == kept);
+}
+
+TEST_CASE("state dict: group-scaled, rotated layers save packed and reload with the same codes, scales and outputs") {
+  using namespace bonsai_case;
+  scratch_dir dir;
+  const auto rotation = bitnet::hadamard_rotation::random_signs(128, 32, 9);
+  write_folder(dir / "folder", ternary(6, 128, 1), ternary(5, 160, 2), packing_json(rotation.signs()));
+  folder_block model;
+  bitnet::load_state_dict(model, dir / "folder", exact_options());
+  bitnet::save_state_dict(model, dir / "packed.safetensors", {.bit_linear = bitnet::bit_linear_storage::hf_packed});
+  const st::reader file(dir / "packed.safetensors");
+  const hf::quantization_config declared = *hf::declared_quantization(file);
+  CHECK(declared.weight_scales == bitnet::weight_scaling::per_group);
+  CHECK(declared.group_size == group);
+  CHECK(declared.linear_class == hf::scale_convention::autobitlinear);
+  REQUIRE(declared.rotation);
+  CHECK(declared.rotation->block_size == 32);
+  CHECK(declared.rotation->layers == std::vector<std::string>{"up"});
+  CHECK(declared.out_features.at("down") == 5);
+  CHECK(file.info("down.weight_scale").shape == std::vector<std::uint64_t>{5, 3});
+  CHECK(file.read_values<std::int8_t>("up.rotation_signs") == rotation.signs());
+  folder_block back;
+  bitnet::load_state_dict(back, dir / "packed.safetensors");  // strict: every tensor has its place
+  for (const auto& [saved, loaded] : {std::pair{&model.up, &back.up}, std::pair{&model.down, &back.down}}) {
+    CHECK((*loaded)->ternary_weight() == (*saved)->ternary_weight());
+    CHECK((*loaded)->unit_scales() == (*saved)->unit_scales());
+    CHECK((*loaded)->options().rotation == (*saved)->options().rotation);
+    Matrix<float> x = Matrix<float>::Ones(2, (*saved)->in_features());
+    x(1, 0) = -4.0f;
+    CHECK((*loaded)->forward(x) == (*saved)->forward(x));
+  }
+  // Into a layer that exists, the file's declaration decides its granularity and rotation.
+  folder_block existing;
+  existing.up.emplace(Matrix<float>::Ones(6, 128));
+  existing.down.emplace(Matrix<float>::Ones(5, 160));
+  bitnet::load_state_dict(existing, dir / "packed.safetensors");
+  CHECK(existing.up->options().group_size == group);
+  CHECK(existing.up->options().rotation == model.up->options().rotation);
+  CHECK(existing.up->unit_scales() == model.up->unit_scales());
+  // Refusals before anything is written: the bitlinear convention, and layers of two granularities.
+  CHECK_THROWS_WITH_AS(bitnet::save_state_dict(model, dir / "bitlinear.safetensors",
+                                               {.scale_convention = hf::scale_convention::bitlinear,
+                                                .bit_linear = bitnet::bit_linear_storage::hf_packed}),
+                       doctest::Contains("has one scale per group: its unit scales d are stored as magnitudes"),
+                       bitnet::state_error);
+  folder_block mixed = model;
+  mixed.down.emplace(Matrix<float>::Ones(5, 160));  // per tensor
+  CHECK_THROWS_WITH_AS(
+      bitnet::save_state_dict(mixed, dir / "mixed.safetensors", {.bit_linear = bitnet::bit_linear_storage::hf_packed}),
+      doctest::Contains("the BitLinear at \"down\" cannot share the file's declaration"), bitnet::state_error);
+  CHECK_FALSE(fs::exists(dir / "bitlinear.safetensors"));
+  CHECK_FALSE(fs::exists(dir / "mixed.safetensors"));
 }

@@ -1046,6 +1046,30 @@ TEST_CASE("torch state dict: strict mode names every missing and unexpected key;
   CHECK(convention.find("bitlinear\"") != std::string::npos);
 }
 
+TEST_CASE("torch state dict: a file that declares a rotation or unit scales is refused, not loaded without them") {
+  scratch_dir dir;
+  nn::Sequential source = state_tree(16);
+  const fs::path good = dir / "good.safetensors";
+  bitnet::libtorch::save_state_dict(*source, good, {.bit_linear = bit_linear_storage::hf_packed});
+  const st::reader original(good);
+  hf::quantization_config declared = *hf::declared_quantization(original);
+  declared.rotation = hf::rotation_declaration{8, {}};  // rotates no layer, yet a rotation the module cannot run
+  std::vector<st::tensor_spec> specs;
+  for (const st::tensor_info& t : original.tensors()) specs.push_back({t.name, t.type, t.shape});
+  const fs::path rotated = dir / "rotated.safetensors";
+  {
+    st::writer out(rotated, specs, {hf::metadata_entry(declared)});
+    for (const st::tensor_info& t : original.tensors()) out.write_bytes(t.name, original.read_bytes(t.name));
+    out.finish();
+  }
+  nn::Sequential tree = state_tree(17);
+  const auto before = state_of(*tree);
+  const std::string text = error_text([&] { bitnet::libtorch::load_state_dict(*tree, rotated); });
+  CHECK(text.find("declares rotated layers (bitnet_rotation), which bitnet::libtorch::BitLinear cannot compute") !=
+        std::string::npos);
+  CHECK(same_state(state_of(*tree), before));
+}
+
 TEST_CASE("torch state dict: all or nothing - a corrupt packed code or a NaN latent weight in the last layer "
           "changes nothing") {
   scratch_dir dir;

@@ -5,6 +5,7 @@
 //
 //   bitnet-convert IN OUT [--exclude PATTERN ...] [--no-default-excludes] [--mode offline|online]
 //                  [--scale-convention bitlinear|autobitlinear] [--scale-dtype F32|BF16|F16] [--force]
+//                  [--weight-scales per_row|per_group --group-size G [--activation-scales per_block] [--exact]]
 //   bitnet-convert IN OUT.gguf --to gguf [--gguf-type TQ2_0|TQ1_0|I2_S] [--gguf-float-type F32|F16|BF16]
 //                  [--gguf-tokenizer-from VOCAB.gguf] [--exclude PATTERN ...] [--no-default-excludes] [--force]
 //   bitnet-convert --generate OUT [--layers N] [--divide D] [--shards N] [--nan TENSOR] [--tied] [--qkv-bias]
@@ -316,9 +317,15 @@ int usage() {
   std::fprintf(stderr,
                "usage: bitnet-convert IN OUT [--exclude PATTERN ...] [--no-default-excludes] [--mode offline|online]\n"
                "                      [--scale-convention bitlinear|autobitlinear] [--scale-dtype F32|BF16|F16] [--force]\n"
+               "                      [--weight-scales per_row|per_group --group-size G [--activation-scales per_block]\n"
+               "                       [--exact]]\n"
                "         IN, OUT: .safetensors files, or model folders (config.json, model.safetensors or shards\n"
                "         with model.safetensors.index.json, tokenizer files). An existing OUT is replaced only\n"
                "         when it is an earlier bitnet-convert output, or with --force.\n"
+               "         --weight-scales: bitnet's group-scaled packed form (F32 [out, groups] scales; transformers\n"
+               "         cannot load it). --exact: the weights are already ternary per unit (Ternary Bonsai's unpacked\n"
+               "         folders): imported with no rounding, checked, any other layer refused. A folder's\n"
+               "         hadamard_packing.json rotation is applied to the layers it folds.\n"
                "       bitnet-convert IN OUT.gguf --to gguf [--gguf-type TQ2_0|TQ1_0|I2_S] [--gguf-float-type F32|F16|BF16]\n"
                "                      [--gguf-tokenizer-from VOCAB.gguf] [--gguf-arch llama|bitnet-b1.58|bitnet-25]\n"
                "                      [--exclude PATTERN ...] [--no-default-excludes] [--force]\n"
@@ -403,6 +410,21 @@ int run(int argc, char** argv) {
       const auto type = st::parse_dtype(args[++i]);
       if (!type || (*type != st::dtype::F32 && *type != st::dtype::BF16 && *type != st::dtype::F16)) return usage();
       opt.convert.scale_dtype = *type;
+    } else if (a == "--weight-scales" && has_value) {
+      const std::string_view v = args[++i];
+      if (v == "per_row") opt.convert.weight_scales = bitnet::weight_scaling::per_row;
+      else if (v == "per_group") opt.convert.weight_scales = bitnet::weight_scaling::per_group;
+      else if (v == "per_tensor") opt.convert.weight_scales = bitnet::weight_scaling::per_tensor;
+      else return usage();
+    } else if (a == "--group-size" && has_value) {
+      opt.convert.group_size = std::stoi(std::string(args[++i]));
+    } else if (a == "--activation-scales" && has_value) {
+      const std::string_view v = args[++i];
+      if (v == "per_block") opt.convert.activation_scales = bitnet::activation_scaling::per_block;
+      else if (v == "per_token") opt.convert.activation_scales = bitnet::activation_scaling::per_token;
+      else return usage();
+    } else if (a == "--exact") {
+      opt.convert.weights = bitnet::ternary_import::exact;
     } else if (a == "--to" && has_value) {
       const std::string_view v = args[++i];
       if (v == "gguf") opt.convert.format = bitnet::output_format::gguf;

@@ -57,6 +57,7 @@
 #include "hf_safetensors.hpp"
 #include "matrix.hpp"
 #include "quant.hpp"
+#include "replace_options.hpp"
 #include "safetensors.hpp"
 
 #if __has_include(<unistd.h>)
@@ -91,6 +92,22 @@ struct convert_options {
   std::function<bool()> cancelled{};
   /// What to write: the packed safetensors form (default) or one GGUF file (the gguf_* fields).
   output_format format = output_format::hf_packed;
+  /// Packed output: the scale granularity of the converted layers. per_tensor (the default) is the
+  /// transformers BitNet form, one weight_scale per tensor. per_row, or per_group with group_size
+  /// 32, 64, 128 or 256, is bitnet's group-scaled form (docs/safetensors.md): P.weight_scale holds
+  /// [out, groups] F32 magnitudes d (autobitlinear convention, scale_dtype F32), and config.json /
+  /// every file declare bitnet_weight_scales and bitnet_group_size. transformers cannot load it.
+  weight_scaling weight_scales = weight_scaling::per_tensor;
+  Index group_size = 0;
+  /// Recorded in the declaration for the layers built from the files (per_block needs per_group).
+  activation_scaling activation_scales = activation_scaling::per_token;
+  /// quantize: absmean per unit. exact: the weights are already ternary per unit (Ternary Bonsai's
+  /// unpacked FP16 / BF16 folders): codes and scales are read off with no rounding and checked
+  /// (codes x scales == the source weights bit for bit); any other layer is refused naming it, its
+  /// row and group, and nothing is written. Needs per_row or per_group. A weight the folder's
+  /// hadamard_packing.json declares folded ("fold-before-matmul") is converted with that rotation
+  /// either way, declared in bitnet_rotation with its signs in P.rotation_signs.
+  ternary_import weights = ternary_import::quantize;
   /// GGUF: the type of the ternary layers: TQ2_0 or TQ1_0 (mainline llama.cpp), I2_S (ik_llama.cpp,
   /// bitnet.cpp). Their block scale d = 1 / s is fp16 (TQ types) or float32 (I2_S).
   gguf::tensor_type gguf_ternary_type = gguf::tensor_type::TQ2_0;
@@ -119,6 +136,7 @@ struct converted_layer {
   std::string file;  // the output file that holds it
   Index out_features = 0, in_features = 0;
   double weight_scale = 0;      // as stored, in the output's convention and scale_dtype (GGUF: d = 1 / s)
+                                // (per_row / per_group layers: the mean of their unit scales d)
   double scale_rounding = 0;    // relative change of the scale by scale_dtype (GGUF: of d by fp16 / float32)
   double zero_fraction = 0;     // of the ternary codes
   double relative_error = 0;    // ||W - q / s|| / ||W|| (0 for a layer that was packed already)
@@ -318,8 +336,17 @@ struct layer_record {
   converted_layer layer;
   float stored_scale = 0;
   std::uint64_t codes_fingerprint = 0;
+  std::uint64_t unit_scales_fingerprint = 0;  // per_row / per_group layers: of the F32 scales as stored
+  std::optional<hadamard_rotation> rotation;
   probe_record probe;
 };
+
+template <class T>
+std::uint64_t fingerprint_values(const T* data, Index count) {
+  fingerprint f;
+  f.add(std::as_bytes(std::span(data, std::size_t(count))));
+  return f.value;
+}
 
 /// The whole conversion, one object per call.
 class converter {
@@ -371,6 +398,7 @@ class converter {
 
  private:
   bool offline() const { return opt_.mode == hf::quantization_mode::offline; }
+  bool units() const { return opt_.weight_scales != weight_scaling::per_tensor; }
 
   void check_cancel() const {
     if (opt_.cancelled && opt_.cancelled())
@@ -407,6 +435,13 @@ class converter {
     hf::quantization_config& config = report_.config;
     config.linear_class = offline() ? opt_.scale_convention : hf::scale_convention::autobitlinear;
     config.mode = opt_.mode;
+    config.weight_scales = opt_.weight_scales;
+    config.group_size = opt_.group_size;
+    config.activation_scales = opt_.activation_scales;
+    if (in.folded())
+      report_.notes.push_back(in.folded()->source + ": the rotation it declares is applied to the converted layers "
+                              "it folds (bitnet_rotation); the file is copied, so tensors kept dense stay as it "
+                              "describes them");
     std::vector<std::string> converted;
     std::set<std::string> kept;
     for (const std::string& rule : opt_.exclude) report_.exclude_matches.push_back({rule, {}});
@@ -431,6 +466,14 @@ class converter {
       }
       const std::string module = module_of(t->name);
       converted.push_back(module);
+      if (offline() && in.folded_role(t->name) == "fold-before-matmul") {
+        (void)in.folded_rotation(t->name, Index(t->shape[1]));  // refused now if it cannot be built
+        if (!config.rotation) config.rotation = hf::rotation_declaration{in.folded()->block_size, {}};
+        config.rotation->layers.push_back(module);
+      } else if (!in.folded_role(t->name).empty()) {
+        throw io_error(in.folded()->source + ": declares the linear weight \"" + t->name + "\" " +
+                       std::string(in.folded_role(t->name)) + ", which a converted layer cannot apply");
+      }
       if (offline() && t->shape[0] % 4 != 0) {
         config.out_features[module] = Index(t->shape[0]);
         report_.notes.push_back("warning: " + module + ": out_features " + std::to_string(t->shape[0]) +
@@ -448,6 +491,7 @@ class converter {
                               "transformers keeps it dense");
     }
     config.modules_to_not_convert.assign(kept.begin(), kept.end());
+    if (config.rotation) std::sort(config.rotation->layers.begin(), config.rotation->layers.end());  // as files read back
     if (offline())
       for (const std::string& layer : converted)
         if (transformers_keeps_dense(layer, config.modules_to_not_convert))
@@ -476,7 +520,7 @@ class converter {
     std::vector<st::tensor_spec> specs;
     for (const st::tensor_info& t : in.tensors()) {
       if (offline() && converts(t))
-        hf::declare_packed_layer(specs, module_of(t.name), Index(t.shape[0]), Index(t.shape[1]), false, opt_.scale_dtype);
+        declare_layer(model, specs, t);
       else if (scaled_bias(model, t))
         specs.push_back({t.name, st::dtype::F32, t.shape});
       else
@@ -507,11 +551,25 @@ class converter {
     out.finish();
   }
 
+  /// The tensors of the converted layer of weight `t`: packed codes, its scale (one, or [out, groups]),
+  /// its rotation's signs when the folder folds it.
+  void declare_layer(const hf::checkpoint& model, std::vector<st::tensor_spec>& specs, const st::tensor_info& t) const {
+    const std::string module = module_of(t.name);
+    const Index out = Index(t.shape[0]), in = Index(t.shape[1]);
+    hf::declare_packed_layer(specs, module, out, in, false, opt_.scale_dtype);
+    if (units())
+      specs[specs.size() - 1].shape = {std::uint64_t(out), std::uint64_t(bitnet::detail::unit_count(
+                                                               in, bitnet::detail::unit_columns(opt_.weight_scales,
+                                                                                                opt_.group_size, in)))};
+    if (model.folded_role(t.name) == "fold-before-matmul")
+      specs.push_back({module + std::string(hf::rotation_signs_suffix), st::dtype::I8, {std::uint64_t(in)}});
+  }
+
   /// The bias of a converted layer in the autobitlinear convention (stored as b * s, in F32);
   /// the bitlinear convention stores b itself (a byte-for-byte copy).
   bool scaled_bias(const hf::checkpoint& model, const st::tensor_info& t) const {
-    if (!offline() || opt_.scale_convention != hf::scale_convention::autobitlinear || !t.name.ends_with(".bias"))
-      return false;
+    if (!offline() || units() || opt_.scale_convention != hf::scale_convention::autobitlinear || !t.name.ends_with(".bias"))
+      return false;  // unit layers store the bias as it is added
     const st::tensor_info* weight = model.find(module_of(t.name) + ".weight");
     return weight && converts(*weight);
   }
@@ -565,6 +623,8 @@ class converter {
     const Matrix<float> w = in.read_matrix<float>(t.name);
     require_finite(w, in, t.name);
     const std::optional<Vector<float>> bias = read_bias_if_any(model, module, w.rows());
+    if (units() || model.folded_role(t.name) == "fold-before-matmul")
+      return convert_unit_layer(model, in, t, w, bias, out, shard);
     const auto q = quantize_weights(w);
     const auto [exact, stored, scale] = stored_scale(w, module, q.scale);
     scales_.emplace(module, scale);
@@ -594,6 +654,62 @@ class converter {
     tick(t.byte_size(), &report_.layers.back());
   }
 
+  /// A layer with unit scales or a rotation: quantized per unit, or imported exactly (checked:
+  /// codes x scales == w bit for bit), written with hf::to_packed.
+  void convert_unit_layer(const hf::checkpoint& model, const st::reader& in, const st::tensor_info& t,
+                          const Matrix<float>& w, const std::optional<Vector<float>>& bias, st::writer& out,
+                          const std::string& shard) {
+    const std::string module = module_of(t.name);
+    bitlinear_options options;
+    options.weight_scales = opt_.weight_scales;
+    options.group_size = opt_.group_size;
+    options.activation_scales = opt_.activation_scales;
+    options.rotation = model.folded_rotation(t.name, w.cols());
+    const bool exact = opt_.weights == ternary_import::exact;
+    const BitLinear<float> layer = [&] {
+      try {
+        if (exact) return BitLinear<float>::from_exact_ternary(w, bias, options, module);
+        BitLinear<float> quantized(w, bias, options);
+        quantized.release_latent_weights();
+        return quantized;
+      } catch (const value_error& e) {
+        throw value_error(in.source_name() + ": tensor \"" + t.name + "\": " + e.what() + "; nothing was written");
+      }
+    }();
+    const Matrix<float> dequantized = layer.dequantized_weight();
+    if (exact && !(dequantized == w))  // from_exact_ternary promises it; the converter proves it
+      throw value_error(in.source_name() + ": tensor \"" + t.name + "\": the exact import does not reproduce the "
+                        "weights; nothing was written");
+    hf::packed_layer<float> packed = hf::to_packed(layer, opt_.scale_convention);
+    packed.bias.reset();  // the bias tensor is written where the file has it (convert_file)
+    hf::write_packed_layer(out, module, packed);
+    double error2 = 0, norm2 = 0;
+    Index zeros = 0;
+    const Matrix<std::int8_t> codes = layer.ternary_weight();
+    for (Index i = 0; i < w.size(); ++i) {
+      const double v = w.data()[i], r = dequantized.data()[i];
+      error2 += (v - r) * (v - r);
+      norm2 += v * v;
+      zeros += codes.data()[i] == 0;
+    }
+    layer_record record;
+    double mean_scale = 0;
+    if (units()) mean_scale = double(packed.unit_scales.cast<double>().mean());
+    else mean_scale = double(packed.weight_scale);
+    record.layer = {module, shard, w.rows(), w.cols(), mean_scale, 0.0, double(zeros) / double(w.size()),
+                    norm2 > 0 ? std::sqrt(error2 / norm2) : 0.0, bias.has_value()};
+    record.stored_scale = units() ? 0.0f : packed.weight_scale;
+    record.codes_fingerprint = fingerprint_values(codes.data(), codes.size());
+    if (units()) record.unit_scales_fingerprint = fingerprint_values(packed.unit_scales.data(), packed.unit_scales.size());
+    else scales_.emplace(module, layer.weight_scale());
+    record.rotation = options.rotation;
+    record.probe.seed = std::uint32_t(records_.size() + 1);
+    record.probe.expected = layer.forward(probe_input(record.probe.seed, w.cols()));
+    records_.push_back(std::move(record));
+    report_.layers.push_back(records_.back().layer);
+    tick(t.byte_size(), &report_.layers.back());
+  }
+
   /// Reopens the output (full validation, index and config.json included) and checks it: the declared
   /// quantization_config is the one used, every converted layer unpacks to the computed codes and
   /// scale and computes the source layer's outputs (bias included) from what any reader finds in the
@@ -612,7 +728,12 @@ class converter {
       const Matrix<std::int8_t> codes = hf::unpack_weights(packed.weight, layer.out_features);
       fingerprint f;
       f.add(std::as_bytes(std::span(codes.data(), std::size_t(codes.size()))));
-      if (f.value != record.codes_fingerprint || packed.weight_scale != record.stored_scale ||
+      const bool scales_differ =
+          packed.weight_scales != report_.config.weight_scales ||
+          (packed.weight_scales == weight_scaling::per_tensor
+               ? packed.weight_scale != record.stored_scale
+               : fingerprint_values(packed.unit_scales.data(), packed.unit_scales.size()) != record.unit_scales_fingerprint);
+      if (f.value != record.codes_fingerprint || scales_differ || packed.rotation != record.rotation ||
           codes.cols() != layer.in_features || packed.out_features != layer.out_features ||
           packed.convention != *report_.config.linear_class || packed.bias.has_value() != layer.has_bias)
         throw io_error(output.string() + ": verification failed for layer " + layer.name + ": codes, scale or shape differ");
@@ -1322,6 +1443,21 @@ inline convert_report convert_model(const std::filesystem::path& input, const st
                       std::string(safetensors::dtype_name(options.scale_dtype)));
   for (const std::string& rule : options.exclude)
     if (rule.empty()) throw value_error("convert_model: an empty exclude rule would exclude every layer");
+  if (options.weight_scales != weight_scaling::per_tensor) {
+    bitnet::detail::check_unit_scaling(options.weight_scales, options.group_size, "convert_model");
+    if (options.format != output_format::hf_packed || options.mode != hf::quantization_mode::offline ||
+        options.scale_convention != hf::scale_convention::autobitlinear || options.scale_dtype != safetensors::dtype::F32)
+      throw value_error("convert_model: per_row / per_group scales are written in bitnet's packed safetensors form "
+                        "only (format hf_packed, mode offline), as F32 magnitudes (scale_convention autobitlinear, "
+                        "scale_dtype F32)");
+  } else if (options.group_size != 0) {
+    throw value_error("convert_model: group_size " + std::to_string(options.group_size) + " needs weight_scales per_group");
+  }
+  if (options.activation_scales == activation_scaling::per_block && options.weight_scales != weight_scaling::per_group)
+    throw value_error("convert_model: per_block activation scales need weight_scales per_group (the blocks are the groups)");
+  if (options.weights == ternary_import::exact && options.weight_scales == weight_scaling::per_tensor)
+    throw value_error("convert_model: ternary_import::exact needs weight_scales per_row or per_group (one scale per "
+                      "tensor stores 1 / d, which does not reproduce d exactly)");
   if (options.format != output_format::gguf && (options.gguf_float_type || options.gguf_tokenizer_from || options.gguf_arch))
     throw value_error("convert_model: gguf_float_type / gguf_tokenizer_from / gguf_arch apply to GGUF output (format gguf) only");
   if (options.format == output_format::gguf) {

@@ -119,6 +119,20 @@ inline constexpr std::string_view mode_name(quantization_mode mode) noexcept {
   return mode == quantization_mode::online ? "online" : "offline";
 }
 
+/// The name of the rotation bitnet reads and writes: R x = H_b (s . x) / sqrt(b) per block
+/// (rotation.hpp), as PrismML's hadamard_packing.json names it.
+inline constexpr std::string_view hadamard_transform_name = "normalized-signed-sylvester-walsh-hadamard";
+
+/// The tensor that holds a rotated layer's signs: P + rotation_signs_suffix (I8, in_features values).
+inline constexpr std::string_view rotation_signs_suffix = ".rotation_signs";
+
+/// How the packed layers of a file are rotated (quantization_config "bitnet_rotation").
+struct rotation_declaration {
+  Index block_size = 0;
+  std::vector<std::string> layers{};  // module names ("model.layers.0.mlp.up_proj"), sorted
+  friend bool operator==(const rotation_declaration&, const rotation_declaration&) = default;
+};
+
 /// The "quantization_config" block of a model's config.json, as transformers' BitNetQuantConfig
 /// reads it (quant_method "bitnet"). bitnet writes it into config.json and, as a JSON string under
 /// the same key, into the "__metadata__" of every safetensors file it writes packed layers to, so
@@ -138,6 +152,19 @@ struct quantization_config {
   /// bitnet's own key "bitnet_out_features": the out_features of packed layers that are not a
   /// multiple of 4, which the packed rows (ceil(out/4)) cannot tell. transformers ignores it.
   std::map<std::string, Index, std::less<>> out_features{};
+  /// bitnet's own keys for unit-scaled layers (transformers ignores them, and cannot load such a
+  /// layer: docs/safetensors.md). "bitnet_weight_scales": "per_row" or "per_group" (absent: one
+  /// weight_scale per tensor, the BitNet form); then P.weight_scale is [out, 1] or [out, ceil(in / G)]
+  /// magnitudes d (weight = code * d), which needs linear_class "autobitlinear" (the multiplying one).
+  weight_scaling weight_scales = weight_scaling::per_tensor;
+  /// "bitnet_group_size": G for per_group (32, 64, 128 or 256), else absent.
+  Index group_size = 0;
+  /// "bitnet_activation_scales": "per_token" (absent) or "per_block".
+  activation_scaling activation_scales = activation_scaling::per_token;
+  /// "bitnet_rotation": the input rotation of rotated layers (rotation.hpp), {"transform":
+  /// "normalized-signed-sylvester-walsh-hadamard", "block_size": b, "layers": [module names]}; each
+  /// listed layer P stores its n signs as the I8 tensor P.rotation_signs. Empty: no layer is rotated.
+  std::optional<rotation_declaration> rotation{};
 };
 
 namespace detail {
@@ -209,6 +236,23 @@ inline std::string to_json(const quantization_config& config) {
     }
     out += '}';
   }
+  if (config.weight_scales != weight_scaling::per_tensor) {
+    out += ", \"bitnet_weight_scales\": ";
+    detail::append_json_string(out, bitnet::detail::scaling_name(config.weight_scales));
+    if (config.weight_scales == weight_scaling::per_group)
+      out += ", \"bitnet_group_size\": " + std::to_string(config.group_size);
+  }
+  if (config.activation_scales == activation_scaling::per_block) out += ", \"bitnet_activation_scales\": \"per_block\"";
+  if (config.rotation) {
+    out += ", \"bitnet_rotation\": {\"transform\": ";
+    detail::append_json_string(out, hadamard_transform_name);
+    out += ", \"block_size\": " + std::to_string(config.rotation->block_size) + ", \"layers\": [";
+    for (std::size_t i = 0; i < config.rotation->layers.size(); ++i) {
+      if (i) out += ", ";
+      detail::append_json_string(out, config.rotation->layers[i]);
+    }
+    out += "]}";
+  }
   return out += '}';
 }
 
@@ -225,8 +269,17 @@ struct packed_layer {
   Matrix<std::uint8_t> weight;    // ceil(out/4) x in
   Index out_features = 0;
   T weight_scale = 1;             // in `convention`
-  std::optional<Vector<T>> bias;  // as stored (autobitlinear: b * s, so that (.. + b_stored) * m = .. + b)
+  std::optional<Vector<T>> bias;  // as stored (per_tensor autobitlinear: b * s, so that (.. + b_stored) * m = .. + b)
   scale_convention convention = default_scale_convention;
+  /// per_row / per_group (the file's bitnet_weight_scales): weight_scale is unused, and unit_scales
+  /// holds the out x groups magnitudes d (weight = code * d; always the autobitlinear, multiplying,
+  /// convention); the bias is stored as it is added (unscaled).
+  weight_scaling weight_scales = weight_scaling::per_tensor;
+  Index group_size = 0;
+  Matrix<T> unit_scales{};
+  activation_scaling activation_scales = activation_scaling::per_token;
+  /// The layer's input rotation (the file's bitnet_rotation and P.rotation_signs).
+  std::optional<hadamard_rotation> rotation{};
 };
 
 namespace detail {
@@ -261,10 +314,29 @@ T mean_for_scale(T scale) {
 /// T(1) / m == weight_scale() (detail::mean_for_scale). Either way loading gives back the same
 /// scale, except for the rare scale that is no float's rounded reciprocal (never one quantization
 /// produced, nor one read from an autobitlinear file), which comes back 1 ulp off.
+///
+/// A per_row / per_group layer keeps its unit scales d and its bias as they are, in the
+/// autobitlinear convention only (d multiplies; 1 / d is not exact): another convention is a
+/// value_error. Its activation_scales and rotation travel with it (any layer's rotation does).
 template <real_scalar T>
 packed_layer<T> to_packed(const BitLinear<T>& layer, scale_convention convention = default_scale_convention) {
+  const bitlinear_options& options = layer.options();
+  if (options.weight_scales != weight_scaling::per_tensor) {
+    if (convention != scale_convention::autobitlinear)
+      throw value_error("hf::to_packed: a " + bitnet::detail::scaling_name(options.weight_scales) +
+                        " layer stores its unit scales d as magnitudes (the autobitlinear convention); the "
+                        "bitlinear convention would store 1 / d, which does not give d back exactly");
+    packed_layer<T> result{pack_weights(layer.ternary_weight()), layer.out_features(), T(0), layer.bias(), convention};
+    result.weight_scales = options.weight_scales;
+    result.group_size = options.group_size;
+    result.unit_scales = layer.unit_scales();
+    result.activation_scales = options.activation_scales;
+    result.rotation = options.rotation;
+    return result;
+  }
   packed_layer<T> result{pack_weights(layer.ternary_weight()), layer.out_features(), layer.weight_scale(),
                          layer.bias(), convention};
+  result.rotation = options.rotation;
   if (convention == scale_convention::autobitlinear) {
     result.weight_scale = layer.has_latent_weights()
                               ? std::max(static_cast<T>(bitnet::detail::mean_abs(layer.weight())), scale_floor<T>)
@@ -282,8 +354,23 @@ packed_layer<T> to_packed(const BitLinear<T>& layer, scale_convention convention
 /// applies when quantizing, not to a stored m. The autobitlinear bias b_stored is read as
 /// b_stored * m (one more rounding). Throws value_error for a scale that is not finite and > 0
 /// (or an m whose reciprocal overflows T), and what unpack_weights and from_ternary throw.
+///
+/// The layer's weight_scales, group_size, activation_scales and rotation are the packed layer's
+/// (the file's declaration); `options` gives the rest (rms_norm, rms_eps). A per_row / per_group
+/// layer is from_ternary(codes, unit_scales) (its convention must be autobitlinear, else value_error).
 template <real_scalar T>
 BitLinear<T> to_bit_linear(const packed_layer<T>& packed, bitlinear_options options = {}) {
+  options.weight_scales = packed.weight_scales;
+  options.group_size = packed.group_size;
+  options.activation_scales = packed.activation_scales;
+  options.rotation = packed.rotation;
+  if (packed.weight_scales != weight_scaling::per_tensor) {
+    if (packed.convention != scale_convention::autobitlinear)
+      throw value_error("hf::to_bit_linear: unit scales are magnitudes d (autobitlinear); the bitlinear "
+                        "convention has no unit-scaled form");
+    return BitLinear<T>::from_ternary(unpack_weights(packed.weight, packed.out_features), packed.unit_scales,
+                                      packed.bias, options);
+  }
   const T stored = packed.weight_scale;
   if (!std::isfinite(stored) || !(stored > 0))
     throw value_error("hf::to_bit_linear: weight_scale " + std::to_string(stored) + " is not finite and > 0");

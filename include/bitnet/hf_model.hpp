@@ -8,7 +8,9 @@
 // Needs nlohmann/json (CMake target bitnet::safetensors).
 #pragma once
 
+#include <charconv>
 #include <cstddef>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -32,6 +34,20 @@ namespace bitnet::hf {
 inline constexpr std::string_view config_file_name = "config.json";
 inline constexpr std::string_view single_file_name = "model.safetensors";
 inline constexpr std::string_view index_file_name = "model.safetensors.index.json";
+/// PrismML's declaration of the rotations folded into a folder's weights (docs/rotation.md).
+inline constexpr std::string_view hadamard_packing_file_name = "hadamard_packing.json";
+
+/// What a folder's hadamard_packing.json declares: the rotation R = H_b diag(s) / sqrt(b) per block
+/// (rotation.hpp) folded into listed tensors. "fold-before-matmul": a linear weight stored as
+/// W R^T, whose layer must rotate its input (bitlinear_options::rotation); "inverse-after-lookup":
+/// a table whose looked-up rows must be multiplied by R^T.
+struct folded_rotations {
+  std::string source;  // the file, for messages
+  Index block_size = 0;
+  bool identity_signs = false;                                      // sign_mode "identity"
+  std::map<Index, std::vector<std::int8_t>> signs{};                // sign_mode "explicit": by input width
+  std::map<std::string, std::string, std::less<>> roles{};          // tensor name -> role
+};
 
 namespace detail {
 
@@ -56,6 +72,90 @@ inline bool plain_file_name(std::string_view name) {
 
 }  // namespace detail
 
+namespace detail {
+
+/// Parses hadamard_packing.json (schema_version 1 or 2, kind "hadamard-weight-fold"). Everything
+/// bitnet applies must be understood: another kind, transform, sign mode, axis or role, a sign that
+/// is not +-1, an explicit width without signs: io_error naming the file and the key.
+inline folded_rotations parse_hadamard_packing(const std::filesystem::path& path) {
+  folded_rotations result;
+  result.source = path.string();
+  const auto fail = [&](const std::string& key, const std::string& rule) -> void {
+    throw io_error(result.source + ": " + key + " " + rule + " (bitnet refuses a rotation it cannot interpret)");
+  };
+  std::optional<std::uint64_t> schema;
+  std::string kind, transform, sign_mode;
+  struct entry {
+    std::string name, role;
+    std::optional<std::int64_t> axis;
+  };
+  std::vector<entry> tensors;
+  bitnet::detail::parse_json_leaves(
+      read_text_file(path), result.source,
+      [&](const bitnet::detail::json_leaf& leaf) {
+        const std::vector<std::string>& at = leaf.path;
+        const auto* text = std::get_if<std::string>(&leaf.value);
+        const auto* count = std::get_if<std::uint64_t>(&leaf.value);
+        const auto* negative = std::get_if<std::int64_t>(&leaf.value);
+        if (at.size() == 1 && at[0] == "schema_version") {
+          if (!count) fail("schema_version", "is not an integer");
+          schema = *count;
+        } else if (at.size() == 1 && at[0] == "kind") {
+          if (!text) fail("kind", "is not a string");
+          kind = *text;
+        } else if (at.size() == 2 && at[0] == "transform") {
+          if (at[1] == "name" && text) transform = *text;
+          else if (at[1] == "block_size" && count && *count <= std::uint64_t(hadamard_rotation::max_block_size)) result.block_size = Index(*count);
+          else if (at[1] == "sign_mode" && text) sign_mode = *text;
+          else fail("transform." + at[1], "is not understood");
+        } else if (at.size() == 3 && at[0] == "signs" && at[2] == "[]") {
+          const std::int64_t value = count ? std::int64_t(*count) : negative ? *negative : 0;
+          if (value != 1 && value != -1) fail("signs." + at[1], "holds a value that is not +1 or -1");
+          Index width = 0;
+          const auto parsed = std::from_chars(at[1].data(), at[1].data() + at[1].size(), width);
+          if (parsed.ec != std::errc() || parsed.ptr != at[1].data() + at[1].size() || width <= 0)
+            fail("signs." + at[1], "is not keyed by an input width");
+          result.signs[width].push_back(std::int8_t(value));
+        } else if (at.size() == 3 && at[0] == "tensors" && at[1] == "[]") {
+          if (tensors.empty()) fail("tensors", "is not a list of objects");
+          if (at[2] == "name" && text) tensors.back().name = *text;
+          else if (at[2] == "role" && text) tensors.back().role = *text;
+          else if (at[2] == "axis" && (negative || count)) tensors.back().axis = negative ? *negative : std::int64_t(*count);
+          else fail("tensors[]." + at[2], "is not understood");
+        } else if (!at.empty() && (at[0] == "signs" || at[0] == "tensors" || at[0] == "transform")) {
+          fail(at[0], "is malformed");
+        }
+      },
+      [&](const std::vector<std::string>& at, bitnet::detail::json_container kind_of) {
+        if (at.size() == 2 && at[0] == "tensors" && at[1] == "[]" && kind_of == bitnet::detail::json_container::object)
+          tensors.emplace_back();
+      });
+  if (!schema || (*schema != 1 && *schema != 2)) fail("schema_version", "must be 1 or 2");
+  if (kind != "hadamard-weight-fold") fail("kind", "must be \"hadamard-weight-fold\", got \"" + kind + "\"");
+  if (transform != hadamard_transform_name)
+    fail("transform.name", "must be \"" + std::string(hadamard_transform_name) + "\", got \"" + transform + "\"");
+  if (result.block_size < hadamard_rotation::min_block_size || (result.block_size & (result.block_size - 1)) != 0)
+    fail("transform.block_size", "must be a power of two in [2, 32768]");
+  if (sign_mode != "identity" && sign_mode != "explicit")
+    fail("transform.sign_mode", "must be \"identity\" or \"explicit\", got \"" + sign_mode + "\"");
+  result.identity_signs = sign_mode == "identity";
+  if (result.identity_signs && !result.signs.empty()) fail("signs", "are given with sign_mode \"identity\"");
+  for (const auto& [width, values] : result.signs)
+    if (Index(values.size()) != width)
+      fail("signs." + std::to_string(width), "holds " + std::to_string(values.size()) + " values");
+  for (const entry& t : tensors) {
+    if (t.name.empty()) fail("tensors[]", "has an entry without a name");
+    if (!t.axis || *t.axis != -1) fail("tensors[" + t.name + "].axis", "must be -1 (the input axis)");
+    if (t.role != "fold-before-matmul" && t.role != "inverse-after-lookup")
+      fail("tensors[" + t.name + "].role", "must be \"fold-before-matmul\" or \"inverse-after-lookup\", got \"" +
+                                               t.role + "\"");
+    if (!result.roles.emplace(t.name, t.role).second) fail("tensors[" + t.name + "]", "is listed twice");
+  }
+  return result;
+}
+
+}  // namespace detail
+
 /// The weights of a model, from one safetensors file or a model folder. Opening validates every
 /// file header and, for a folder, that the index and the shards agree exactly (every listed tensor
 /// is in its shard, every tensor of a shard is listed there, no tensor is in two shards), and that
@@ -72,6 +172,8 @@ class checkpoint {
       return;
     }
     folder_ = true;
+    const auto packing = path / hadamard_packing_file_name;
+    if (std::filesystem::exists(packing, ec)) folded_ = detail::parse_hadamard_packing(packing);
     const auto config = path / config_file_name;
     if (std::filesystem::exists(config, ec)) {
       config_path_ = config;
@@ -93,6 +195,10 @@ class checkpoint {
       open_index(path, index);
     }
     for (const safetensors::reader& shard : shards_) declare(declared_quantization(shard), shard.source_name());
+    if (folded_)
+      for (const auto& [tensor, role] : folded_->roles)
+        if (!contains(tensor))
+          throw io_error(folded_->source + ": lists tensor \"" + tensor + "\", which the model does not hold");
   }
 
   /// One open file (copies of a reader share the open file).
@@ -154,6 +260,32 @@ class checkpoint {
   scale_convention convention(std::optional<scale_convention> requested) const {
     return resolve_scale_convention(declared_, declared_where_.empty() ? name_ : declared_where_, requested);
   }
+  /// The folder's hadamard_packing.json, when it has one.
+  const std::optional<folded_rotations>& folded() const noexcept { return folded_; }
+  /// The role hadamard_packing.json gives tensor `name` ("fold-before-matmul", "inverse-after-lookup"),
+  /// empty when it lists no such tensor.
+  std::string_view folded_role(std::string_view name) const noexcept {
+    if (!folded_) return {};
+    const auto found = folded_->roles.find(name);
+    return found == folded_->roles.end() ? std::string_view() : std::string_view(found->second);
+  }
+  /// The rotation a layer whose weight `name` is folded ("fold-before-matmul") must apply to its
+  /// `in_features` inputs; empty when the tensor is not folded. Throws io_error when the file has no
+  /// signs of that width (explicit mode) or the block does not divide it.
+  std::optional<hadamard_rotation> folded_rotation(std::string_view name, Index in_features) const {
+    if (folded_role(name) != "fold-before-matmul") return std::nullopt;
+    try {
+      if (folded_->identity_signs) return hadamard_rotation::identity_signs(in_features, folded_->block_size);
+      const auto found = folded_->signs.find(in_features);
+      if (found == folded_->signs.end())
+        throw io_error("signs has no vector of width " + std::to_string(in_features));
+      return hadamard_rotation(folded_->block_size, found->second);
+    } catch (const error& e) {
+      throw io_error(folded_->source + ": tensor \"" + std::string(name) + "\" (" + std::to_string(in_features) +
+                     " inputs): " + e.what());
+    }
+  }
+
   /// The out_features a declaration gives for a packed layer (bitnet_out_features), or 0.
   Index declared_out_features(std::string_view layer) const {
     if (!declared_) return 0;
@@ -229,6 +361,16 @@ class checkpoint {
     if (config->linear_class && declared_->linear_class && *config->linear_class != *declared_->linear_class)
       conflict("linear_class", convention_name(*declared_->linear_class), convention_name(*config->linear_class));
     if (config->mode != declared_->mode) conflict("quantization_mode", mode_name(declared_->mode), mode_name(config->mode));
+    if (config->weight_scales != declared_->weight_scales || config->group_size != declared_->group_size)
+      conflict("bitnet_weight_scales / bitnet_group_size",
+               bitnet::detail::scaling_name(declared_->weight_scales) + " " + std::to_string(declared_->group_size),
+               bitnet::detail::scaling_name(config->weight_scales) + " " + std::to_string(config->group_size));
+    if (config->activation_scales != declared_->activation_scales)
+      conflict("bitnet_activation_scales",
+               declared_->activation_scales == activation_scaling::per_block ? "per_block" : "per_token",
+               config->activation_scales == activation_scaling::per_block ? "per_block" : "per_token");
+    if (config->rotation != declared_->rotation)
+      conflict("bitnet_rotation", declared_->rotation ? to_json(*declared_) : "none", config->rotation ? to_json(*config) : "none");
     if (!declared_->linear_class) declared_->linear_class = config->linear_class;
     for (const auto& [layer, out] : config->out_features) {
       const auto [it, inserted] = declared_->out_features.emplace(layer, out);
@@ -246,6 +388,7 @@ class checkpoint {
   std::map<std::string, std::size_t, std::less<>> where_;
   std::optional<quantization_config> declared_;
   std::string declared_where_;
+  std::optional<folded_rotations> folded_;
 };
 
 /// Reads the packed layer at `path` from the files of `model` that hold its tensors, in the convention the
@@ -255,7 +398,9 @@ template <real_scalar T>
 packed_layer<T> read_packed_layer(const checkpoint& model, std::string_view path, Index out_features = 0,
                                   std::optional<scale_convention> convention = std::nullopt) {
   const scale_convention resolved = model.convention(convention);
-  return detail::read_packed_from<T>(model, path, out_features, resolved, model.declared_out_features(path));
+  return detail::read_packed_from<T>(model, path, out_features, resolved, model.quantization(),
+                                     model.quantization_source().empty() ? model.source_name()
+                                                                         : model.quantization_source());
 }
 
 /// The BitLinear the packed layer at `path` of `model` describes (hf::to_bit_linear).

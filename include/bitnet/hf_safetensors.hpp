@@ -44,6 +44,10 @@ class quantization_config_collector {
     if (path == prefix_) {
       if (kind != bitnet::detail::json_container::object) fail("", "is not an object");
       present_ = true;
+    } else if (path.size() == prefix_.size() + 1 && std::equal(prefix_.begin(), prefix_.end(), path.begin()) &&
+               path.back() == "bitnet_rotation") {
+      if (kind != bitnet::detail::json_container::object) fail("bitnet_rotation", "is not an object");
+      config_.rotation.emplace();
     }
   }
 
@@ -89,12 +93,51 @@ class quantization_config_collector {
       if (depth != 2 || !count || *count == 0 || *count > std::uint64_t(std::numeric_limits<Index>::max()))
         fail(field, "must map layer names to positive integers");
       config_.out_features[path[prefix_.size() + 1]] = Index(*count);
+    } else if (field == "bitnet_weight_scales" && depth == 1) {
+      if (!text || (*text != "per_tensor" && *text != "per_row" && *text != "per_group"))
+        fail(field, "must be \"per_tensor\", \"per_row\" or \"per_group\"");
+      config_.weight_scales = *text == "per_group" ? weight_scaling::per_group
+                              : *text == "per_row" ? weight_scaling::per_row
+                                                   : weight_scaling::per_tensor;
+    } else if (field == "bitnet_group_size" && depth == 1) {
+      const auto* size = std::get_if<std::uint64_t>(&leaf.value);
+      if (!size || *size > 4096) fail(field, "is not a group size (32, 64, 128 or 256)");
+      config_.group_size = Index(*size);
+    } else if (field == "bitnet_activation_scales" && depth == 1) {
+      if (!text || (*text != "per_token" && *text != "per_block")) fail(field, "must be \"per_token\" or \"per_block\"");
+      config_.activation_scales = *text == "per_block" ? activation_scaling::per_block : activation_scaling::per_token;
+    } else if (field == "bitnet_rotation") {
+      rotation_leaf(leaf, depth);
     }
   }
 
+  /// The block, checked as a whole: a declaration bitnet cannot interpret is refused, never guessed.
   std::optional<quantization_config> result() const {
     if (!present_) return std::nullopt;
-    return config_;
+    if (config_.weight_scales == weight_scaling::per_group) {
+      if (config_.group_size < min_group_size || config_.group_size > max_group_size ||
+          (config_.group_size & (config_.group_size - 1)) != 0)
+        fail("bitnet_group_size", "must be 32, 64, 128 or 256 with bitnet_weight_scales \"per_group\", got " +
+                                      std::to_string(config_.group_size));
+    } else if (config_.group_size != 0) {
+      fail("bitnet_group_size", "is given, but bitnet_weight_scales is not \"per_group\"");
+    }
+    if (config_.activation_scales == activation_scaling::per_block && config_.weight_scales != weight_scaling::per_group)
+      fail("bitnet_activation_scales", "\"per_block\" needs bitnet_weight_scales \"per_group\" (the blocks are the groups)");
+    if (config_.weight_scales != weight_scaling::per_tensor && config_.linear_class &&
+        *config_.linear_class != scale_convention::autobitlinear)
+      fail("bitnet_weight_scales", "unit scales are magnitudes d (weight = code * d): linear_class must be "
+                                   "\"autobitlinear\", not \"bitlinear\"");
+    if (config_.rotation) {
+      if (!rotation_transform_)
+        fail("bitnet_rotation.transform", "is missing (bitnet reads \"" + std::string(hadamard_transform_name) + "\")");
+      const Index b = config_.rotation->block_size;
+      if (b < hadamard_rotation::min_block_size || b > hadamard_rotation::max_block_size || (b & (b - 1)) != 0)
+        fail("bitnet_rotation.block_size", "must be a power of two in [2, 32768], got " + std::to_string(b));
+    }
+    quantization_config config = config_;
+    if (config.rotation) std::sort(config.rotation->layers.begin(), config.rotation->layers.end());
+    return config;
   }
 
  private:
@@ -104,6 +147,28 @@ class quantization_config_collector {
     if (const auto* u = std::get_if<std::uint64_t>(&leaf.value)) return double(*u);
     return std::nullopt;
   }
+  void rotation_leaf(const bitnet::detail::json_leaf& leaf, std::size_t depth) {
+    const std::string& key = depth >= 2 ? leaf.path[prefix_.size() + 1] : std::string();
+    const auto* text = std::get_if<std::string>(&leaf.value);
+    if (depth == 2 && key == "transform") {
+      if (!text || *text != hadamard_transform_name)
+        fail("bitnet_rotation.transform", "names a rotation bitnet cannot apply (it reads \"" +
+                                              std::string(hadamard_transform_name) + "\")");
+      rotation_transform_ = true;
+    } else if (depth == 2 && key == "block_size") {
+      const auto* size = std::get_if<std::uint64_t>(&leaf.value);
+      if (!size || *size > std::uint64_t(hadamard_rotation::max_block_size))
+        fail("bitnet_rotation.block_size", "must be a power of two in [2, 32768]");
+      config_.rotation->block_size = Index(*size);
+    } else if (depth == 3 && key == "layers" && text) {
+      config_.rotation->layers.push_back(*text);
+    } else {
+      fail("bitnet_rotation" + (key.empty() ? std::string() : "." + key),
+           "is not understood (bitnet reads {\"transform\", \"block_size\", \"layers\": [names]}): refusing a "
+           "rotation it cannot interpret");
+    }
+  }
+
   [[noreturn]] void fail(std::string_view field, std::string_view rule) const {
     throw io_error(source_ + ": quantization_config" + (field.empty() ? std::string() : "." + std::string(field)) +
                    " " + std::string(rule));
@@ -113,6 +178,7 @@ class quantization_config_collector {
   std::string source_;
   quantization_config config_;
   bool present_ = false;
+  bool rotation_transform_ = false;
 };
 
 inline std::optional<quantization_config> parse_block(std::string_view json, std::string_view source,
@@ -189,35 +255,110 @@ inline scale_convention resolve_scale_convention(const std::optional<quantizatio
 /// and convention problems, shape_error for inconsistent shapes; unpacking checks the codes later.
 namespace detail {
 
+/// The rotation of the layer at `path`: its P.rotation_signs when the declaration lists the layer.
+/// A listed layer without its signs, or signs the declaration does not account for, is an io_error.
+template <class Source>
+std::optional<hadamard_rotation> read_rotation(const Source& file, std::string_view path, Index in_features,
+                                               const std::optional<quantization_config>& declared,
+                                               std::string_view where) {
+  const std::string signs_name = std::string(path) + std::string(rotation_signs_suffix);
+  const bool listed = declared && declared->rotation &&
+                      std::binary_search(declared->rotation->layers.begin(), declared->rotation->layers.end(), path);
+  const safetensors::tensor_info* signs = file.find(signs_name);
+  if (!listed) {
+    if (signs)
+      throw io_error(safetensors::detail::message(
+          file.source_name(), signs_name,
+          "holds a rotation's signs, but " + std::string(where) + " declares no rotation for \"" + std::string(path) +
+              "\" (quantization_config.bitnet_rotation.layers): refusing to guess whether the layer is rotated"));
+    return std::nullopt;
+  }
+  if (!signs)
+    throw io_error(std::string(where) + " declares \"" + std::string(path) + "\" rotated (bitnet_rotation), but " +
+                   file.source_name() + " has no tensor \"" + signs_name + "\" with its signs");
+  if (signs->type != safetensors::dtype::I8 || signs->shape != std::vector<std::uint64_t>{std::uint64_t(in_features)})
+    throw io_error(safetensors::detail::message(file.source_name(), signs_name,
+                                                "is " + std::string(safetensors::dtype_name(signs->type)) + " " +
+                                                    safetensors::detail::shape_text(signs->shape) + ", the signs of a " +
+                                                    std::to_string(in_features) + "-input layer are I8 [" +
+                                                    std::to_string(in_features) + "]"));
+  try {
+    return hadamard_rotation(declared->rotation->block_size, file.template read_values<std::int8_t>(signs_name));
+  } catch (const io_error&) {
+    throw;
+  } catch (const error& e) {
+    throw io_error(safetensors::detail::message(file.source_name(), signs_name, e.what()));
+  }
+}
+
 /// read_packed_layer over any source of named tensors (a reader, an hf::checkpoint whose layer may
-/// span files), with the convention already resolved and the declared out_features (or 0).
+/// span files), with the convention already resolved and the declaration (found at `where`) that
+/// says how the layer's scales, activations and rotation are stored: the tensors must agree with it.
 template <real_scalar T, class Source>
 packed_layer<T> read_packed_from(const Source& file, std::string_view path, Index out_features,
-                                 scale_convention convention, Index declared_out_features) {
+                                 scale_convention convention, const std::optional<quantization_config>& declared,
+                                 std::string_view where) {
   const std::string prefix(path);
+  const auto refuse = [&](const std::string& tensor, const std::string& rule) {
+    throw io_error(safetensors::detail::message(file.source_name(), tensor, rule));
+  };
   const safetensors::tensor_info& weight = file.info(prefix + ".weight");
   if (weight.type != safetensors::dtype::U8)
-    throw io_error(safetensors::detail::message(file.source_name(), weight.name,
-                                                "is " + std::string(safetensors::dtype_name(weight.type)) +
-                                                    ", a packed BitNet weight must be U8"));
+    refuse(weight.name, "is " + std::string(safetensors::dtype_name(weight.type)) + ", a packed BitNet weight must be U8");
   packed_layer<T> layer;
   layer.weight = file.template read_matrix<std::uint8_t>(weight.name);
-  const std::vector<T> scale = file.template read_values<T>(prefix + ".weight_scale");
-  if (scale.size() != 1)
-    throw shape_error(safetensors::detail::message(file.source_name(), prefix + ".weight_scale",
-                                                   "has " + std::to_string(scale.size()) + " elements, expected 1"));
-  layer.weight_scale = scale[0];
+  const Index in = layer.weight.cols();
+  const std::string scale_name = prefix + ".weight_scale";
+  const safetensors::tensor_info& scale_info = file.info(scale_name);
+  const weight_scaling scaling = declared ? declared->weight_scales : weight_scaling::per_tensor;
+  if (scaling == weight_scaling::per_tensor) {
+    if (scale_info.element_count() != 1 && scale_info.shape.size() == 2)
+      refuse(scale_name, "has shape " + safetensors::detail::shape_text(scale_info.shape) +
+                             " (one scale per row or group), but " + std::string(where) +
+                             " declares no bitnet_weight_scales (one weight_scale per tensor): the file does not say "
+                             "how to read it");
+    const std::vector<T> scale = file.template read_values<T>(scale_name);
+    if (scale.size() != 1)
+      throw shape_error(safetensors::detail::message(file.source_name(), scale_name,
+                                                     "has " + std::to_string(scale.size()) + " elements, expected 1"));
+    layer.weight_scale = scale[0];
+  } else {
+    const Index unit_cols = bitnet::detail::unit_columns(scaling, declared->group_size, in);
+    const std::uint64_t groups = std::uint64_t(bitnet::detail::unit_count(in, unit_cols));
+    const std::string declared_as = std::string(where) + " declares bitnet_weight_scales \"" +
+                                    bitnet::detail::scaling_name(scaling) + "\"" +
+                                    (scaling == weight_scaling::per_group
+                                         ? " with bitnet_group_size " + std::to_string(declared->group_size)
+                                         : std::string());
+    if (scale_info.shape.size() != 2 || scale_info.shape[1] != groups || scale_info.shape[0] == 0 ||
+        !safetensors::is_floating(scale_info.type))
+      refuse(scale_name, "is " + std::string(safetensors::dtype_name(scale_info.type)) + " " +
+                             safetensors::detail::shape_text(scale_info.shape) + ", but " + declared_as +
+                             ": a " + std::to_string(in) + "-input layer needs floating [out, " + std::to_string(groups) + "]");
+    layer.unit_scales = file.template read_matrix<T>(scale_name);
+    if (out_features == 0) out_features = Index(scale_info.shape[0]);  // exact: one row of scales per output
+    layer.weight_scales = scaling;
+    layer.group_size = declared->group_size;
+    layer.activation_scales = declared->activation_scales;
+  }
   if (file.contains(prefix + ".bias")) layer.bias = file.template read_vector<T>(prefix + ".bias");
-  if (out_features == 0) out_features = declared_out_features;
+  if (out_features == 0 && declared) {
+    const auto found = declared->out_features.find(path);
+    if (found != declared->out_features.end()) out_features = found->second;
+  }
   if (out_features == 0) out_features = layer.bias ? layer.bias->size() : values_per_byte * layer.weight.rows();
-  if (packed_rows(out_features) != layer.weight.rows() || (layer.bias && layer.bias->size() != out_features))
+  if (packed_rows(out_features) != layer.weight.rows() || (layer.bias && layer.bias->size() != out_features) ||
+      (layer.unit_scales.size() != 0 && layer.unit_scales.rows() != out_features))
     throw shape_error(safetensors::detail::message(
         file.source_name(), weight.name,
         "has " + std::to_string(layer.weight.rows()) + " packed rows" +
             (layer.bias ? " and the bias " + std::to_string(layer.bias->size()) + " elements" : std::string()) +
+            (layer.unit_scales.size() != 0 ? " and " + std::to_string(layer.unit_scales.rows()) + " rows of unit scales"
+                                           : std::string()) +
             ", inconsistent with " + std::to_string(out_features) + " output features"));
   layer.out_features = out_features;
   layer.convention = convention;
+  layer.rotation = read_rotation(file, path, in, declared, where);
   return layer;
 }
 
@@ -233,13 +374,9 @@ template <real_scalar T>
 packed_layer<T> read_packed_layer(const safetensors::reader& file, std::string_view path, Index out_features = 0,
                                   std::optional<scale_convention> convention = std::nullopt) {
   const std::optional<quantization_config> declared = declared_quantization(file);
-  Index declared_out = 0;
-  if (declared) {
-    const auto found = declared->out_features.find(path);
-    if (found != declared->out_features.end()) declared_out = found->second;
-  }
   // Shapes first, so a malformed layer is reported as such; then the convention.
-  packed_layer<T> layer = detail::read_packed_from<T>(file, path, out_features, scale_convention::bitlinear, declared_out);
+  packed_layer<T> layer =
+      detail::read_packed_from<T>(file, path, out_features, scale_convention::bitlinear, declared, file.source_name());
   layer.convention = resolve_scale_convention(declared, file.source_name(), convention);
   return layer;
 }
@@ -273,14 +410,71 @@ inline void declare_packed_layer(std::vector<safetensors::tensor_spec>& specs, s
   if (bias) specs.push_back({prefix + ".bias", bias_type, {std::uint64_t(out_features)}});
 }
 
+/// Declares the tensors of `layer` (hf::to_packed) at `path`: those of declare_packed_layer, with
+/// path.weight_scale as [out, groups] for a per_row / per_group layer, and path.rotation_signs (I8
+/// [in]) for a rotated one. Record the layer in the file's quantization_config with declare_layer.
+template <real_scalar T>
+void declare_packed_layer(std::vector<safetensors::tensor_spec>& specs, std::string_view path,
+                          const packed_layer<T>& layer, safetensors::dtype scale_type = safetensors::dtype::F32,
+                          safetensors::dtype bias_type = safetensors::dtype::F32) {
+  const Index in = layer.weight.cols();
+  declare_packed_layer(specs, path, layer.out_features, in, layer.bias.has_value(), scale_type, bias_type);
+  const std::string prefix(path);
+  if (layer.weight_scales != weight_scaling::per_tensor) {
+    const auto scale = std::find_if(specs.begin(), specs.end(),
+                                    [&](const safetensors::tensor_spec& t) { return t.name == prefix + ".weight_scale"; });
+    scale->shape = {std::uint64_t(layer.unit_scales.rows()), std::uint64_t(layer.unit_scales.cols())};
+  }
+  if (layer.rotation)
+    specs.push_back({prefix + std::string(rotation_signs_suffix), safetensors::dtype::I8, {std::uint64_t(in)}});
+}
+
+/// Records in `config` (the block every file of the model declares) how the packed layer at
+/// `path` is stored: its scale granularity, activation scales and rotation block, which must be
+/// those of the layers recorded before (one declaration per model: value_error naming the layer
+/// otherwise), its rotation (bitnet_rotation.layers), and out_features when not a multiple of 4.
+template <real_scalar T>
+void declare_layer(quantization_config& config, std::string_view path, const packed_layer<T>& layer, bool first) {
+  const std::string name(path);
+  const auto differs = [&](const std::string& what) {
+    throw value_error("hf::declare_layer: " + name + ": " + what +
+                      " differs from the layers declared before; a file declares one for all its packed layers");
+  };
+  if (first) {
+    config.weight_scales = layer.weight_scales;
+    config.group_size = layer.group_size;
+    config.activation_scales = layer.activation_scales;
+    config.rotation.reset();
+  } else if (config.weight_scales != layer.weight_scales || config.group_size != layer.group_size) {
+    differs("the scale granularity (" + bitnet::detail::scaling_name(layer.weight_scales) + ", group_size " +
+            std::to_string(layer.group_size) + ")");
+  } else if (config.activation_scales != layer.activation_scales) {
+    differs("the activation scaling");
+  }
+  if (layer.rotation) {
+    if (!config.rotation) config.rotation = rotation_declaration{layer.rotation->block_size(), {}};
+    if (config.rotation->block_size != layer.rotation->block_size())
+      differs("the rotation block size (" + std::to_string(layer.rotation->block_size()) + ")");
+    config.rotation->layers.insert(
+        std::upper_bound(config.rotation->layers.begin(), config.rotation->layers.end(), name), name);
+  }
+  if (layer.out_features % values_per_byte != 0) config.out_features[name] = layer.out_features;
+}
+
 /// Writes a packed layer declared with declare_packed_layer.
 template <real_scalar T>
 void write_packed_layer(safetensors::writer& file, std::string_view path, const packed_layer<T>& layer) {
   const std::string prefix(path);
   file.write(prefix + ".weight", layer.weight);
-  const T scale[1] = {layer.weight_scale};
-  file.write_values<T>(prefix + ".weight_scale", scale);
+  if (layer.weight_scales != weight_scaling::per_tensor) {
+    file.write(prefix + ".weight_scale", layer.unit_scales);
+  } else {
+    const T scale[1] = {layer.weight_scale};
+    file.write_values<T>(prefix + ".weight_scale", scale);
+  }
   if (layer.bias) file.write(prefix + ".bias", *layer.bias);
+  if (layer.rotation)
+    file.write_values<std::int8_t>(prefix + std::string(rotation_signs_suffix), layer.rotation->signs());
 }
 
 }  // namespace bitnet::hf

@@ -45,6 +45,7 @@
 #include "hf_safetensors.hpp"
 #include "layer_traits.hpp"
 #include "matrix.hpp"
+#include "replace_options.hpp"
 #include "safetensors.hpp"
 
 namespace bitnet {
@@ -78,6 +79,13 @@ struct state_dict_options {
   std::map<std::string, std::string> metadata{};
   /// Loading: the options of the BitLinear layers built in empty std::optional<BitLinear<T>> slots.
   bitlinear_options new_layers{};
+  /// Loading floating (latent) weights into BitLinear layers: quantize them (the default), or import
+  /// them exactly (ternary_import::exact: weights already ternary per unit, as Ternary Bonsai's
+  /// unpacked folders; BitLinear::from_exact_ternary with the layer's options, or new_layers for an
+  /// empty slot, which must be per_row or per_group). A layer that is not exactly ternary per unit
+  /// is an io_error naming its key, row and group, and the graph is unchanged. Packed layers are
+  /// exact either way.
+  ternary_import weights = ternary_import::quantize;
 };
 
 /// What load_state_dict did. In strict mode `missing` and `unexpected` are always empty.
@@ -278,6 +286,10 @@ class state_loader {
     const bool load_bias = view.bias && expect_floating(bias_key, {std::uint64_t(out)});
     if (file_.contains(key(path, "weight_scale")))
       packed_hint(path);
+    if (!file_.folded_role(weight_key).empty())
+      problems_.push_back(quote_key(weight_key) + ": " + file_.folded()->source + " declares it stored rotated (" +
+                          std::string(file_.folded_role(weight_key)) + "), but the graph holds a plain linear layer "
+                          "there, which cannot rotate its input (convert it with replace_linear first)");
     if (!load_weight && !load_bias) return;
     jobs_.push_back([this, view, weight_key, bias_key, load_weight, load_bias]() {
       std::optional<Matrix<S>> weight;
@@ -300,7 +312,8 @@ class state_loader {
       bool ok = packed_convention();
       ok = expect(weight_key, safetensors::dtype::U8, {std::uint64_t(hf::packed_rows(out)), std::uint64_t(in)},
                   "packed ") && ok;
-      ok = expect_scale(scale_key) && ok;
+      ok = expect_packed_scale(scale_key, out, in) && ok;
+      expect_signs(path);
       const bool load_bias = has_bias && expect_floating(bias_key, {std::uint64_t(out)});
       const Index declared = file_.declared_out_features(layer_name(options_.prefix, path));
       if (declared && declared != out) {
@@ -309,12 +322,8 @@ class state_loader {
         ok = false;
       }
       if (!ok) return;
-      jobs_.push_back([this, &layer, weight_key, scale_key, bias_key, load_bias]() {
-        hf::packed_layer<T> packed;
-        packed.convention = *convention_;
-        packed.out_features = layer.out_features();
-        packed.weight = read([&] { return file_.read_matrix<std::uint8_t>(weight_key); }, weight_key);
-        packed.weight_scale = read([&] { return file_.read_values<T>(scale_key); }, scale_key)[0];
+      jobs_.push_back([this, &layer, path, bias_key, load_bias]() {
+        hf::packed_layer<T> packed = read_packed<T>(path, layer.out_features(), layer.in_features());
         if (load_bias) packed.bias = read([&] { return file_.read_vector<T>(bias_key); }, bias_key);
         BitLinear<T> staged = read(
             [&] {
@@ -322,7 +331,7 @@ class state_loader {
               if (!load_bias) built.set_bias(layer.bias());  // kept as it was (no bias, or missing)
               return built;
             },
-            weight_key);
+            key(path, "weight"));
         staged_.push_back(std::make_unique<staged_bit_linear_state<T>>(layer, std::move(staged)));
       });
       return;
@@ -331,15 +340,17 @@ class state_loader {
     const bool load_weight = expect_floating(weight_key, {std::uint64_t(out), std::uint64_t(in)});
     const bool load_bias = has_bias && expect_floating(bias_key, {std::uint64_t(out)});
     if (!load_weight && !load_bias) return;
-    jobs_.push_back([this, &layer, weight_key, bias_key, load_weight, load_bias]() {
+    std::optional<bitlinear_options> latent_options;
+    if (load_weight && !(latent_options = options_for_latent(path, layer.options(), in))) return;
+    jobs_.push_back([this, &layer, path, weight_key, bias_key, load_weight, load_bias, latent_options]() {
       std::optional<Vector<T>> bias =
           load_bias ? std::optional<Vector<T>>(read([&] { return file_.read_vector<T>(bias_key); }, bias_key))
                     : layer.bias();
       const auto build = [&]() -> BitLinear<T> {
-        if (load_weight) {
-          Matrix<T> weight = read([&] { return file_.read_matrix<T>(weight_key); }, weight_key);
-          return read([&] { return BitLinear<T>(std::move(weight), std::move(bias), layer.options()); }, weight_key);
-        }
+        if (load_weight && layer.options().scale_update == weight_scale_update::frozen &&
+            options_.weights == ternary_import::quantize)
+          return frozen_latent<T>(path, layer, std::move(bias), *latent_options);
+        if (load_weight) return build_latent<T>(path, std::move(bias), *latent_options);
         BitLinear<T> kept = layer;  // only the bias is loaded: the weights stay as they are, latent or not
         read([&] { kept.set_bias(std::move(bias)); }, bias_key);
         return kept;
@@ -363,6 +374,14 @@ class state_loader {
     if (resizable && tensor.size() == 0) {  // shape from the file, rank from the type
       const safetensors::tensor_info* t = file_.find(name);
       if (t && t->shape.size() == shape.size()) shape = t->shape;
+    }
+    if (!file_.folded_role(name).empty()) {
+      used_.insert(name);
+      problems_.push_back(quote_key(name) + ": " + file_.folded()->source + " declares it stored rotated (" +
+                          std::string(file_.folded_role(name)) + "): a parameter is loaded as stored, so the graph "
+                          "would compute with rotated values; bitnet refuses rather than load it silently wrong "
+                          "(read it with hf::checkpoint and apply folded_rotation's inverse to the looked-up rows)");
+      return;
     }
     if (!expect_floating(name, shape)) return;
     jobs_.push_back([this, target = parameter_target<P>(tensor), name, shape]() {
@@ -402,37 +421,37 @@ class state_loader {
       return;
     }
     Index out = Index(weight->shape[0]);
+    const Index in = Index(weight->shape[1]);
+    const safetensors::tensor_info* scale = file_.find(scale_key);
+    std::optional<bitlinear_options> latent_options;
     if (packed) {
       if (!packed_convention()) return;
       const Index declared = file_.declared_out_features(layer_name(options_.prefix, path));
       const Index rows = Index(weight->shape[0]);
-      out = declared ? declared
-            : bias && bias->shape.size() == 1 ? Index(bias->shape[0])
-                                              : hf::values_per_byte * rows;
+      out = unit_declared() && scale->shape.size() == 2 ? Index(scale->shape[0])  // one row of scales per output
+            : declared                                  ? declared
+            : bias && bias->shape.size() == 1           ? Index(bias->shape[0])
+                                                        : hf::values_per_byte * rows;
       if (hf::packed_rows(out) != rows) {
         problems_.push_back("size mismatch for " + quote_key(weight_key) + ": " + std::to_string(rows) +
                             " packed rows cannot hold " + std::to_string(out) + " output features (" +
                             (declared ? "declared by the file" : "the bias size") + ")");
         return;
       }
-      if (!expect_scale(scale_key)) return;
+      if (!expect_packed_scale(scale_key, out, in)) return;
+      expect_signs(path);
+    } else if (!(latent_options = options_for_latent(path, options_.new_layers, in))) {
+      return;
     }
     loaded_.push_back(weight_key);
     const bool load_bias = bias && expect_floating(bias_key, {std::uint64_t(out)});
     if (bias && !load_bias) return;
-    jobs_.push_back([this, &slot, weight_key, scale_key, bias_key, load_bias, packed, out]() {
+    jobs_.push_back([this, &slot, path, weight_key, bias_key, load_bias, packed, out, in, latent_options]() {
       std::optional<Vector<T>> b;
       if (load_bias) b = read([&] { return file_.read_vector<T>(bias_key); }, bias_key);
       BitLinear<T> built = [&] {
-        if (!packed) {
-          Matrix<T> w = read([&] { return file_.read_matrix<T>(weight_key); }, weight_key);
-          return read([&] { return BitLinear<T>(std::move(w), std::move(b), options_.new_layers); }, weight_key);
-        }
-        hf::packed_layer<T> layer;
-        layer.convention = *convention_;
-        layer.out_features = out;
-        layer.weight = read([&] { return file_.read_matrix<std::uint8_t>(weight_key); }, weight_key);
-        layer.weight_scale = read([&] { return file_.read_values<T>(scale_key); }, scale_key)[0];
+        if (!packed) return build_latent<T>(path, std::move(b), *latent_options);
+        hf::packed_layer<T> layer = read_packed<T>(path, out, in);
         layer.bias = std::move(b);
         return read([&] { return hf::to_bit_linear(layer, options_.new_layers); }, weight_key);
       }();
@@ -532,6 +551,133 @@ class state_loader {
     loaded_.push_back(key);
     return true;
   }
+  bool unit_declared() const {
+    return file_.quantization() && file_.quantization()->weight_scales != weight_scaling::per_tensor;
+  }
+  // The weight_scale of a packed layer: one element, or [out, groups] unit scales when the file
+  // declares them (hf_safetensors.hpp); a 2-D scale tensor the file does not declare is refused.
+  bool expect_packed_scale(const std::string& scale_key, Index out, Index in) {
+    if (!unit_declared()) {
+      const safetensors::tensor_info* t = file_.find(scale_key);
+      if (t->shape.size() == 2 && t->element_count() != 1) {
+        used_.insert(scale_key);
+        problems_.push_back(quote_key(scale_key) + ": the file has " + safetensors::detail::shape_text(t->shape) +
+                            " (one scale per row or group), but " + declaration_source() +
+                            " declares no bitnet_weight_scales (one weight_scale per tensor)");
+        return false;
+      }
+      return expect_scale(scale_key);
+    }
+    const hf::quantization_config& declared = *file_.quantization();
+    const Index groups = bitnet::detail::unit_count(in, bitnet::detail::unit_columns(declared.weight_scales, declared.group_size, in));
+    return expect_floating(scale_key, {std::uint64_t(out), std::uint64_t(groups)});
+  }
+  // A rotated packed layer's signs are its own tensor: accounted for here, checked when read.
+  void expect_signs(const std::string& path) {
+    const std::string signs_key = key(path, "rotation_signs");
+    if (file_.contains(signs_key)) {
+      used_.insert(signs_key);
+      loaded_.push_back(signs_key);
+    }
+  }
+  std::string declaration_source() const {
+    return file_.quantization_source().empty() ? file_.source_name() : file_.quantization_source();
+  }
+
+  // The packed layer at `path` (out x in, shapes checked), as the declaration says it is stored:
+  // its scale or unit scales, its rotation (P.rotation_signs when bitnet_rotation lists the layer).
+  template <real_scalar T>
+  hf::packed_layer<T> read_packed(const std::string& path, Index out, Index in) {
+    const std::string weight_key = key(path, "weight"), scale_key = key(path, "weight_scale");
+    hf::packed_layer<T> packed;
+    packed.convention = *convention_;
+    packed.out_features = out;
+    packed.weight = read([&] { return file_.read_matrix<std::uint8_t>(weight_key); }, weight_key);
+    if (unit_declared()) {
+      const hf::quantization_config& declared = *file_.quantization();
+      packed.weight_scales = declared.weight_scales;
+      packed.group_size = declared.group_size;
+      packed.activation_scales = declared.activation_scales;
+      packed.unit_scales = read([&] { return file_.read_matrix<T>(scale_key); }, scale_key);
+    } else {
+      packed.weight_scale = read([&] { return file_.read_values<T>(scale_key); }, scale_key)[0];
+    }
+    const std::string module = layer_name(options_.prefix, path), signs_key = key(path, "rotation_signs");
+    const std::optional<hf::quantization_config>& declared = file_.quantization();
+    const bool listed = declared && declared->rotation &&
+                        std::binary_search(declared->rotation->layers.begin(), declared->rotation->layers.end(), module);
+    const bool has_signs = file_.contains(signs_key);
+    if (listed != has_signs)
+      throw io_error("load_state_dict: " + file_.source_name() + ": " + quote_key(signs_key) + ": " +
+                     (listed ? declaration_source() + " declares layer " + quote_key(module) +
+                                   " rotated (bitnet_rotation), but the file has no such tensor with its signs"
+                             : "holds a rotation's signs, but " + declaration_source() + " declares no rotation for " +
+                                   quote_key(module) + " (bitnet_rotation.layers): refusing to guess") +
+                     "; the graph is unchanged");
+    if (listed)
+      packed.rotation = read(
+          [&] {
+            const safetensors::tensor_info& t = file_.info(signs_key);
+            if (t.type != safetensors::dtype::I8 || t.shape != std::vector<std::uint64_t>{std::uint64_t(in)})
+              throw value_error("the signs of a " + std::to_string(in) + "-input layer are I8 [" + std::to_string(in) +
+                                "], the file has " + std::string(safetensors::dtype_name(t.type)) + " " +
+                                safetensors::detail::shape_text(t.shape));
+            return hadamard_rotation(declared->rotation->block_size, file_.read_values<std::int8_t>(signs_key));
+          },
+          signs_key);
+    return packed;
+  }
+
+  // The options of a BitLinear built from the latent weights at `path`: `base`, with the rotation
+  // a hadamard_packing.json declares for the weight. Empty when that declaration cannot be applied
+  // (the problem is recorded).
+  std::optional<bitlinear_options> options_for_latent(const std::string& path, bitlinear_options base, Index in) {
+    const std::string weight_key = key(path, "weight");
+    try {
+      if (std::optional<hadamard_rotation> folded = file_.folded_rotation(weight_key, in)) base.rotation = std::move(folded);
+    } catch (const io_error& e) {
+      problems_.push_back(e.what());
+      return std::nullopt;
+    }
+    return base;
+  }
+
+  // A BitLinear from the latent weights at `path`: quantized, or imported exactly (options_.weights).
+  template <real_scalar T>
+  BitLinear<T> build_latent(const std::string& path, std::optional<Vector<T>> bias, const bitlinear_options& options) {
+    const std::string weight_key = key(path, "weight");
+    Matrix<T> weight = read([&] { return file_.read_matrix<T>(weight_key); }, weight_key);
+    return read(
+        [&] {
+          if (options_.weights == ternary_import::exact)
+            return BitLinear<T>::from_exact_ternary(weight, std::move(bias), options,
+                                                    "exact import of " + layer_name(options_.prefix, path));
+          return BitLinear<T>(std::move(weight), std::move(bias), options);
+        },
+        weight_key);
+  }
+
+  // Latent weights into a slot whose scales are frozen (an exact import being fine-tuned): the
+  // file holds no scales, and absmean would replace the imported ones, so the slot's layer keeps
+  // its scales and rotation and takes the weights through set_weight (codes against those scales).
+  template <real_scalar T>
+  BitLinear<T> frozen_latent(const std::string& path, const BitLinear<T>& slot, std::optional<Vector<T>> bias,
+                             const bitlinear_options& declared) {
+    const std::string weight_key = key(path, "weight");
+    Matrix<T> weight = read([&] { return file_.read_matrix<T>(weight_key); }, weight_key);
+    BitLinear<T> layer = slot;
+    read(
+        [&] {
+          if (declared.rotation != slot.options().rotation)
+            throw value_error("the layer's scales are frozen and the checkpoint declares another rotation for this "
+                              "weight than the layer has");
+          layer.set_weight(std::move(weight));
+        },
+        weight_key);
+    read([&] { layer.set_bias(std::move(bias)); }, key(path, "bias"));
+    return layer;
+  }
+
   // The scale convention of the packed layers, resolved at the first one (so files without packed
   // layers need no declaration); false when it cannot be (the problem is recorded once).
   bool packed_convention() {
@@ -616,26 +762,48 @@ class state_saver {
       return;
     }
     const std::string weight_key = key(path, "weight"), scale_key = key(path, "weight_scale");
-    if (!out_) {
-      if (layer.options().weight_scales != weight_scaling::per_tensor)  // first walk: nothing is written
-        throw state_error("save_state_dict: the BitLinear at " +
-                          (path.empty() ? std::string("(the root)") : quote_key(path)) +
-                          " has one scale per row or group; the Hugging Face packed form stores one weight_scale "
-                          "per tensor; save it as bit_linear_storage::latent");
+    const std::string signs_key = key(path, "rotation_signs");
+    const bool units = layer.options().weight_scales != weight_scaling::per_tensor;
+    if (!out_) {  // first walk: declare, and refuse before anything is written
+      const std::string where = path.empty() ? std::string("(the root)") : quote_key(path);
+      if (units && convention() != hf::scale_convention::autobitlinear)
+        throw state_error("save_state_dict: the BitLinear at " + where + " has one scale per " +
+                          bitnet::detail::scaling_name(layer.options().weight_scales).substr(4) +
+                          ": its unit scales d are stored as magnitudes (scale_convention autobitlinear), and "
+                          "bitlinear (1 / d) would not give them back exactly");
+      hf::packed_layer<T> shape_only;  // what declare_layer reads: no weights packed twice
+      shape_only.out_features = layer.out_features();
+      shape_only.weight_scales = layer.options().weight_scales;
+      shape_only.group_size = layer.options().group_size;
+      shape_only.activation_scales = layer.options().activation_scales;
+      shape_only.rotation = layer.options().rotation;
+      try {
+        hf::declare_layer(config_, layer_name(options_.prefix, path), shape_only, !packed_);
+      } catch (const value_error& e) {
+        throw state_error("save_state_dict: the BitLinear at " + where + " cannot share the file's declaration: " +
+                          e.what() + " (save such layers to separate files)");
+      }
       packed_ = true;
-      if (layer.out_features() % hf::values_per_byte != 0)  // the packed rows cannot tell it
-        config_.out_features[layer_name(options_.prefix, path)] = layer.out_features();
       specs_.push_back({weight_key, safetensors::dtype::U8,
                         {std::uint64_t(hf::packed_rows(layer.out_features())), std::uint64_t(layer.in_features())}});
-      specs_.push_back({scale_key, floating_type<T>(), {1}});
+      specs_.push_back({scale_key, floating_type<T>(),
+                        units ? std::vector<std::uint64_t>{std::uint64_t(layer.out_features()), std::uint64_t(layer.groups())}
+                              : std::vector<std::uint64_t>{1}});
       if (layer.bias()) specs_.push_back({key(path, "bias"), floating_type<T>(), {std::uint64_t(layer.out_features())}});
+      if (layer.options().rotation)
+        specs_.push_back({signs_key, safetensors::dtype::I8, {std::uint64_t(layer.in_features())}});
       return;
     }
     const hf::packed_layer<T> packed = hf::to_packed(layer, convention());
     out_->write(weight_key, packed.weight);
-    const T scale[1] = {packed.weight_scale};
-    out_->write_values<T>(scale_key, scale);
+    if (units) {
+      out_->write(scale_key, packed.unit_scales);
+    } else {
+      const T scale[1] = {packed.weight_scale};
+      out_->write_values<T>(scale_key, scale);
+    }
     if (packed.bias) out_->write(key(path, "bias"), *packed.bias);
+    if (packed.rotation) out_->write_values<std::int8_t>(signs_key, packed.rotation->signs());
   }
 
   template <class P>

@@ -416,6 +416,15 @@ class tree_loader {
     if (convention_problem_) return false;
     try {
       convention_ = file_.convention(options_.scale_convention);
+      // The module computes per tensor, unrotated: a file that declares otherwise is refused, never
+      // loaded without its unit scales or rotation.
+      if (const auto& declared = file_.quantization();
+          declared && (declared->weight_scales != weight_scaling::per_tensor || declared->rotation))
+        throw io_error(file_.quantization_source() + " declares " +
+                       (declared->rotation ? std::string("rotated layers (bitnet_rotation)")
+                                           : "bitnet_weight_scales \"" + bitnet::detail::scaling_name(declared->weight_scales) + "\"") +
+                       ", which bitnet::libtorch::BitLinear cannot compute (one scale per tensor, no rotation); load "
+                       "the file into bitnet::BitLinear layers (bitnet/state_dict.hpp)");
       return true;
     } catch (const io_error& e) {
       problems_.push_back(e.what());
