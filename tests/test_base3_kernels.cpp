@@ -259,6 +259,21 @@ TEST_CASE("base3 BitLinear: from_ternary round trip, set_weight, memory, and wha
   CHECK(layer.ternary_weight() == bitnet::BitLinear<float>(weight).ternary_weight());
   CHECK(layer.base3_weight() == packed_base3(layer.ternary_weight()));
 
+  // 2 bits -> base 3 -> 2 bits through from_ternary / ternary_weight (how a loaded layer changes storage).
+  bitnet::Vector<float> bias(48);
+  for (Index i = 0; i < 48; ++i) bias[i] = normal(rng);
+  const bitnet::BitLinear<float> two_bit(weight, bias);
+  const auto converted =
+      bitnet::BitLinear<float>::from_ternary(two_bit.ternary_weight(), two_bit.weight_scale(), two_bit.bias(), base3);
+  const auto back = bitnet::BitLinear<float>::from_ternary(converted.ternary_weight(), converted.weight_scale(),
+                                                           converted.bias());
+  CHECK(back.packed_weight() == two_bit.packed_weight());
+  CHECK(back.weight_scale() == two_bit.weight_scale());
+  Matrix<float> x(3, 2560);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = normal(rng);
+  const Matrix<float> expected = two_bit.forward(x), y = converted.forward(x);
+  CHECK(std::memcmp(expected.data(), y.data(), sizeof(float) * std::size_t(y.size())) == 0);
+
   // Group- and row-scaled layers keep pack.hpp's 2-bit tiles: refused by name.
   bitnet::bitlinear_options grouped = base3;
   grouped.weight_scales = bitnet::weight_scaling::per_group;
