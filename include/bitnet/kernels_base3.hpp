@@ -8,8 +8,9 @@
 //                          the AVX2 kernel; AMX tiles are not used (every batch runs per token)
 //   dotprod, i8mm          ternary_gemm_base3_dotprod (SDOT; SMMLA is not used)
 //   neon                   the scalar kernel (no plain-NEON kernel for this layout)
-// Batch > 1 runs the batch-1 kernel once per token over chunks of row blocks that stay in L1 / L2,
-// so the decode is paid once per token (docs/kernels.md, "1.6-bit storage").
+// Batch > 1: AVX-512 decodes each tile once for a tile of up to 16 tokens (interleaved activations,
+// as kernels.hpp's batch kernels); the other ISAs run their batch-1 kernel once per token over chunks
+// of row blocks that stay in L1 / L2, paying the decode once per token (docs/kernels.md).
 #pragma once
 
 #include <algorithm>
@@ -34,6 +35,7 @@ inline bool base3_avx512_usable() noexcept {
 struct base3_gemm_job {
   isa which;
   gemm_args args;
+  const std::int8_t* interleaved;  // AVX-512 batch > 1: the activations by token tile; else args.x
   Index per_part, row_blocks;
   gemm_epilogue epilogue;
 
@@ -43,7 +45,7 @@ struct base3_gemm_job {
       case isa::amx:
       case isa::avx512:
         if (base3_avx512_usable()) {
-          ternary_gemm_base3_avx512(args, begin, end);
+          ternary_gemm_base3_avx512(args, interleaved, begin, end);
           break;
         }
         [[fallthrough]];
@@ -71,7 +73,14 @@ struct base3_gemm_job {
 inline void ternary_gemm_base3(isa which, const gemm_args& a, Index row_blocks, int threads,
                                double min_work = min_work_per_thread, gemm_epilogue epilogue = {}) {
   last_run_isa = which;
-  base3_gemm_job job{which, a, row_blocks, row_blocks, epilogue};
+  base3_gemm_job job{which, a, a.x, row_blocks, row_blocks, epilogue};
+#ifdef BITNET_X86
+  if ((which == isa::avx512 || which == isa::amx) && a.batch > 1 && base3_avx512_usable()) {
+    std::int8_t* xi = thread_scratch_of<std::int8_t, scratch_slot::interleaved>(std::size_t(a.batch * a.x_stride));
+    interleave_tokens(a, avx512_token_tile, xi);
+    job.interleaved = xi;
+  }
+#endif
   const double work =
       double(a.batch) * double(row_blocks) * double(a.col_tiles) * double(tile_rows * base3_tile_cols);
   const Index by_work = min_work > 0 ? Index(std::min(work / min_work, 1e9)) : row_blocks;

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <utility>
 
 #include <Eigen/Core>
 
@@ -186,13 +187,59 @@ BITNET_TARGET_AVX512_VBMI inline void gemv_base3_avx512(const gemm_args& a, Eige
   }
 }
 
-BITNET_TARGET_AVX512_VBMI inline void ternary_gemm_base3_avx512(const gemm_args& a, Eigen::Index block_begin,
+/// Batch > 1: row block g against Tokens tokens (activations interleaved by 4-byte groups in tiles of
+/// avx512_token_tile tokens, interleave_tokens: group q of token t at (q Tokens + t) 4), each tile
+/// decoded once into its five planes as plain codes (planes 1-3 by a shift and an AND, plane 4 as
+/// (v - r) & 3: 81 = 0b1010001, 162 = 0b10100010) and multiplied by 5 x Tokens vpdpbusd.
+template <int Tokens>
+BITNET_TARGET_AVX512_VBMI void gemm_shared_base3_avx512(const gemm_args& a, const std::int8_t* xi, Eigen::Index g,
+                                                        Eigen::Index token) noexcept {
+  const __m512i table_low = _mm512_loadu_si512(base3_low_digits.data());
+  const __m512i table_high = _mm512_loadu_si512(base3_low_digits.data() + 64);
+  const __m512i k81 = _mm512_set1_epi8(81), three = _mm512_set1_epi8(3);
+  const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes;
+  const std::uint8_t* const end = w + a.col_tiles * tile_bytes;
+  __m512i acc[Tokens];
+  for (int t = 0; t < Tokens; ++t) acc[t] = _mm512_setzero_si512();
+  for (; w != end; w += tile_bytes, xi += base3_tile_cols * Tokens) {
+    const __m512i v = load_avx512(w);
+    __m512i r = _mm512_min_epu8(v, _mm512_sub_epi8(v, k81));
+    r = _mm512_min_epu8(r, _mm512_sub_epi8(r, k81));
+    const __m512i low = _mm512_permutex2var_epi8(table_low, r, table_high);
+    // Immediate shift counts spelled out: SIMDe (the emulated test) under Clang needs constants.
+    const __m512i planes[5] = {_mm512_and_si512(low, three), _mm512_and_si512(_mm512_srli_epi16(low, 2), three),
+                               _mm512_and_si512(_mm512_srli_epi16(low, 4), three),
+                               _mm512_and_si512(_mm512_srli_epi16(low, 6), three),
+                               _mm512_and_si512(_mm512_sub_epi8(v, r), three)};
+#pragma GCC unroll 5
+    for (int p = 0; p < 5; ++p)
+#pragma GCC unroll 16
+      for (int t = 0; t < Tokens; ++t)
+        acc[t] = dpbusd_avx512(acc[t], planes[p], broadcast_group_avx512(xi + (p * Tokens + t) * 4));
+  }
+  for (int t = 0; t < Tokens; ++t) store_rows_avx512(a, acc[t], g, token + t, a.x_sums[token + t]);
+}
+
+template <int... Tokens>
+BITNET_TARGET_AVX512_VBMI void gemm_any_tile_base3_avx512(std::integer_sequence<int, Tokens...>, int tokens,
+                                                          const gemm_args& a, const std::int8_t* xt, Eigen::Index g,
+                                                          Eigen::Index token) noexcept {
+  ((tokens == Tokens + 1 ? gemm_shared_base3_avx512<Tokens + 1>(a, xt, g, token) : void()), ...);
+}
+
+/// xi: for batch > 1, the activations interleaved for token tiles of avx512_token_tile (for batch 1, a.x).
+BITNET_TARGET_AVX512_VBMI inline void ternary_gemm_base3_avx512(const gemm_args& a, const std::int8_t* xi,
+                                                                Eigen::Index block_begin,
                                                                 Eigen::Index block_end) noexcept {
   if (a.batch == 1) return gemv_base3_avx512(a, block_begin, block_end, 0);
   const Eigen::Index chunk = base3_blocks_per_chunk(a.col_tiles);
   for (Eigen::Index g0 = block_begin; g0 < block_end; g0 += chunk)
-    for (Eigen::Index token = 0; token < a.batch; ++token)
-      gemv_base3_avx512(a, g0, std::min(g0 + chunk, block_end), token);
+    for (Eigen::Index token = 0; token < a.batch; token += avx512_token_tile) {
+      const int tokens = int(std::min<Eigen::Index>(avx512_token_tile, a.batch - token));
+      for (Eigen::Index g = g0; g < std::min(g0 + chunk, block_end); ++g)
+        gemm_any_tile_base3_avx512(std::make_integer_sequence<int, avx512_token_tile>{}, tokens, a,
+                                   xi + token * a.x_stride, g, token);
+    }
 }
 
 #endif  // BITNET_X86
