@@ -2,6 +2,7 @@
 // written out byte by byte, every kernel against the int32 reference, and BitLinear with storage
 // base3 against the same layer in 2 bits, bit for bit.
 #include <bitnet/bit_linear.hpp>
+#include <bitnet/hf.hpp>
 #include <bitnet/kernels_base3.hpp>
 #include <bitnet/pack.hpp>
 #include <bitnet/pack_base3.hpp>
@@ -273,6 +274,19 @@ TEST_CASE("base3 BitLinear: from_ternary round trip, set_weight, memory, and wha
   for (Index i = 0; i < x.size(); ++i) x.data()[i] = normal(rng);
   const Matrix<float> expected = two_bit.forward(x), y = converted.forward(x);
   CHECK(std::memcmp(expected.data(), y.data(), sizeof(float) * std::size_t(y.size())) == 0);
+
+  // In files: the Hugging Face packed form (what save_state_dict writes) holds the codes and the
+  // scale; read back with base-3 options (what load_state_dict passes from the slot's layer), the
+  // layer is base 3 again with the same codes, scale, bias and outputs (bitlinear convention: the
+  // autobitlinear one stores b * s, whose round trip may round the bias).
+  const bitnet::hf::packed_layer<float> file =
+      bitnet::hf::to_packed(converted, bitnet::hf::scale_convention::bitlinear);
+  const bitnet::BitLinear<float> loaded = bitnet::hf::to_bit_linear(file, base3);
+  CHECK(loaded.options().storage == weight_storage::base3);
+  CHECK(loaded.base3_weight() == converted.base3_weight());
+  CHECK(loaded.weight_scale() == converted.weight_scale());
+  const Matrix<float> reloaded = loaded.forward(x);
+  CHECK(std::memcmp(expected.data(), reloaded.data(), sizeof(float) * std::size_t(y.size())) == 0);
 
   // Group- and row-scaled layers keep pack.hpp's 2-bit tiles: refused by name.
   bitnet::bitlinear_options grouped = base3;
