@@ -24,10 +24,16 @@
 //                               float scales, 32 bits per 128 weights) over the packed codes alone:
 //                               the ratio a purely DRAM-bound decode would show.
 //   layer_hot_group128/out/in/batch/threads/per_block  one grouped layer, hot.
+//   decode_base3/batch/threads  the same stack stored in base 3 (bitlinear_options::storage base3,
+//                               1.6 bits per weight, the same codes and scales) against the 2-bit one in
+//                               the same iteration, each after its own read floor: counters two_bit_ms,
+//                               base3_ms, speedup (two_bit_ms / base3_ms, the goal: >= 1.15 at
+//                               batch 1), floor_two_bit_ms, floor_base3_ms, base3_to_floor, bytes_ratio.
+//   layer_hot_base3/out/in/batch/threads  one base-3 layer, hot (against layer_hot: the decode's cost).
 //
 // The Eigen float32 reference per layer is bitnet_bench_eigen_native (same shapes); bench/decode_report.py
 // turns the JSON files into the table of docs/benchmarks.md. Memory: the packed stack (~0.52 GB) plus
-// one layer's codes while building it.
+// one layer's codes while building it, and the base-3 stack (~0.42 GB) once decode_base3 runs.
 #include <bitnet/bitnet.hpp>
 
 #include <algorithm>
@@ -85,22 +91,34 @@ struct stack {
   std::vector<bitnet::BitLinear<float>> layers;
   std::size_t bytes = 0;
 
+  /// The stack in 2 bits (instance()) or in base 3 (base3()): the same codes, scales and biases.
+  static stack build(bitnet::weight_storage storage) {
+    stack s;
+    s.layers.reserve(std::size(block_shapes) * blocks);
+    for (Index b = 0; b < blocks; ++b)
+      for (const shape& sh : block_shapes) {
+        const std::uint64_t seed = std::uint64_t(s.layers.size()) + 1;
+        s.layers.push_back(bitnet::BitLinear<float>::from_ternary(random_codes(sh.out, sh.in, seed), 0.7f + 0.01f * float(b),
+                                                                  bitnet::Vector<float>::Constant(sh.out, 0.01f),
+                                                                  {.storage = storage}));
+        s.bytes += s.layers.back().packed_bytes();
+      }
+    return s;
+  }
   static const stack& instance() {
-    static const stack built = [] {
-      stack s;
-      s.layers.reserve(std::size(block_shapes) * blocks);
-      for (Index b = 0; b < blocks; ++b)
-        for (const shape& sh : block_shapes) {
-          const std::uint64_t seed = std::uint64_t(s.layers.size()) + 1;
-          s.layers.push_back(bitnet::BitLinear<float>::from_ternary(random_codes(sh.out, sh.in, seed), 0.7f + 0.01f * float(b),
-                                                                    bitnet::Vector<float>::Constant(sh.out, 0.01f)));
-          s.bytes += s.layers.back().packed_weight().size_bytes();
-        }
-      return s;
-    }();
+    static const stack built = build(bitnet::weight_storage::two_bit);
+    return built;
+  }
+  static const stack& base3() {
+    static const stack built = build(bitnet::weight_storage::base3);
     return built;
   }
 };
+
+const std::uint8_t* packed_data(const bitnet::BitLinear<float>& layer) {
+  return layer.options().storage == bitnet::weight_storage::base3 ? layer.base3_weight().data()
+                                                                    : layer.packed_weight().data();
+}
 
 /// Sums `bytes` bytes (a multiple of 64, 64-byte aligned) with independent accumulators: a plain
 /// streaming read at whatever rate the memory delivers.
@@ -141,10 +159,10 @@ struct floor_read {
     const floor_read& f = *static_cast<const floor_read*>(self);
     std::uint64_t total = 0;
     for (const auto& layer : f.s->layers) {
-      const std::size_t lines = layer.packed_weight().size_bytes() / 64;
+      const std::size_t lines = layer.packed_bytes() / 64;
       const std::size_t per = (lines + std::size_t(f.threads) - 1) / std::size_t(f.threads);
       const std::size_t begin = std::min(lines, per * std::size_t(part)), end = std::min(lines, begin + per);
-      total += read_bytes(layer.packed_weight().data() + begin * 64, (end - begin) * 64);
+      total += read_bytes(packed_data(layer) + begin * 64, (end - begin) * 64);
     }
     f.sink[part] = total;
   }
@@ -305,6 +323,63 @@ void layer_hot_group128(benchmark::State& state) {
   bitnet::set_num_threads(0);
 }
 
+void decode_base3(benchmark::State& state) {
+  const Index batch = state.range(0);
+  const int threads = int(state.range(1));
+  const stack& two_bit = stack::instance();
+  const stack& base3 = stack::base3();
+  bitnet::set_num_threads(threads);
+  buffers io(batch);
+  const floor_read floor_two_bit{&two_bit, threads}, floor_base3{&base3, threads};
+  double two_bit_seconds = 0, base3_seconds = 0, floor_two_bit_seconds = 0, floor_base3_seconds = 0;
+  const auto run = [&](const stack& s) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (const auto& layer : s.layers) layer.forward(io.input(layer.in_features()), io.output(layer.out_features()));
+    const auto t1 = std::chrono::steady_clock::now();
+    benchmark::ClobberMemory();
+    return std::chrono::duration<double>(t1 - t0).count();
+  };
+  for (auto _ : state) {
+    floor_two_bit_seconds += floor_two_bit.seconds();
+    two_bit_seconds += run(two_bit);
+    floor_base3_seconds += floor_base3.seconds();
+    const double seconds = run(base3);
+    state.SetIterationTime(seconds);
+    base3_seconds += seconds;
+  }
+  const double n = double(state.iterations());
+  state.counters["two_bit_ms"] = 1e3 * two_bit_seconds / n;
+  state.counters["base3_ms"] = 1e3 * base3_seconds / n;
+  state.counters["speedup"] = two_bit_seconds / base3_seconds;
+  state.counters["floor_two_bit_ms"] = 1e3 * floor_two_bit_seconds / n;
+  state.counters["floor_base3_ms"] = 1e3 * floor_base3_seconds / n;
+  state.counters["two_bit_to_floor"] = two_bit_seconds / floor_two_bit_seconds;
+  state.counters["base3_to_floor"] = base3_seconds / floor_base3_seconds;
+  state.counters["bytes_ratio"] = double(base3.bytes) / double(two_bit.bytes);
+  state.counters["base3_MB"] = double(base3.bytes) / 1e6;
+  state.SetLabel(std::string(bitnet::isa_name(bitnet::active_isa())));
+  bitnet::set_num_threads(0);
+}
+
+/// The first base-3 layer of this shape, run again and again: its weights stay in cache.
+void layer_hot_base3(benchmark::State& state) {
+  const Index out = state.range(0), in = state.range(1), batch = state.range(2);
+  bitnet::set_num_threads(int(state.range(3)));
+  const bitnet::BitLinear<float>* layer = nullptr;
+  for (const auto& l : stack::base3().layers)
+    if (l.out_features() == out && l.in_features() == in) {
+      layer = &l;
+      break;
+    }
+  buffers io(batch);
+  for (auto _ : state) {
+    layer->forward(io.input(in), io.output(out));
+    benchmark::ClobberMemory();
+  }
+  state.counters["MAC/s"] = benchmark::Counter(double(out * in * batch), benchmark::Counter::kIsIterationInvariantRate);
+  bitnet::set_num_threads(0);
+}
+
 void read_floor(benchmark::State& state) {
   const stack& s = stack::instance();
   const floor_read floor{&s, int(state.range(0))};
@@ -352,10 +427,20 @@ int main(int argc, char** argv) {
             ->UseManualTime()
             ->MinTime(batch == 1 ? 2.0 : 1.0)
             ->Unit(benchmark::kMillisecond);
+  for (Index batch : {1, 8})
+    for (Index threads : {1, 2})
+      benchmark::RegisterBenchmark("decode_base3", decode_base3)
+          ->Args({batch, threads})
+          ->UseManualTime()
+          ->MinTime(batch == 1 ? 2.0 : 1.0)
+          ->Unit(benchmark::kMillisecond);
   for (const shape& sh : {shape{hidden, hidden}, shape{kv_width, hidden}, shape{intermediate, hidden}, shape{hidden, intermediate}})
     for (Index batch : {1, 8, 32})
       for (Index threads : {1, 2}) {
         benchmark::RegisterBenchmark("layer_hot", layer_hot)
+            ->Args({sh.out, sh.in, batch, threads})
+            ->Unit(benchmark::kMicrosecond);
+        benchmark::RegisterBenchmark("layer_hot_base3", layer_hot_base3)
             ->Args({sh.out, sh.in, batch, threads})
             ->Unit(benchmark::kMicrosecond);
         benchmark::RegisterBenchmark("layer_hot_group128", layer_hot_group128)

@@ -18,6 +18,8 @@
 // Plain code generation for the kernels: the emulation must not emit AVX-512 instructions itself.
 #define BITNET_TARGET_AVX512
 #define BITNET_INLINE_AVX512 inline
+#define BITNET_TARGET_AVX512_VBMI
+#define BITNET_INLINE_AVX512_VBMI inline
 #define BITNET_TARGET_FWHT_AVX512
 #define BITNET_INLINE_FWHT_AVX512 inline
 

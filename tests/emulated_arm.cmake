@@ -6,7 +6,8 @@
 #   cortex-a72  NEON only (Raspberry Pi 4 class): best_isa() is neon.
 # BITNET_TEST_EXPECT_ISAS makes the run fail if a kernel the CPU has is not compiled or detected.
 # The rest of the suite (graph walking, safetensors, ...) has no ISA-specific code and runs natively.
-add_executable(bitnet_arm_tests main.cpp test_kernels.cpp test_group_kernels.cpp test_rotation.cpp test_pack.cpp test_quant.cpp test_bit_linear.cpp)
+add_executable(bitnet_arm_tests main.cpp test_kernels.cpp test_group_kernels.cpp test_base3_kernels.cpp test_rotation.cpp
+  test_pack.cpp test_quant.cpp test_bit_linear.cpp)
 target_link_libraries(bitnet_arm_tests PRIVATE bitnet::bitnet bitnet_warnings doctest::doctest)
 add_executable(bitnet_arm_forward_alloc_tests test_forward_alloc.cpp alloc_fault.cpp)
 target_link_libraries(bitnet_arm_forward_alloc_tests PRIVATE bitnet::bitnet bitnet_warnings doctest::doctest)
@@ -16,8 +17,8 @@ function(bitnet_arm_test name cpu isas)
   set_tests_properties(arm.${name} PROPERTIES ENVIRONMENT "QEMU_CPU=${cpu};BITNET_TEST_EXPECT_ISAS=${isas}")
 endfunction()
 bitnet_arm_test(max max "scalar,neon,dotprod,i8mm")
-bitnet_arm_test(cortex_a76 cortex-a76 "scalar,neon,dotprod" "--test-case=kernels: *,group kernels: *,BitLinear: forward*")
-bitnet_arm_test(cortex_a72 cortex-a72 "scalar,neon" "--test-case=kernels: *,group kernels: *,BitLinear: forward*")
+bitnet_arm_test(cortex_a76 cortex-a76 "scalar,neon,dotprod" "--test-case=kernels: *,group kernels: *,base3*,BitLinear: forward*")
+bitnet_arm_test(cortex_a72 cortex-a72 "scalar,neon" "--test-case=kernels: *,group kernels: *,base3*,BitLinear: forward*")
 # BITNET_ISA forces each kernel for the whole BitLinear suite; an invalid name, or an ISA the CPU
 # lacks, is an error.
 foreach(forced neon dotprod i8mm)

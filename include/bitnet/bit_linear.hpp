@@ -42,8 +42,10 @@
 #include "detail/validate.hpp"
 #include "errors.hpp"
 #include "kernels.hpp"
+#include "kernels_base3.hpp"
 #include "matrix.hpp"
 #include "pack.hpp"
+#include "pack_base3.hpp"
 #include "quant.hpp"
 #include "rotation.hpp"
 
@@ -82,6 +84,9 @@ struct bitlinear_options {
   /// Re-derive the scales from the latent weights on every set_weight (absmean, b1.58) or keep
   /// them (frozen); see weight_scale_update.
   weight_scale_update scale_update = weight_scale_update::absmean;
+  /// How the ternary codes are stored: 2 bits each (pack.hpp, the default) or five to a byte
+  /// (base3: pack_base3.hpp, 1.6 bits, needs per_tensor scales). forward() is bit-identical for both.
+  weight_storage storage = weight_storage::two_bit;
 };
 
 /// Tag of the BitLinear constructor that adopts the caller's buffers (see transfer::move).
@@ -99,7 +104,7 @@ class BitLinear {
   explicit BitLinear(Matrix<T> weight, std::optional<Vector<T>> bias = std::nullopt,
                      bitlinear_options options = {})
       : options_(validated(options)), quantized_(quantize_checked(weight, options_)), weight_(std::move(weight)),
-        bias_(validated_bias(std::move(bias), quantized_.packed.rows())) {}
+        bias_(validated_bias(std::move(bias), out_features())) {}
 
   /// Takes over the buffers of `weight` and `bias` without copying them, and only once nothing can
   /// fail any more: if this throws (bad shapes, non-finite values, bad_alloc), `weight` and `bias`
@@ -136,7 +141,7 @@ class BitLinear {
       throw value_error("BitLinear::from_ternary: one scale sw needs options.weight_scales per_tensor; a " +
                         detail::scaling_name(options.weight_scales) + " layer takes a matrix of unit scales");
     check_bias(bias, codes.rows());
-    return BitLinear(ternary_tag{}, options, quantized_weights{packed_ternary(codes), scale, {}}, std::move(bias));
+    return BitLinear(ternary_tag{}, options, packed_per_tensor(codes, scale, options), std::move(bias));
   }
 
   /// A unit-scaled layer (options.weight_scales per_row or per_group) that computes with `codes`
@@ -206,8 +211,8 @@ class BitLinear {
     return {std::move(weight_), std::move(bias_)};
   }
 
-  Index in_features() const noexcept { return quantized_.packed.cols(); }
-  Index out_features() const noexcept { return quantized_.packed.rows(); }
+  Index in_features() const noexcept { return base3() ? quantized_.base3.cols() : quantized_.packed.cols(); }
+  Index out_features() const noexcept { return base3() ? quantized_.base3.rows() : quantized_.packed.rows(); }
   const bitlinear_options& options() const noexcept { return options_; }
 
   /// Latent (master) weights, out x in, exactly as given. Throws state_error when the layer has none:
@@ -225,7 +230,7 @@ class BitLinear {
   const std::optional<Vector<T>>& bias() const noexcept { return bias_; }
 
   /// Ternary codes {-1, 0, +1} (out x in), unpacked, and the scale sw: weight ~ ternary_weight() / weight_scale().
-  Matrix<std::int8_t> ternary_weight() const { return quantized_.packed.unpack(); }
+  Matrix<std::int8_t> ternary_weight() const { return base3() ? quantized_.base3.unpack() : quantized_.packed.unpack(); }
   /// The per-tensor scale sw. Throws state_error for a per_row / per_group layer (see unit_scales()).
   T weight_scale() const {
     if (options_.weight_scales != weight_scaling::per_tensor)
@@ -251,8 +256,25 @@ class BitLinear {
       return (codes.template cast<T>().array() / quantized_.scale).matrix();
     return dequantize(unit_ternary_weights<T>{codes, quantized_.unit_scales, unit_cols()});
   }
-  /// The packed codes forward() reads.
-  const packed_ternary& packed_weight() const noexcept { return quantized_.packed; }
+  /// The 2-bit packed codes forward() reads. Throws state_error for a layer stored in base 3
+  /// (options().storage == weight_storage::base3: base3_weight()).
+  const packed_ternary& packed_weight() const {
+    if (base3())
+      throw state_error("BitLinear::packed_weight: the layer stores its codes in base 3 (storage base3); use "
+                        "base3_weight()");
+    return quantized_.packed;
+  }
+  /// The base-3 packed codes forward() reads. Throws state_error for a 2-bit layer (packed_weight()).
+  const packed_base3& base3_weight() const {
+    if (!base3())
+      throw state_error("BitLinear::base3_weight: the layer stores its codes in 2 bits (storage two_bit); use "
+                        "packed_weight()");
+    return quantized_.base3;
+  }
+  /// The bytes of the packed codes forward() reads, in either storage (padding included).
+  std::size_t packed_bytes() const noexcept {
+    return base3() ? quantized_.base3.size_bytes() : quantized_.packed.size_bytes();
+  }
 
   /// Whether the latent weights are held (false after release_latent_weights() and for from_ternary()).
   bool has_latent_weights() const noexcept { return weight_.size() != 0; }
@@ -261,7 +283,8 @@ class BitLinear {
 
   /// Heap bytes the layer holds: packed codes, latent weights (if held) and bias.
   std::size_t memory_bytes() const noexcept {
-    return quantized_.packed.capacity_bytes() + std::size_t(weight_.size() + quantized_.unit_scales.size()) * sizeof(T) +
+    return quantized_.packed.capacity_bytes() + quantized_.base3.capacity_bytes() +
+           std::size_t(weight_.size() + quantized_.unit_scales.size()) * sizeof(T) +
            (bias_ ? std::size_t(bias_->size()) * sizeof(T) : 0);
   }
 
@@ -333,7 +356,11 @@ class BitLinear {
     const isa kernels = active_isa();
     const int threads = num_threads();
     const packed_ternary& packed = quantized_.packed;
-    const Index x_stride = packed.padded_cols();
+    // base3: 20-column tiles, the activation rows padded on to a multiple of 64 like pack.hpp's.
+    const Index x_stride =
+        base3() ? (quantized_.base3.padded_cols() + packed_ternary::block_cols - 1) / packed_ternary::block_cols *
+                      packed_ternary::block_cols
+                : packed.padded_cols();
     std::int8_t* xq = detail::thread_scratch_of<std::int8_t, scratch_slot::activations>(std::size_t(batch * x_stride));
     T* scales = detail::thread_scratch_of<T, scratch_slot::scales>(std::size_t(batch));
     std::int32_t* sums = detail::thread_scratch_of<std::int32_t, scratch_slot::sums>(std::size_t(batch));
@@ -350,9 +377,16 @@ class BitLinear {
     Matrix<T>& out = reshape ? shaped : y;
     const rescale_job rescale{kernels, acc, batch, out_features(), scales, quantized_.scale,
                               bias_ ? bias_->data() : nullptr, out.data(), out.outerStride()};
-    const detail::gemm_args args{packed.data(), packed.col_tiles(), out_features(), xq, x_stride, sums, batch, acc};
-    detail::ternary_gemm(kernels, args, packed.row_blocks(), threads, detail::min_work_per_thread,
-                         {rescale_job::run, &rescale});
+    if (base3()) {
+      const packed_base3& codes = quantized_.base3;
+      const detail::gemm_args args{codes.data(), codes.col_tiles(), out_features(), xq, x_stride, sums, batch, acc};
+      detail::ternary_gemm_base3(kernels, args, codes.row_blocks(), threads, detail::min_work_per_thread,
+                                 {rescale_job::run, &rescale});
+    } else {
+      const detail::gemm_args args{packed.data(), packed.col_tiles(), out_features(), xq, x_stride, sums, batch, acc};
+      detail::ternary_gemm(kernels, args, packed.row_blocks(), threads, detail::min_work_per_thread,
+                           {rescale_job::run, &rescale});
+    }
     if (reshape) y.swap(shaped);
   }
 
@@ -419,10 +453,21 @@ class BitLinear {
   };
 
   struct quantized_weights {
-    packed_ternary packed;
+    packed_ternary packed;  // storage two_bit (empty for base3)
     T scale;                // per_tensor: sw
     Matrix<T> unit_scales;  // per_row / per_group: out x groups magnitudes d; empty for per_tensor
+    packed_base3 base3{};   // storage base3 (empty for two_bit)
   };
+
+  bool base3() const noexcept { return options_.storage == weight_storage::base3; }
+
+  /// A per_tensor layer's codes packed in the options' storage (validated options).
+  template <class Derived>
+  static quantized_weights packed_per_tensor(const Eigen::MatrixBase<Derived>& codes, T scale,
+                                             const bitlinear_options& options) {
+    if (options.storage == weight_storage::base3) return {packed_ternary{}, scale, {}, packed_base3(codes)};
+    return {packed_ternary(codes), scale, {}, {}};
+  }
 
   struct ternary_tag {};
   BitLinear(ternary_tag, bitlinear_options options, quantized_weights quantized, std::optional<Vector<T>> bias) noexcept
@@ -453,6 +498,13 @@ class BitLinear {
     } else {
       detail::check_unit_scaling(options.weight_scales, options.group_size, "BitLinear");
     }
+    if (options.storage != weight_storage::two_bit && options.storage != weight_storage::base3)
+      throw value_error("BitLinear: storage is not two_bit or base3");
+    if (options.storage == weight_storage::base3 && options.weight_scales != weight_scaling::per_tensor)
+      throw value_error("BitLinear: storage base3 needs per_tensor weight scales, got " +
+                        detail::scaling_name(options.weight_scales) +
+                        " (the grouped kernels read pack.hpp's 2-bit tiles; a group of inputs is not a whole number "
+                        "of base 3's 20-column tiles): use storage two_bit");
     if (options.activation_scales == activation_scaling::per_block) {
       if (options.weight_scales != weight_scaling::per_group)
         throw value_error("BitLinear: per_block activation scales need per_group weight scales (the blocks are the "
@@ -497,7 +549,7 @@ class BitLinear {
       const T sw = quantized_.scale;
       for (Index r = 0; r < weight.rows(); ++r)
         for (Index c = 0; c < weight.cols(); ++c) codes(r, c) = code_of(weight(r, c) * sw);
-      return {packed_ternary(codes), sw, {}};
+      return packed_per_tensor(codes, sw, options_);
     }
     const Matrix<T>& d = quantized_.unit_scales;
     const Index unit = unit_cols();
@@ -519,7 +571,7 @@ class BitLinear {
       return {packed_ternary(units.values, col_alignment(options)), T(0), std::move(units.scales)};
     }
     ternary_weights<T> ternary = detail::quantize_finite_weights(weight, "BitLinear: weight");
-    return {packed_ternary(ternary.values), ternary.scale, {}};
+    return packed_per_tensor(ternary.values, ternary.scale, options);
   }
 
   static std::optional<Vector<T>> validated_bias(std::optional<Vector<T>> bias, Index out_features) {

@@ -89,7 +89,7 @@ layer_report describe_layer(std::string path, const BitLinear<T>& layer) {
   row.zero_fraction = zeros / double(codes.size());
   row.reconstruction_error = weight_squares > 0 ? std::sqrt(error_squares / weight_squares) : 0.0;
   row.latent_bytes = std::size_t(codes.size()) * sizeof(T);
-  row.packed_bytes = layer.packed_weight().size_bytes();  // codes as forward() reads them, padding included
+  row.packed_bytes = layer.packed_bytes();  // codes as forward() reads them (either storage), padding included
   return row;
 }
 

@@ -44,6 +44,7 @@ namespace bitnet::detail {
 struct cpu_features {
   bool avx2 = false;
   bool avx512_vnni = false;  // AVX-512 F + BW + VL + VNNI
+  bool avx512_vbmi = false;  // and VBMI (vpermi2b: the 1.6-bit kernels' byte table, kernels/base3.hpp)
   bool amx_int8 = false;     // AMX-TILE + AMX-INT8 reported by the CPU (the OS must still allow it)
   bool neon = false;         // AArch64 Advanced SIMD
   bool dotprod = false;      // SDOT/UDOT (FEAT_DotProd, Armv8.2)
@@ -89,6 +90,7 @@ inline cpu_features probe_cpu_features() noexcept {
   const bool avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
   const bool avx512vnni = (c >> 11) & 1;
   f.avx512_vnni = f.avx2 && zmm_state && avx512f && avx512bw && avx512vl && avx512vnni;
+  f.avx512_vbmi = f.avx512_vnni && ((c >> 1) & 1);
   f.amx_int8 = ((d >> 24) & 1) && ((d >> 25) & 1);
 #elif defined(BITNET_ARM64)
   probe_arm_features(f);

@@ -1,0 +1,297 @@
+// Kernels of the 1.6-bit layout (pack_base3.hpp): five codes per byte in base 3, tiles of 16 rows x
+// 20 columns in 64 bytes. The same gemm_args as pack.hpp's kernels (common.hpp), with col_tiles the
+// 20-column tiles per row block and x zero-padded to at least col_tiles * 20 columns; ungrouped only.
+// Every kernel returns exactly the int32 sums of ternary_gemm_reference.
+//
+// Decoding a byte v = c0 + 3 c1 + 9 c2 + 27 c3 + 81 c4 without a byte multiply:
+//   * r = v mod 81 by two steps r = min_u8(r, r - 81) (a wrapped r - 81 is above r, so the minimum
+//     keeps r until it is below 81); v - r = 81 c4;
+//   * AVX-512 (VBMI): one vpermi2b looks r up in a 128-entry byte table as c0 | c1 << 2 | c2 << 4 |
+//     c3 << 6, a byte of pack.hpp, whose planes are one AND each (4^p c, per-plane accumulators as in
+//     avx512.hpp); plane 4 is 81 c4 as it stands, divided out exactly at the end (a multiply by the
+//     inverse of 81 modulo 2^32: the sum is a multiple of 81 that fits in int32);
+//   * AVX2 (vpshufb has 16 entries): the same two steps for 27 and 9, then c4 = (v - r) & 3
+//     (81 = 0b1010001, 162 = 0b10100010), c3 by vpshufb of r - s in {0, 27, 54} (low nibbles 0, 11,
+//     6), c2 = (s - u) & 3 (9, 18), c0 and c1 by vpshufb of u < 9;
+//   * SDOT (AArch64 dotprod): the AVX2 steps on 16 bytes (4 rows), c3 by TBL of (r - s) >> 4 (TBL
+//     reads the whole index byte: 0, 1, 3), five SDOT by element into one int32 accumulator.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <utility>
+
+#include <Eigen/Core>
+
+#include "avx2.hpp"
+#include "avx512.hpp"
+#include "common.hpp"
+#include "neon.hpp"
+
+namespace bitnet::detail {
+
+inline constexpr Eigen::Index base3_tile_cols = 20;
+
+/// The 2-bit byte c0 | c1 << 2 | c2 << 4 | c3 << 6 of r = c0 + 3 c1 + 9 c2 + 27 c3 (r < 81; 0 above).
+inline constexpr std::array<std::uint8_t, 128> base3_low_digits = [] {
+  std::array<std::uint8_t, 128> table{};
+  for (int r = 0; r < 81; ++r) table[std::size_t(r)] = std::uint8_t(r % 3 | r / 3 % 3 << 2 | r / 9 % 3 << 4 | r / 27 << 6);
+  return table;
+}();
+
+/// 81 * inverse_of_81 = 1 modulo 2^32: plane 4's sum, exactly 81 S, times this is S.
+inline constexpr std::int32_t inverse_of_81 = std::int32_t(0x781948b1u);
+
+inline namespace BITNET_TU_ISA {
+
+/// The layout read the plain way: digit p of byte 4 j + b of tile t is the code of column 20 t + 4 p + b.
+inline void ternary_gemm_base3_scalar(const gemm_args& a, Eigen::Index block_begin, Eigen::Index block_end) noexcept {
+  for (Eigen::Index g = block_begin; g < block_end; ++g)
+    for (Eigen::Index j = 0; j < tile_rows && g * tile_rows + j < a.rows; ++j)
+      for (Eigen::Index b = 0; b < a.batch; ++b) {
+        const std::int8_t* x = a.x + b * a.x_stride;
+        std::int32_t sum = 0;  // |sum| <= 2 * 128 * padded in < 2^31 (max_in_features)
+        for (Eigen::Index t = 0; t < a.col_tiles; ++t) {
+          const std::uint8_t* lane = a.weights + (g * a.col_tiles + t) * tile_bytes + j * group_cols;
+          for (int c = 0; c < group_cols; ++c)
+            for (int p = 0, v = lane[c]; p < 5; ++p, v /= 3)
+              sum += std::int32_t(v % 3) * x[t * base3_tile_cols + p * group_cols + c];
+        }
+        a.acc[b * a.rows + g * tile_rows + j] = sum - a.x_sums[b];
+      }
+}
+
+/// Row blocks per pass of the batch > 1 loops: each token decodes them again, from L1 / L2.
+inline Eigen::Index base3_blocks_per_chunk(Eigen::Index col_tiles) noexcept {
+  return std::max<Eigen::Index>(1, (Eigen::Index{1} << 15) / (col_tiles * tile_bytes));
+}
+
+#ifdef BITNET_X86
+
+/// v mod m for bytes v < 3 m: two steps of v = min_u8(v, v - m).
+BITNET_INLINE_AVX2 __m256i reduce_base3_avx2(__m256i v, __m256i m) noexcept {
+  v = _mm256_min_epu8(v, _mm256_sub_epi8(v, m));
+  return _mm256_min_epu8(v, _mm256_sub_epi8(v, m));
+}
+
+/// Batch 1 on AVX2, row block g against token `token`: each half tile (8 rows) decoded into its five
+/// code planes (20 ops), five vpmaddubsw with broadcast groups into int16 lanes, widened every
+/// avx2_tiles_per_int16 tiles (a lane gains at most 5 x 512 per tile: 8 tiles stay below 2^15).
+BITNET_TARGET_AVX2 inline void gemv_block_base3_avx2(const gemm_args& a, Eigen::Index g, Eigen::Index token) noexcept {
+  const __m256i k81 = _mm256_set1_epi8(81), k27 = _mm256_set1_epi8(27), k9 = _mm256_set1_epi8(9);
+  const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  // c3 from r - s in {0, 27, 54} (indexed by the low nibble: 0, 11, 6); c0 and c1 from u < 9.
+  const __m256i digit3 = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 1, 0, 0, 0, 0,  //
+                                          0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 1, 0, 0, 0, 0);
+  const __m256i digit0 = _mm256_setr_epi8(0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 0, 0, 0, 0, 0, 0,  //
+                                          0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 0, 0, 0, 0, 0, 0);
+  const __m256i digit1 = _mm256_setr_epi8(0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0,  //
+                                          0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0);
+  const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes;
+  const std::int8_t* x = a.x + token * a.x_stride;
+  __m256i total[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (Eigen::Index t0 = 0; t0 < a.col_tiles; t0 += avx2_tiles_per_int16) {
+    const Eigen::Index t1 = std::min(a.col_tiles, t0 + avx2_tiles_per_int16);
+    __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (Eigen::Index t = t0; t < t1; ++t, w += tile_bytes, x += base3_tile_cols) {
+      const __m256i groups[5] = {broadcast_group_avx2(x), broadcast_group_avx2(x + 4), broadcast_group_avx2(x + 8),
+                                 broadcast_group_avx2(x + 12), broadcast_group_avx2(x + 16)};
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = load_avx2(w + 32 * h);
+        const __m256i r = reduce_base3_avx2(v, k81), s = reduce_base3_avx2(r, k27), u = reduce_base3_avx2(s, k9);
+        const __m256i codes[5] = {_mm256_shuffle_epi8(digit0, u), _mm256_shuffle_epi8(digit1, u),
+                                  _mm256_and_si256(_mm256_sub_epi8(s, u), three),
+                                  _mm256_shuffle_epi8(digit3, _mm256_sub_epi8(r, s)),
+                                  _mm256_and_si256(_mm256_sub_epi8(v, r), three)};
+        __m256i sum = _mm256_maddubs_epi16(codes[0], groups[0]);
+#pragma GCC unroll 4
+        for (int p = 1; p < 5; ++p) sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(codes[p], groups[p]));
+        acc[h] = _mm256_add_epi16(acc[h], sum);
+      }
+    }
+    for (int h = 0; h < 2; ++h) total[h] = _mm256_add_epi32(total[h], _mm256_madd_epi16(acc[h], ones));
+  }
+  for (int h = 0; h < 2; ++h) store_rows_avx2(a, total[h], g * tile_rows + 8 * h, token, a.x_sums[token]);
+}
+
+BITNET_TARGET_AVX2 inline void ternary_gemm_base3_avx2(const gemm_args& a, Eigen::Index block_begin,
+                                                       Eigen::Index block_end) noexcept {
+  const Eigen::Index chunk = a.batch == 1 ? block_end - block_begin : base3_blocks_per_chunk(a.col_tiles);
+  for (Eigen::Index g0 = block_begin; g0 < block_end; g0 += chunk)
+    for (Eigen::Index token = 0; token < a.batch; ++token)
+      for (Eigen::Index g = g0; g < std::min(g0 + chunk, block_end); ++g) gemv_block_base3_avx2(a, g, token);
+}
+
+// tests/avx512_emulation.hpp predefines these, as for avx512.hpp.
+#ifndef BITNET_TARGET_AVX512_VBMI
+#define BITNET_TARGET_AVX512_VBMI __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+#define BITNET_INLINE_AVX512_VBMI \
+  __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi"), always_inline)) inline
+#endif
+
+/// One tile of 16 rows x 20 columns into the five plane accumulators: planes 0-3 as 4^p c, plane 4 as 81 c.
+BITNET_INLINE_AVX512_VBMI void base3_tile_avx512(const std::uint8_t* w, const std::int8_t* x, __m512i (&acc)[5],
+                                                 __m512i table_low, __m512i table_high) noexcept {
+  const __m512i k81 = _mm512_set1_epi8(81);
+  const __m512i v = load_avx512(w);
+  __m512i r = _mm512_min_epu8(v, _mm512_sub_epi8(v, k81));
+  r = _mm512_min_epu8(r, _mm512_sub_epi8(r, k81));
+  const __m512i high = _mm512_sub_epi8(v, r);
+  const __m512i low = _mm512_permutex2var_epi8(table_low, r, table_high);
+#pragma GCC unroll 4
+  for (int p = 0; p < 4; ++p)
+    acc[p] = dpbusd_avx512(acc[p], _mm512_and_si512(low, _mm512_set1_epi8(static_cast<char>(3 << (2 * p)))),
+                           broadcast_group_avx512(x + p * group_cols));
+  acc[4] = dpbusd_avx512(acc[4], high, broadcast_group_avx512(x + 16));
+}
+
+/// Batch 1 (and each token of a larger batch): row blocks [begin, end) one after the other (one
+/// sequential stream, prefetched gemv_prefetch_bytes ahead), even and odd tiles into their own five
+/// plane accumulators (10 vpdpbusd chains). A lane of plane 4 gains at most 4 x 162 x 128 per tile,
+/// so runs of per_plane_tiles_per_run (2^14) tiles stay below 2^31 before the planes are scaled back.
+BITNET_TARGET_AVX512_VBMI inline void gemv_base3_avx512(const gemm_args& a, Eigen::Index begin, Eigen::Index end,
+                                                        Eigen::Index token) noexcept {
+  const __m512i table_low = _mm512_loadu_si512(base3_low_digits.data());
+  const __m512i table_high = _mm512_loadu_si512(base3_low_digits.data() + 64);
+  const __m512i inverse = _mm512_set1_epi32(inverse_of_81);
+  const std::uint8_t* w = a.weights + begin * a.col_tiles * tile_bytes;
+  for (Eigen::Index g = begin; g < end; ++g) {
+    const std::int8_t* x = a.x + token * a.x_stride;
+    __m512i total = _mm512_setzero_si512();
+    for (Eigen::Index remaining = a.col_tiles; remaining > 0;) {
+      const Eigen::Index run = std::min(remaining, per_plane_tiles_per_run);
+      remaining -= run;
+      __m512i even[5], odd[5];
+      for (int p = 0; p < 5; ++p) even[p] = odd[p] = _mm512_setzero_si512();
+      const std::uint8_t* const pairs_end = w + run / 2 * 2 * tile_bytes;
+      for (; w != pairs_end; w += 2 * tile_bytes, x += 2 * base3_tile_cols) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + gemv_prefetch_bytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + tile_bytes + gemv_prefetch_bytes), _MM_HINT_T0);
+        base3_tile_avx512(w, x, even, table_low, table_high);
+        base3_tile_avx512(w + tile_bytes, x + base3_tile_cols, odd, table_low, table_high);
+      }
+      if (run % 2 != 0) {
+        base3_tile_avx512(w, x, even, table_low, table_high);
+        w += tile_bytes;
+        x += base3_tile_cols;
+      }
+      __m512i planes[5];
+      for (int p = 0; p < 5; ++p) planes[p] = _mm512_add_epi32(even[p], odd[p]);
+      const __m512i low = _mm512_add_epi32(_mm512_add_epi32(planes[0], shift_right_avx512(planes[1], 2)),
+                                           _mm512_add_epi32(shift_right_avx512(planes[2], 4), shift_right_avx512(planes[3], 6)));
+      total = _mm512_add_epi32(total, _mm512_add_epi32(low, _mm512_mullo_epi32(planes[4], inverse)));
+    }
+    store_rows_avx512(a, total, g, token, a.x_sums[token]);
+  }
+}
+
+/// Batch > 1: row block g against Tokens tokens (activations interleaved by 4-byte groups in tiles of
+/// avx512_token_tile tokens, interleave_tokens: group q of token t at (q Tokens + t) 4), each tile
+/// decoded once into its five planes as plain codes (planes 1-3 by a shift and an AND, plane 4 as
+/// (v - r) & 3: 81 = 0b1010001, 162 = 0b10100010) and multiplied by 5 x Tokens vpdpbusd.
+template <int Tokens>
+BITNET_TARGET_AVX512_VBMI void gemm_shared_base3_avx512(const gemm_args& a, const std::int8_t* xi, Eigen::Index g,
+                                                        Eigen::Index token) noexcept {
+  const __m512i table_low = _mm512_loadu_si512(base3_low_digits.data());
+  const __m512i table_high = _mm512_loadu_si512(base3_low_digits.data() + 64);
+  const __m512i k81 = _mm512_set1_epi8(81), three = _mm512_set1_epi8(3);
+  const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes;
+  const std::uint8_t* const end = w + a.col_tiles * tile_bytes;
+  __m512i acc[Tokens];
+  for (int t = 0; t < Tokens; ++t) acc[t] = _mm512_setzero_si512();
+  for (; w != end; w += tile_bytes, xi += base3_tile_cols * Tokens) {
+    const __m512i v = load_avx512(w);
+    __m512i r = _mm512_min_epu8(v, _mm512_sub_epi8(v, k81));
+    r = _mm512_min_epu8(r, _mm512_sub_epi8(r, k81));
+    const __m512i low = _mm512_permutex2var_epi8(table_low, r, table_high);
+    // Immediate shift counts spelled out: SIMDe (the emulated test) under Clang needs constants.
+    const __m512i planes[5] = {_mm512_and_si512(low, three), _mm512_and_si512(_mm512_srli_epi16(low, 2), three),
+                               _mm512_and_si512(_mm512_srli_epi16(low, 4), three),
+                               _mm512_and_si512(_mm512_srli_epi16(low, 6), three),
+                               _mm512_and_si512(_mm512_sub_epi8(v, r), three)};
+#pragma GCC unroll 5
+    for (int p = 0; p < 5; ++p)
+#pragma GCC unroll 16
+      for (int t = 0; t < Tokens; ++t)
+        acc[t] = dpbusd_avx512(acc[t], planes[p], broadcast_group_avx512(xi + (p * Tokens + t) * 4));
+  }
+  for (int t = 0; t < Tokens; ++t) store_rows_avx512(a, acc[t], g, token + t, a.x_sums[token + t]);
+}
+
+template <int... Tokens>
+BITNET_TARGET_AVX512_VBMI void gemm_any_tile_base3_avx512(std::integer_sequence<int, Tokens...>, int tokens,
+                                                          const gemm_args& a, const std::int8_t* xt, Eigen::Index g,
+                                                          Eigen::Index token) noexcept {
+  ((tokens == Tokens + 1 ? gemm_shared_base3_avx512<Tokens + 1>(a, xt, g, token) : void()), ...);
+}
+
+/// xi: for batch > 1, the activations interleaved for token tiles of avx512_token_tile (for batch 1, a.x).
+BITNET_TARGET_AVX512_VBMI inline void ternary_gemm_base3_avx512(const gemm_args& a, const std::int8_t* xi,
+                                                                Eigen::Index block_begin,
+                                                                Eigen::Index block_end) noexcept {
+  if (a.batch == 1) return gemv_base3_avx512(a, block_begin, block_end, 0);
+  const Eigen::Index chunk = base3_blocks_per_chunk(a.col_tiles);
+  for (Eigen::Index g0 = block_begin; g0 < block_end; g0 += chunk)
+    for (Eigen::Index token = 0; token < a.batch; token += avx512_token_tile) {
+      const int tokens = int(std::min<Eigen::Index>(avx512_token_tile, a.batch - token));
+      for (Eigen::Index g = g0; g < std::min(g0 + chunk, block_end); ++g)
+        gemm_any_tile_base3_avx512(std::make_integer_sequence<int, avx512_token_tile>{}, tokens, a,
+                                   xi + token * a.x_stride, g, token);
+    }
+}
+
+#endif  // BITNET_X86
+
+#if defined(BITNET_ARM64) && defined(BITNET_HAS_DOTPROD_KERNEL)
+
+inline constexpr std::uint8_t base3_digit0_arm[16] = {0, 1, 2, 0, 1, 2, 0, 1, 2};
+inline constexpr std::uint8_t base3_digit1_arm[16] = {0, 0, 0, 1, 1, 1, 2, 2, 2};
+inline constexpr std::uint8_t base3_digit3_arm[16] = {0, 1, 0, 2};  // (r - s) >> 4: 0, 27 >> 4 = 1, 54 >> 4 = 3
+
+/// v mod m for bytes v < 3 m: two steps of v = min_u8(v, v - m).
+BITNET_TARGET_DOTPROD inline uint8x16_t reduce_base3_arm(uint8x16_t v, uint8x16_t m) noexcept {
+  v = vminq_u8(v, vsubq_u8(v, m));
+  return vminq_u8(v, vsubq_u8(v, m));
+}
+
+/// Row block g against token `token`: per quarter tile (4 rows, 16 bytes) the five code planes
+/// (21 instructions), five SDOT by element with the tile's 20 activations (two 16-byte loads).
+BITNET_TARGET_DOTPROD inline void gemv_block_base3_dotprod(const gemm_args& a, Eigen::Index g,
+                                                           Eigen::Index token) noexcept {
+  const uint8x16_t k81 = vdupq_n_u8(81), k27 = vdupq_n_u8(27), k9 = vdupq_n_u8(9), three = vdupq_n_u8(3);
+  const uint8x16_t digit0 = vld1q_u8(base3_digit0_arm), digit1 = vld1q_u8(base3_digit1_arm),
+                   digit3 = vld1q_u8(base3_digit3_arm);
+  const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes;
+  const std::int8_t* x = a.x + token * a.x_stride;
+  int32x4_t acc[4];
+  for (int q = 0; q < 4; ++q) acc[q] = vdupq_n_s32(0);
+  for (Eigen::Index t = 0; t < a.col_tiles; ++t, w += tile_bytes, x += base3_tile_cols) {
+    const int8x16_t x_low = vld1q_s8(x), x_high = vld1q_s8(x + 4);  // groups 0-3; group 4 is x_high's lane 3
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const uint8x16_t v = vld1q_u8(w + 16 * q);
+      const uint8x16_t r = reduce_base3_arm(v, k81), s = reduce_base3_arm(r, k27), u = reduce_base3_arm(s, k9);
+      int32x4_t sum = vdotq_laneq_s32(acc[q], vreinterpretq_s8_u8(vqtbl1q_u8(digit0, u)), x_low, 0);
+      sum = vdotq_laneq_s32(sum, vreinterpretq_s8_u8(vqtbl1q_u8(digit1, u)), x_low, 1);
+      sum = vdotq_laneq_s32(sum, vreinterpretq_s8_u8(vandq_u8(vsubq_u8(s, u), three)), x_low, 2);
+      sum = vdotq_laneq_s32(sum, vreinterpretq_s8_u8(vqtbl1q_u8(digit3, vshrq_n_u8(vsubq_u8(r, s), 4))), x_low, 3);
+      acc[q] = vdotq_laneq_s32(sum, vreinterpretq_s8_u8(vandq_u8(vsubq_u8(v, r), three)), x_high, 3);
+    }
+  }
+  for (int q = 0; q < 4; ++q) store_rows_arm(a, acc[q], g * tile_rows + 4 * q, token, a.x_sums[token]);
+}
+
+BITNET_TARGET_DOTPROD inline void ternary_gemm_base3_dotprod(const gemm_args& a, Eigen::Index block_begin,
+                                                             Eigen::Index block_end) noexcept {
+  const Eigen::Index chunk = a.batch == 1 ? block_end - block_begin : base3_blocks_per_chunk(a.col_tiles);
+  for (Eigen::Index g0 = block_begin; g0 < block_end; g0 += chunk)
+    for (Eigen::Index token = 0; token < a.batch; ++token)
+      for (Eigen::Index g = g0; g < std::min(g0 + chunk, block_end); ++g) gemv_block_base3_dotprod(a, g, token);
+}
+
+#endif  // BITNET_ARM64 && BITNET_HAS_DOTPROD_KERNEL
+
+}  // namespace BITNET_TU_ISA
+}  // namespace bitnet::detail
