@@ -12,18 +12,20 @@
 //   read_floor/threads          the floor alone.
 //   layer_hot/out/in/batch/threads  one layer of the stack again and again (weights hot in L2 / L3):
 //                               30 x the sum over the 7 layers of a block is the stack without DRAM.
-//   decode_group128/batch/threads/per_block  the same stack with group scales (issue 20): one scale
-//                               per 128 inputs of a row, per-token (per_block 0) or per-block (1)
-//                               activation scales, run as BitLinear runs a group-scaled layer
-//                               (detail::quantize_rows_grouped, ternary_gemm over virtual blocks, the
+//   decode_group128/batch/threads/per_block/float_scales  the same stack with group scales (issue 20):
+//                               one scale per 128 inputs of a row, binary16 values (float_scales 0, as
+//                               imported models have) or not (1), per-token (per_block 0) or per-block
+//                               (1) activation scales, run as BitLinear runs a group-scaled layer (one
+//                               token per token: the fused kernel ternary_gemv_grouped; else
+//                               detail::quantize_rows_grouped, ternary_gemm over virtual blocks, the
 //                               grouped_rescale epilogue) on the same packed bytes (2560 and 6912
 //                               are multiples of 128). Each iteration runs the per-tensor stack and
 //                               then the grouped one: counters tensor_ms, group_ms and
 //                               group_to_tensor (their ratio, the issue's goal: <= 1.08 at batch 1),
 //                               and bytes_ratio, the grouped stack's bytes (packed codes and the
-//                               float scales, 32 bits per 128 weights) over the packed codes alone:
+//                               scales read: 16 or 32 bits per 128 weights) over the packed codes alone:
 //                               the ratio a purely DRAM-bound decode would show.
-//   layer_hot_group128/out/in/batch/threads/per_block  one grouped layer, hot.
+//   layer_hot_group128/out/in/batch/threads/per_block/float_scales  one grouped layer, hot.
 //   decode_base3/batch/threads  the same stack stored in base 3 (bitlinear_options::storage base3,
 //                               1.6 bits per weight, the same codes and scales) against the 2-bit one in
 //                               the same iteration, each after its own read floor: counters two_bit_ms,
@@ -177,15 +179,26 @@ struct floor_read {
 };
 
 /// One layer of the stack with group scales: the per-tensor layer's packed codes (already aligned
-/// to 128 columns), unit scales d (out x in / 128) and the bias; forward as BitLinear makes it.
+/// to 128 columns), unit scales d (out x in / 128), the same in the fused kernel's order, and the
+/// bias; forward as BitLinear makes it: one token with per-token activations through the fused
+/// kernel (ternary_gemv_grouped) where it runs, else virtual blocks and the grouped_rescale epilogue.
 struct grouped_layer {
   static constexpr Index group = 128;
   const bitnet::packed_ternary* packed;
   Matrix<float> d;
   bitnet::Vector<float> bias;
+  bitnet::detail::kernel_unit_scales kernel_scales;
 
   Index out() const { return packed->rows(); }
   Index in() const { return packed->cols(); }
+
+  static bool fused(Index batch, bool per_block) {
+    return batch == 1 && !per_block && bitnet::detail::fused_grouped_gemv(bitnet::active_isa(), group);
+  }
+  /// The scale bytes a forward of this kind reads.
+  double scale_bytes(Index batch, bool per_block) const {
+    return fused(batch, per_block) ? double(kernel_scales.bytes()) : double(d.size()) * sizeof(float);
+  }
 
   void forward(const Matrix<float>& x, Matrix<float>& y, bool per_block) const {
     namespace detail = bitnet::detail;
@@ -197,10 +210,16 @@ struct grouped_layer {
     std::int8_t* xq = detail::thread_scratch_of<std::int8_t, scratch_slot::activations>(std::size_t(batch * stride));
     float* scales = detail::thread_scratch_of<float, scratch_slot::scales>(std::size_t(batch * groups));
     std::int32_t* sums = detail::thread_scratch_of<std::int32_t, scratch_slot::sums>(std::size_t(batch * kernel_groups));
-    std::int32_t* acc =
-        detail::thread_scratch_of<std::int32_t, scratch_slot::accumulators>(std::size_t(batch * virtual_rows));
     detail::quantize_rows_grouped(kernels, x.data(), in(), batch, in(), group, per_block, xq, stride, scales, sums,
                                   threads);
+    if (fused(batch, per_block)) {
+      const detail::grouped_gemv_args args{packed->data(),       group / 16,          kernel_groups, out(),
+                                           xq,                   sums,                kernel_scales.data(),
+                                           kernel_scales.half(), scales[0],           bias.data(),   y.data()};
+      return detail::ternary_gemv_grouped(kernels, args, packed->row_blocks(), threads);
+    }
+    std::int32_t* acc =
+        detail::thread_scratch_of<std::int32_t, scratch_slot::accumulators>(std::size_t(batch * virtual_rows));
     const detail::grouped_rescale<float> rescale{kernels, acc,      virtual_rows, batch,     out(),       kernel_groups,
                                                  groups,  d.data(), scales,       per_block, bias.data(), y.data(),
                                                  y.outerStride()};
@@ -211,21 +230,32 @@ struct grouped_layer {
   }
 };
 
-/// The stack's layers with group scales (d around the per-tensor scale, varying per unit).
-const std::vector<grouped_layer>& grouped_stack() {
-  static const std::vector<grouped_layer> built = [] {
+/// The stack's layers with group scales (d around the per-tensor scale, varying per unit): binary16
+/// values, as every model imported from GGUF or an FP16 folder has (half_scales), or floats that
+/// are not (the fused kernel then reads 4-byte scales).
+const std::vector<grouped_layer>& grouped_stack(bool half_scales) {
+  const auto build = [](bool half) {
     std::vector<grouped_layer> layers;
     std::mt19937 rng(5);
     std::uniform_real_distribution<float> spread(0.5f, 1.5f);
     for (const auto& layer : stack::instance().layers) {
       grouped_layer g{&layer.packed_weight(), Matrix<float>(layer.out_features(), layer.in_features() / 128),
-                      bitnet::Vector<float>::Constant(layer.out_features(), 0.01f)};
-      for (Index i = 0; i < g.d.size(); ++i) g.d.data()[i] = 0.02f * spread(rng);
+                      bitnet::Vector<float>::Constant(layer.out_features(), 0.01f), {}};
+      for (Index i = 0; i < g.d.size(); ++i) {
+        const float value = 0.02f * spread(rng);
+        g.d.data()[i] = half ? float(*bitnet::detail::round_to_format(value, bitnet::detail::binary16)) : value;
+      }
+      g.kernel_scales = bitnet::detail::kernel_unit_scales(g.d.data(), g.d.rows(), g.d.cols(), g.d.cols());
       layers.push_back(std::move(g));
     }
     return layers;
-  }();
-  return built;
+  };
+  if (half_scales) {
+    static const std::vector<grouped_layer> half = build(true);
+    return half;
+  }
+  static const std::vector<grouped_layer> single = build(false);
+  return single;
 }
 
 /// Activations for each input width and outputs for each output width of the stack.
@@ -274,9 +304,9 @@ void decode_stack(benchmark::State& state) {
 void decode_group128(benchmark::State& state) {
   const Index batch = state.range(0);
   const int threads = int(state.range(1));
-  const bool per_block = state.range(2) != 0;
+  const bool per_block = state.range(2) != 0, half_scales = state.range(3) == 0;
   const stack& s = stack::instance();
-  const std::vector<grouped_layer>& grouped = grouped_stack();
+  const std::vector<grouped_layer>& grouped = grouped_stack(half_scales);
   bitnet::set_num_threads(threads);
   buffers io(batch);
   double tensor_seconds = 0, group_seconds = 0;
@@ -298,9 +328,11 @@ void decode_group128(benchmark::State& state) {
   state.counters["group_to_tensor"] = group_seconds / tensor_seconds;
   state.counters["ms_per_token"] = 1e3 * group_seconds / n / double(batch);
   double scale_bytes = 0;
-  for (const auto& layer : grouped) scale_bytes += double(layer.d.size()) * sizeof(float);
+  for (const auto& layer : grouped) scale_bytes += layer.scale_bytes(batch, per_block);
   state.counters["bytes_ratio"] = (double(s.bytes) + scale_bytes) / double(s.bytes);
-  state.SetLabel(std::string(bitnet::isa_name(bitnet::active_isa())) + (per_block ? " per_block" : " per_token"));
+  state.SetLabel(std::string(bitnet::isa_name(bitnet::active_isa())) + (per_block ? " per_block" : " per_token") +
+                 (grouped_layer::fused(batch, per_block) ? " fused" : " virtual blocks") +
+                 (half_scales ? " binary16 d" : " float d"));
   bitnet::set_num_threads(0);
 }
 
@@ -309,7 +341,7 @@ void layer_hot_group128(benchmark::State& state) {
   const bool per_block = state.range(4) != 0;
   bitnet::set_num_threads(int(state.range(3)));
   const grouped_layer* layer = nullptr;
-  for (const auto& l : grouped_stack())
+  for (const auto& l : grouped_stack(state.range(5) == 0))
     if (l.out() == out && l.in() == in) {
       layer = &l;
       break;
@@ -419,14 +451,16 @@ int main(int argc, char** argv) {
           ->UseManualTime()
           ->MinTime(batch == 1 ? 2.0 : 1.0)
           ->Unit(benchmark::kMillisecond);
-  for (Index per_block : {0, 1})
-    for (Index batch : {1, 8})
-      for (Index threads : {1, 2})
-        benchmark::RegisterBenchmark("decode_group128", decode_group128)
-            ->Args({batch, threads, per_block})
-            ->UseManualTime()
-            ->MinTime(batch == 1 ? 2.0 : 1.0)
-            ->Unit(benchmark::kMillisecond);
+  for (Index float_scales : {0, 1})
+    for (Index per_block : {0, 1})
+      for (Index batch : {1, 8})
+        for (Index threads : {1, 2})
+          if (float_scales == 0 || (batch == 1 && per_block == 0))
+            benchmark::RegisterBenchmark("decode_group128", decode_group128)
+                ->Args({batch, threads, per_block, float_scales})
+                ->UseManualTime()
+                ->MinTime(batch == 1 ? 2.0 : 1.0)
+                ->Unit(benchmark::kMillisecond);
   for (Index batch : {1, 8})
     for (Index threads : {1, 2})
       benchmark::RegisterBenchmark("decode_base3", decode_base3)
@@ -444,7 +478,7 @@ int main(int argc, char** argv) {
             ->Args({sh.out, sh.in, batch, threads})
             ->Unit(benchmark::kMicrosecond);
         benchmark::RegisterBenchmark("layer_hot_group128", layer_hot_group128)
-            ->Args({sh.out, sh.in, batch, threads, 0})
+            ->Args({sh.out, sh.in, batch, threads, 0, 0})
             ->Unit(benchmark::kMicrosecond);
       }
   benchmark::Initialize(&argc, argv);

@@ -53,3 +53,36 @@ inline simde__m512d bitnet_test_permute_pd(simde__m512d v, int imm) noexcept {
 #define _mm512_shuffle_f64x2(a, b, imm) simde_mm512_shuffle_f64x2(a, b, imm)
 #define _mm512_permute_ps(v, imm) simde_mm512_shuffle_ps(v, v, imm)
 #define _mm512_permute_pd(v, imm) bitnet_test_permute_pd(v, imm)
+
+// SIMDe 0.7.4 has no 512-bit conversions between int32, float and double (the fused grouped
+// kernel uses them): lane by lane, with C++'s conversions (int32 and float to double are exact;
+// double to float rounds to nearest even, as vcvtpd2ps in the default MXCSR mode).
+inline simde__m512d bitnet_test_cvtepi32_pd(__m256i v) noexcept {
+  std::int32_t in[8];
+  double out[8];
+  std::memcpy(in, &v, sizeof in);
+  for (int j = 0; j < 8; ++j) out[j] = double(in[j]);
+  return simde_mm512_loadu_pd(out);
+}
+inline simde__m512d bitnet_test_cvtps_pd(__m256 v) noexcept {
+  float in[8];
+  double out[8];
+  std::memcpy(in, &v, sizeof in);
+  for (int j = 0; j < 8; ++j) out[j] = double(in[j]);
+  return simde_mm512_loadu_pd(out);
+}
+inline __m256 bitnet_test_cvtpd_ps(simde__m512d v) noexcept {
+  double in[8];
+  float out[8];
+  simde_mm512_storeu_pd(in, v);
+  for (int j = 0; j < 8; ++j) out[j] = float(in[j]);
+  __m256 result;
+  std::memcpy(&result, out, sizeof out);
+  return result;
+}
+#undef _mm512_cvtepi32_pd
+#undef _mm512_cvtps_pd
+#undef _mm512_cvtpd_ps
+#define _mm512_cvtepi32_pd(v) bitnet_test_cvtepi32_pd(v)
+#define _mm512_cvtps_pd(v) bitnet_test_cvtps_pd(v)
+#define _mm512_cvtpd_ps(v) bitnet_test_cvtpd_ps(v)

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <random>
@@ -404,4 +405,165 @@ TEST_CASE("group kernels: the grouped rescale by hand, float on every ISA and do
     check_rescale_by_hand<float>(which);
   }
   check_rescale_by_hand<double>(isa::scalar);
+}
+
+// ---- the fused batch-1 kernel (ternary_gemv_grouped): per-token activations, scales in kernel order ----
+
+namespace {
+
+// One token through ternary_gemv_grouped from its int8 codes and scale sx, as BitLinear calls it.
+// y has 16 guard lanes past the layer's rows, NaN like the rest, that must stay NaN.
+std::vector<float> run_fused(isa which, int threads, const grouped_shape& s, const bitnet::packed_ternary& packed,
+                             const bitnet::detail::kernel_unit_scales& d, const float* bias,
+                             const Matrix<std::int8_t>& x, float sx) {
+  namespace detail = bitnet::detail;
+  const Index stride = packed.padded_cols(), groups = s.kernel_groups();
+  REQUIRE(groups == s.groups());  // G >= 64: no all-padding groups
+  detail::aligned_vector<std::int8_t> xq(std::size_t(stride), 0);
+  std::vector<std::int32_t> sums(std::size_t(groups), 0);
+  for (Index k = 0; k < s.in; ++k) {
+    xq[std::size_t(k)] = x(0, k);
+    sums[std::size_t(k / s.group)] += x(0, k);
+  }
+  std::vector<float> y(std::size_t(s.out + 16), std::numeric_limits<float>::quiet_NaN());
+  const detail::grouped_gemv_args args{packed.data(), s.group / 16, groups, s.out, xq.data(), sums.data(),
+                                       d.data(),      d.half(),     sx,     bias,  y.data()};
+  detail::ternary_gemv_grouped(which, args, packed.row_blocks(), threads, 0.0);
+  CHECK(bitnet::last_isa() == which);
+  for (Index o = s.out; o < s.out + 16; ++o) CHECK(std::isnan(y[std::size_t(o)]));
+  y.resize(std::size_t(s.out));
+  return y;
+}
+
+// The contract's per-token formula written out on plain codes (docs/quantization.md).
+std::vector<float> reference_fused(const grouped_shape& s, const Matrix<std::int8_t>& w, const Matrix<float>& d,
+                                   const float* bias, const Matrix<std::int8_t>& x, float sx) {
+  std::vector<float> y(std::size_t(s.out));
+  for (Index o = 0; o < s.out; ++o) {
+    double sum = 0.0;
+    for (Index j = 0; j < s.groups(); ++j) {
+      std::int32_t acc = 0;
+      for (Index k = j * s.group; k < std::min((j + 1) * s.group, s.in); ++k) acc += std::int32_t(x(0, k)) * w(o, k);
+      sum += double(acc) * double(d(o, j));
+    }
+    sum /= double(sx);
+    y[std::size_t(o)] = bias ? float(sum) + bias[o] : float(sum);
+  }
+  return y;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Random binary16 magnitudes: every finite non-negative bit pattern, subnormals and zero included.
+Matrix<float> random_half_scales(Index out, Index groups, std::mt19937& rng) {
+  std::uniform_int_distribution<int> bits(0, 0x7bff);
+  Matrix<float> d(out, groups);
+  for (Index i = 0; i < d.size(); ++i) d.data()[i] = bitnet::detail::half_to_float(std::uint16_t(bits(rng)));
+  return d;
+}
+
+void check_fused(const grouped_shape& s, const Matrix<std::int8_t>& w, const Matrix<float>& d,
+                 const std::vector<float>& bias, const Matrix<std::int8_t>& x, float sx, bool expect_half) {
+  const bitnet::packed_ternary packed(w, std::max<Index>(64, s.group));
+  const bitnet::detail::kernel_unit_scales scales(d.data(), s.out, s.groups(), s.kernel_groups());
+  REQUIRE(scales.half() == expect_half);
+  for (const float* b : {bias.data(), static_cast<const float*>(nullptr)}) {
+    const std::vector<float> expected = reference_fused(s, w, d, b, x, sx);
+    for (isa which : runnable_isas()) {
+      if (!bitnet::detail::fused_grouped_gemv(which, s.group)) continue;
+      for (int threads : {1, 2}) {
+        CAPTURE(bitnet::isa_name(which));
+        CAPTURE(threads);
+        CAPTURE(b != nullptr);
+        CHECK(same_bits(run_fused(which, threads, s, packed, scales, b, x, sx), expected));
+      }
+    }
+  }
+}
+
+// G >= 64 (the fused kernel's groups): a 44-column last group, one group of 256, a 2-column tail
+// at 64, a model row of 2560 in 20 groups, 11 groups of 64; rows 1 past a block to 3 blocks.
+const grouped_shape fused_grid[] = {{19, 300, 128}, {17, 256, 256}, {5, 130, 64}, {33, 2560, 128}, {48, 704, 64}};
+
+}  // namespace
+
+TEST_CASE("group kernels: the fused batch-1 kernel runs on AVX-512 and AMX for G >= 64 only") {
+#ifdef BITNET_X86
+  constexpr bool x86 = true;
+#else
+  constexpr bool x86 = false;
+#endif
+  CHECK(bitnet::detail::fused_grouped_gemv(isa::avx512, 64) == x86);
+  CHECK(bitnet::detail::fused_grouped_gemv(isa::amx, 256) == x86);
+  CHECK_FALSE(bitnet::detail::fused_grouped_gemv(isa::avx512, 32));
+  for (isa which : {isa::scalar, isa::avx2, isa::neon, isa::dotprod, isa::i8mm})
+    CHECK_FALSE(bitnet::detail::fused_grouped_gemv(which, 128));
+}
+
+TEST_CASE("group kernels: kernel_unit_scales holds d in the kernel's order, binary16 only when exact") {
+  namespace detail = bitnet::detail;
+  std::mt19937 rng(41);
+  const grouped_shape s{19, 300, 128};  // 2 row blocks (13 padding rows), 3 groups
+  Matrix<float> d = random_half_scales(s.out, s.groups(), rng);
+  const detail::kernel_unit_scales half(d.data(), s.out, s.groups(), s.kernel_groups());
+  REQUIRE(half.half());
+  REQUIRE(half.bytes() == std::size_t(2 * 3 * 16 * 2));
+  std::vector<std::uint16_t> h(half.bytes() / 2);
+  std::memcpy(h.data(), half.data(), half.bytes());
+  for (Index rb = 0; rb < 2; ++rb)
+    for (Index j = 0; j < 3; ++j)
+      for (Index r = 0; r < 16; ++r) {
+        const Index o = rb * 16 + r;
+        const float value = detail::half_to_float(h[std::size_t((rb * 3 + j) * 16 + r)]);
+        CHECK(value == (o < s.out ? d(o, j) : 0.0f));
+      }
+  d(18, 2) = 0.1f;  // not a binary16 value: the whole layer's scales stay float
+  const detail::kernel_unit_scales single(d.data(), s.out, s.groups(), s.kernel_groups());
+  REQUIRE_FALSE(single.half());
+  REQUIRE(single.bytes() == std::size_t(2 * 3 * 16 * 4));
+  std::vector<float> f(single.bytes() / 4);
+  std::memcpy(f.data(), single.data(), single.bytes());
+  CHECK(f[std::size_t((1 * 3 + 2) * 16 + 2)] == 0.1f);
+  CHECK(f[std::size_t((0 * 3 + 1) * 16 + 5)] == d(5, 1));
+  CHECK(f[std::size_t((1 * 3 + 0) * 16 + 3)] == 0.0f);  // padding row 19
+  CHECK(detail::kernel_unit_scales().empty());
+}
+
+TEST_CASE("group kernels: the fused batch-1 kernel gives the per-token formula bit for bit, every ISA running it") {
+  std::mt19937 rng(43);
+  std::uniform_real_distribution<float> spread(1e-3f, 1.0f);
+  for (const grouped_shape& s : fused_grid) {
+    CAPTURE(s.out);
+    CAPTURE(s.in);
+    CAPTURE(s.group);
+    const Matrix<std::int8_t> w = random_int8(s.out, s.in, -1, 1, rng);
+    const Matrix<std::int8_t> x = random_int8(1, s.in, -128, 127, rng);
+    std::vector<float> bias(std::size_t(s.out));
+    for (float& b : bias) b = spread(rng) - 0.5f;
+    check_fused(s, w, random_half_scales(s.out, s.groups(), rng), bias, x, 0.37f, true);
+    Matrix<float> d(s.out, s.groups());
+    for (Index i = 0; i < d.size(); ++i) d.data()[i] = spread(rng);
+    d(0, 0) = 0.1f;  // certainly not a binary16 value
+    check_fused(s, w, d, bias, x, 127.0f / 3.3f, false);
+  }
+}
+
+TEST_CASE("group kernels: the fused batch-1 kernel at worst-case values (codes +-1, activations -128 / 127, d 65504)") {
+  std::mt19937 rng(47);
+  for (const grouped_shape& s : fused_grid)
+    for (int code : {1, -1})
+      for (int value : {-128, 127}) {
+        CAPTURE(s.in);
+        CAPTURE(code);
+        CAPTURE(value);
+        const Matrix<std::int8_t> w = Matrix<std::int8_t>::Constant(s.out, s.in, std::int8_t(code));
+        const Matrix<std::int8_t> x = Matrix<std::int8_t>::Constant(1, s.in, std::int8_t(value));
+        const std::vector<float> bias(std::size_t(s.out), -0.0f);
+        check_fused(s, w, Matrix<float>::Constant(s.out, s.groups(), 65504.0f), bias, x, 1e-5f, true);
+        Matrix<float> d = random_half_scales(s.out, s.groups(), rng);
+        d(s.out - 1, s.groups() - 1) = 3e30f;
+        check_fused(s, w, d, bias, x, 127.0f, false);
+      }
 }

@@ -360,6 +360,45 @@ TEST_CASE_TEMPLATE("units: forward equals the naive numerics on every ISA and th
   }
 }
 
+TEST_CASE("units: binary16 scales (a file's) at batch 1 take the fused kernel and give the naive numerics, every ISA") {
+  std::mt19937 rng(29);
+  std::uniform_int_distribution<int> code(-1, 1), half_bits(0x0400, 0x7bff);  // normal binary16 magnitudes
+  for (const Index group : {Index(64), Index(128), Index(256)})
+    for (const Index in : {Index(300), Index(512)}) {
+      const Index out = 21, groups = (in + group - 1) / group;
+      Matrix<std::int8_t> codes(out, in);
+      for (Index i = 0; i < codes.size(); ++i) codes.data()[i] = std::int8_t(code(rng));
+      Matrix<float> d(out, groups);
+      for (Index i = 0; i < d.size(); ++i) d.data()[i] = bitnet::detail::half_to_float(std::uint16_t(half_bits(rng)));
+      const Vector<float> b = reference::random_matrix<float>(out, 1, rng);
+      const BitLinear<float> layer = BitLinear<float>::from_ternary(codes, d, b, grouped(group));
+      // the kernel's copy: 16 rows x groups binary16 scales per row block, beside the float d
+      const std::size_t kernel_copy = std::size_t((out + 15) / 16 * 16 * groups) * 2;
+      CHECK(layer.memory_bytes() == layer.packed_weight().capacity_bytes() + std::size_t(d.size() + out) * 4 + kernel_copy);
+      // Fine-tuning it (frozen scales: set_weight quantizes against d) keeps the kernel's copy.
+      bitnet::bitlinear_options frozen = grouped(group);
+      frozen.scale_update = bitnet::weight_scale_update::frozen;
+      BitLinear<float> tuned = BitLinear<float>::from_ternary(codes, d, b, frozen);
+      tuned.set_weight(tuned.dequantized_weight());
+      CHECK(tuned.unit_scales() == d);
+      CHECK(tuned.memory_bytes() ==
+            tuned.packed_weight().capacity_bytes() + std::size_t(out * in + d.size() + out) * 4 + kernel_copy);
+      const Matrix<float> x = reference::random_matrix<float>(1, in, rng, 2.0);
+      const Matrix<float> expected = naive_unit_forward<float>(x, layer.dequantized_weight(), d, b, grouped(group));
+      for (const bitnet::isa which : bitnet::all_isas) {
+        if (!bitnet::isa_supported(which)) continue;
+        bitnet::force_isa(which);
+        for (const int threads : {1, 2}) {
+          bitnet::set_num_threads(threads);
+          INFO("G " << group << ", in " << in << ", " << bitnet::isa_name(which) << ", " << threads << " threads");
+          CHECK(layer.forward(x) == expected);
+        }
+      }
+      bitnet::clear_forced_isa();
+      bitnet::set_num_threads(0);
+    }
+}
+
 // ---- replace_linear: granularity and exact import ------------------------------------------------
 
 namespace {

@@ -176,7 +176,7 @@ class BitLinear {
                             detail::unit_position(r, g, unit_cols, codes.cols()) + " is not finite and >= 0");
     check_bias(bias, codes.rows());
     packed_ternary packed(codes, col_alignment(options));  // throws value_error naming a code outside {-1, 0, +1}
-    return BitLinear(ternary_tag{}, options, quantized_weights{std::move(packed), T(0), std::move(unit_scales)},
+    return BitLinear(ternary_tag{}, options, unit_quantized(std::move(packed), std::move(unit_scales), options),
                      std::move(bias));
   }
 
@@ -283,7 +283,7 @@ class BitLinear {
 
   /// Heap bytes the layer holds: packed codes, latent weights (if held) and bias.
   std::size_t memory_bytes() const noexcept {
-    return quantized_.packed.capacity_bytes() + quantized_.base3.capacity_bytes() +
+    return quantized_.packed.capacity_bytes() + quantized_.base3.capacity_bytes() + quantized_.kernel_scales.bytes() +
            std::size_t(weight_.size() + quantized_.unit_scales.size()) * sizeof(T) +
            (bias_ ? std::size_t(bias_->size()) * sizeof(T) : 0);
   }
@@ -410,7 +410,12 @@ class BitLinear {
     std::int8_t* xq = detail::thread_scratch_of<std::int8_t, scratch_slot::activations>(std::size_t(batch * x_stride));
     T* scales = detail::thread_scratch_of<T, scratch_slot::scales>(std::size_t(batch * (per_block ? groups : 1)));
     std::int32_t* sums = detail::thread_scratch_of<std::int32_t, scratch_slot::sums>(std::size_t(batch * kernel_groups));
-    std::int32_t* acc = detail::thread_scratch_of<std::int32_t, scratch_slot::accumulators>(std::size_t(batch * acc_rows));
+    const detail::kernel_unit_scales& kernel_scales = quantized_.kernel_scales;
+    const bool fused = batch == 1 && grouped && !per_block && !kernel_scales.empty() &&
+                       detail::fused_grouped_gemv(kernels, options_.group_size);
+    std::int32_t* acc = fused ? nullptr
+                              : detail::thread_scratch_of<std::int32_t, scratch_slot::accumulators>(
+                                    std::size_t(batch * acc_rows));
     const bool finite =
         grouped ? detail::quantize_rows_grouped(kernels, rows, row_stride, batch, in, options_.group_size, per_block, xq,
                                                 x_stride, scales, sums, threads)
@@ -421,6 +426,19 @@ class BitLinear {
     const bool reshape = y.rows() != batch || y.cols() != out;
     if (reshape) shaped = Matrix<T>(batch, out);  // not y.resize: Eigen's is not exception-safe
     Matrix<T>& result = reshape ? shaped : y;
+    if constexpr (std::is_same_v<T, float>) {
+      if (fused) {  // one token, per-token activations: the rescale fused into the product, same bits
+        const detail::grouped_gemv_args args{packed.data(), options_.group_size / packed_ternary::tile_cols,
+                                             kernel_groups,  out,
+                                             xq,             sums,
+                                             kernel_scales.data(), kernel_scales.half(),
+                                             scales[0],      bias_ ? bias_->data() : nullptr,
+                                             result.data()};
+        detail::ternary_gemv_grouped(kernels, args, packed.row_blocks(), threads);
+        if (reshape) y.swap(shaped);
+        return;
+      }
+    }
     const detail::grouped_rescale<T> rescale{kernels,   acc,      acc_rows,
                                              batch,     out,      kernel_groups,
                                              groups,    quantized_.unit_scales.data(),
@@ -457,6 +475,8 @@ class BitLinear {
     T scale;                // per_tensor: sw
     Matrix<T> unit_scales;  // per_row / per_group: out x groups magnitudes d; empty for per_tensor
     packed_base3 base3{};   // storage base3 (empty for two_bit)
+    // per_group float layers with G >= 64: unit_scales in the fused batch-1 kernel's order (kernels.hpp)
+    detail::kernel_unit_scales kernel_scales = {};
   };
 
   bool base3() const noexcept { return options_.storage == weight_storage::base3; }
@@ -467,6 +487,16 @@ class BitLinear {
                                              const bitlinear_options& options) {
     if (options.storage == weight_storage::base3) return {packed_ternary{}, scale, {}, packed_base3(codes)};
     return {packed_ternary(codes), scale, {}, {}};
+  }
+
+  /// The quantized weights of a unit layer, with the fused kernel's copy of the scales where it runs.
+  static quantized_weights unit_quantized(packed_ternary packed, Matrix<T> unit_scales, const bitlinear_options& options) {
+    quantized_weights q{std::move(packed), T(0), std::move(unit_scales)};
+    if constexpr (std::is_same_v<T, float>)
+      if (options.weight_scales == weight_scaling::per_group && options.group_size >= 64)
+        q.kernel_scales = detail::kernel_unit_scales(q.unit_scales.data(), q.unit_scales.rows(), q.unit_scales.cols(),
+                                                     q.packed.padded_cols() / options.group_size);
+    return q;
   }
 
   struct ternary_tag {};
@@ -558,7 +588,7 @@ class BitLinear {
         const T scale = d(r, c / unit);
         codes(r, c) = scale > T(0) ? code_of(weight(r, c) / scale) : std::int8_t{0};
       }
-    return {packed_ternary(codes, col_alignment(options_)), T(0), d};
+    return unit_quantized(packed_ternary(codes, col_alignment(options_)), d, options_);
   }
 
   static quantized_weights quantize_checked(const Matrix<T>& weight, const bitlinear_options& options) {
@@ -568,7 +598,7 @@ class BitLinear {
     if (options.weight_scales != weight_scaling::per_tensor) {
       unit_ternary_weights<T> units = detail::quantize_finite_weight_units(
           weight, detail::unit_columns(options.weight_scales, options.group_size, weight.cols()));
-      return {packed_ternary(units.values, col_alignment(options)), T(0), std::move(units.scales)};
+      return unit_quantized(packed_ternary(units.values, col_alignment(options)), std::move(units.scales), options);
     }
     ternary_weights<T> ternary = detail::quantize_finite_weights(weight, "BitLinear: weight");
     return packed_per_tensor(ternary.values, ternary.scale, options);

@@ -21,6 +21,8 @@
 #include <thread>
 #include <type_traits>
 
+#include "detail/aligned_allocator.hpp"
+#include "detail/float_formats.hpp"
 #include "detail/kernels/amx.hpp"
 #include "detail/kernels/avx2.hpp"
 #include "detail/kernels/avx512.hpp"
@@ -92,6 +94,45 @@ inline isa best_isa() noexcept {
 }
 
 namespace detail {
+
+/// A group-scaled float layer's unit scales d in the order the fused batch-1 kernel reads them,
+/// which is the order of the packed codes: the 16 rows of row block rb and group j at
+/// (rb * kernel_groups + j) * 16 (padding rows 0). binary16 (2 bytes: 0.125 bit a weight at G = 128)
+/// when every d is a binary16 value, as every scale read from a GGUF file or an FP16 folder is;
+/// float otherwise. Either way the kernel computes with d itself: nothing is rounded.
+class kernel_unit_scales {
+ public:
+  kernel_unit_scales() = default;
+
+  /// d: out x groups magnitudes, row-major; kernel_groups >= groups (the packed padded_cols / G).
+  kernel_unit_scales(const float* d, Index out, Index groups, Index kernel_groups) {
+    half_ = std::all_of(d, d + out * groups, [](float v) {
+      const std::optional<double> rounded = round_to_format(double(v), binary16);
+      return rounded && *rounded == double(v);
+    });
+    const Index row_blocks = (out + tile_rows - 1) / tile_rows;
+    bytes_.assign(std::size_t(row_blocks * kernel_groups * tile_rows) * (half_ ? 2 : 4), std::byte{0});
+    for (Index o = 0; o < out; ++o)
+      for (Index j = 0; j < groups; ++j) {
+        const std::size_t at = std::size_t((o / tile_rows * kernel_groups + j) * tile_rows + o % tile_rows);
+        if (half_) {
+          const std::uint16_t h = encode_half(double(d[o * groups + j]));
+          std::memcpy(bytes_.data() + 2 * at, &h, 2);
+        } else {
+          std::memcpy(bytes_.data() + 4 * at, d + o * groups + j, 4);
+        }
+      }
+  }
+
+  bool empty() const noexcept { return bytes_.empty(); }
+  bool half() const noexcept { return half_; }
+  const void* data() const noexcept { return bytes_.data(); }
+  std::size_t bytes() const noexcept { return bytes_.size(); }
+
+ private:
+  aligned_vector<std::byte> bytes_;
+  bool half_ = false;
+};
 
 inline constexpr int no_forced_isa = -1;
 inline std::atomic<int> forced_isa{no_forced_isa};
@@ -313,6 +354,53 @@ inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int th
 #endif
   if (used_parts == 1) return job.run_range(0, 0, row_blocks);  // the pool is not even created
   thread_pool::instance().run(used_parts, gemm_job::run_part, &job);
+}
+
+/// Whether ternary_gemv_grouped runs on `which` for groups of group_size columns: the AVX-512
+/// kernels (AMX's batch 1 is AVX-512's) and G >= 64 (whole 4-tile steps). Elsewhere a grouped
+/// forward takes the virtual blocks and grouped_rescale, which compute the same bits.
+inline bool fused_grouped_gemv(isa which, Index group_size) noexcept {
+#ifdef BITNET_X86
+  return (which == isa::avx512 || which == isa::amx) && group_size >= 64;
+#else
+  (void)which;
+  (void)group_size;
+  return false;
+#endif
+}
+
+/// The fused batch-1 product of a group-scaled float layer (grouped_gemv_args: y written
+/// directly) for `row_blocks` row blocks, split into contiguous row-block ranges over at most
+/// `threads` threads with at least min_work multiply-adds each, as ternary_gemm splits. Needs
+/// fused_grouped_gemv(which, G); every row is computed whole by one thread.
+inline void ternary_gemv_grouped(isa which, const grouped_gemv_args& a, Index row_blocks, int threads,
+                                 double min_work = min_work_per_thread) {
+  last_run_isa = which;
+  struct job {
+    const grouped_gemv_args& args;
+    Index row_blocks, per_part;
+    void range(Index begin, Index end) const noexcept {
+#ifdef BITNET_X86
+      if (args.half_scales) return gemv_grouped_avx512<true>(args, begin, end);
+      gemv_grouped_avx512<false>(args, begin, end);
+#else
+      (void)begin;
+      (void)end;
+#endif
+    }
+    static void run_part(const void* self, Index part) noexcept {
+      const job& j = *static_cast<const job*>(self);
+      const Index begin = part * j.per_part;
+      j.range(begin, std::min(begin + j.per_part, j.row_blocks));
+    }
+  };
+  const double work = double(row_blocks) * double(a.groups * a.col_tiles) * double(tile_rows * tile_cols);
+  const Index by_work = min_work > 0 ? Index(std::min(work / min_work, 1e9)) : row_blocks;
+  const Index parts = std::clamp<Index>(by_work, 1, std::min<Index>(threads, row_blocks));
+  const job split{a, row_blocks, (row_blocks + parts - 1) / parts};
+  const Index used_parts = (row_blocks + split.per_part - 1) / split.per_part;
+  if (used_parts == 1) return split.range(0, row_blocks);
+  thread_pool::instance().run(used_parts, job::run_part, &split);
 }
 
 /// quantize_row_scalar on the kernels of `which` (bit-identical for every ISA).

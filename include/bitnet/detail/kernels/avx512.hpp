@@ -18,6 +18,7 @@
 // Activation quantization reuses the AVX2 routine (every AVX-512 CPU has AVX2).
 #pragma once
 
+#include "../float_formats.hpp"
 #include "avx2.hpp"
 #include "common.hpp"
 #include "scalar.hpp"
@@ -196,6 +197,91 @@ BITNET_TARGET_AVX512 void gemv_steps_avx512(const gemm_args& a, Eigen::Index beg
 BITNET_TARGET_AVX512 inline void gemv_avx512(const gemm_args& a, Eigen::Index begin, Eigen::Index end) noexcept {
   if (a.col_tiles % 4 == 0) return gemv_steps_avx512<4>(a, begin, end);
   gemv_steps_avx512<2>(a, begin, end);  // 32-column groups: 2 tiles per block
+}
+
+/// The 16 unit scales at scales + index (binary16 or float, kernel_unit_scales), as floats (exact).
+template <bool HalfScales>
+BITNET_INLINE_AVX512 __m512 load_unit_scales_avx512(const void* scales, Eigen::Index index) noexcept {
+  if constexpr (HalfScales) {
+    const std::uint16_t* half = static_cast<const std::uint16_t*>(scales) + index;
+#if defined(BITNET_TEST_EMULATED_AVX512)
+    alignas(64) float lanes[tile_rows];  // SIMDe 0.7.4 has no _mm512_cvtph_ps
+    for (Eigen::Index r = 0; r < tile_rows; ++r) lanes[r] = half_to_float(half[r]);
+    return _mm512_load_ps(lanes);
+#else
+    return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(half)));
+#endif
+  } else {
+    return _mm512_load_ps(static_cast<const float*>(scales) + index);
+  }
+}
+
+/// How far ahead the fused kernel prefetches its scale stream: 8 groups of 16 binary16 scales.
+inline constexpr Eigen::Index scale_prefetch_bytes = 256;
+
+/// grouped_gemv_args for row blocks [begin, end): the weights of a thread's range read as one
+/// sequential stream, as gemv_steps_avx512<4> reads them (the same 8 vpdpbusd chains and prefetch),
+/// the kernel-ordered scales as a second stream 1/16 as long. Each group's 16 int32 sums are
+/// folded, converted to double (exact) and multiplied by their 16 scales into two vectors of 8
+/// double row sums; a fused multiply-add is the product then the sum exactly, because |acc_j| <= 2^15
+/// times a float (24 bits) is exact in double. The groups in ascending order, then the division by
+/// sx, the rounding to float (vcvtpd2ps: nearest even, as the cast) and the bias: the operations of
+/// rescale_rows_grouped_scalar, lane by lane.
+template <bool HalfScales>
+BITNET_TARGET_AVX512 void gemv_grouped_avx512(const grouped_gemv_args& a, Eigen::Index begin,
+                                              Eigen::Index end) noexcept {
+  constexpr int step = 4;  // col_tiles is a multiple of 4
+  const Eigen::Index scale_bytes = HalfScales ? 2 : 4;
+  const std::uint8_t* w = a.weights + begin * a.groups * a.col_tiles * tile_bytes;
+  const __m512d sx = _mm512_set1_pd(double(a.sx));
+  for (Eigen::Index rb = begin; rb < end; ++rb) {
+    __m512d low = _mm512_setzero_pd(), high = _mm512_setzero_pd();  // rows 0-7 and 8-15 of the block
+    const std::int8_t* x = a.x;
+    for (Eigen::Index j = 0; j < a.groups; ++j) {
+      const Eigen::Index scale_index = (rb * a.groups + j) * tile_rows;
+      _mm_prefetch(static_cast<const char*>(a.scales) + scale_index * scale_bytes + scale_prefetch_bytes, _MM_HINT_T0);
+      const std::uint8_t* const group_end = w + a.col_tiles * tile_bytes;
+      __m512i acc[2][4];
+      for (int h = 0; h < 2; ++h)
+        for (int p = 0; p < 4; ++p) acc[h][p] = _mm512_setzero_si512();
+      do {
+#pragma GCC unroll 4
+        for (int t = 0; t < step; ++t) {
+          _mm_prefetch(reinterpret_cast<const char*>(w + t * tile_bytes + gemv_prefetch_bytes), _MM_HINT_T0);
+          const __m512i tile = load_avx512(w + t * tile_bytes);
+#pragma GCC unroll 4
+          for (int p = 0; p < 4; ++p) {
+            const __m512i codes = _mm512_and_si512(tile, _mm512_set1_epi8(static_cast<char>(3 << (2 * p))));
+            acc[t % 2][p] = dpbusd_avx512(acc[t % 2][p], codes, broadcast_group_avx512(x + t * tile_cols + p * group_cols));
+          }
+        }
+        w += step * tile_bytes;
+        x += step * tile_cols;
+      } while (w != group_end);
+      // A group is at most 16 tiles: each plane's chains gain at most 2^20, far below 2^31.
+      const __m512i planes[4] = {_mm512_add_epi32(acc[0][0], acc[1][0]), _mm512_add_epi32(acc[0][1], acc[1][1]),
+                                 _mm512_add_epi32(acc[0][2], acc[1][2]), _mm512_add_epi32(acc[0][3], acc[1][3])};
+      const __m512i sums = _mm512_sub_epi32(
+          _mm512_add_epi32(_mm512_add_epi32(planes[0], shift_right_avx512(planes[1], 2)),
+                           _mm512_add_epi32(shift_right_avx512(planes[2], 4), shift_right_avx512(planes[3], 6))),
+          _mm512_set1_epi32(a.x_sums[j]));
+      const __m512d d = _mm512_castps_pd(load_unit_scales_avx512<HalfScales>(a.scales, scale_index));
+      low = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(sums)),
+                            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_castpd512_pd256(d))), low);
+      high = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(sums, 1)),
+                             _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(d, 1))), high);
+    }
+    const __m256 rows_low = _mm512_cvtpd_ps(_mm512_div_pd(low, sx));
+    const __m256 rows_high = _mm512_cvtpd_ps(_mm512_div_pd(high, sx));
+    alignas(64) float lanes[tile_rows];
+    _mm256_store_ps(lanes, rows_low);
+    _mm256_store_ps(lanes + 8, rows_high);
+    const Eigen::Index first = rb * tile_rows, count = std::min(tile_rows, a.rows - first);
+    if (a.bias)
+      for (Eigen::Index r = 0; r < count; ++r) a.y[first + r] = lanes[r] + a.bias[first + r];
+    else
+      for (Eigen::Index r = 0; r < count; ++r) a.y[first + r] = lanes[r];
+  }
 }
 
 /// Row block g against Tokens tokens (interleaved activations, xi at the block's first column),

@@ -37,6 +37,27 @@ struct gemm_args {
   Eigen::Index groups = 1;      // virtual blocks per row block: padded_cols / G, or 1 (ungrouped)
 };
 
+/// Batch 1 of a group-scaled float layer with per-token activations, the rescale fused into the
+/// product (ternary_gemv_grouped, kernels.hpp): for the rows of row blocks [begin, end)
+///   y[o] = float( (sum over groups j ascending, from 0.0, of double(acc_j) * double(d[o, j])) / double(sx) ) + bias[o]
+/// with acc_j the exact int32 sum of group j (x_sums[j] subtracted), the formula of
+/// rescale_rows_grouped_scalar. The codes are those of a grouped gemm_args (row block rb's group j
+/// at weights + (rb * groups + j) * col_tiles * 64); the scales are in the same order
+/// (kernel_unit_scales): the 16 rows of row block rb and group j at (rb * groups + j) * 16.
+struct grouped_gemv_args {
+  const std::uint8_t* weights;  // packed_ternary::data() of a per_group layer
+  Eigen::Index col_tiles;       // tiles per group: G / 16, a multiple of 4 (G >= 64)
+  Eigen::Index groups;          // groups per row: padded_cols / G
+  Eigen::Index rows;            // the layer's out_features
+  const std::int8_t* x;         // the token's quantized row, zero-padded to groups * G
+  const std::int32_t* x_sums;   // groups: the sum of each group's activation codes
+  const void* scales;           // kernel_unit_scales::data(): binary16 if half_scales, else float
+  bool half_scales;
+  float sx;                     // the token's activation scale
+  const float* bias;            // rows, or nullptr
+  float* y;                     // rows
+};
+
 /// The column where virtual block v's activations start in a token's row (0 when ungrouped).
 inline Eigen::Index group_column(const gemm_args& a, Eigen::Index v) noexcept {
   return a.groups == 1 ? 0 : v % a.groups * a.col_tiles * 16;
