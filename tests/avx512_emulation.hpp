@@ -86,3 +86,16 @@ inline __m256 bitnet_test_cvtpd_ps(simde__m512d v) noexcept {
 #define _mm512_cvtepi32_pd(v) bitnet_test_cvtepi32_pd(v)
 #define _mm512_cvtps_pd(v) bitnet_test_cvtps_pd(v)
 #define _mm512_cvtpd_ps(v) bitnet_test_cvtpd_ps(v)
+
+// SIMDe 0.7.4's portable _mm512_mullo_epi32 multiplies signed ints, which overflows (undefined
+// behaviour, caught by UBSan) where vpmulld wraps: the base-3 kernel's exact division by 81 is a
+// multiplication by 81's inverse modulo 2^32. Lane by lane in uint32, wrapping as the hardware does.
+inline simde__m512i bitnet_test_mullo_epi32(simde__m512i a, simde__m512i b) noexcept {
+  std::uint32_t x[16], y[16];
+  simde_mm512_storeu_si512(x, a);
+  simde_mm512_storeu_si512(y, b);
+  for (int j = 0; j < 16; ++j) x[j] *= y[j];
+  return simde_mm512_loadu_si512(x);
+}
+#undef _mm512_mullo_epi32
+#define _mm512_mullo_epi32(a, b) bitnet_test_mullo_epi32(a, b)
