@@ -145,6 +145,37 @@ BITNET_TARGET_AVX512 void gemm_per_plane_avx512(const gemm_args& a, const std::i
 /// hundred nanoseconds of DRAM bandwidth, so a miss is in flight well before the load needs it.
 inline constexpr Eigen::Index gemv_prefetch_bytes = 4096;
 
+/// The batch-1 inner loop shared by gemv_steps_avx512 and gemv_grouped_avx512: the tiles [w, w_end)
+/// of one row block against the token x, Step tiles an iteration, prefetched gemv_prefetch_bytes
+/// ahead, into per-plane accumulators (plane p extracted as 4^p c by one AND) for even and odd
+/// tiles (8 independent vpdpbusd chains), then folded to the 16 rows' sums sum_p plane_p / 4^p.
+/// The caller bounds the tiles so that no chain passes 2^31. Advances w and x past the tiles.
+template <int Step>
+BITNET_INLINE_AVX512 __m512i per_plane_row_sums_avx512(const std::uint8_t*& w, const std::uint8_t* const w_end,
+                                                      const std::int8_t*& x) noexcept {
+  __m512i acc[2][4];
+  for (int h = 0; h < 2; ++h)
+    for (int p = 0; p < 4; ++p) acc[h][p] = _mm512_setzero_si512();
+  do {
+#pragma GCC unroll 4
+    for (int t = 0; t < Step; ++t) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + t * tile_bytes + gemv_prefetch_bytes), _MM_HINT_T0);
+      const __m512i tile = load_avx512(w + t * tile_bytes);
+#pragma GCC unroll 4
+      for (int p = 0; p < 4; ++p) {
+        const __m512i codes = _mm512_and_si512(tile, _mm512_set1_epi8(static_cast<char>(3 << (2 * p))));
+        acc[t % 2][p] = dpbusd_avx512(acc[t % 2][p], codes, broadcast_group_avx512(x + t * tile_cols + p * group_cols));
+      }
+    }
+    w += Step * tile_bytes;
+    x += Step * tile_cols;
+  } while (w != w_end);
+  const __m512i planes[4] = {_mm512_add_epi32(acc[0][0], acc[1][0]), _mm512_add_epi32(acc[0][1], acc[1][1]),
+                             _mm512_add_epi32(acc[0][2], acc[1][2]), _mm512_add_epi32(acc[0][3], acc[1][3])};
+  return _mm512_add_epi32(_mm512_add_epi32(planes[0], shift_right_avx512(planes[1], 2)),
+                          _mm512_add_epi32(shift_right_avx512(planes[2], 4), shift_right_avx512(planes[3], 6)));
+}
+
 /// Batch 1: (virtual) blocks [begin, end) one after the other, so the weights are read as one
 /// sequential stream (the blocks of pack.hpp follow each other, and so do the groups of a row
 /// block), prefetched gemv_prefetch_bytes ahead. Per-plane accumulators (plane p extracted as 4^p c
@@ -164,30 +195,8 @@ BITNET_TARGET_AVX512 void gemv_steps_avx512(const gemm_args& a, Eigen::Index beg
       // col_tiles is a multiple of Step, and so is every run.
       const Eigen::Index run = std::min(remaining, per_plane_tiles_per_run);
       remaining -= run;
-      const std::uint8_t* const run_end = w + run * tile_bytes;
-      __m512i acc[2][4];
-      for (int h = 0; h < 2; ++h)
-        for (int p = 0; p < 4; ++p) acc[h][p] = _mm512_setzero_si512();
-      do {
-#pragma GCC unroll 4
-        for (int t = 0; t < Step; ++t) {
-          _mm_prefetch(reinterpret_cast<const char*>(w + t * tile_bytes + gemv_prefetch_bytes), _MM_HINT_T0);
-          const __m512i tile = load_avx512(w + t * tile_bytes);
-#pragma GCC unroll 4
-          for (int p = 0; p < 4; ++p) {
-            const __m512i codes = _mm512_and_si512(tile, _mm512_set1_epi8(static_cast<char>(3 << (2 * p))));
-            acc[t % 2][p] = dpbusd_avx512(acc[t % 2][p], codes, broadcast_group_avx512(x + t * tile_cols + p * group_cols));
-          }
-        }
-        w += Step * tile_bytes;
-        x += Step * tile_cols;
-      } while (w != run_end);
-      const __m512i planes[4] = {_mm512_add_epi32(acc[0][0], acc[1][0]), _mm512_add_epi32(acc[0][1], acc[1][1]),
-                                 _mm512_add_epi32(acc[0][2], acc[1][2]), _mm512_add_epi32(acc[0][3], acc[1][3])};
       // A plane's even and odd tiles together gain at most 2^14 tiles x 2^16: below 2^31.
-      total = _mm512_add_epi32(total, _mm512_add_epi32(_mm512_add_epi32(planes[0], shift_right_avx512(planes[1], 2)),
-                                                       _mm512_add_epi32(shift_right_avx512(planes[2], 4),
-                                                                        shift_right_avx512(planes[3], 6))));
+      total = _mm512_add_epi32(total, per_plane_row_sums_avx512<Step>(w, w + run * tile_bytes, x));
     }
     store_rows_avx512(a, total, g, 0, a.x_sums[group]);
     if (++group == a.groups) group = 0;
@@ -240,31 +249,9 @@ BITNET_TARGET_AVX512 void gemv_grouped_avx512(const grouped_gemv_args& a, Eigen:
     for (Eigen::Index j = 0; j < a.groups; ++j) {
       const Eigen::Index scale_index = (rb * a.groups + j) * tile_rows;
       _mm_prefetch(static_cast<const char*>(a.scales) + scale_index * scale_bytes + scale_prefetch_bytes, _MM_HINT_T0);
-      const std::uint8_t* const group_end = w + a.col_tiles * tile_bytes;
-      __m512i acc[2][4];
-      for (int h = 0; h < 2; ++h)
-        for (int p = 0; p < 4; ++p) acc[h][p] = _mm512_setzero_si512();
-      do {
-#pragma GCC unroll 4
-        for (int t = 0; t < step; ++t) {
-          _mm_prefetch(reinterpret_cast<const char*>(w + t * tile_bytes + gemv_prefetch_bytes), _MM_HINT_T0);
-          const __m512i tile = load_avx512(w + t * tile_bytes);
-#pragma GCC unroll 4
-          for (int p = 0; p < 4; ++p) {
-            const __m512i codes = _mm512_and_si512(tile, _mm512_set1_epi8(static_cast<char>(3 << (2 * p))));
-            acc[t % 2][p] = dpbusd_avx512(acc[t % 2][p], codes, broadcast_group_avx512(x + t * tile_cols + p * group_cols));
-          }
-        }
-        w += step * tile_bytes;
-        x += step * tile_cols;
-      } while (w != group_end);
       // A group is at most 16 tiles: each plane's chains gain at most 2^20, far below 2^31.
-      const __m512i planes[4] = {_mm512_add_epi32(acc[0][0], acc[1][0]), _mm512_add_epi32(acc[0][1], acc[1][1]),
-                                 _mm512_add_epi32(acc[0][2], acc[1][2]), _mm512_add_epi32(acc[0][3], acc[1][3])};
-      const __m512i sums = _mm512_sub_epi32(
-          _mm512_add_epi32(_mm512_add_epi32(planes[0], shift_right_avx512(planes[1], 2)),
-                           _mm512_add_epi32(shift_right_avx512(planes[2], 4), shift_right_avx512(planes[3], 6))),
-          _mm512_set1_epi32(a.x_sums[j]));
+      const __m512i sums = _mm512_sub_epi32(per_plane_row_sums_avx512<step>(w, w + a.col_tiles * tile_bytes, x),
+                                            _mm512_set1_epi32(a.x_sums[j]));
       const __m512d d = _mm512_castps_pd(load_unit_scales_avx512<HalfScales>(a.scales, scale_index));
       low = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(sums)),
                             _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_castpd512_pd256(d))), low);
