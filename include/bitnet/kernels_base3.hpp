@@ -7,10 +7,11 @@
 //   avx512, amx            ternary_gemm_base3_avx512 where the CPU has AVX-512 VBMI (vpermi2b), else
 //                          the AVX2 kernel; AMX tiles are not used (every batch runs per token)
 //   dotprod, i8mm          ternary_gemm_base3_dotprod (SDOT; SMMLA is not used)
-//   neon                   the scalar kernel (no plain-NEON kernel for this layout)
+//   neon                   ternary_gemm_base3_neon (TBL / TBX decode into the 2-bit byte, SMLAL)
 // Batch > 1: AVX-512 decodes each tile once for a tile of up to 16 tokens (interleaved activations,
-// as kernels.hpp's batch kernels); the other ISAs run their batch-1 kernel once per token over chunks
-// of row blocks that stay in L1 / L2, paying the decode once per token (docs/kernels.md).
+// as kernels.hpp's batch kernels), NEON once for 2 tokens; AVX2 and SDOT run their batch-1 kernel
+// once per token over chunks of row blocks that stay in L1 / L2, paying the decode once per token
+// (docs/kernels.md).
 #pragma once
 
 #include <algorithm>
@@ -51,9 +52,12 @@ struct base3_gemm_job {
         [[fallthrough]];
       case isa::avx2: ternary_gemm_base3_avx2(args, begin, end); break;
 #endif
-#if defined(BITNET_ARM64) && defined(BITNET_HAS_DOTPROD_KERNEL)
+#ifdef BITNET_ARM64
+#ifdef BITNET_HAS_DOTPROD_KERNEL
       case isa::i8mm:
       case isa::dotprod: ternary_gemm_base3_dotprod(args, begin, end); break;
+#endif
+      case isa::neon: ternary_gemm_base3_neon(args, begin, end); break;
 #endif
       default: ternary_gemm_base3_scalar(args, begin, end); break;
     }

@@ -13,8 +13,10 @@
 //   * AVX2 (vpshufb has 16 entries): the same two steps for 27 and 9, then c4 = (v - r) & 3
 //     (81 = 0b1010001, 162 = 0b10100010), c3 by vpshufb of r - s in {0, 27, 54} (low nibbles 0, 11,
 //     6), c2 = (s - u) & 3 (9, 18), c0 and c1 by vpshufb of u < 9;
-//   * SDOT (AArch64 dotprod): the AVX2 steps on 16 bytes (4 rows), c3 by TBL of (r - s) >> 4 (TBL
-//     reads the whole index byte: 0, 1, 3), five SDOT by element into one int32 accumulator.
+//   * AArch64 (plain NEON and SDOT, split_base3_arm): r as above on 16 bytes (4 rows), then the same
+//     table as AVX-512 by a 4-register TBL (entries 0-63) and a 2-register TBX (64-80) into the 2-bit
+//     byte, whose planes are extracted as the 2-bit NEON kernels do (USHR, AND), and c4 = (v - r) & 3;
+//     SDOT: five SDOT by element into one int32 accumulator; NEON: ten SMLAL / SMLAL2 into int16 lanes.
 #pragma once
 
 #include <algorithm>
@@ -244,42 +246,163 @@ BITNET_TARGET_AVX512_VBMI inline void ternary_gemm_base3_avx512(const gemm_args&
 
 #endif  // BITNET_X86
 
-#if defined(BITNET_ARM64) && defined(BITNET_HAS_DOTPROD_KERNEL)
+#ifdef BITNET_ARM64
 
-inline constexpr std::uint8_t base3_digit0_arm[16] = {0, 1, 2, 0, 1, 2, 0, 1, 2};
-inline constexpr std::uint8_t base3_digit1_arm[16] = {0, 0, 0, 1, 1, 1, 2, 2, 2};
-inline constexpr std::uint8_t base3_digit3_arm[16] = {0, 1, 0, 2};  // (r - s) >> 4: 0, 27 >> 4 = 1, 54 >> 4 = 3
+/// base3_low_digits in NEON registers: entries 0-63 for a 4-register TBL, 64-95 for a 2-register TBX.
+struct base3_table_arm {
+  uint8x16x4_t first;
+  uint8x16x2_t rest;
+};
 
-/// v mod m for bytes v < 3 m: two steps of v = min_u8(v, v - m).
-BITNET_TARGET_DOTPROD inline uint8x16_t reduce_base3_arm(uint8x16_t v, uint8x16_t m) noexcept {
-  v = vminq_u8(v, vsubq_u8(v, m));
-  return vminq_u8(v, vsubq_u8(v, m));
+inline base3_table_arm load_base3_table_arm() noexcept {
+  const std::uint8_t* t = base3_low_digits.data();
+  return {{{vld1q_u8(t), vld1q_u8(t + 16), vld1q_u8(t + 32), vld1q_u8(t + 48)}},
+          {{vld1q_u8(t + 64), vld1q_u8(t + 80)}}};
 }
 
+/// 16 bytes of a tile (4 rows x 4 bytes) in the 2-bit form: low = c0 | c1 << 2 | c2 << 4 | c3 << 6, a
+/// byte of pack.hpp (planes 0-3 as the 2-bit kernels extract them), and c4, plane 4's code.
+struct base3_split_arm {
+  uint8x16_t low, c4;
+};
+
+/// r = v mod 81 by two steps r = min_u8(r, r - 81); low = TBL of r over entries 0-63, then TBX of
+/// r - 64 over entries 64-95 (for r < 64, r - 64 wraps above 191: out of range, TBX keeps the TBL
+/// byte); c4 = (v - r) & 3 (81 c4 is 0, 0b1010001 or 0b10100010). Nine instructions, plain NEON.
+__attribute__((always_inline)) inline base3_split_arm split_base3_arm(uint8x16_t v,
+                                                                     const base3_table_arm& table) noexcept {
+  const uint8x16_t k81 = vdupq_n_u8(81), k64 = vdupq_n_u8(64);
+  uint8x16_t r = vminq_u8(v, vsubq_u8(v, k81));
+  r = vminq_u8(r, vsubq_u8(r, k81));
+  const uint8x16_t low = vqtbx2q_u8(vqtbl4q_u8(table.first, r), table.rest, vsubq_u8(r, k64));
+  return {low, vandq_u8(vsubq_u8(v, r), vdupq_n_u8(3))};
+}
+
+/// The five code planes (plain codes 0-2) of 16 bytes: the 2-bit byte's planes by USHR and AND, as
+/// gemm_block_neon and gemm_half_dotprod extract them, and c4.
+__attribute__((always_inline)) inline void base3_planes_arm(uint8x16_t v, const base3_table_arm& table,
+                                                           int8x16_t (&planes)[5]) noexcept {
+  const uint8x16_t three = vdupq_n_u8(3);
+  const base3_split_arm split = split_base3_arm(v, table);
+  planes[0] = vreinterpretq_s8_u8(vandq_u8(split.low, three));
+  planes[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(split.low, 2), three));
+  planes[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(split.low, 4), three));
+  planes[3] = vreinterpretq_s8_u8(vshrq_n_u8(split.low, 6));
+  planes[4] = vreinterpretq_s8_u8(split.c4);
+}
+
+/// Tiles summed in int16 lanes by the NEON base-3 kernel. A lane (one row, one column slot b) gains
+/// five products c x per tile, each in [2 * -128, 2 * 127]: after 25 tiles it lies in [-32000,
+/// 31750], inside int16 (26 tiles of x = -128 against codes 2 would reach -33280).
+inline constexpr Eigen::Index neon_base3_tiles_per_int16 = 25;
+
+/// Quarter tiles [first, first + 4 / Tokens) of row block g (rows 4 first ..) against Tokens (1 or 2)
+/// tokens from `token`: each quarter tile (4 rows, 16 bytes) decoded once into its five code planes
+/// (base3_planes_arm, 15 instructions), then per token SMLAL / SMLAL2 of each plane with its
+/// broadcast activation group (10 per quarter tile) into int16 lanes, widened every
+/// neon_base3_tiles_per_int16 tiles as in gemm_block_neon. Two tokens take half a block per pass:
+/// the whole block's 16 accumulators and the decode table would not fit in the 32 registers.
+template <int Tokens>
+inline void gemm_quarters_base3_neon(const gemm_args& a, Eigen::Index g, int first, Eigen::Index token) noexcept {
+  constexpr int quarters = 4 / Tokens;
+  const base3_table_arm table = load_base3_table_arm();
+  const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes + 16 * first;
+  const std::int8_t* x[Tokens];
+  int32x4_t acc[Tokens][quarters];
+  for (int t = 0; t < Tokens; ++t) {
+    x[t] = a.x + (token + t) * a.x_stride;
+    for (int q = 0; q < quarters; ++q) acc[t][q] = vdupq_n_s32(0);
+  }
+  for (Eigen::Index remaining = a.col_tiles; remaining > 0;) {
+    const Eigen::Index run = std::min(remaining, neon_base3_tiles_per_int16);
+    remaining -= run;
+    int16x8_t s[Tokens][quarters][2];  // [token][quarter][rows 4q, 4q+1 | rows 4q+2, 4q+3]
+#pragma GCC unroll 2
+    for (int t = 0; t < Tokens; ++t)
+#pragma GCC unroll 4
+      for (int q = 0; q < quarters; ++q) s[t][q][0] = s[t][q][1] = vdupq_n_s16(0);
+    for (const std::uint8_t* const run_end = w + run * tile_bytes; w != run_end; w += tile_bytes) {
+      int32x4_t xv[Tokens], x_high[Tokens];  // groups 0-3; group 4 is x_high's lane 3
+#pragma GCC unroll 2
+      for (int t = 0; t < Tokens; ++t) {
+        xv[t] = vreinterpretq_s32_s8(vld1q_s8(x[t]));
+        x_high[t] = vreinterpretq_s32_s8(vld1q_s8(x[t] + 4));
+        x[t] += base3_tile_cols;
+      }
+#pragma GCC unroll 4
+      for (int q = 0; q < quarters; ++q) {
+        int8x16_t planes[5];
+        base3_planes_arm(vld1q_u8(w + 16 * q), table, planes);
+#pragma GCC unroll 2
+        for (int t = 0; t < Tokens; ++t) {
+          const int8x16_t groups[5] = {vreinterpretq_s8_s32(vdupq_laneq_s32(xv[t], 0)),
+                                       vreinterpretq_s8_s32(vdupq_laneq_s32(xv[t], 1)),
+                                       vreinterpretq_s8_s32(vdupq_laneq_s32(xv[t], 2)),
+                                       vreinterpretq_s8_s32(vdupq_laneq_s32(xv[t], 3)),
+                                       vreinterpretq_s8_s32(vdupq_laneq_s32(x_high[t], 3))};
+          int16x8_t lo = s[t][q][0], hi = s[t][q][1];
+#pragma GCC unroll 5
+          for (int p = 0; p < 5; ++p) {
+            lo = vmlal_s8(lo, vget_low_s8(planes[p]), vget_low_s8(groups[p]));
+            hi = vmlal_high_s8(hi, planes[p], groups[p]);
+          }
+          s[t][q][0] = lo;
+          s[t][q][1] = hi;
+        }
+      }
+    }
+#pragma GCC unroll 2
+    for (int t = 0; t < Tokens; ++t)
+#pragma GCC unroll 4
+      for (int q = 0; q < quarters; ++q)
+        acc[t][q] = vaddq_s32(acc[t][q], vpaddq_s32(vpaddlq_s16(s[t][q][0]), vpaddlq_s16(s[t][q][1])));
+  }
+  for (int t = 0; t < Tokens; ++t)
+    for (int q = 0; q < quarters; ++q)
+      store_rows_arm(a, acc[t][q], g * tile_rows + 4 * (first + q), token + t, a.x_sums[token + t]);
+}
+
+/// Plain NEON: batch 1 one row block after the other; batch > 1 two tokens per decode (half a block
+/// per pass), over chunks of row blocks that stay in L1 / L2.
+inline void ternary_gemm_base3_neon(const gemm_args& a, Eigen::Index block_begin, Eigen::Index block_end) noexcept {
+  const Eigen::Index chunk = a.batch == 1 ? block_end - block_begin : base3_blocks_per_chunk(a.col_tiles);
+  for (Eigen::Index g0 = block_begin; g0 < block_end; g0 += chunk)
+    for (Eigen::Index token = 0; token < a.batch; token += 2)
+      for (Eigen::Index g = g0; g < std::min(g0 + chunk, block_end); ++g)
+        if (a.batch - token >= 2) {
+          gemm_quarters_base3_neon<2>(a, g, 0, token);
+          if (g * tile_rows + 8 < a.rows) gemm_quarters_base3_neon<2>(a, g, 2, token);
+        } else {
+          gemm_quarters_base3_neon<1>(a, g, 0, token);
+        }
+}
+
+#ifdef BITNET_HAS_DOTPROD_KERNEL
+
 /// Row block g against token `token`: per quarter tile (4 rows, 16 bytes) the five code planes
-/// (21 instructions), five SDOT by element with the tile's 20 activations (two 16-byte loads).
+/// (base3_planes_arm), five SDOT by element with the tile's 20 activations (two 16-byte loads).
 BITNET_TARGET_DOTPROD inline void gemv_block_base3_dotprod(const gemm_args& a, Eigen::Index g,
                                                            Eigen::Index token) noexcept {
-  const uint8x16_t k81 = vdupq_n_u8(81), k27 = vdupq_n_u8(27), k9 = vdupq_n_u8(9), three = vdupq_n_u8(3);
-  const uint8x16_t digit0 = vld1q_u8(base3_digit0_arm), digit1 = vld1q_u8(base3_digit1_arm),
-                   digit3 = vld1q_u8(base3_digit3_arm);
+  const base3_table_arm table = load_base3_table_arm();
   const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes;
   const std::int8_t* x = a.x + token * a.x_stride;
   int32x4_t acc[4];
+#pragma GCC unroll 4
   for (int q = 0; q < 4; ++q) acc[q] = vdupq_n_s32(0);
   for (Eigen::Index t = 0; t < a.col_tiles; ++t, w += tile_bytes, x += base3_tile_cols) {
     const int8x16_t x_low = vld1q_s8(x), x_high = vld1q_s8(x + 4);  // groups 0-3; group 4 is x_high's lane 3
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) {
-      const uint8x16_t v = vld1q_u8(w + 16 * q);
-      const uint8x16_t r = reduce_base3_arm(v, k81), s = reduce_base3_arm(r, k27), u = reduce_base3_arm(s, k9);
-      int32x4_t sum = vdotq_laneq_s32(acc[q], vreinterpretq_s8_u8(vqtbl1q_u8(digit0, u)), x_low, 0);
-      sum = vdotq_laneq_s32(sum, vreinterpretq_s8_u8(vqtbl1q_u8(digit1, u)), x_low, 1);
-      sum = vdotq_laneq_s32(sum, vreinterpretq_s8_u8(vandq_u8(vsubq_u8(s, u), three)), x_low, 2);
-      sum = vdotq_laneq_s32(sum, vreinterpretq_s8_u8(vqtbl1q_u8(digit3, vshrq_n_u8(vsubq_u8(r, s), 4))), x_low, 3);
-      acc[q] = vdotq_laneq_s32(sum, vreinterpretq_s8_u8(vandq_u8(vsubq_u8(v, r), three)), x_high, 3);
+      int8x16_t planes[5];
+      base3_planes_arm(vld1q_u8(w + 16 * q), table, planes);
+      int32x4_t sum = vdotq_laneq_s32(acc[q], planes[0], x_low, 0);
+      sum = vdotq_laneq_s32(sum, planes[1], x_low, 1);
+      sum = vdotq_laneq_s32(sum, planes[2], x_low, 2);
+      sum = vdotq_laneq_s32(sum, planes[3], x_low, 3);
+      acc[q] = vdotq_laneq_s32(sum, planes[4], x_high, 3);
     }
   }
+#pragma GCC unroll 4
   for (int q = 0; q < 4; ++q) store_rows_arm(a, acc[q], g * tile_rows + 4 * q, token, a.x_sums[token]);
 }
 
@@ -291,7 +414,9 @@ BITNET_TARGET_DOTPROD inline void ternary_gemm_base3_dotprod(const gemm_args& a,
       for (Eigen::Index g = g0; g < std::min(g0 + chunk, block_end); ++g) gemv_block_base3_dotprod(a, g, token);
 }
 
-#endif  // BITNET_ARM64 && BITNET_HAS_DOTPROD_KERNEL
+#endif  // BITNET_HAS_DOTPROD_KERNEL
+
+#endif  // BITNET_ARM64
 
 }  // namespace BITNET_TU_ISA
 }  // namespace bitnet::detail
