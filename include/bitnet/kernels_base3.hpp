@@ -9,9 +9,9 @@
 //   dotprod, i8mm          ternary_gemm_base3_dotprod (SDOT; SMMLA is not used)
 //   neon                   ternary_gemm_base3_neon (TBL / TBX decode into the 2-bit byte, SMLAL)
 // Batch > 1: AVX-512 decodes each tile once for a tile of up to 16 tokens (interleaved activations,
-// as kernels.hpp's batch kernels), NEON once for 2 tokens; AVX2 and SDOT run their batch-1 kernel
-// once per token over chunks of row blocks that stay in L1 / L2, paying the decode once per token
-// (docs/kernels.md).
+// as kernels.hpp's batch kernels), SDOT once for up to 4 tokens, NEON once for 2, each over chunks of
+// row blocks that stay in L1 / L2; AVX2 runs its batch-1 kernel once per token over such chunks,
+// paying the decode once per token (docs/kernels.md).
 #pragma once
 
 #include <algorithm>

@@ -406,12 +406,74 @@ BITNET_TARGET_DOTPROD inline void gemv_block_base3_dotprod(const gemm_args& a, E
   for (int q = 0; q < 4; ++q) store_rows_arm(a, acc[q], g * tile_rows + 4 * q, token, a.x_sums[token]);
 }
 
+/// Batch > 1: half `half` (rows 8 half .. 8 half + 7) of row block g against Tokens (2-4) tokens from
+/// `token`: each quarter tile decoded once (base3_planes_arm) for 5 x Tokens SDOT. Half a block and
+/// 4 tokens a pass: 8 accumulators, 8 activation vectors and the 6-register table fit the 32 registers.
+template <int Tokens>
+BITNET_TARGET_DOTPROD void gemm_half_base3_dotprod(const gemm_args& a, Eigen::Index g, int half,
+                                                   Eigen::Index token) noexcept {
+  const base3_table_arm table = load_base3_table_arm();
+  const std::uint8_t* w = a.weights + g * a.col_tiles * tile_bytes + 32 * half;
+  const std::uint8_t* const w_end = w + a.col_tiles * tile_bytes;
+  const std::int8_t* x = a.x + token * a.x_stride;
+  int32x4_t acc[Tokens][2];
+#pragma GCC unroll 4
+  for (int t = 0; t < Tokens; ++t) acc[t][0] = acc[t][1] = vdupq_n_s32(0);
+  for (; w != w_end; w += tile_bytes, x += base3_tile_cols) {
+    int8x16_t x_low[Tokens], x_high[Tokens];  // groups 0-3; group 4 is x_high's lane 3
+#pragma GCC unroll 4
+    for (int t = 0; t < Tokens; ++t) {
+      x_low[t] = vld1q_s8(x + t * a.x_stride);
+      x_high[t] = vld1q_s8(x + t * a.x_stride + 4);
+    }
+#pragma GCC unroll 2
+    for (int q = 0; q < 2; ++q) {
+      int8x16_t planes[5];
+      base3_planes_arm(vld1q_u8(w + 16 * q), table, planes);
+#pragma GCC unroll 4
+      for (int t = 0; t < Tokens; ++t) {
+        int32x4_t sum = vdotq_laneq_s32(acc[t][q], planes[0], x_low[t], 0);
+        sum = vdotq_laneq_s32(sum, planes[1], x_low[t], 1);
+        sum = vdotq_laneq_s32(sum, planes[2], x_low[t], 2);
+        sum = vdotq_laneq_s32(sum, planes[3], x_low[t], 3);
+        acc[t][q] = vdotq_laneq_s32(sum, planes[4], x_high[t], 3);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < Tokens; ++t)
+#pragma GCC unroll 2
+    for (int q = 0; q < 2; ++q)
+      store_rows_arm(a, acc[t][q], g * tile_rows + 8 * half + 4 * q, token + t, a.x_sums[token + t]);
+}
+
+inline constexpr int base3_dotprod_token_group = 4;
+
+/// Batch 1: gemv_block_base3_dotprod per row block. Batch > 1: groups of up to 4 tokens share each
+/// decode (gemm_half_base3_dotprod; a group of 1 runs the batch-1 loop), over chunks of row blocks
+/// that stay in L1 / L2.
 BITNET_TARGET_DOTPROD inline void ternary_gemm_base3_dotprod(const gemm_args& a, Eigen::Index block_begin,
                                                              Eigen::Index block_end) noexcept {
-  const Eigen::Index chunk = a.batch == 1 ? block_end - block_begin : base3_blocks_per_chunk(a.col_tiles);
+  if (a.batch == 1) {
+    for (Eigen::Index g = block_begin; g < block_end; ++g) gemv_block_base3_dotprod(a, g, 0);
+    return;
+  }
+  const Eigen::Index chunk = base3_blocks_per_chunk(a.col_tiles);
   for (Eigen::Index g0 = block_begin; g0 < block_end; g0 += chunk)
-    for (Eigen::Index token = 0; token < a.batch; ++token)
-      for (Eigen::Index g = g0; g < std::min(g0 + chunk, block_end); ++g) gemv_block_base3_dotprod(a, g, token);
+    for (Eigen::Index token = 0; token < a.batch; token += base3_dotprod_token_group) {
+      const Eigen::Index tokens = std::min<Eigen::Index>(base3_dotprod_token_group, a.batch - token);
+      for (Eigen::Index g = g0; g < std::min(g0 + chunk, block_end); ++g) {
+        if (tokens == 1) {
+          gemv_block_base3_dotprod(a, g, token);
+          continue;
+        }
+        for (int half = 0; half < 2 && g * tile_rows + 8 * half < a.rows; ++half) switch (tokens) {
+            case 4: gemm_half_base3_dotprod<4>(a, g, half, token); break;
+            case 3: gemm_half_base3_dotprod<3>(a, g, half, token); break;
+            default: gemm_half_base3_dotprod<2>(a, g, half, token); break;
+          }
+      }
+    }
 }
 
 #endif  // BITNET_HAS_DOTPROD_KERNEL
