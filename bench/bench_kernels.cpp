@@ -142,9 +142,10 @@ int main(int argc, char** argv) {
   for (isa which : {isa::avx2, isa::avx512, isa::amx, isa::neon, isa::dotprod, isa::i8mm}) {
     if (!bitnet::isa_supported(which)) continue;
     const std::string name = "kernel_" + std::string(bitnet::isa_name(which));
-    // L2-resident weights (128 rows) and the model's 6912 x 2560 (from L3).
+    // L2-resident weights (128 rows) and the model's 6912 x 2560 (from L3); batch 1 (decode), 32 and
+    // 128 (prefill: against dpbusd_probe's port floor).
     for (Index out : {128, 640, 6912})
-      for (Index batch : {1, 32})
+      for (Index batch : {1, 32, 128})
         benchmark::RegisterBenchmark(name.c_str(), kernel, which)->Args({out, 2560, batch})->Unit(benchmark::kMicrosecond);
   }
   benchmark::Initialize(&argc, argv);

@@ -146,3 +146,65 @@ TEST_CASE("packed_ternary: column alignment for groups; group j of a row block s
     CHECK_THROWS_WITH_AS(packed_ternary(codes, bad), doctest::Contains("is not a power of two in [64, 256]"),
                          bitnet::value_error);
 }
+
+#if defined(__linux__) && defined(__x86_64__)
+// Native Linux only: qemu-user (the AArch64 stage) may accept madvise without applying it.
+#include <bitnet/pack_base3.hpp>
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include <sys/mman.h>
+
+namespace {
+
+/// The VmFlags of the mapping of /proc/self/smaps that contains address p ("" if none).
+std::string vm_flags_at(const void* p) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto address = reinterpret_cast<std::uintptr_t>(p);
+  bool inside = false;
+  for (std::string line; std::getline(smaps, line);) {
+    unsigned long begin = 0, end = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &begin, &end) == 2 && line.find(':') > line.find(' '))
+      inside = address >= begin && address < end;
+    else if (inside && line.rfind("VmFlags:", 0) == 0)
+      return line;
+  }
+  return "";
+}
+
+/// Whether this kernel takes MADV_HUGEPAGE advice at all (CONFIG_TRANSPARENT_HUGEPAGE).
+bool kernel_takes_huge_page_advice() {
+  const std::size_t bytes = std::size_t{4} << 20;
+  void* const p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return false;
+  const bool taken = ::madvise(p, bytes, MADV_HUGEPAGE) == 0;
+  ::munmap(p, bytes);
+  return taken;
+}
+
+}  // namespace
+
+TEST_CASE("packed weights of 2 MiB and more are 2 MiB aligned and advised as huge pages; smaller ones cache-line aligned") {
+  std::mt19937 rng(5);
+  const packed_ternary large(random_codes(3301, 2560, rng));  // 2.02 MiB: one huge page and a tail
+  const packed_ternary small(random_codes(640, 2560, rng));
+  const bitnet::packed_base3 large_base3(random_codes(6912, 2560, rng));
+  REQUIRE(large.size_bytes() >= (std::size_t{2} << 20));
+  REQUIRE(small.size_bytes() < (std::size_t{2} << 20));
+  REQUIRE(large_base3.size_bytes() >= (std::size_t{2} << 20));
+  CHECK(reinterpret_cast<std::uintptr_t>(large.data()) % (std::uintptr_t{2} << 20) == 0);
+  CHECK(reinterpret_cast<std::uintptr_t>(large_base3.data()) % (std::uintptr_t{2} << 20) == 0);
+  CHECK(reinterpret_cast<std::uintptr_t>(small.data()) % 64 == 0);
+  const packed_ternary copy = large;  // copies allocate the same way
+  CHECK(reinterpret_cast<std::uintptr_t>(copy.data()) % (std::uintptr_t{2} << 20) == 0);
+  if (kernel_takes_huge_page_advice()) {
+    // " hg" in VmFlags: the range carries MADV_HUGEPAGE.
+    CHECK(vm_flags_at(large.data()).find(" hg") != std::string::npos);
+    CHECK(vm_flags_at(large_base3.data()).find(" hg") != std::string::npos);
+    CHECK(vm_flags_at(copy.data()).find(" hg") != std::string::npos);
+  }
+}
+#endif

@@ -144,7 +144,7 @@ class packed_ternary {
   Index rows_ = 0;
   Index cols_ = 0;
   Index col_alignment_ = block_cols;
-  detail::aligned_vector<std::uint8_t> bytes_;
+  detail::weight_vector<std::uint8_t> bytes_;
 };
 
 }  // namespace bitnet

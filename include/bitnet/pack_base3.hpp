@@ -127,7 +127,7 @@ class packed_base3 {
 
   Index rows_ = 0;
   Index cols_ = 0;
-  detail::aligned_vector<std::uint8_t> bytes_;
+  detail::weight_vector<std::uint8_t> bytes_;
 };
 
 }  // namespace bitnet

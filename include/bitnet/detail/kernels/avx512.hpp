@@ -141,13 +141,8 @@ BITNET_TARGET_AVX512 void gemm_per_plane_avx512(const gemm_args& a, const std::i
         store_rows_avx512(a, load_avx512(total[r][t]), g + r, token + t, group_x_sum(a, g + r, token + t));
 }
 
-/// How far ahead of its loads the batch-1 kernel prefetches its weight stream: ~4 KiB, a few
-/// hundred nanoseconds of DRAM bandwidth, so a miss is in flight well before the load needs it.
-inline constexpr Eigen::Index gemv_prefetch_bytes = 4096;
-
 /// The batch-1 inner loop shared by gemv_steps_avx512 and gemv_grouped_avx512: the tiles [w, w_end)
-/// of one row block against the token x, Step tiles an iteration, prefetched gemv_prefetch_bytes
-/// ahead, into per-plane accumulators (plane p extracted as 4^p c by one AND) for even and odd
+/// of one row block against the token x, Step tiles an iteration, into per-plane accumulators (plane p extracted as 4^p c by one AND) for even and odd
 /// tiles (8 independent vpdpbusd chains), then folded to the 16 rows' sums sum_p plane_p / 4^p.
 /// The caller bounds the tiles so that no chain passes 2^31. Advances w and x past the tiles.
 template <int Step>
@@ -159,7 +154,6 @@ BITNET_INLINE_AVX512 __m512i per_plane_row_sums_avx512(const std::uint8_t*& w, c
   do {
 #pragma GCC unroll 4
     for (int t = 0; t < Step; ++t) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + t * tile_bytes + gemv_prefetch_bytes), _MM_HINT_T0);
       const __m512i tile = load_avx512(w + t * tile_bytes);
 #pragma GCC unroll 4
       for (int p = 0; p < 4; ++p) {
@@ -178,9 +172,11 @@ BITNET_INLINE_AVX512 __m512i per_plane_row_sums_avx512(const std::uint8_t*& w, c
 
 /// Batch 1: (virtual) blocks [begin, end) one after the other, so the weights are read as one
 /// sequential stream (the blocks of pack.hpp follow each other, and so do the groups of a row
-/// block), prefetched gemv_prefetch_bytes ahead. Per-plane accumulators (plane p extracted as 4^p c
-/// by one AND) for even and odd tiles: 8 independent vpdpbusd chains from one stream, Step tiles
-/// per iteration (4; 2 for the 2-tile blocks of 32-column groups). Each run of at most
+/// block) with no software prefetch: on huge pages (weight_allocator) the hardware prefetchers keep
+/// the stream at the DRAM read floor, and prefetch instructions 4 KiB ahead measured 15-18% slower
+/// (docs/benchmarks.md, session 8). Per-plane accumulators (plane p extracted as 4^p c by one AND)
+/// for even and odd tiles: 8 independent vpdpbusd chains from one stream, Step tiles per iteration
+/// (4; 2 for the 2-tile blocks of 32-column groups). Each run of at most
 /// per_plane_tiles_per_run tiles, and each block, is scaled back before the next (the bound of
 /// gemm_per_plane_avx512).
 template <int Step>
@@ -229,7 +225,7 @@ BITNET_INLINE_AVX512 __m512 load_unit_scales_avx512(const void* scales, Eigen::I
 inline constexpr Eigen::Index scale_prefetch_bytes = 256;
 
 /// grouped_gemv_args for row blocks [begin, end): the weights of a thread's range read as one
-/// sequential stream, as gemv_steps_avx512<4> reads them (the same 8 vpdpbusd chains and prefetch),
+/// sequential stream, as gemv_steps_avx512<4> reads them (the same 8 vpdpbusd chains),
 /// the kernel-ordered scales as a second stream 1/16 as long. Each group's 16 int32 sums are
 /// folded, converted to double (exact) and multiplied by their 16 scales into two vectors of 8
 /// double row sums; a fused multiply-add is the product then the sum exactly, because |acc_j| <= 2^15

@@ -150,7 +150,7 @@ BITNET_INLINE_AVX512_VBMI void base3_tile_avx512(const std::uint8_t* w, const st
 }
 
 /// Batch 1 (and each token of a larger batch): row blocks [begin, end) one after the other (one
-/// sequential stream, prefetched gemv_prefetch_bytes ahead), even and odd tiles into their own five
+/// sequential stream, no software prefetch: see gemv_steps_avx512), even and odd tiles into their own five
 /// plane accumulators (10 vpdpbusd chains). A lane of plane 4 gains at most 4 x 162 x 128 per tile,
 /// so runs of per_plane_tiles_per_run (2^14) tiles stay below 2^31 before the planes are scaled back.
 BITNET_TARGET_AVX512_VBMI inline void gemv_base3_avx512(const gemm_args& a, Eigen::Index begin, Eigen::Index end,
@@ -169,8 +169,6 @@ BITNET_TARGET_AVX512_VBMI inline void gemv_base3_avx512(const gemm_args& a, Eige
       for (int p = 0; p < 5; ++p) even[p] = odd[p] = _mm512_setzero_si512();
       const std::uint8_t* const pairs_end = w + run / 2 * 2 * tile_bytes;
       for (; w != pairs_end; w += 2 * tile_bytes, x += 2 * base3_tile_cols) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + gemv_prefetch_bytes), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w + tile_bytes + gemv_prefetch_bytes), _MM_HINT_T0);
         base3_tile_avx512(w, x, even, table_low, table_high);
         base3_tile_avx512(w + tile_bytes, x + base3_tile_cols, odd, table_low, table_high);
       }
