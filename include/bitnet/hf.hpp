@@ -161,16 +161,16 @@ inline Matrix<std::int8_t> unpack_weights_base3(const Matrix<std::uint8_t>& pack
   for (Index r = 0; r < packed.rows(); ++r)
     for (Index k = 0; k < packed.cols(); ++k) {
       unsigned byte = packed(r, k);
-      const auto where = "packed row " + std::to_string(r) + ", byte " + std::to_string(k);
+      const auto where = [&] { return "packed row " + std::to_string(r) + ", byte " + std::to_string(k); };
       if (byte > max_byte)
-        throw value_error("hf::unpack_weights_base3: " + where + " is " + std::to_string(byte) +
+        throw value_error("hf::unpack_weights_base3: " + where() + " is " + std::to_string(byte) +
                           ", above 242 (five base-3 digits)");
       for (Index i = 0; i < base3_values_per_byte; ++i, byte /= 3) {
         const Index c = k * base3_values_per_byte + i;
         if (c < in_features) {
           q(r, c) = static_cast<std::int8_t>(int(byte % 3) - 1);
         } else if (byte % 3 != 0) {
-          throw value_error("hf::unpack_weights_base3: padding digit " + std::to_string(i) + " of " + where +
+          throw value_error("hf::unpack_weights_base3: padding digit " + std::to_string(i) + " of " + where() +
                             " (column " + std::to_string(c) + ", past the " + std::to_string(in_features) +
                             " inputs) holds code " + std::to_string(byte % 3) + ", expected 0");
         }
