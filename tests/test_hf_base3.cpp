@@ -364,6 +364,25 @@ TEST_CASE("hf base3: save_state_dict / load_state_dict keep the storage, and a r
   CHECK(wider.up->options().storage == weight_storage::two_bit);
   CHECK(wider.up->in_features() == 25);
 
+  // A byte above 242 in a saved file: refused by file, key and byte; the empty slots stay empty.
+  {
+    std::vector<st::tensor_spec> specs;
+    for (const st::tensor_info& t : file.tensors()) specs.push_back({t.name, t.type, t.shape});
+    st::writer out(dir / "bad.safetensors", specs, {file.metadata().begin(), file.metadata().end()});
+    for (const st::tensor_info& t : file.tensors()) {
+      std::vector<std::byte> bytes = file.read_bytes(t.name);
+      if (t.name == "down.weight") bytes[9] = std::byte{250};  // row 1, byte 1
+      out.write_bytes(t.name, bytes);
+    }
+    out.finish();
+  }
+  base3_block untouched;
+  CHECK_THROWS_WITH_AS(bitnet::load_state_dict(untouched, dir / "bad.safetensors"),
+                       doctest::Contains("\"down.weight\": hf::unpack_weights_base3: packed row 1, byte 1 is 250"),
+                       bitnet::io_error);
+  CHECK_FALSE(untouched.up);
+  CHECK_FALSE(untouched.down);
+
   // A 2-bit file into base-3 layers keeps the layers' storage (the in-memory choice).
   base3_block two_bit_model;
   two_bit_model.up.emplace(random_matrix(18, 23, rng), Vector<float>::Zero(18));
