@@ -293,12 +293,13 @@ TEST_CASE("base3 BitLinear: from_ternary round trip, set_weight, memory, and wha
   const Matrix<float> expected = two_bit.forward(x), y = converted.forward(x);
   CHECK(std::memcmp(expected.data(), y.data(), sizeof(float) * std::size_t(y.size())) == 0);
 
-  // In files: the Hugging Face packed form (what save_state_dict writes) holds the codes and the
-  // scale; read back with base-3 options (what load_state_dict passes from the slot's layer), the
-  // layer is base 3 again with the same codes, scale, bias and outputs (bitlinear convention: the
-  // autobitlinear one stores b * s, whose round trip may round the bias).
+  // In files: transformers' 2-bit form holds the codes and the scale; read back with base-3 options
+  // (what load_state_dict passes from the slot's layer), the layer is base 3 again with the same
+  // codes, scale, bias and outputs (bitlinear convention: the autobitlinear one stores b * s, whose
+  // round trip may round the bias). The base-3 file form: tests/test_hf_base3.cpp.
   const bitnet::hf::packed_layer<float> file =
-      bitnet::hf::to_packed(converted, bitnet::hf::scale_convention::bitlinear);
+      bitnet::hf::to_packed(converted, bitnet::hf::scale_convention::bitlinear, weight_storage::two_bit);
+  CHECK(file.storage == weight_storage::two_bit);
   const bitnet::BitLinear<float> loaded = bitnet::hf::to_bit_linear(file, base3);
   CHECK(loaded.options().storage == weight_storage::base3);
   CHECK(loaded.base3_weight() == converted.base3_weight());

@@ -607,3 +607,58 @@ TEST_CASE("convert: a non-exact unit or a rotation that cannot be applied is ref
                        doctest::Contains("ternary_import::exact needs weight_scales per_row or per_group"),
                        bitnet::value_error);
 }
+
+TEST_CASE("convert: --weight-storage base3 writes five codes a byte, declared; the layers equal the 2-bit output's") {
+  scratch_dir dir;
+  write_model(dir / "in", {.layers = 1, .qkv_bias = true});
+  std::mt19937 rng(12);
+  for (const auto convention : {hf::scale_convention::autobitlinear, hf::scale_convention::bitlinear}) {
+    CAPTURE(hf::convention_name(convention));
+    const std::string name(hf::convention_name(convention));
+    bitnet::convert_model(dir / "in", dir / ("two_bit_" + name), {.scale_convention = convention});
+    bitnet::convert_options options{.scale_convention = convention};
+    options.storage = bitnet::weight_storage::base3;
+    const bitnet::convert_report report = bitnet::convert_model(dir / "in", dir / ("base3_" + name), options);
+    CHECK(report.layers.size() == 7);
+    const hf::checkpoint base3(dir / ("base3_" + name)), two_bit(dir / ("two_bit_" + name));
+    REQUIRE(base3.quantization());
+    CHECK(base3.quantization()->storage == bitnet::weight_storage::base3);
+    CHECK(two_bit.quantization()->storage == bitnet::weight_storage::two_bit);
+    const nlohmann::json config = json_of(dir / ("base3_" + name) / "config.json");
+    CHECK(config.at("quantization_config").at("bitnet_weight_storage") == "base3");
+    CHECK(config.at("quantization_config").at("bitnet_in_features").at("model.layers.0.mlp.down_proj") == 12);
+    CHECK_FALSE(config.at("quantization_config").contains("bitnet_out_features"));  // rows are exact
+    CHECK_FALSE(json_of(dir / ("two_bit_" + name) / "config.json").at("quantization_config").contains("bitnet_weight_storage"));
+    std::uint64_t base3_bytes = 0, two_bit_bytes = 0;
+    for (const auto& layer : report.layers) {
+      CAPTURE(layer.name);
+      const st::tensor_info& weight = base3.info(layer.name + ".weight");
+      CHECK(weight.shape == std::vector<std::uint64_t>{std::uint64_t(layer.out_features),
+                                                       std::uint64_t((layer.in_features + 4) / 5)});
+      base3_bytes += weight.byte_size();
+      two_bit_bytes += two_bit.info(layer.name + ".weight").byte_size();
+      const bitnet::BitLinear<float> ours = hf::load_bit_linear<float>(base3, layer.name);
+      const bitnet::BitLinear<float> theirs = hf::load_bit_linear<float>(two_bit, layer.name);
+      CHECK(ours.options().storage == bitnet::weight_storage::base3);
+      CHECK(ours.ternary_weight() == theirs.ternary_weight());
+      CHECK(ours.weight_scale() == theirs.weight_scale());
+      CHECK(ours.bias() == theirs.bias());
+      const Matrix<float> x = reference::random_matrix<float>(2, layer.in_features, rng, 1.0);
+      CHECK(ours.forward(x) == theirs.forward(x));
+    }
+    // 8 and 12 inputs take 2 and 3 bytes a row (8 and 12 codes in 10 and 15 digits): at these widths
+    // base 3 holds as many bytes as 2 bits; real widths (multiples of 20) take 0.8 (test_hf_base3.cpp).
+    CHECK(base3_bytes == 120);
+    CHECK(two_bit_bytes == 120);
+  }
+  // Only the packed safetensors form of per_tensor layers has a base-3 layout: refused before anything is written.
+  const auto before = tree_of(dir.path);
+  for (auto options : {bitnet::convert_options{.mode = hf::quantization_mode::online},
+                       bitnet::convert_options{.format = bitnet::output_format::gguf},
+                       bitnet::convert_options{.weight_scales = bitnet::weight_scaling::per_row}}) {
+    options.storage = bitnet::weight_storage::base3;
+    CHECK(error_of([&] { bitnet::convert_model(dir / "in", dir / "refused", options); })
+              .find("storage base3 is bitnet's packed safetensors form of per_tensor layers") != std::string::npos);
+  }
+  CHECK(tree_of(dir.path) == before);
+}

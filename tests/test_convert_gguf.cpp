@@ -503,14 +503,22 @@ TEST_CASE("convert to GGUF: a packed BitNet folder (as 2B-4T is published) goes 
     if (bitnet_arch) o.gguf_arch = gguf::model_arch::bitnet_b158;
     const bitnet::convert_report from_dense = bitnet::convert_model(dir / "dense", dir / "dense.gguf", o);
     const bitnet::convert_report from_packed = bitnet::convert_model(dir / "packed", dir / "packed.gguf", o);
+    // The same folder packed in base 3 (bitnet_weight_storage "base3") gives the same GGUF tensors.
+    bitnet::convert_options base3;
+    base3.storage = bitnet::weight_storage::base3;
+    bitnet::convert_model(dir / "dense", dir / "packed_base3", base3);
+    bitnet::convert_model(dir / "packed_base3", dir / "packed_base3.gguf", o);
     REQUIRE(from_packed.layers.size() == from_dense.layers.size());
-    const gguf::reader a(dir / "dense.gguf"), b(dir / "packed.gguf");
+    const gguf::reader a(dir / "dense.gguf"), b(dir / "packed.gguf"), c(dir / "packed_base3.gguf");
     REQUIRE(a.tensors().size() == b.tensors().size());
     for (const bitnet::converted_layer& layer : from_packed.layers) {
       CAPTURE(layer.gguf_name);
       CHECK(layer.relative_error == 0);  // nothing quantized: the codes are the file's
       const gguf::ternary_tensor x = a.read_ternary(layer.gguf_name), y = b.read_ternary(layer.gguf_name);
       CHECK(x.codes == y.codes);  // same codes, in the same (rope) row order
+      const gguf::ternary_tensor z = c.read_ternary(layer.gguf_name);
+      CHECK(z.codes == y.codes);
+      CHECK(z.scales == y.scales);
       for (std::size_t k = 0; k < x.scales.size(); ++k)
         CHECK(std::fabs(double(y.scales[k]) / double(x.scales[k]) - 1) <= 0x1p-23);  // d through the F32 weight_scale
     }

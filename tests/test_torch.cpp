@@ -1068,6 +1068,20 @@ TEST_CASE("torch state dict: a file that declares a rotation or unit scales is r
   CHECK(text.find("declares rotated layers (bitnet_rotation), which bitnet::libtorch::BitLinear cannot compute") !=
         std::string::npos);
   CHECK(same_state(state_of(*tree), before));
+
+  // A base-3 declaration: refused by name (the loader reads transformers' 2-bit layout).
+  hf::quantization_config base3 = *hf::declared_quantization(original);
+  base3.storage = bitnet::weight_storage::base3;
+  const fs::path base3_file = dir / "base3.safetensors";
+  {
+    st::writer out(base3_file, specs, {hf::metadata_entry(base3)});
+    for (const st::tensor_info& t : original.tensors()) out.write_bytes(t.name, original.read_bytes(t.name));
+    out.finish();
+  }
+  const std::string base3_text = error_text([&] { bitnet::libtorch::load_state_dict(*tree, base3_file); });
+  CHECK(base3_text.find("declares bitnet_weight_storage \"base3\" (five codes a byte), which bitnet::libtorch's "
+                        "loader does not read") != std::string::npos);
+  CHECK(same_state(state_of(*tree), before));
 }
 
 TEST_CASE("torch state dict: all or nothing - a corrupt packed code or a NaN latent weight in the last layer "

@@ -6,6 +6,7 @@
 //   bitnet-convert IN OUT [--exclude PATTERN ...] [--no-default-excludes] [--mode offline|online]
 //                  [--scale-convention bitlinear|autobitlinear] [--scale-dtype F32|BF16|F16] [--force]
 //                  [--weight-scales per_row|per_group --group-size G [--activation-scales per_block] [--exact]]
+//                  [--weight-storage two_bit|base3]
 //   bitnet-convert IN OUT.gguf --to gguf [--gguf-type TQ2_0|TQ1_0|I2_S] [--gguf-float-type F32|F16|BF16]
 //                  [--gguf-tokenizer-from VOCAB.gguf] [--exclude PATTERN ...] [--no-default-excludes] [--force]
 //   bitnet-convert --generate OUT [--layers N] [--divide D] [--shards N] [--nan TENSOR] [--tied] [--qkv-bias]
@@ -318,7 +319,7 @@ int usage() {
                "usage: bitnet-convert IN OUT [--exclude PATTERN ...] [--no-default-excludes] [--mode offline|online]\n"
                "                      [--scale-convention bitlinear|autobitlinear] [--scale-dtype F32|BF16|F16] [--force]\n"
                "                      [--weight-scales per_row|per_group --group-size G [--activation-scales per_block]\n"
-               "                       [--exact]]\n"
+               "                       [--exact]] [--weight-storage two_bit|base3]\n"
                "         IN, OUT: .safetensors files, or model folders (config.json, model.safetensors or shards\n"
                "         with model.safetensors.index.json, tokenizer files). An existing OUT is replaced only\n"
                "         when it is an earlier bitnet-convert output, or with --force.\n"
@@ -326,6 +327,8 @@ int usage() {
                "         cannot load it). --exact: the weights are already ternary per unit (Ternary Bonsai's unpacked\n"
                "         folders): imported with no rounding, checked, any other layer refused. A folder's\n"
                "         hadamard_packing.json rotation is applied to the layers it folds.\n"
+               "         --weight-storage base3: five codes a byte (1.6 bits, U8 [out, ceil(in/5)], per-tensor scales;\n"
+               "         bitnet reads it, transformers cannot).\n"
                "       bitnet-convert IN OUT.gguf --to gguf [--gguf-type TQ2_0|TQ1_0|I2_S] [--gguf-float-type F32|F16|BF16]\n"
                "                      [--gguf-tokenizer-from VOCAB.gguf] [--gguf-arch llama|bitnet-b1.58|bitnet-25]\n"
                "                      [--exclude PATTERN ...] [--no-default-excludes] [--force]\n"
@@ -422,6 +425,11 @@ int run(int argc, char** argv) {
       const std::string_view v = args[++i];
       if (v == "per_block") opt.convert.activation_scales = bitnet::activation_scaling::per_block;
       else if (v == "per_token") opt.convert.activation_scales = bitnet::activation_scaling::per_token;
+      else return usage();
+    } else if (a == "--weight-storage" && has_value) {
+      const std::string_view v = args[++i];
+      if (v == "base3") opt.convert.storage = bitnet::weight_storage::base3;
+      else if (v == "two_bit") opt.convert.storage = bitnet::weight_storage::two_bit;
       else return usage();
     } else if (a == "--exact") {
       opt.convert.weights = bitnet::ternary_import::exact;

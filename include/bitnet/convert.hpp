@@ -101,6 +101,11 @@ struct convert_options {
   Index group_size = 0;
   /// Recorded in the declaration for the layers built from the files (per_block needs per_group).
   activation_scaling activation_scales = activation_scaling::per_token;
+  /// Packed output: how P.weight holds the codes. two_bit (the default) is transformers' layout;
+  /// base3 is bitnet's 1.6-bit one (five codes a byte, U8 [out, ceil(in / 5)], declared as
+  /// bitnet_weight_storage "base3"; docs/safetensors.md), per_tensor scales only. transformers cannot
+  /// load base3 files; bitnet's readers build base-3 layers from them.
+  weight_storage storage = weight_storage::two_bit;
   /// quantize: absmean per unit. exact: the weights are already ternary per unit (Ternary Bonsai's
   /// unpacked FP16 / BF16 folders): codes and scales are read off with no rounding and checked
   /// (codes x scales == the source weights bit for bit); any other layer is refused naming it, its
@@ -399,6 +404,7 @@ class converter {
  private:
   bool offline() const { return opt_.mode == hf::quantization_mode::offline; }
   bool units() const { return opt_.weight_scales != weight_scaling::per_tensor; }
+  bool base3() const { return opt_.storage == weight_storage::base3; }
 
   void check_cancel() const {
     if (opt_.cancelled && opt_.cancelled())
@@ -438,6 +444,7 @@ class converter {
     config.weight_scales = opt_.weight_scales;
     config.group_size = opt_.group_size;
     config.activation_scales = opt_.activation_scales;
+    config.storage = opt_.storage;
     if (in.folded())
       report_.notes.push_back(in.folded()->source + ": the rotation it declares is applied to the converted layers "
                               "it folds (bitnet_rotation); the file is copied, so tensors kept dense stay as it "
@@ -474,7 +481,8 @@ class converter {
         throw io_error(in.folded()->source + ": declares the linear weight \"" + t->name + "\" " +
                        std::string(in.folded_role(t->name)) + ", which a converted layer cannot apply");
       }
-      if (offline() && t->shape[0] % 4 != 0) {
+      if (base3() && t->shape[1] % hf::base3_values_per_byte != 0) config.in_features[module] = Index(t->shape[1]);
+      if (offline() && !base3() && t->shape[0] % 4 != 0) {
         config.out_features[module] = Index(t->shape[0]);
         report_.notes.push_back("warning: " + module + ": out_features " + std::to_string(t->shape[0]) +
                                 " is not a multiple of 4: transformers' BitLinear / AutoBitLinear cannot load this "
@@ -556,7 +564,7 @@ class converter {
   void declare_layer(const hf::checkpoint& model, std::vector<st::tensor_spec>& specs, const st::tensor_info& t) const {
     const std::string module = module_of(t.name);
     const Index out = Index(t.shape[0]), in = Index(t.shape[1]);
-    hf::declare_packed_layer(specs, module, out, in, false, opt_.scale_dtype);
+    hf::declare_packed_layer(specs, module, out, in, false, opt_.scale_dtype, st::dtype::F32, opt_.storage);
     if (units())
       specs[specs.size() - 1].shape = {std::uint64_t(out), std::uint64_t(bitnet::detail::unit_count(
                                                                in, bitnet::detail::unit_columns(opt_.weight_scales,
@@ -636,8 +644,11 @@ class converter {
       norm2 += v * v;
       zeros += q.values.data()[i] == 0;
     }
-    hf::write_packed_layer(out, module, hf::packed_layer<float>{hf::pack_weights(q.values), w.rows(), stored, std::nullopt,
-                                                                opt_.scale_convention});
+    hf::packed_layer<float> packed{base3() ? hf::pack_weights_base3(q.values) : hf::pack_weights(q.values), w.rows(),
+                                   stored, std::nullopt, opt_.scale_convention};
+    packed.storage = opt_.storage;
+    packed.in_features = w.cols();
+    hf::write_packed_layer(out, module, packed);
     layer_record record;
     record.layer = {module, shard, w.rows(), w.cols(), double(stored), double(stored) / double(exact) - 1,
                     double(zeros) / double(w.size()), norm2 > 0 ? std::sqrt(error2 / norm2) : 0.0, bias.has_value()};
@@ -680,7 +691,7 @@ class converter {
     if (exact && !(dequantized == w))  // from_exact_ternary promises it; the converter proves it
       throw value_error(in.source_name() + ": tensor \"" + t.name + "\": the exact import does not reproduce the "
                         "weights; nothing was written");
-    hf::packed_layer<float> packed = hf::to_packed(layer, opt_.scale_convention);
+    hf::packed_layer<float> packed = hf::to_packed(layer, opt_.scale_convention, opt_.storage);
     packed.bias.reset();  // the bias tensor is written where the file has it (convert_file)
     hf::write_packed_layer(out, module, packed);
     double error2 = 0, norm2 = 0;
@@ -725,7 +736,7 @@ class converter {
       const converted_layer& layer = record.layer;
       // The convention as any reader finds it: declared by the files, never passed in.
       const hf::packed_layer<float> packed = hf::read_packed_layer<float>(check, layer.name);
-      const Matrix<std::int8_t> codes = hf::unpack_weights(packed.weight, layer.out_features);
+      const Matrix<std::int8_t> codes = hf::unpack_codes(packed);
       fingerprint f;
       f.add(std::as_bytes(std::span(codes.data(), std::size_t(codes.size()))));
       const bool scales_differ =
@@ -734,7 +745,7 @@ class converter {
                ? packed.weight_scale != record.stored_scale
                : fingerprint_values(packed.unit_scales.data(), packed.unit_scales.size()) != record.unit_scales_fingerprint);
       if (f.value != record.codes_fingerprint || scales_differ || packed.rotation != record.rotation ||
-          codes.cols() != layer.in_features || packed.out_features != layer.out_features ||
+          codes.cols() != layer.in_features || packed.out_features != layer.out_features || packed.storage != opt_.storage ||
           packed.convention != *report_.config.linear_class || packed.bias.has_value() != layer.has_bias)
         throw io_error(output.string() + ": verification failed for layer " + layer.name + ": codes, scale or shape differ");
       const BitLinear<float> loaded = hf::to_bit_linear(packed);
@@ -969,7 +980,8 @@ class converter {
       const std::string where = in.shard_of(t.name).source_name() + ": tensor \"" + t.name + "\"";
       if (packed_input && t.type == st::dtype::U8 && !p.norm && p.gguf_name != "token_embd.weight") {
         // Codes and shape are checked when the layer is read (hf::load_bit_linear); here what fits the file.
-        if (t.shape != std::vector<std::uint64_t>{std::uint64_t(hf::packed_rows(p.rows)), std::uint64_t(p.cols)})
+        const weight_storage storage = in.quantization() ? in.quantization()->storage : weight_storage::two_bit;
+        if (t.shape != hf::packed_weight_shape(storage, p.rows, p.cols))
           throw shape_error(where + " has packed shape " + safetensors::detail::shape_text(t.shape) + ", config.json says " +
                             std::to_string(p.rows) + " x " + std::to_string(p.cols) + " weights; nothing was written");
         if (std::uint64_t(p.cols) % gguf::row_multiple(opt_.gguf_ternary_type) != 0)
@@ -1453,6 +1465,17 @@ inline convert_report convert_model(const std::filesystem::path& input, const st
   } else if (options.group_size != 0) {
     throw value_error("convert_model: group_size " + std::to_string(options.group_size) + " needs weight_scales per_group");
   }
+  if (options.storage != weight_storage::two_bit && options.storage != weight_storage::base3)
+    throw value_error("convert_model: storage is not two_bit or base3");
+  if (options.storage == weight_storage::base3 &&
+      (options.weight_scales != weight_scaling::per_tensor || options.format != output_format::hf_packed ||
+       options.mode != hf::quantization_mode::offline))
+    throw value_error("convert_model: storage base3 is bitnet's packed safetensors form of per_tensor layers (format "
+                      "hf_packed, mode offline, weight_scales per_tensor), got " +
+                      (options.weight_scales != weight_scaling::per_tensor
+                           ? "weight_scales " + bitnet::detail::scaling_name(options.weight_scales)
+                           : options.format != output_format::hf_packed ? std::string("format gguf")
+                                                                        : std::string("mode online")));
   if (options.activation_scales == activation_scaling::per_block && options.weight_scales != weight_scaling::per_group)
     throw value_error("convert_model: per_block activation scales need weight_scales per_group (the blocks are the groups)");
   if (options.weights == ternary_import::exact && options.weight_scales == weight_scaling::per_tensor)

@@ -110,6 +110,83 @@ inline Matrix<std::int8_t> unpack_weights(const Matrix<std::uint8_t>& packed, In
   return q;
 }
 
+/// bitnet's own file layout of a base-3 layer (quantization_config "bitnet_weight_storage": "base3";
+/// docs/safetensors.md): P.weight is U8 [out, ceil(in / 5)], row-major, one row per output; byte k of
+/// row r holds the codes c = value + 1 of columns 5k .. 5k + 4 as base-3 digits, little-endian:
+/// byte = c(5k) + 3 c(5k + 1) + 9 c(5k + 2) + 27 c(5k + 3) + 81 c(5k + 4), so every byte is <= 242. The
+/// digits past in_features (the last byte of a row when in is not a multiple of 5) are 0. This is
+/// not packed_base3's 16 x 20 tile order (an in-memory kernel layout): other tools read it with a
+/// loop over bytes.
+inline constexpr Index base3_values_per_byte = 5;
+
+/// Bytes per row of the base-3 file layout for a layer with `in_features` inputs: ceil(in / 5).
+constexpr Index base3_packed_cols(Index in_features) noexcept {
+  return (in_features + base3_values_per_byte - 1) / base3_values_per_byte;
+}
+
+/// Packs a ternary matrix (out x in, values in {-1, 0, 1}) into the base-3 file layout (above).
+/// Throws shape_error for an empty matrix and value_error naming the first value outside {-1, 0, 1}.
+inline Matrix<std::uint8_t> pack_weights_base3(const Matrix<std::int8_t>& q) {
+  detail::require_non_empty(q, "hf::pack_weights_base3: ternary weights");
+  const Index out = q.rows(), in = q.cols();
+  Matrix<std::uint8_t> packed(out, base3_packed_cols(in));
+  for (Index r = 0; r < out; ++r)
+    for (Index k = 0; k < packed.cols(); ++k) {
+      int byte = 0;
+      for (Index i = std::min(base3_values_per_byte, in - k * base3_values_per_byte) - 1; i >= 0; --i) {
+        const Index c = k * base3_values_per_byte + i;
+        const int value = q(r, c);
+        if (value < -1 || value > 1)
+          throw value_error("hf::pack_weights_base3: value " + std::to_string(value) + " at row " + std::to_string(r) +
+                            ", column " + std::to_string(c) + " is not ternary");
+        byte = 3 * byte + value + 1;
+      }
+      packed(r, k) = std::uint8_t(byte);
+    }
+  return packed;
+}
+
+/// Unpacks `in_features` columns from the base-3 file layout. Throws shape_error when the packed
+/// matrix does not have ceil(in / 5) columns, and value_error for a byte above 242 (no five base-3
+/// digits) or a non-zero padding digit (which pack_weights_base3 never writes), naming the byte; so
+/// pack_weights_base3(unpack_weights_base3(p, in)) == p for every accepted p.
+inline Matrix<std::int8_t> unpack_weights_base3(const Matrix<std::uint8_t>& packed, Index in_features) {
+  detail::require_non_empty(packed, "hf::unpack_weights_base3: packed weights");
+  if (in_features <= 0 || packed.cols() != base3_packed_cols(in_features))
+    throw shape_error("hf::unpack_weights_base3: " + std::to_string(in_features) + " input features need " +
+                      std::to_string(std::max<Index>(base3_packed_cols(in_features), 0)) +
+                      " packed columns (5 codes a byte), got " + std::to_string(packed.cols()));
+  constexpr unsigned max_byte = 242;  // 3^5 - 1: five digits 2
+  Matrix<std::int8_t> q(packed.rows(), in_features);
+  for (Index r = 0; r < packed.rows(); ++r)
+    for (Index k = 0; k < packed.cols(); ++k) {
+      unsigned byte = packed(r, k);
+      const auto where = [&] { return "packed row " + std::to_string(r) + ", byte " + std::to_string(k); };
+      if (byte > max_byte)
+        throw value_error("hf::unpack_weights_base3: " + where() + " is " + std::to_string(byte) +
+                          ", above 242 (five base-3 digits)");
+      for (Index i = 0; i < base3_values_per_byte; ++i, byte /= 3) {
+        const Index c = k * base3_values_per_byte + i;
+        if (c < in_features) {
+          q(r, c) = static_cast<std::int8_t>(int(byte % 3) - 1);
+        } else if (byte % 3 != 0) {
+          throw value_error("hf::unpack_weights_base3: padding digit " + std::to_string(i) + " of " + where() +
+                            " (column " + std::to_string(c) + ", past the " + std::to_string(in_features) +
+                            " inputs) holds code " + std::to_string(byte % 3) + ", expected 0");
+        }
+      }
+    }
+  return q;
+}
+
+/// The U8 shape of P.weight for an out x in layer stored as `storage`: [ceil(out/4), in] (two_bit,
+/// transformers' layout) or [out, ceil(in/5)] (base3, bitnet's).
+inline std::vector<std::uint64_t> packed_weight_shape(weight_storage storage, Index out_features, Index in_features) {
+  if (storage == weight_storage::base3)
+    return {std::uint64_t(out_features), std::uint64_t(base3_packed_cols(in_features))};
+  return {std::uint64_t(packed_rows(out_features)), std::uint64_t(in_features)};
+}
+
 enum class quantization_mode {
   offline,  // packed ternary weights + weight_scale (what bitnet-convert writes by default)
   online,   // latent weights in their own dtype, quantized on the fly (AutoBitLinear; fine-tuning)
@@ -165,7 +242,21 @@ struct quantization_config {
   /// "normalized-signed-sylvester-walsh-hadamard", "block_size": b, "layers": [module names]}; each
   /// listed layer P stores its n signs as the I8 tensor P.rotation_signs. Empty: no layer is rotated.
   std::optional<rotation_declaration> rotation{};
+  /// "bitnet_weight_storage": "two_bit" (absent: transformers' layout) or "base3" (every packed
+  /// layer's P.weight is U8 [out, ceil(in / 5)], five codes a byte: pack_weights_base3; per_tensor
+  /// scales only). transformers cannot load base3 files.
+  weight_storage storage = weight_storage::two_bit;
+  /// "bitnet_in_features" (base3 only): the in_features of layers whose in is not a multiple of 5,
+  /// which the packed columns (ceil(in / 5)) cannot tell; absent: 5 x the packed columns.
+  std::map<std::string, Index, std::less<>> in_features{};
 };
+
+/// The in_features of the base-3 layer `module` whose P.weight has `packed_cols` columns: the
+/// declared bitnet_in_features, else 5 x packed_cols.
+inline Index base3_in_features(const quantization_config& config, std::string_view module, Index packed_cols) {
+  const auto found = config.in_features.find(module);
+  return found != config.in_features.end() ? found->second : base3_values_per_byte * packed_cols;
+}
 
 namespace detail {
 
@@ -253,6 +344,20 @@ inline std::string to_json(const quantization_config& config) {
     }
     out += "]}";
   }
+  if (config.storage == weight_storage::base3) {  // absent for two_bit: those files stay as they were
+    out += ", \"bitnet_weight_storage\": \"base3\"";
+    if (!config.in_features.empty()) {
+      out += ", \"bitnet_in_features\": {";
+      bool first = true;
+      for (const auto& [name, in_features] : config.in_features) {
+        if (!first) out += ", ";
+        first = false;
+        detail::append_json_string(out, name);
+        out += ": " + std::to_string(in_features);
+      }
+      out += '}';
+    }
+  }
   return out += '}';
 }
 
@@ -266,7 +371,7 @@ inline std::string quantization_config_json(scale_convention convention = defaul
 /// One layer in the Hugging Face form, with values as they are stored in the file.
 template <real_scalar T>
 struct packed_layer {
-  Matrix<std::uint8_t> weight;    // ceil(out/4) x in
+  Matrix<std::uint8_t> weight;    // ceil(out/4) x in (two_bit); out x ceil(in/5) (base3)
   Index out_features = 0;
   T weight_scale = 1;             // in `convention`
   std::optional<Vector<T>> bias;  // as stored (per_tensor autobitlinear: b * s, so that (.. + b_stored) * m = .. + b)
@@ -280,7 +385,23 @@ struct packed_layer {
   activation_scaling activation_scales = activation_scaling::per_token;
   /// The layer's input rotation (the file's bitnet_rotation and P.rotation_signs).
   std::optional<hadamard_rotation> rotation{};
+  /// How `weight` holds the codes (the file's bitnet_weight_storage): two_bit (pack_weights) or
+  /// base3 (pack_weights_base3; per_tensor only).
+  weight_storage storage = weight_storage::two_bit;
+  /// base3: the layer's inputs (the packed columns are ceil(in / 5)). Unused for two_bit.
+  Index in_features = 0;
 };
+
+/// The ternary codes (out x in) of a packed layer, in either storage; throws what unpack_weights /
+/// unpack_weights_base3 throw.
+template <real_scalar T>
+Matrix<std::int8_t> unpack_codes(const packed_layer<T>& packed) {
+  if (packed.storage != weight_storage::base3) return unpack_weights(packed.weight, packed.out_features);
+  if (packed.weight.rows() != packed.out_features)
+    throw shape_error("hf::unpack_codes: " + std::to_string(packed.out_features) +
+                      " output features need as many base-3 packed rows, got " + std::to_string(packed.weight.rows()));
+  return unpack_weights_base3(packed.weight, packed.in_features);
+}
 
 namespace detail {
 
@@ -315,13 +436,21 @@ T mean_for_scale(T scale) {
 /// scale, except for the rare scale that is no float's rounded reciprocal (never one quantization
 /// produced, nor one read from an autobitlinear file), which comes back 1 ulp off.
 ///
+/// The file layout is `storage`, by default the layer's own (bitlinear_options::storage): base3 is
+/// the base-3 file layout (pack_weights_base3), two_bit transformers' layout. Any per_tensor layer
+/// packs in either; a per_row / per_group layer only in two_bit (value_error otherwise).
+///
 /// A per_row / per_group layer keeps its unit scales d and its bias as they are, in the
 /// autobitlinear convention only (d multiplies; 1 / d is not exact): another convention is a
 /// value_error. Its activation_scales and rotation travel with it (any layer's rotation does).
 template <real_scalar T>
-packed_layer<T> to_packed(const BitLinear<T>& layer, scale_convention convention = default_scale_convention) {
+packed_layer<T> to_packed(const BitLinear<T>& layer, scale_convention convention = default_scale_convention,
+                          std::optional<weight_storage> storage = std::nullopt) {
   const bitlinear_options& options = layer.options();
   if (options.weight_scales != weight_scaling::per_tensor) {
+    if (storage == weight_storage::base3)
+      throw value_error("hf::to_packed: storage base3 needs per_tensor weight scales, got " +
+                        bitnet::detail::scaling_name(options.weight_scales));
     if (convention != scale_convention::autobitlinear)
       throw value_error("hf::to_packed: a " + bitnet::detail::scaling_name(options.weight_scales) +
                         " layer stores its unit scales d as magnitudes (the autobitlinear convention); the "
@@ -334,9 +463,15 @@ packed_layer<T> to_packed(const BitLinear<T>& layer, scale_convention convention
     result.rotation = options.rotation;
     return result;
   }
-  packed_layer<T> result{pack_weights(layer.ternary_weight()), layer.out_features(), layer.weight_scale(),
-                         layer.bias(), convention};
+  const weight_storage layout = storage.value_or(options.storage);
+  if (layout != weight_storage::two_bit && layout != weight_storage::base3)
+    throw value_error("hf::to_packed: storage is not two_bit or base3");
+  const bool base3 = layout == weight_storage::base3;
+  packed_layer<T> result{base3 ? pack_weights_base3(layer.ternary_weight()) : pack_weights(layer.ternary_weight()),
+                         layer.out_features(), layer.weight_scale(), layer.bias(), convention};
   result.rotation = options.rotation;
+  result.storage = layout;
+  result.in_features = layer.in_features();
   if (convention == scale_convention::autobitlinear) {
     result.weight_scale = layer.has_latent_weights()
                               ? std::max(static_cast<T>(bitnet::detail::mean_abs(layer.weight())), scale_floor<T>)
@@ -358,18 +493,20 @@ packed_layer<T> to_packed(const BitLinear<T>& layer, scale_convention convention
 /// The layer's weight_scales, group_size, activation_scales and rotation are the packed layer's
 /// (the file's declaration); `options` gives the rest (rms_norm, rms_eps). A per_row / per_group
 /// layer is from_ternary(codes, unit_scales) (its convention must be autobitlinear, else value_error).
+/// A base3 packed layer gives a layer with storage base3; a two_bit one keeps the storage `options`
+/// asks for (the in-memory storage is free: forward() is bit-identical in both).
 template <real_scalar T>
 BitLinear<T> to_bit_linear(const packed_layer<T>& packed, bitlinear_options options = {}) {
   options.weight_scales = packed.weight_scales;
   options.group_size = packed.group_size;
   options.activation_scales = packed.activation_scales;
   options.rotation = packed.rotation;
+  if (packed.storage == weight_storage::base3) options.storage = weight_storage::base3;
   if (packed.weight_scales != weight_scaling::per_tensor) {
     if (packed.convention != scale_convention::autobitlinear)
       throw value_error("hf::to_bit_linear: unit scales are magnitudes d (autobitlinear); the bitlinear "
                         "convention has no unit-scaled form");
-    return BitLinear<T>::from_ternary(unpack_weights(packed.weight, packed.out_features), packed.unit_scales,
-                                      packed.bias, options);
+    return BitLinear<T>::from_ternary(unpack_codes(packed), packed.unit_scales, packed.bias, options);
   }
   const T stored = packed.weight_scale;
   if (!std::isfinite(stored) || !(stored > 0))
@@ -383,8 +520,7 @@ BitLinear<T> to_bit_linear(const packed_layer<T>& packed, bitlinear_options opti
                         " is too small: 1 / weight_scale overflows");
     if (bias) *bias = *bias * stored;
   }
-  return BitLinear<T>::from_ternary(unpack_weights(packed.weight, packed.out_features), scale, std::move(bias),
-                                    options);
+  return BitLinear<T>::from_ternary(unpack_codes(packed), scale, std::move(bias), options);
 }
 
 }  // namespace bitnet::hf

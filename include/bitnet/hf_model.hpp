@@ -371,7 +371,13 @@ class checkpoint {
                config->activation_scales == activation_scaling::per_block ? "per_block" : "per_token");
     if (config->rotation != declared_->rotation)
       conflict("bitnet_rotation", declared_->rotation ? to_json(*declared_) : "none", config->rotation ? to_json(*config) : "none");
+    if (config->storage != declared_->storage)
+      conflict("bitnet_weight_storage", storage_name(declared_->storage), storage_name(config->storage));
     if (!declared_->linear_class) declared_->linear_class = config->linear_class;
+    for (const auto& [layer, in] : config->in_features) {
+      const auto [it, inserted] = declared_->in_features.emplace(layer, in);
+      if (!inserted && it->second != in) conflict("in_features of " + layer, std::to_string(it->second), std::to_string(in));
+    }
     for (const auto& [layer, out] : config->out_features) {
       const auto [it, inserted] = declared_->out_features.emplace(layer, out);
       if (!inserted && it->second != out)

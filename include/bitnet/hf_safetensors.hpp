@@ -108,6 +108,14 @@ class quantization_config_collector {
       config_.activation_scales = *text == "per_block" ? activation_scaling::per_block : activation_scaling::per_token;
     } else if (field == "bitnet_rotation") {
       rotation_leaf(leaf, depth);
+    } else if (field == "bitnet_weight_storage" && depth == 1) {
+      if (!text || (*text != "two_bit" && *text != "base3")) fail(field, "must be \"two_bit\" or \"base3\"");
+      config_.storage = *text == "base3" ? weight_storage::base3 : weight_storage::two_bit;
+    } else if (field == "bitnet_in_features") {
+      const auto* count = std::get_if<std::uint64_t>(&leaf.value);
+      if (depth != 2 || !count || *count == 0 || *count > std::uint64_t(std::numeric_limits<Index>::max()))
+        fail(field, "must map layer names to positive integers");
+      config_.in_features[path[prefix_.size() + 1]] = Index(*count);
     }
   }
 
@@ -128,6 +136,12 @@ class quantization_config_collector {
         *config_.linear_class != scale_convention::autobitlinear)
       fail("bitnet_weight_scales", "unit scales are magnitudes d (weight = code * d): linear_class must be "
                                    "\"autobitlinear\", not \"bitlinear\"");
+    if (config_.storage == weight_storage::base3 && config_.weight_scales != weight_scaling::per_tensor)
+      fail("bitnet_weight_storage", "\"base3\" needs per_tensor weight scales (bitlinear_options::storage base3), but "
+                                    "bitnet_weight_scales is \"" + bitnet::detail::scaling_name(config_.weight_scales) + "\"");
+    if (!config_.in_features.empty() && config_.storage != weight_storage::base3)
+      fail("bitnet_in_features", "is given, but bitnet_weight_storage is not \"base3\" (a two_bit weight has "
+                                 "in_features columns)");
     if (config_.rotation) {
       if (!rotation_transform_)
         fail("bitnet_rotation.transform", "is missing (bitnet reads \"" + std::string(hadamard_transform_name) + "\")");
@@ -305,9 +319,19 @@ packed_layer<T> read_packed_from(const Source& file, std::string_view path, Inde
   const safetensors::tensor_info& weight = file.info(prefix + ".weight");
   if (weight.type != safetensors::dtype::U8)
     refuse(weight.name, "is " + std::string(safetensors::dtype_name(weight.type)) + ", a packed BitNet weight must be U8");
+  const weight_storage storage = declared ? declared->storage : weight_storage::two_bit;
+  const bool base3 = storage == weight_storage::base3;
+  if (base3 && (weight.shape.size() != 2 || weight.shape[0] == 0 || weight.shape[1] == 0))
+    refuse(weight.name, "is U8 " + safetensors::detail::shape_text(weight.shape) + ", but " + std::string(where) +
+                            " declares bitnet_weight_storage \"base3\": a base-3 weight is U8 [out, ceil(in / 5)]");
   packed_layer<T> layer;
   layer.weight = file.template read_matrix<std::uint8_t>(weight.name);
-  const Index in = layer.weight.cols();
+  const Index in = base3 ? base3_in_features(*declared, path, layer.weight.cols()) : layer.weight.cols();
+  if (base3 && base3_packed_cols(in) != layer.weight.cols())
+    refuse(weight.name, "has " + std::to_string(layer.weight.cols()) + " packed columns, but " + std::string(where) +
+                            " declares bitnet_in_features " + std::to_string(in) + " for \"" + std::string(path) +
+                            "\" (base3: ceil(" + std::to_string(in) + " / 5) = " +
+                            std::to_string(base3_packed_cols(in)) + " columns)");
   const std::string scale_name = prefix + ".weight_scale";
   const safetensors::tensor_info& scale_info = file.info(scale_name);
   const weight_scaling scaling = declared ? declared->weight_scales : weight_scaling::per_tensor;
@@ -346,8 +370,12 @@ packed_layer<T> read_packed_from(const Source& file, std::string_view path, Inde
     const auto found = declared->out_features.find(path);
     if (found != declared->out_features.end()) out_features = found->second;
   }
-  if (out_features == 0) out_features = layer.bias ? layer.bias->size() : values_per_byte * layer.weight.rows();
-  if (packed_rows(out_features) != layer.weight.rows() || (layer.bias && layer.bias->size() != out_features) ||
+  if (out_features == 0)
+    out_features = base3        ? layer.weight.rows()  // exact: one packed row per output
+                   : layer.bias ? layer.bias->size()
+                                : values_per_byte * layer.weight.rows();
+  const bool rows_fit = base3 ? layer.weight.rows() == out_features : packed_rows(out_features) == layer.weight.rows();
+  if (!rows_fit || (layer.bias && layer.bias->size() != out_features) ||
       (layer.unit_scales.size() != 0 && layer.unit_scales.rows() != out_features))
     throw shape_error(safetensors::detail::message(
         file.source_name(), weight.name,
@@ -355,7 +383,21 @@ packed_layer<T> read_packed_from(const Source& file, std::string_view path, Inde
             (layer.bias ? " and the bias " + std::to_string(layer.bias->size()) + " elements" : std::string()) +
             (layer.unit_scales.size() != 0 ? " and " + std::to_string(layer.unit_scales.rows()) + " rows of unit scales"
                                            : std::string()) +
-            ", inconsistent with " + std::to_string(out_features) + " output features"));
+            ", inconsistent with " + std::to_string(out_features) + " output features" +
+            (base3 ? " (bitnet_weight_storage \"base3\": one packed row per output)"
+             : layer.weight.rows() == out_features
+                 ? " (a base-3 weight, U8 [out, ceil(in / 5)], would have these rows, but " + std::string(where) +
+                       " declares no bitnet_weight_storage \"base3\")"
+                 : std::string())));
+  if (base3) {  // the bytes are checked here, so that a bad one is reported with the file and tensor
+    try {
+      (void)unpack_weights_base3(layer.weight, in);
+    } catch (const value_error& e) {
+      refuse(weight.name, std::string(e.what()) + " (" + std::string(where) + " declares bitnet_weight_storage \"base3\")");
+    }
+    layer.storage = weight_storage::base3;
+    layer.in_features = in;
+  }
   layer.out_features = out_features;
   layer.convention = convention;
   layer.rotation = read_rotation(file, path, in, declared, where);
@@ -396,16 +438,17 @@ inline std::pair<std::string, std::string> metadata_entry(const quantization_con
 }
 
 /// Declares the tensors of a packed layer (out x in) for a safetensors::writer: path.weight as
-/// U8 ceil(out/4) x in, path.weight_scale as one `scale_type` element, path.bias if `bias`.
+/// U8 ceil(out/4) x in (base3 `storage`: out x ceil(in/5)), path.weight_scale as one `scale_type`
+/// element, path.bias if `bias`.
 inline void declare_packed_layer(std::vector<safetensors::tensor_spec>& specs, std::string_view path, Index out_features,
                                  Index in_features, bool bias, safetensors::dtype scale_type = safetensors::dtype::F32,
-                                 safetensors::dtype bias_type = safetensors::dtype::F32) {
+                                 safetensors::dtype bias_type = safetensors::dtype::F32,
+                                 weight_storage storage = weight_storage::two_bit) {
   if (out_features <= 0 || in_features <= 0)
     throw shape_error("hf::declare_packed_layer: " + std::string(path) + ": empty layer " +
                       std::to_string(out_features) + "x" + std::to_string(in_features));
   const std::string prefix(path);
-  specs.push_back({prefix + ".weight", safetensors::dtype::U8,
-                   {std::uint64_t(packed_rows(out_features)), std::uint64_t(in_features)}});
+  specs.push_back({prefix + ".weight", safetensors::dtype::U8, packed_weight_shape(storage, out_features, in_features)});
   specs.push_back({prefix + ".weight_scale", scale_type, {1}});
   if (bias) specs.push_back({prefix + ".bias", bias_type, {std::uint64_t(out_features)}});
 }
@@ -417,8 +460,9 @@ template <real_scalar T>
 void declare_packed_layer(std::vector<safetensors::tensor_spec>& specs, std::string_view path,
                           const packed_layer<T>& layer, safetensors::dtype scale_type = safetensors::dtype::F32,
                           safetensors::dtype bias_type = safetensors::dtype::F32) {
-  const Index in = layer.weight.cols();
-  declare_packed_layer(specs, path, layer.out_features, in, layer.bias.has_value(), scale_type, bias_type);
+  const Index in = layer.storage == weight_storage::base3 ? layer.in_features : layer.weight.cols();
+  declare_packed_layer(specs, path, layer.out_features, in, layer.bias.has_value(), scale_type, bias_type,
+                       layer.storage);
   const std::string prefix(path);
   if (layer.weight_scales != weight_scaling::per_tensor) {
     const auto scale = std::find_if(specs.begin(), specs.end(),
@@ -432,7 +476,8 @@ void declare_packed_layer(std::vector<safetensors::tensor_spec>& specs, std::str
 /// Records in `config` (the block every file of the model declares) how the packed layer at
 /// `path` is stored: its scale granularity, activation scales and rotation block, which must be
 /// those of the layers recorded before (one declaration per model: value_error naming the layer
-/// otherwise), its rotation (bitnet_rotation.layers), and out_features when not a multiple of 4.
+/// otherwise), its rotation (bitnet_rotation.layers), its weight storage (bitnet_weight_storage, also
+/// one per file), out_features when not a multiple of 4 and, base3, in_features when not a multiple of 5.
 template <real_scalar T>
 void declare_layer(quantization_config& config, std::string_view path, const packed_layer<T>& layer, bool first) {
   const std::string name(path);
@@ -445,11 +490,21 @@ void declare_layer(quantization_config& config, std::string_view path, const pac
     config.group_size = layer.group_size;
     config.activation_scales = layer.activation_scales;
     config.rotation.reset();
+    config.storage = layer.storage;
+    config.in_features.clear();
   } else if (config.weight_scales != layer.weight_scales || config.group_size != layer.group_size) {
     differs("the scale granularity (" + bitnet::detail::scaling_name(layer.weight_scales) + ", group_size " +
             std::to_string(layer.group_size) + ")");
   } else if (config.activation_scales != layer.activation_scales) {
     differs("the activation scaling");
+  } else if (config.storage != layer.storage) {
+    differs("the weight storage (" + storage_name(layer.storage) + ")");
+  }
+  if (layer.storage == weight_storage::base3) {
+    if (layer.weight_scales != weight_scaling::per_tensor)
+      throw value_error("hf::declare_layer: " + name + ": storage base3 needs per_tensor weight scales, got " +
+                        bitnet::detail::scaling_name(layer.weight_scales));
+    if (layer.in_features % base3_values_per_byte != 0) config.in_features[name] = layer.in_features;
   }
   if (layer.rotation) {
     if (!config.rotation) config.rotation = rotation_declaration{layer.rotation->block_size(), {}};
@@ -458,7 +513,8 @@ void declare_layer(quantization_config& config, std::string_view path, const pac
     config.rotation->layers.insert(
         std::upper_bound(config.rotation->layers.begin(), config.rotation->layers.end(), name), name);
   }
-  if (layer.out_features % values_per_byte != 0) config.out_features[name] = layer.out_features;
+  if (layer.storage == weight_storage::two_bit && layer.out_features % values_per_byte != 0)
+    config.out_features[name] = layer.out_features;
 }
 
 /// Writes a packed layer declared with declare_packed_layer.

@@ -310,15 +310,21 @@ class state_loader {
 
     if (file_.contains(scale_key)) {  // the Hugging Face packed form
       bool ok = packed_convention();
-      ok = expect(weight_key, safetensors::dtype::U8, {std::uint64_t(hf::packed_rows(out)), std::uint64_t(in)},
-                  "packed ") && ok;
+      ok = expect(weight_key, safetensors::dtype::U8, hf::packed_weight_shape(file_storage(), out, in), "packed ") && ok;
       ok = expect_packed_scale(scale_key, out, in) && ok;
       expect_signs(path);
       const bool load_bias = has_bias && expect_floating(bias_key, {std::uint64_t(out)});
-      const Index declared = file_.declared_out_features(layer_name(options_.prefix, path));
+      const std::string module = layer_name(options_.prefix, path);
+      const Index declared = file_.declared_out_features(module);
       if (declared && declared != out) {
         problems_.push_back("size mismatch for " + quote_key(weight_key) + ": the file declares " +
                             std::to_string(declared) + " output features, the layer has " + std::to_string(out));
+        ok = false;
+      }
+      if (const Index declared_in = base3_declared_in(module, hf::base3_packed_cols(in)); declared_in && declared_in != in) {
+        problems_.push_back("size mismatch for " + quote_key(weight_key) + ": the file declares " +
+                            std::to_string(declared_in) + " input features (bitnet_weight_storage \"base3\"), the "
+                            "layer has " + std::to_string(in));
         ok = false;
       }
       if (!ok) return;
@@ -421,18 +427,34 @@ class state_loader {
       return;
     }
     Index out = Index(weight->shape[0]);
-    const Index in = Index(weight->shape[1]);
+    Index in = Index(weight->shape[1]);
     const safetensors::tensor_info* scale = file_.find(scale_key);
     std::optional<bitlinear_options> latent_options;
     if (packed) {
       if (!packed_convention()) return;
       const Index declared = file_.declared_out_features(layer_name(options_.prefix, path));
       const Index rows = Index(weight->shape[0]);
-      out = unit_declared() && scale->shape.size() == 2 ? Index(scale->shape[0])  // one row of scales per output
-            : declared                                  ? declared
-            : bias && bias->shape.size() == 1           ? Index(bias->shape[0])
-                                                        : hf::values_per_byte * rows;
-      if (hf::packed_rows(out) != rows) {
+      if (file_storage() == weight_storage::base3) {  // [out, ceil(in / 5)]: out exact, in declared when ragged
+        in = base3_declared_in(layer_name(options_.prefix, path), in);
+        if (declared && declared != out) {
+          problems_.push_back("size mismatch for " + quote_key(weight_key) + ": the file declares " +
+                              std::to_string(declared) + " output features, its base-3 weight has " +
+                              std::to_string(out) + " rows");
+          return;
+        }
+        if (hf::base3_packed_cols(in) != Index(weight->shape[1])) {
+          problems_.push_back("size mismatch for " + quote_key(weight_key) + ": " + std::to_string(weight->shape[1]) +
+                              " base-3 packed columns cannot hold the " + std::to_string(in) +
+                              " input features the file declares (bitnet_in_features)");
+          return;
+        }
+      } else {
+        out = unit_declared() && scale->shape.size() == 2 ? Index(scale->shape[0])  // one row of scales per output
+              : declared                                  ? declared
+              : bias && bias->shape.size() == 1           ? Index(bias->shape[0])
+                                                          : hf::values_per_byte * rows;
+      }
+      if (file_storage() == weight_storage::two_bit && hf::packed_rows(out) != rows) {
         problems_.push_back("size mismatch for " + quote_key(weight_key) + ": " + std::to_string(rows) +
                             " packed rows cannot hold " + std::to_string(out) + " output features (" +
                             (declared ? "declared by the file" : "the bias size") + ")");
@@ -554,6 +576,14 @@ class state_loader {
   bool unit_declared() const {
     return file_.quantization() && file_.quantization()->weight_scales != weight_scaling::per_tensor;
   }
+  weight_storage file_storage() const {
+    return file_.quantization() ? file_.quantization()->storage : weight_storage::two_bit;
+  }
+  // base3 files: the in_features of `module` whose weight has `packed_cols` columns (declared, or
+  // 5 x packed_cols); 0 for two_bit files.
+  Index base3_declared_in(const std::string& module, Index packed_cols) const {
+    return file_storage() == weight_storage::base3 ? hf::base3_in_features(*file_.quantization(), module, packed_cols) : 0;
+  }
   // The weight_scale of a packed layer: one element, or [out, groups] unit scales when the file
   // declares them (hf_safetensors.hpp); a 2-D scale tensor the file does not declare is refused.
   bool expect_packed_scale(const std::string& scale_key, Index out, Index in) {
@@ -592,6 +622,8 @@ class state_loader {
     hf::packed_layer<T> packed;
     packed.convention = *convention_;
     packed.out_features = out;
+    packed.storage = file_storage();
+    packed.in_features = in;
     packed.weight = read([&] { return file_.read_matrix<std::uint8_t>(weight_key); }, weight_key);
     if (unit_declared()) {
       const hf::quantization_config& declared = *file_.quantization();
@@ -777,6 +809,8 @@ class state_saver {
       shape_only.group_size = layer.options().group_size;
       shape_only.activation_scales = layer.options().activation_scales;
       shape_only.rotation = layer.options().rotation;
+      shape_only.storage = layer.options().storage;
+      shape_only.in_features = layer.in_features();
       try {
         hf::declare_layer(config_, layer_name(options_.prefix, path), shape_only, !packed_);
       } catch (const value_error& e) {
@@ -785,7 +819,7 @@ class state_saver {
       }
       packed_ = true;
       specs_.push_back({weight_key, safetensors::dtype::U8,
-                        {std::uint64_t(hf::packed_rows(layer.out_features())), std::uint64_t(layer.in_features())}});
+                        hf::packed_weight_shape(layer.options().storage, layer.out_features(), layer.in_features())});
       specs_.push_back({scale_key, floating_type<T>(),
                         units ? std::vector<std::uint64_t>{std::uint64_t(layer.out_features()), std::uint64_t(layer.groups())}
                               : std::vector<std::uint64_t>{1}});

@@ -257,7 +257,8 @@ class tree_saver {
     const hf::scale_convention convention = options_.scale_convention.value_or(hf::default_scale_convention);
     auto packed = std::make_shared<hf::packed_layer<T>>([&] {
       try {
-        if (m.packed_only()) return hf::to_packed(*m.packed<T>(), convention);
+        // transformers' 2-bit layout, whatever the layer's in-memory storage (the shapes declared below).
+        if (m.packed_only()) return hf::to_packed(*m.packed<T>(), convention, weight_storage::two_bit);
         // With the latent weights, as save_state_dict packs a graph BitLinear (autobitlinear stores mean|W|).
         const ::torch::Tensor w = m.weight.detach().contiguous();
         std::optional<Vector<T>> bias;
@@ -267,7 +268,7 @@ class tree_saver {
         }
         const bitnet::BitLinear<T> layer(Matrix<T>(Eigen::Map<const Matrix<T>>(w.data_ptr<T>(), w.size(0), w.size(1))),
                                          std::move(bias), m.options());
-        return hf::to_packed(layer, convention);
+        return hf::to_packed(layer, convention, weight_storage::two_bit);
       } catch (const error& e) {
         throw value_error("bitnet::libtorch::save_state_dict: the BitLinear at " +
                           (path.empty() ? std::string("(the root)") : quote_key(path)) + ": " + e.what() +
@@ -425,6 +426,11 @@ class tree_loader {
                                            : "bitnet_weight_scales \"" + bitnet::detail::scaling_name(declared->weight_scales) + "\"") +
                        ", which bitnet::libtorch::BitLinear cannot compute (one scale per tensor, no rotation); load "
                        "the file into bitnet::BitLinear layers (bitnet/state_dict.hpp)");
+      // Its loader reads transformers' 2-bit layout; a base-3 file goes to bitnet::BitLinear layers.
+      if (const auto& declared = file_.quantization(); declared && declared->storage == weight_storage::base3)
+        throw io_error(file_.quantization_source() + " declares bitnet_weight_storage \"base3\" (five codes a byte), "
+                       "which bitnet::libtorch's loader does not read; load the file into bitnet::BitLinear layers "
+                       "(bitnet/state_dict.hpp)");
       return true;
     } catch (const io_error& e) {
       problems_.push_back(e.what());
