@@ -173,7 +173,9 @@ class thread_pool {
       }
       const int index = std::countr_zero(open);
       slot& s = slots_[index];
-      for (Eigen::Index part; (part = claim(s, std::uint32_t{1} << index)) >= 0;) {
+      Eigen::Index part = claim(s, std::uint32_t{1} << index);
+      if (part < 0) cpu_relax();  // its last part is being claimed: its bit closes next
+      for (; part >= 0; part = claim(s, std::uint32_t{1} << index)) {
         const Eigen::Index parts = s.parts.load(std::memory_order_relaxed);  // once done reaches it, s may be reused
         s.task(s.context, part);
         if (s.done.fetch_add(1, std::memory_order_seq_cst) + 1 == parts &&
