@@ -441,7 +441,7 @@ TEST_CASE("thread pool: back-to-back calls from several threads reuse the job sl
   std::vector<std::thread> callers;
   for (int t = 0; t < 3; ++t)
     callers.emplace_back([&wrong, t] {
-      for (int round = 0; round < 3000; ++round) {
+      for (int round = 0; round < 1000; ++round) {
         const Index parts = 2 + round % 3;
         const part_runs c(parts);
         bitnet::detail::thread_pool::instance().run(parts, part_runs::count, &c);
