@@ -2,10 +2,13 @@
 // core clock (a chain of dependent imul), the peak rate of vpmaddubsw (the AVX2 kernels' only
 // multiply) and the read bandwidth from L1, L2 and L3. Together they show how close the kernels get
 // to the port limit, or (batch 1, weights from L3) to the rate at which the weights can be read.
+// pool_handoff is the thread pool's fixed cost alone: a call of trivial parts, back to back as the
+// layers of a model call it, against the same parts run on the calling thread.
 #include <bitnet/bitnet.hpp>
 
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <benchmark/benchmark.h>
@@ -31,7 +34,7 @@ void kernel(benchmark::State& state, bitnet::isa which) {
   const bitnet::detail::gemm_args args{packed.data(), packed.col_tiles(), out, x.data(), packed.padded_cols(),
                                        sums.data(), batch, acc.data()};
   for (auto _ : state) {
-    bitnet::detail::ternary_gemm(which, args, packed.row_blocks(), 1);
+    bitnet::detail::ternary_gemm(which, args, packed.row_blocks(), int(state.range(3)));
     benchmark::DoNotOptimize(acc.data());
   }
   state.counters["MAC/s"] = benchmark::Counter(double(out * in * batch), benchmark::Counter::kIsIterationInvariantRate);
@@ -124,6 +127,48 @@ __attribute__((target("avx512f,avx512vnni"))) void and_dpbusd_probe(benchmark::S
 }
 #endif
 
+// thread_pool::run of range(0) parts of range(2) dependent multiplies each (about 3 cycles apiece:
+// long enough that a spinning worker takes its share), against range(1) = 0: the same parts run
+// one after another on the calling thread. At 2 parts on 2 cores the difference between the 2-part
+// call and half the serial loop is the hand-off. "helped" is the share of parts a worker ran.
+void pool_handoff(benchmark::State& state) {
+  const Index parts = state.range(0);
+  struct alignas(64) part_record {
+    std::uint64_t value = 1;
+    std::thread::id ran_on;
+    std::int64_t runs = 0;
+    std::int64_t chain = 0;
+  };
+  std::vector<part_record> records(static_cast<std::size_t>(parts));
+  for (part_record& r : records) r.chain = state.range(2);
+  const auto work = [](const void* context, Index part) {
+    part_record& r = const_cast<part_record*>(static_cast<const part_record*>(context))[part];
+    std::uint64_t v = r.value;
+    for (std::int64_t i = 0; i < r.chain; ++i) {
+      v = v * 0x9E3779B97F4A7C15ull + 1;
+      benchmark::DoNotOptimize(v);
+    }
+    r.value = v;
+    r.ran_on = std::this_thread::get_id();
+    ++r.runs;
+  };
+  auto& pool = bitnet::detail::thread_pool::instance();
+  pool.run(parts, work, records.data());  // the workers exist before the timing starts
+  const std::thread::id caller = std::this_thread::get_id();
+  std::int64_t helped = 0;
+  for (auto _ : state) {
+    if (state.range(1) != 0) {
+      pool.run(parts, work, records.data());
+      for (const part_record& r : records) helped += r.ran_on != caller;
+    } else {
+      for (Index part = 0; part < parts; ++part) work(records.data(), part);
+    }
+  }
+  for (const part_record& r : records)
+    if (r.runs != std::int64_t(state.iterations()) + 1) state.SkipWithError("a part ran twice or never");
+  state.counters["helped"] = double(helped) / double(parts * std::int64_t(state.iterations()));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -138,6 +183,12 @@ int main(int argc, char** argv) {
   if (bitnet::isa_supported(bitnet::isa::avx512))
     for (long bytes : {32L << 10, 1L << 20, 6912L * 2560 / 4}) benchmark::RegisterBenchmark("read_probe", read_probe)->Arg(bytes);
 #endif
+  // 0 and about 0.3, 1 and 3 us per part
+  for (Index chain : {0, 300, 1000, 3000}) {
+    benchmark::RegisterBenchmark("pool_handoff", pool_handoff)->Args({2, 0, chain})->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark("pool_handoff", pool_handoff)->Args({2, 1, chain})->Unit(benchmark::kMicrosecond);
+  }
+  benchmark::RegisterBenchmark("pool_handoff", pool_handoff)->Args({4, 1, 1000})->Unit(benchmark::kMicrosecond);
   using bitnet::isa;
   for (isa which : {isa::avx2, isa::avx512, isa::amx, isa::neon, isa::dotprod, isa::i8mm}) {
     if (!bitnet::isa_supported(which)) continue;
@@ -146,7 +197,9 @@ int main(int argc, char** argv) {
     // 128 (prefill: against dpbusd_probe's port floor).
     for (Index out : {128, 640, 6912})
       for (Index batch : {1, 32, 128})
-        benchmark::RegisterBenchmark(name.c_str(), kernel, which)->Args({out, 2560, batch})->Unit(benchmark::kMicrosecond);
+        benchmark::RegisterBenchmark(name.c_str(), kernel, which)->Args({out, 2560, batch, 1})->Unit(benchmark::kMicrosecond);
+    // The k / v projection at batch 1 split over two threads: the hand-off's share of a real call.
+    benchmark::RegisterBenchmark(name.c_str(), kernel, which)->Args({640, 2560, 1, 2})->Unit(benchmark::kMicrosecond);
   }
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

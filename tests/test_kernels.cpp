@@ -417,3 +417,84 @@ TEST_CASE("kernels: concurrent calls share the thread pool, every part runs exac
   for (std::thread& caller : callers) caller.join();
   CHECK(mismatches == std::vector<int>(3, 0));
 }
+
+namespace {
+
+// Counts the runs of every part of one thread_pool::run call.
+struct part_runs {
+  mutable std::vector<std::atomic<int>> runs;
+  explicit part_runs(Index parts) : runs(std::size_t(parts)) {}
+  static void count(const void* self, Index part) noexcept {
+    static_cast<const part_runs*>(self)->runs[std::size_t(part)].fetch_add(1);
+  }
+  bool each_once() const {
+    return std::all_of(runs.begin(), runs.end(), [](const std::atomic<int>& n) { return n.load() == 1; });
+  }
+};
+
+}  // namespace
+
+TEST_CASE("thread pool: back-to-back calls from several threads reuse the job slots, every part once") {
+  // The lock-free hand-off: a slot's next call must not be claimed under its previous call's
+  // generation. Short calls back to back, as the layers of a model make them (tsan preset).
+  std::vector<int> wrong(3, 0);
+  std::vector<std::thread> callers;
+  for (int t = 0; t < 3; ++t)
+    callers.emplace_back([&wrong, t] {
+      for (int round = 0; round < 1000; ++round) {
+        const Index parts = 2 + round % 3;
+        const part_runs c(parts);
+        bitnet::detail::thread_pool::instance().run(parts, part_runs::count, &c);
+        wrong[std::size_t(t)] += !c.each_once();
+      }
+    });
+  for (std::thread& caller : callers) caller.join();
+  CHECK(wrong == std::vector<int>(3, 0));
+}
+
+TEST_CASE("thread pool: calls nested deeper than the job slots still run every part once") {
+  // Part 0 of each level (always the caller's own) calls the next level, so the chain holds one
+  // slot a level; past thread_pool::slot_count levels the calls find none and run on their own.
+  constexpr int levels = bitnet::detail::thread_pool::slot_count + 8;
+  struct level {
+    part_runs runs{3};
+    const level* next = nullptr;
+    static void task(const void* self, Index part) noexcept {
+      const level& l = *static_cast<const level*>(self);
+      part_runs::count(&l.runs, part);
+      if (part == 0 && l.next != nullptr) bitnet::detail::thread_pool::instance().run(3, task, l.next);
+    }
+  };
+  std::vector<level> chain(levels);
+  for (int l = 0; l + 1 < levels; ++l) chain[std::size_t(l)].next = &chain[std::size_t(l) + 1];
+  bitnet::detail::thread_pool::instance().run(3, level::task, chain.data());
+  for (int l = 0; l < levels; ++l) CHECK_MESSAGE(chain[std::size_t(l)].runs.each_once(), "level " << l);
+}
+
+TEST_CASE("thread pool: a call completes on its own thread while every worker is busy") {
+  // Caller a's parts 1..8 hold the workers (8 were started for 9 parts) until caller b's call of
+  // 3 parts has returned: b gets no help from them and must run its parts itself.
+  constexpr Index a_parts = 9;
+  std::atomic<int> a_started{0};
+  std::atomic<bool> b_returned{false};
+  struct a_job {
+    std::atomic<int>& started;
+    std::atomic<bool>& b_returned;
+    part_runs runs{a_parts};
+  } a{a_started, b_returned};
+  const auto a_task = [](const void* self, Index part) noexcept {
+    const a_job& job = *static_cast<const a_job*>(self);
+    part_runs::count(&job.runs, part);
+    job.started.fetch_add(1);
+    while (!job.b_returned.load()) std::this_thread::yield();
+  };
+  std::thread caller_a([&] { bitnet::detail::thread_pool::instance().run(a_parts, a_task, &a); });
+  // Every part of a has started: each on its own thread (they block), so all helpers are taken.
+  while (a_started.load() < a_parts) std::this_thread::yield();
+  const part_runs b(3);
+  bitnet::detail::thread_pool::instance().run(3, part_runs::count, &b);
+  b_returned.store(true);
+  caller_a.join();
+  CHECK(b.each_once());
+  CHECK(a.runs.each_once());
+}
