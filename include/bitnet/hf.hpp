@@ -316,17 +316,21 @@ inline std::string to_json(const quantization_config& config) {
   out += ", \"use_rms_norm\": ";
   out += config.use_rms_norm ? "true" : "false";
   out += ", \"rms_norm_eps\": " + detail::json_number(config.rms_norm_eps);
-  if (!config.out_features.empty()) {
-    out += ", \"bitnet_out_features\": {";
+  // A per-layer width map ({"name": width, ...}) under `key`.
+  const auto append_widths = [&out](const char* key, const std::map<std::string, Index, std::less<>>& widths) {
+    out += ", \"";
+    out += key;
+    out += "\": {";
     bool first = true;
-    for (const auto& [name, out_features] : config.out_features) {
+    for (const auto& [name, width] : widths) {
       if (!first) out += ", ";
       first = false;
       detail::append_json_string(out, name);
-      out += ": " + std::to_string(out_features);
+      out += ": " + std::to_string(width);
     }
     out += '}';
-  }
+  };
+  if (!config.out_features.empty()) append_widths("bitnet_out_features", config.out_features);
   if (config.weight_scales != weight_scaling::per_tensor) {
     out += ", \"bitnet_weight_scales\": ";
     detail::append_json_string(out, bitnet::detail::scaling_name(config.weight_scales));
@@ -346,17 +350,7 @@ inline std::string to_json(const quantization_config& config) {
   }
   if (config.storage == weight_storage::base3) {  // absent for two_bit: those files stay as they were
     out += ", \"bitnet_weight_storage\": \"base3\"";
-    if (!config.in_features.empty()) {
-      out += ", \"bitnet_in_features\": {";
-      bool first = true;
-      for (const auto& [name, in_features] : config.in_features) {
-        if (!first) out += ", ";
-        first = false;
-        detail::append_json_string(out, name);
-        out += ": " + std::to_string(in_features);
-      }
-      out += '}';
-    }
+    if (!config.in_features.empty()) append_widths("bitnet_in_features", config.in_features);
   }
   return out += '}';
 }
