@@ -23,11 +23,6 @@ namespace bitnet::detail {
 inline constexpr std::size_t cache_line = 64;
 inline constexpr std::size_t huge_page = std::size_t{2} << 20;
 
-/// The alignment weight_allocator gives a block of `bytes`: 2 MiB from 2 MiB up, else a cache line.
-constexpr std::size_t weight_alignment(std::size_t bytes) noexcept {
-  return bytes >= huge_page ? huge_page : cache_line;
-}
-
 template <class T, bool HugePages>
 struct basic_aligned_allocator {
   using value_type = T;
@@ -59,8 +54,9 @@ struct basic_aligned_allocator {
   }
 
  private:
+  /// 2 MiB for a huge-page block of 2 MiB and more, else a cache line.
   static constexpr std::size_t alignment(std::size_t bytes) noexcept {
-    return HugePages ? weight_alignment(bytes) : cache_line;
+    return HugePages && bytes >= huge_page ? huge_page : cache_line;
   }
 };
 
