@@ -151,7 +151,10 @@ TEST_CASE("packed_ternary: column alignment for groups; group j of a row block s
 // Native Linux only: qemu-user (the AArch64 stage) may accept madvise without applying it.
 #include <bitnet/pack_base3.hpp>
 
+#include <bitnet/detail/aligned_allocator.hpp>
+
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -185,26 +188,84 @@ bool kernel_takes_huge_page_advice() {
   return taken;
 }
 
+std::uintptr_t address_of(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
+
+/// Whether the small page at p is resident: 1 yes, 0 no, -1 not mapped at all.
+int resident(const void* p) {
+  unsigned char in_core = 0;
+  void* const page = reinterpret_cast<void*>(reinterpret_cast<std::uintptr_t>(p) / 4096 * 4096);
+  if (::mincore(page, 4096, &in_core) != 0) return -1;
+  return in_core & 1;
+}
+
+using bitnet::detail::weight_arena;
+constexpr std::size_t mib = std::size_t{1} << 20;
+
 }  // namespace
 
-TEST_CASE("packed weights of 2 MiB and more are 2 MiB aligned and advised as huge pages; smaller ones cache-line aligned") {
+TEST_CASE("packed weights from 64 KiB up share huge-page chunks end to end; smaller ones come cache-line aligned from the heap") {
   std::mt19937 rng(5);
-  const packed_ternary large(random_codes(3301, 2560, rng));  // 2.02 MiB: one huge page and a tail
-  const packed_ternary small(random_codes(640, 2560, rng));
-  const bitnet::packed_base3 large_base3(random_codes(6912, 2560, rng));
-  REQUIRE(large.size_bytes() >= (std::size_t{2} << 20));
-  REQUIRE(small.size_bytes() < (std::size_t{2} << 20));
-  REQUIRE(large_base3.size_bytes() >= (std::size_t{2} << 20));
-  CHECK(reinterpret_cast<std::uintptr_t>(large.data()) % (std::uintptr_t{2} << 20) == 0);
-  CHECK(reinterpret_cast<std::uintptr_t>(large_base3.data()) % (std::uintptr_t{2} << 20) == 0);
-  CHECK(reinterpret_cast<std::uintptr_t>(small.data()) % 64 == 0);
-  const packed_ternary copy = large;  // copies allocate the same way
-  CHECK(reinterpret_cast<std::uintptr_t>(copy.data()) % (std::uintptr_t{2} << 20) == 0);
+  // A stack's layer sizes: 640 x 2560 (400 KiB), 2560 x 2560 (1.6 MiB), 3301 x 2560 (2.02 MiB).
+  const packed_ternary first(random_codes(640, 2560, rng));
+  const packed_ternary second(random_codes(2560, 2560, rng));
+  const bitnet::packed_base3 third(random_codes(3301, 2560, rng));
+  const packed_ternary tiny(random_codes(16, 64, rng));
+  REQUIRE(first.size_bytes() >= weight_arena::min_block);
+  REQUIRE(tiny.size_bytes() < weight_arena::min_block);
+  const auto address = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p); };
+  // Each block follows the previous one's last cache line and its own header line, unless a new
+  // chunk began (then it sits just after the chunk's and its own header lines).
+  const auto follows = [&](const void* next, const void* previous, std::size_t previous_bytes) {
+    return address(next) == address(previous) + round_up(Index(previous_bytes), 64) + 64 ||
+           address(next) % (2 * mib) == 128;
+  };
+  CHECK(follows(second.data(), first.data(), first.size_bytes()));
+  CHECK(follows(third.data(), second.data(), second.size_bytes()));
+  for (const void* p : {first.data(), second.data(), third.data(), tiny.data()}) CHECK(address(p) % 64 == 0);
+  const packed_ternary copy = second;  // copies allocate the same way
+  CHECK(follows(copy.data(), third.data(), third.size_bytes()));
+  CHECK(copy == second);
   if (kernel_takes_huge_page_advice()) {
-    // " hg" in VmFlags: the range carries MADV_HUGEPAGE.
-    CHECK(vm_flags_at(large.data()).find(" hg") != std::string::npos);
-    CHECK(vm_flags_at(large_base3.data()).find(" hg") != std::string::npos);
-    CHECK(vm_flags_at(copy.data()).find(" hg") != std::string::npos);
+    // " hg" in VmFlags: the range carries MADV_HUGEPAGE, small layers included.
+    for (const void* p : {first.data(), second.data(), third.data(), copy.data()})
+      CHECK(vm_flags_at(p).find(" hg") != std::string::npos);
+    CHECK(vm_flags_at(tiny.data()).find(" hg") == std::string::npos);
+  }
+}
+
+TEST_CASE("weight_arena: a freed block gives its whole pages back; a chunk whose blocks are all freed is unmapped") {
+  weight_arena& arena = weight_arena::instance();
+  SUBCASE("a block in a shared chunk") {
+    auto* const block = static_cast<unsigned char*>(arena.allocate(3 * mib + 100));
+    auto* const neighbour = static_cast<unsigned char*>(arena.allocate(mib));
+    std::memset(block, 1, 3 * mib + 100);
+    std::memset(neighbour, 2, mib);
+    CHECK(resident(block + mib) == 1);
+    weight_arena::deallocate(block, 3 * mib + 100);
+    for (std::size_t offset : {std::size_t{4096}, mib, 3 * mib - 4096}) CHECK(resident(block + offset) == 0);
+    CHECK(resident(neighbour) == 1);  // still mapped and holding its bytes
+    CHECK(neighbour[0] == 2);
+    CHECK(neighbour[mib - 1] == 2);
+    weight_arena::deallocate(neighbour, mib);
+  }
+  SUBCASE("a block larger than half a chunk has a chunk of its own") {
+    const std::size_t bytes = weight_arena::chunk_bytes / 2 + 1;
+    auto* const block = static_cast<unsigned char*>(arena.allocate(bytes));
+    CHECK(address_of(block) % (2 * mib) == 128);
+    block[bytes - 1] = 7;
+    CHECK(resident(block + bytes - 1) == 1);
+    weight_arena::deallocate(block, bytes);
+    CHECK(resident(block) == -1);
+    CHECK(resident(block + bytes - 1) == -1);
+  }
+  SUBCASE("no address space: std::bad_alloc, and the arena carries on where it was") {
+    auto* const before = static_cast<unsigned char*>(arena.allocate(weight_arena::min_block));
+    using weights = bitnet::detail::weight_vector<std::uint8_t>;
+    CHECK_THROWS_AS(weights(std::size_t{1} << 47), std::bad_alloc);  // all of a 47-bit user space
+    auto* const after = static_cast<unsigned char*>(arena.allocate(weight_arena::min_block));
+    CHECK((after == before + weight_arena::min_block + 64 || address_of(after) % (2 * mib) == 128));
+    weight_arena::deallocate(before, weight_arena::min_block);
+    weight_arena::deallocate(after, weight_arena::min_block);
   }
 }
 #endif
