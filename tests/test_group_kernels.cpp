@@ -217,7 +217,7 @@ TEST_CASE("group kernels: the split gives each thread whole row blocks, every ro
   struct recorder {
     std::mutex mutex;
     std::vector<std::pair<Index, Index>> ranges;
-    static void run(const void* self, Index begin, Index end) noexcept {
+    static void run(const void* self, const void*, Index begin, Index end) noexcept {
       auto& r = *const_cast<recorder*>(static_cast<const recorder*>(self));
       const std::lock_guard<std::mutex> lock(r.mutex);
       r.ranges.emplace_back(begin, end);
