@@ -219,7 +219,8 @@ TEST_CASE("base3 kernels: batch 1 quantized in every part gives the reference's 
   std::mt19937 rng(62);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   // Ragged: rows past a block, columns past a 20-column tile; min_work 0 splits 5 and 17 row blocks.
-  for (auto [out, in] : {std::pair<Index, Index>{70, 301}, {257, 2047}, {33, 20}}) {
+  for (const auto& shape : {std::pair<Index, Index>{70, 301}, {257, 2047}, {33, 20}}) {
+    const Index out = shape.first, in = shape.second;  // not a structured binding: clang 14 cannot capture one
     const Matrix<std::int8_t> w = random_int8(out, in, -1, 1, rng);
     const packed_base3 packed(w);
     const Index stride = (packed.padded_cols() + 63) / 64 * 64;

@@ -332,7 +332,8 @@ TEST_CASE("kernels: batch 1 quantized in every part gives the reference's bits a
   std::mt19937 rng(61);
   // Ragged: rows past a block, columns past a 64-column block; min_work 0 splits 5 and 17 row
   // blocks into 2 and 3 parts.
-  for (auto [out, in] : {std::pair<Index, Index>{70, 300}, {257, 2047}, {33, 64}}) {
+  for (const auto& shape : {std::pair<Index, Index>{70, 300}, {257, 2047}, {33, 64}}) {
+    const Index out = shape.first, in = shape.second;  // not a structured binding: clang 14 cannot capture one
     const Matrix<std::int8_t> w = random_int8(out, in, -1, 1, rng);
     const bitnet::packed_ternary packed(w);
     const Index stride = packed.padded_cols();

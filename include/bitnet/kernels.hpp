@@ -287,8 +287,8 @@ class part_tokens {
         block_bytes_(scales_at_ + padded(quantizer.scale_bytes)),
         blocks_(thread_scratch<scratch_slot::part_tokens>(std::size_t(parts * block_bytes_))) {}
 
-  /// Quantizes the token into part's block and points args (x, x_sums) and scales at it. False if
-  /// the token is not finite: failed() then, and the part must write nothing.
+  /// Quantizes the token into part's block and points codes, sums and scales at it. False if the
+  /// token is not finite: failed() then, and the part must write nothing.
   bool quantize(Index part, const std::int8_t*& codes, const std::int32_t*& sums, const void*& scales) const noexcept {
     std::byte* block = blocks_ + part * block_bytes_;
     auto* q = reinterpret_cast<std::int8_t*>(block);
