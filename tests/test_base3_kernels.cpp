@@ -7,10 +7,12 @@
 #include <bitnet/pack.hpp>
 #include <bitnet/pack_base3.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include <doctest/doctest.h>
@@ -194,6 +196,71 @@ TEST_CASE("base3 kernels: exact across the AVX-512 kernel's runs of 2^14 tiles a
         CHECK(acc[2] == alternating);
       }
     }
+  }
+}
+
+TEST_CASE("base3 kernels: batch 1 quantized in every part gives the reference's bits at every thread count") {
+  namespace detail = bitnet::detail;
+  // Per output row: the product and the scale the row's part used, and how often it came by.
+  struct recorded_rows {
+    const std::int32_t* acc;
+    std::vector<std::int32_t> products;
+    std::vector<float> scales;
+    std::vector<int> visits;
+    static void run(const void* self, const void* token_scales, Index begin, Index end) noexcept {
+      auto& r = *const_cast<recorded_rows*>(static_cast<const recorded_rows*>(self));
+      for (Index o = begin; o < end; ++o) {
+        r.products[std::size_t(o)] = r.acc[o];
+        r.scales[std::size_t(o)] = token_scales ? *static_cast<const float*>(token_scales) : -2.0f;
+        ++r.visits[std::size_t(o)];
+      }
+    }
+  };
+  std::mt19937 rng(62);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  // Ragged: rows past a block, columns past a 20-column tile; min_work 0 splits 5 and 17 row blocks.
+  for (const auto& shape : {std::pair<Index, Index>{70, 301}, {257, 2047}, {33, 20}}) {
+    const Index out = shape.first, in = shape.second;  // not a structured binding: clang 14 cannot capture one
+    const Matrix<std::int8_t> w = random_int8(out, in, -1, 1, rng);
+    const packed_base3 packed(w);
+    const Index stride = (packed.padded_cols() + 63) / 64 * 64;
+    Matrix<float> x(1, in);
+    for (Index k = 0; k < in; ++k) x(0, k) = normal(rng);
+    const bitnet::quantized_activations<float> expected_codes = bitnet::quantize_activations(x);
+    const std::vector<std::int32_t> expected = naive_product(w, expected_codes.values);
+    std::vector<std::int32_t> acc(static_cast<std::size_t>(out));
+    for (isa which : kernel_isas::runnable_isas())
+      for (int threads : {1, 2, 3}) {
+        CAPTURE(out);
+        CAPTURE(in);
+        CAPTURE(bitnet::isa_name(which));
+        CAPTURE(threads);
+        const detail::token_quantization<float> token{which, x.data(), in, stride, 0, false};
+        const detail::gemm_args args{packed.data(), packed.col_tiles(), out, nullptr, stride, nullptr, 1, acc.data()};
+        recorded_rows seen{acc.data(), std::vector<std::int32_t>(std::size_t(out), -1),
+                           std::vector<float>(std::size_t(out), -1.0f), std::vector<int>(std::size_t(out), 0)};
+        std::fill(acc.begin(), acc.end(), std::numeric_limits<std::int32_t>::min());
+        CHECK(detail::ternary_gemm_base3(which, args, packed.row_blocks(), threads, 0.0, {recorded_rows::run, &seen},
+                                         token.quantizer()));
+        CHECK(bitnet::last_isa() == which);
+        CHECK(seen.products == expected);
+        CHECK(seen.visits == std::vector<int>(std::size_t(out), 1));
+        CHECK(seen.scales == std::vector<float>(std::size_t(out), expected_codes.scales(0)));
+
+        for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()})
+          for (Index position : {Index{0}, in / 2, in - 1}) {
+            CAPTURE(bad);
+            CAPTURE(position);
+            Matrix<float> x_bad = x;
+            x_bad(0, position) = bad;
+            const detail::token_quantization<float> bad_token{which, x_bad.data(), in, stride, 0, false};
+            recorded_rows untouched{acc.data(), std::vector<std::int32_t>(std::size_t(out), -1),
+                                    std::vector<float>(std::size_t(out), -1.0f), std::vector<int>(std::size_t(out), 0)};
+            CHECK_FALSE(detail::ternary_gemm_base3(which, args, packed.row_blocks(), threads, 0.0,
+                                                   {recorded_rows::run, &untouched}, bad_token.quantizer()));
+            CHECK(untouched.visits == std::vector<int>(std::size_t(out), 0));
+          }
+      }
   }
 }
 

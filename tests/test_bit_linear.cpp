@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -308,6 +309,137 @@ TEST_CASE("BitLinear: concurrent forward on one layer") {
   for (std::thread& caller : callers) caller.join();
   bitnet::set_num_threads(0);
   CHECK(mismatches == std::vector<int>(4, 0));
+}
+
+// ---- batch 1 over several threads: each kernel part quantizes the token itself ----
+
+namespace {
+
+// The weight layouts whose batch-1 forward quantizes the token in every kernel part, on a ragged
+// 700 x 2310 layer (700 rows: 43 row blocks and 12 rows; 2310 columns: past a 64-column block, a
+// 20-column base-3 tile, a group of 128 and of 32). Its 1.6M multiply-adds split into 3 parts of
+// more than min_work_per_thread (2^19), so 2 and 3 threads both split it.
+struct batch1_layout {
+  const char* name;
+  bitnet::bitlinear_options options;
+};
+
+std::vector<batch1_layout> batch1_layouts() {
+  using bitnet::activation_scaling;
+  using bitnet::weight_scaling;
+  return {
+      {"per_tensor two_bit", {}},
+      {"per_tensor two_bit rms_norm", {.rms_norm = true}},
+      {"per_tensor base3", {.storage = bitnet::weight_storage::base3}},
+      {"per_row", {.weight_scales = weight_scaling::per_row}},
+      {"per_group 128 (fused on AVX-512 float)", {.weight_scales = weight_scaling::per_group, .group_size = 128}},
+      {"per_group 128 per_block",
+       {.weight_scales = weight_scaling::per_group, .group_size = 128, .activation_scales = activation_scaling::per_block}},
+      {"per_group 32", {.weight_scales = weight_scaling::per_group, .group_size = 32}},
+  };
+}
+
+constexpr Index batch1_out = 700, batch1_in = 2310;
+
+template <class T>
+bool same_bits(const Matrix<T>& a, const Matrix<T>& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         std::memcmp(a.data(), b.data(), sizeof(T) * std::size_t(a.size())) == 0;
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("BitLinear: batch 1 gives the one-thread bits at every thread count, layout and ISA", T, float,
+                   double) {
+  kernel_settings_guard guard;
+  std::mt19937 rng(64);
+  for (const batch1_layout& layout : batch1_layouts()) {
+    const BitLinear<T> layer(reference::random_matrix<T>(batch1_out, batch1_in, rng, 0.05),
+                             Vector<T>(reference::random_matrix<T>(batch1_out, 1, rng)), layout.options);
+    const Matrix<T> x = reference::random_matrix<T>(1, batch1_in, rng, 4.0);
+    bitnet::force_isa(bitnet::isa::scalar);
+    bitnet::set_num_threads(1);
+    const Matrix<T> expected = layer.forward(x);
+    for (bitnet::isa which : runnable_isas()) {
+      bitnet::force_isa(which);
+      for (int threads : {1, 2, 3}) {
+        CAPTURE(layout.name);
+        CAPTURE(bitnet::isa_name(which));
+        CAPTURE(threads);
+        bitnet::set_num_threads(threads);
+        Matrix<T> y;
+        layer.forward(x, y);
+        CHECK(same_bits(y, expected));
+        layer.forward(x, y);  // again, into the same y: the parts' scratch is reused
+        CHECK(same_bits(y, expected));
+      }
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("BitLinear: batch 1 at every thread count: a non-finite input throws, naming it, and y keeps its values",
+                   T, float, double) {
+  kernel_settings_guard guard;
+  std::mt19937 rng(65);
+  for (const batch1_layout& layout : batch1_layouts()) {
+    const BitLinear<T> layer(reference::random_matrix<T>(batch1_out, batch1_in, rng, 0.05), std::nullopt,
+                             layout.options);
+    const Matrix<T> x = reference::random_matrix<T>(1, batch1_in, rng, 4.0);
+    for (bitnet::isa which : runnable_isas()) {
+      bitnet::force_isa(which);
+      for (int threads : {1, 2, 3}) {
+        bitnet::set_num_threads(threads);
+        for (T bad : {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity()})
+          for (Index column : {Index{0}, batch1_in / 2, batch1_in - 1}) {
+            CAPTURE(layout.name);
+            CAPTURE(bitnet::isa_name(which));
+            CAPTURE(threads);
+            CAPTURE(column);
+            Matrix<T> x_bad = x;
+            x_bad(0, column) = bad;
+            const std::string message = std::string("non-finite value (") + (std::isnan(bad) ? "nan" : "+inf") +
+                                        ") at row 0, column " + std::to_string(column);
+            const Matrix<T> sentinel = Matrix<T>::Constant(1, batch1_out, T(7.25));
+            Matrix<T> y = sentinel;  // the right shape: the kernels' epilogues would write straight into it
+            CHECK_THROWS_WITH_AS(layer.forward(x_bad, y), doctest::Contains(message.c_str()), bitnet::value_error);
+            CHECK(same_bits(y, sentinel));
+          }
+        // and the layer still works
+        Matrix<T> y;
+        layer.forward(x, y);
+        CHECK(y.allFinite());
+      }
+    }
+  }
+}
+
+TEST_CASE("BitLinear: concurrent batch-1 forwards, each split over the pool") {
+  // Several callers at once, each call quantizing its token in every part (tsan preset).
+  std::mt19937 rng(66);
+  std::vector<BitLinear<float>> layers;
+  for (const batch1_layout& layout : batch1_layouts())
+    layers.emplace_back(reference::random_matrix<float>(batch1_out, batch1_in, rng, 0.05), std::nullopt,
+                        layout.options);
+  const Matrix<float> x = reference::random_matrix<float>(1, batch1_in, rng, 4.0);
+  bitnet::set_num_threads(1);
+  std::vector<Matrix<float>> expected;
+  for (const BitLinear<float>& layer : layers) expected.push_back(layer.forward(x));
+  bitnet::set_num_threads(2);
+  std::vector<int> mismatches(3, 0);
+  std::vector<std::thread> callers;
+  for (int t = 0; t < 3; ++t)
+    callers.emplace_back([&, t] {
+      Matrix<float> y;
+      for (int round = 0; round < 4; ++round)
+        for (std::size_t i = 0; i < layers.size(); ++i) {
+          const std::size_t which = (i + std::size_t(t)) % layers.size();
+          layers[which].forward(x, y);
+          if (!same_bits(y, expected[which])) ++mismatches[std::size_t(t)];
+        }
+    });
+  for (std::thread& caller : callers) caller.join();
+  bitnet::set_num_threads(0);
+  CHECK(mismatches == std::vector<int>(3, 0));
 }
 
 // ---- BitLinear::from_ternary: a layer from ternary codes and a scale, without latent weights ----

@@ -7,6 +7,7 @@
 
 #include <new>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include <doctest/doctest.h>
@@ -65,6 +66,46 @@ TEST_CASE("BitLinear::forward: no allocation once a shape has been seen, on ever
   bitnet::set_num_threads(0);
 }
 
+TEST_CASE("BitLinear::forward: batch 1 split over threads (every part quantizing the token) allocates nothing") {
+  std::mt19937 rng(49);
+  using bitnet::weight_scaling;
+  // 640 x 2560: 1.6M multiply-adds, three parts of more than min_work_per_thread each.
+  const bitnet::bitlinear_options layouts[] = {
+      {},
+      {.storage = bitnet::weight_storage::base3},
+      {.weight_scales = weight_scaling::per_row},
+      {.weight_scales = weight_scaling::per_group, .group_size = 128},  // the fused kernel on AVX-512
+      {.weight_scales = weight_scaling::per_group, .group_size = 128,
+       .activation_scales = bitnet::activation_scaling::per_block},
+  };
+  for (const bitnet::bitlinear_options& options : layouts) {
+    const BitLinear<float> layer(reference::random_matrix<float>(640, 2560, rng, 0.05),
+                                 reference::random_matrix<float>(640, 1, rng), options);
+    const Matrix<float> x = reference::random_matrix<float>(1, 2560, rng, 4.0);
+    for (bitnet::isa which : runnable_isas())
+      for (int threads : {2, 3}) {
+        CAPTURE(bitnet::isa_name(which));
+        CAPTURE(threads);
+        CAPTURE(int(options.weight_scales));
+        bitnet::force_isa(which);
+        bitnet::set_num_threads(threads);
+        Matrix<float> y;
+        layer.forward(x, y);  // first call of this shape: scratch grows, the pool starts
+        const Matrix<float> first = y;
+        long allocations = 0;
+        {
+          alloc_fault::armed_scope counting(0);
+          for (int call = 0; call < 3; ++call) layer.forward(x, y);
+          allocations = alloc_fault::allocations;
+        }
+        CHECK(allocations == 0);
+        CHECK(y == first);
+      }
+  }
+  bitnet::clear_forced_isa();
+  bitnet::set_num_threads(0);
+}
+
 TEST_CASE("BitLinear::forward: a failed scratch allocation throws bad_alloc, leaves y as it was, and the next call works") {
   std::mt19937 rng(48);
   const BitLinear<float> layer(reference::random_matrix<float>(50, 300, rng, 0.05));
@@ -100,4 +141,41 @@ TEST_CASE("BitLinear::forward: a failed scratch allocation throws bad_alloc, lea
     CHECK(y == expected);
   }
   bitnet::clear_forced_isa();
+}
+
+TEST_CASE("BitLinear::forward: batch 1 split over threads: a failed scratch growth throws bad_alloc, y as it was") {
+  std::mt19937 rng(50);
+  const BitLinear<float> layer(reference::random_matrix<float>(640, 2560, rng, 0.05));
+  const Matrix<float> x = reference::random_matrix<float>(1, 2560, rng, 2.0);
+  bitnet::set_num_threads(2);
+  for (bitnet::isa which : runnable_isas()) {
+    CAPTURE(bitnet::isa_name(which));
+    bitnet::force_isa(which);
+    Matrix<float> expected;
+    layer.forward(x, expected);  // the pool's workers exist from here on
+    // A fresh thread: its scratch (accumulators, the parts' token blocks) must grow in the call.
+    std::thread([&] {
+      const Matrix<float> before = Matrix<float>::Constant(1, 640, 7.0f);
+      Matrix<float> y = before;
+      long failures = 0;
+      for (long n = 1;; ++n) {
+        bool failed = false;
+        {
+          alloc_fault::armed_scope failing(n);
+          try {
+            layer.forward(x, y);
+          } catch (const std::bad_alloc&) {
+            failed = true;
+          }
+        }
+        if (!failed) break;
+        ++failures;
+        CHECK(y == before);
+      }
+      CHECK(failures >= 1);
+      CHECK(y == expected);
+    }).join();
+  }
+  bitnet::clear_forced_isa();
+  bitnet::set_num_threads(0);
 }

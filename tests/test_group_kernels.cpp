@@ -217,7 +217,7 @@ TEST_CASE("group kernels: the split gives each thread whole row blocks, every ro
   struct recorder {
     std::mutex mutex;
     std::vector<std::pair<Index, Index>> ranges;
-    static void run(const void* self, Index begin, Index end) noexcept {
+    static void run(const void* self, const void*, Index begin, Index end) noexcept {
       auto& r = *const_cast<recorder*>(static_cast<const recorder*>(self));
       const std::lock_guard<std::mutex> lock(r.mutex);
       r.ranges.emplace_back(begin, end);
@@ -566,4 +566,123 @@ TEST_CASE("group kernels: the fused batch-1 kernel at worst-case values (codes +
         d(s.out - 1, s.groups() - 1) = 3e30f;
         check_fused(s, w, d, bias, x, 127.0f, false);
       }
+}
+
+// ---- batch 1 over several threads: every part quantizes the token itself (token_quantizer) ----
+
+namespace {
+
+constexpr float untouched_output = 7.25f;
+
+// The grouped product of one float token with the call quantizing it in every part (BitLinear's
+// batch-1 path); y starts at untouched_output. Returns whether the token was finite.
+bool grouped_forward_own_token(isa which, int threads, const grouped_shape& s, const bitnet::packed_ternary& packed,
+                               const Matrix<float>& d, const std::vector<float>& bias, const Matrix<float>& x,
+                               bool per_block, Matrix<float>& y) {
+  namespace detail = bitnet::detail;
+  const Index stride = packed.padded_cols(), kernel_groups = s.kernel_groups();
+  std::vector<std::int32_t> acc(std::size_t(s.virtual_rows()));
+  y = Matrix<float>::Constant(1, s.out, untouched_output);
+  const detail::grouped_rescale<float> rescale{which, acc.data(), s.virtual_rows(), 1, s.out, kernel_groups,
+                                               s.groups(), d.data(), nullptr, per_block, bias.data(), y.data(),
+                                               s.out};
+  const detail::token_quantization<float> token{which, x.data(), s.in, stride, s.group, per_block};
+  detail::gemm_args args{packed.data(), s.group / 16, s.virtual_rows(), nullptr, stride, nullptr, 1, acc.data()};
+  args.groups = kernel_groups;
+  return detail::ternary_gemm(which, args, packed.row_blocks() * kernel_groups, threads, 0.0, rescale.epilogue(),
+                              token.quantizer());
+}
+
+// The fused kernel on one float token: quantized by the caller (own_token false, one thread's
+// quantize_rows_grouped, as before) or in every part. y starts at untouched_output.
+bool fused_forward(isa which, int threads, const grouped_shape& s, const bitnet::packed_ternary& packed,
+                   const bitnet::detail::kernel_unit_scales& d, const std::vector<float>& bias, const Matrix<float>& x,
+                   bool own_token, std::vector<float>& y) {
+  namespace detail = bitnet::detail;
+  const Index stride = packed.padded_cols(), groups = s.kernel_groups();
+  detail::aligned_vector<std::int8_t> xq(std::size_t(stride), 99);
+  std::vector<std::int32_t> sums(std::size_t(groups), 12345);
+  float sx = -1.0f;
+  y.assign(std::size_t(s.out), untouched_output);
+  if (!own_token)
+    REQUIRE(detail::quantize_rows_grouped(which, x.data(), s.in, 1, s.in, s.group, false, xq.data(), stride, &sx,
+                                          sums.data()));
+  const detail::grouped_gemv_args args{packed.data(), s.group / 16, groups, s.out, xq.data(), sums.data(),
+                                       d.data(),      d.half(),     sx,     bias.data(), y.data()};
+  const detail::token_quantization<float> token{which, x.data(), s.in, stride, s.group, false};
+  return detail::ternary_gemv_grouped(which, args, packed.row_blocks(), threads, 0.0,
+                                      own_token ? token.quantizer() : detail::token_quantizer{});
+}
+
+std::vector<Matrix<float>> non_finite_tokens(const Matrix<float>& x) {
+  std::vector<Matrix<float>> tokens;
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()})
+    for (Index position : {Index{0}, x.cols() / 2, x.cols() - 1}) {
+      tokens.push_back(x);
+      tokens.back()(0, position) = bad;
+    }
+  return tokens;
+}
+
+}  // namespace
+
+TEST_CASE("group kernels: batch 1 quantized in every part: the caller-quantized bits at every thread count; non-finite writes nothing") {
+  std::mt19937 rng(63);
+  std::uniform_real_distribution<float> spread(1e-3f, 1.0f);
+  for (const grouped_shape& s : ragged_grid) {
+    const Matrix<std::int8_t> w = random_int8(s.out, s.in, -1, 1, rng);
+    const bitnet::packed_ternary packed(w, std::max<Index>(64, s.group));
+    Matrix<float> d(s.out, s.groups());
+    for (Index i = 0; i < d.size(); ++i) d.data()[i] = spread(rng);
+    std::vector<float> bias(std::size_t(s.out));
+    for (float& b : bias) b = spread(rng) - 0.5f;
+    Matrix<float> x = reference::random_matrix<float>(1, s.in, rng, 2.0);
+    x(0, s.in - 1) = 40.0f;  // an outlier: the last block's scale differs from the others
+    for (bool per_block : {false, true})
+      for (isa which : runnable_isas()) {
+        const Matrix<float> expected = grouped_forward(which, 1, s, packed, d, bias, x, per_block);
+        for (int threads : {1, 2, 3}) {
+          CAPTURE(s.out);
+          CAPTURE(s.in);
+          CAPTURE(s.group);
+          CAPTURE(per_block);
+          CAPTURE(bitnet::isa_name(which));
+          CAPTURE(threads);
+          Matrix<float> y;
+          CHECK(grouped_forward_own_token(which, threads, s, packed, d, bias, x, per_block, y));
+          CHECK(std::memcmp(y.data(), expected.data(), sizeof(float) * std::size_t(s.out)) == 0);
+          for (const Matrix<float>& bad : non_finite_tokens(x)) {
+            CHECK_FALSE(grouped_forward_own_token(which, threads, s, packed, d, bias, bad, per_block, y));
+            CHECK(y == Matrix<float>::Constant(1, s.out, untouched_output));
+          }
+        }
+      }
+  }
+  for (const grouped_shape& s : fused_grid) {
+    const Matrix<std::int8_t> w = random_int8(s.out, s.in, -1, 1, rng);
+    const bitnet::packed_ternary packed(w, std::max<Index>(64, s.group));
+    const bitnet::detail::kernel_unit_scales scales(random_half_scales(s.out, s.groups(), rng).data(), s.out,
+                                                    s.groups(), s.kernel_groups());
+    std::vector<float> bias(std::size_t(s.out));
+    for (float& b : bias) b = spread(rng) - 0.5f;
+    const Matrix<float> x = reference::random_matrix<float>(1, s.in, rng, 2.0);
+    for (isa which : runnable_isas()) {
+      if (!bitnet::detail::fused_grouped_gemv(which, s.group)) continue;
+      std::vector<float> expected, y;
+      REQUIRE(fused_forward(which, 1, s, packed, scales, bias, x, false, expected));
+      for (int threads : {1, 2, 3}) {
+        CAPTURE(s.out);
+        CAPTURE(s.in);
+        CAPTURE(s.group);
+        CAPTURE(bitnet::isa_name(which));
+        CAPTURE(threads);
+        CHECK(fused_forward(which, threads, s, packed, scales, bias, x, true, y));
+        CHECK(same_bits(y, expected));
+        for (const Matrix<float>& bad : non_finite_tokens(x)) {
+          CHECK_FALSE(fused_forward(which, threads, s, packed, scales, bias, bad, true, y));
+          CHECK(y == std::vector<float>(std::size_t(s.out), untouched_output));
+        }
+      }
+    }
+  }
 }

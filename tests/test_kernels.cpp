@@ -10,6 +10,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <doctest/doctest.h>
@@ -294,6 +295,85 @@ TEST_CASE("kernels: activation quantization reports non-finite input") {
                                                   scales.data(), sums.data()));
       }
     }
+}
+
+// ---- batch 1 over several threads: every part quantizes the token itself (token_quantizer) ----
+
+namespace {
+
+// An epilogue that records, per output row, the int32 product and the activation scale its part
+// used, and how often the row came by. Each part writes only its own rows.
+struct recorded_rows {
+  const std::int32_t* acc;
+  const float* caller_scale;  // the call's scale when it has no quantizer
+  std::vector<std::int32_t> products;
+  std::vector<float> scales;
+  std::vector<int> visits;
+
+  recorded_rows(const std::int32_t* acc_, const float* caller_scale_, Index rows)
+      : acc(acc_), caller_scale(caller_scale_), products(std::size_t(rows), -1), scales(std::size_t(rows), -1.0f),
+        visits(std::size_t(rows), 0) {}
+
+  static void run(const void* self, const void* token_scales, Index begin, Index end) noexcept {
+    auto& r = *const_cast<recorded_rows*>(static_cast<const recorded_rows*>(self));
+    const float sx = *(token_scales ? static_cast<const float*>(token_scales) : r.caller_scale);
+    for (Index o = begin; o < end; ++o) {
+      r.products[std::size_t(o)] = r.acc[o];
+      r.scales[std::size_t(o)] = sx;
+      ++r.visits[std::size_t(o)];
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("kernels: batch 1 quantized in every part gives the reference's bits at every thread count") {
+  namespace detail = bitnet::detail;
+  std::mt19937 rng(61);
+  // Ragged: rows past a block, columns past a 64-column block; min_work 0 splits 5 and 17 row
+  // blocks into 2 and 3 parts.
+  for (const auto& shape : {std::pair<Index, Index>{70, 300}, {257, 2047}, {33, 64}}) {
+    const Index out = shape.first, in = shape.second;  // not a structured binding: clang 14 cannot capture one
+    const Matrix<std::int8_t> w = random_int8(out, in, -1, 1, rng);
+    const bitnet::packed_ternary packed(w);
+    const Index stride = packed.padded_cols();
+    const Matrix<float> x = reference::random_matrix<float>(1, in, rng, 3.0);
+    const bitnet::quantized_activations<float> expected_codes = bitnet::quantize_activations(x);
+    const std::vector<std::int32_t> expected = reference_product(w, expected_codes.values);
+    std::vector<std::int32_t> acc(static_cast<std::size_t>(out));
+    for (isa which : runnable_isas())
+      for (int threads : {1, 2, 3}) {
+        CAPTURE(out);
+        CAPTURE(in);
+        CAPTURE(bitnet::isa_name(which));
+        CAPTURE(threads);
+        const detail::token_quantization<float> token{which, x.data(), in, stride, 0, false};
+        const detail::gemm_args args{packed.data(), packed.col_tiles(), out, nullptr, stride, nullptr, 1, acc.data()};
+        recorded_rows seen(acc.data(), nullptr, out);
+        std::fill(acc.begin(), acc.end(), std::numeric_limits<std::int32_t>::min());
+        CHECK(detail::ternary_gemm(which, args, packed.row_blocks(), threads, 0.0, {recorded_rows::run, &seen},
+                                   token.quantizer()));
+        CHECK(bitnet::last_isa() == which);
+        CHECK(seen.products == expected);
+        CHECK(seen.visits == std::vector<int>(std::size_t(out), 1));
+        CHECK(seen.scales == std::vector<float>(std::size_t(out), expected_codes.scales(0)));
+
+        // A non-finite token: the call says so, and no part ran its epilogue.
+        for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                          -std::numeric_limits<float>::infinity()})
+          for (Index position : {Index{0}, in / 2, in - 1}) {
+            CAPTURE(bad);
+            CAPTURE(position);
+            Matrix<float> x_bad = x;
+            x_bad(0, position) = bad;
+            const detail::token_quantization<float> bad_token{which, x_bad.data(), in, stride, 0, false};
+            recorded_rows untouched(acc.data(), nullptr, out);
+            CHECK_FALSE(detail::ternary_gemm(which, args, packed.row_blocks(), threads, 0.0,
+                                             {recorded_rows::run, &untouched}, bad_token.quantizer()));
+            CHECK(untouched.visits == std::vector<int>(std::size_t(out), 0));
+          }
+      }
+  }
 }
 
 TEST_CASE("kernels: ISA choice, override and thread count API") {

@@ -361,13 +361,23 @@ class BitLinear {
         base3() ? (quantized_.base3.padded_cols() + packed_ternary::block_cols - 1) / packed_ternary::block_cols *
                       packed_ternary::block_cols
                 : packed.padded_cols();
-    std::int8_t* xq = detail::thread_scratch_of<std::int8_t, scratch_slot::activations>(std::size_t(batch * x_stride));
-    T* scales = detail::thread_scratch_of<T, scratch_slot::scales>(std::size_t(batch));
-    std::int32_t* sums = detail::thread_scratch_of<std::int32_t, scratch_slot::sums>(std::size_t(batch));
     std::int32_t* acc =
         detail::thread_scratch_of<std::int32_t, scratch_slot::accumulators>(std::size_t(batch * out_features()));
-    if (!detail::quantize_rows(kernels, rows, row_stride, batch, in_features(), xq, x_stride, scales, sums, threads))
-      not_finite(input);
+    // One token: the kernel call quantizes it in each of its parts, on the part's own thread
+    // (kernels.hpp, token_quantizer). More: quantize_rows shares the rows out over the threads first.
+    const bool one_token = batch == 1;
+    std::int8_t* xq = nullptr;
+    T* scales = nullptr;
+    std::int32_t* sums = nullptr;
+    if (!one_token) {
+      xq = detail::thread_scratch_of<std::int8_t, scratch_slot::activations>(std::size_t(batch * x_stride));
+      scales = detail::thread_scratch_of<T, scratch_slot::scales>(std::size_t(batch));
+      sums = detail::thread_scratch_of<std::int32_t, scratch_slot::sums>(std::size_t(batch));
+      if (!detail::quantize_rows(kernels, rows, row_stride, batch, in_features(), xq, x_stride, scales, sums, threads))
+        not_finite(input);
+    }
+    const detail::token_quantization<T> token{kernels, rows, in_features(), x_stride, 0, false};
+    const detail::token_quantizer quantizer = one_token ? token.quantizer() : detail::token_quantizer{};
 
     // The rescale runs on each kernel thread for the rows it computed, straight into the output
     // (a new matrix if y's shape differs, swapped in only once nothing can fail).
@@ -377,16 +387,20 @@ class BitLinear {
     Matrix<T>& out = reshape ? shaped : y;
     const rescale_job rescale{kernels, acc, batch, out_features(), scales, quantized_.scale,
                               bias_ ? bias_->data() : nullptr, out.data(), out.outerStride()};
+    bool finite;
     if (base3()) {
       const packed_base3& codes = quantized_.base3;
       const detail::gemm_args args{codes.data(), codes.col_tiles(), out_features(), xq, x_stride, sums, batch, acc};
-      detail::ternary_gemm_base3(kernels, args, codes.row_blocks(), threads, detail::min_work_per_thread,
-                                 {rescale_job::run, &rescale});
+      finite = detail::ternary_gemm_base3(kernels, args, codes.row_blocks(), threads, detail::min_work_per_thread,
+                                          {rescale_job::run, &rescale}, quantizer);
     } else {
       const detail::gemm_args args{packed.data(), packed.col_tiles(), out_features(), xq, x_stride, sums, batch, acc};
-      detail::ternary_gemm(kernels, args, packed.row_blocks(), threads, detail::min_work_per_thread,
-                           {rescale_job::run, &rescale});
+      finite = detail::ternary_gemm(kernels, args, packed.row_blocks(), threads, detail::min_work_per_thread,
+                                    {rescale_job::run, &rescale}, quantizer);
     }
+    // Every part quantized the same token with the same code, so when one failed all did and none
+    // wrote its rows: y is untouched.
+    if (!finite) not_finite(input);
     if (reshape) y.swap(shaped);
   }
 
@@ -407,20 +421,29 @@ class BitLinear {
     const Index kernel_groups = grouped ? x_stride / options_.group_size : 1;  // > groups only for G = 32
     const Index acc_rows = grouped ? packed.row_blocks() * kernel_groups * packed_ternary::block_rows : out;
     using detail::scratch_slot;
-    std::int8_t* xq = detail::thread_scratch_of<std::int8_t, scratch_slot::activations>(std::size_t(batch * x_stride));
-    T* scales = detail::thread_scratch_of<T, scratch_slot::scales>(std::size_t(batch * (per_block ? groups : 1)));
-    std::int32_t* sums = detail::thread_scratch_of<std::int32_t, scratch_slot::sums>(std::size_t(batch * kernel_groups));
     const detail::kernel_unit_scales& kernel_scales = quantized_.kernel_scales;
     const bool fused = batch == 1 && grouped && !per_block && !kernel_scales.empty() &&
                        detail::fused_grouped_gemv(kernels, options_.group_size);
     std::int32_t* acc = fused ? nullptr
                               : detail::thread_scratch_of<std::int32_t, scratch_slot::accumulators>(
                                     std::size_t(batch * acc_rows));
-    const bool finite =
-        grouped ? detail::quantize_rows_grouped(kernels, rows, row_stride, batch, in, options_.group_size, per_block, xq,
-                                                x_stride, scales, sums, threads)
-                : detail::quantize_rows(kernels, rows, row_stride, batch, in, xq, x_stride, scales, sums, threads);
-    if (!finite) not_finite(input);
+    // One token: quantized by each part of the kernel call on its own thread, as forward's.
+    const bool one_token = batch == 1;
+    std::int8_t* xq = nullptr;
+    T* scales = nullptr;
+    std::int32_t* sums = nullptr;
+    if (!one_token) {
+      xq = detail::thread_scratch_of<std::int8_t, scratch_slot::activations>(std::size_t(batch * x_stride));
+      scales = detail::thread_scratch_of<T, scratch_slot::scales>(std::size_t(batch * (per_block ? groups : 1)));
+      sums = detail::thread_scratch_of<std::int32_t, scratch_slot::sums>(std::size_t(batch * kernel_groups));
+      const bool finite =
+          grouped ? detail::quantize_rows_grouped(kernels, rows, row_stride, batch, in, options_.group_size, per_block,
+                                                  xq, x_stride, scales, sums, threads)
+                  : detail::quantize_rows(kernels, rows, row_stride, batch, in, xq, x_stride, scales, sums, threads);
+      if (!finite) not_finite(input);
+    }
+    const detail::token_quantization<T> token{kernels, rows, in, x_stride, grouped ? options_.group_size : 0, per_block};
+    const detail::token_quantizer quantizer = one_token ? token.quantizer() : detail::token_quantizer{};
 
     Matrix<T> shaped;
     const bool reshape = y.rows() != batch || y.cols() != out;
@@ -430,11 +453,13 @@ class BitLinear {
       if (fused) {  // one token, per-token activations: the rescale fused into the product, same bits
         const detail::grouped_gemv_args args{packed.data(), options_.group_size / packed_ternary::tile_cols,
                                              kernel_groups,  out,
-                                             xq,             sums,
+                                             nullptr,        nullptr,
                                              kernel_scales.data(), kernel_scales.half(),
-                                             scales[0],      bias_ ? bias_->data() : nullptr,
+                                             0.0f,           bias_ ? bias_->data() : nullptr,
                                              result.data()};
-        detail::ternary_gemv_grouped(kernels, args, packed.row_blocks(), threads);
+        if (!detail::ternary_gemv_grouped(kernels, args, packed.row_blocks(), threads, detail::min_work_per_thread,
+                                          quantizer))
+          not_finite(input);  // every part failed alike: none wrote its rows
         if (reshape) y.swap(shaped);
         return;
       }
@@ -447,8 +472,9 @@ class BitLinear {
     detail::gemm_args args{packed.data(), grouped ? options_.group_size / packed_ternary::tile_cols : packed.col_tiles(),
                            acc_rows, xq, x_stride, sums, batch, acc};
     args.groups = kernel_groups;
-    detail::ternary_gemm(kernels, args, packed.row_blocks() * kernel_groups, threads, detail::min_work_per_thread,
-                         rescale.epilogue());
+    if (!detail::ternary_gemm(kernels, args, packed.row_blocks() * kernel_groups, threads, detail::min_work_per_thread,
+                              rescale.epilogue(), quantizer))
+      not_finite(input);  // every part failed alike: none wrote its rows
     if (reshape) y.swap(shaped);
   }
 
@@ -457,15 +483,16 @@ class BitLinear {
     isa which;
     const std::int32_t* acc;
     Index batch, out;
-    const T* scales;
+    const T* scales;  // batch, or nullptr when each part quantized the token (token_scales)
     T weight_scale;
     const T* bias;
     T* y;
     Index y_stride;
 
-    static void run(const void* self, Index begin, Index end) noexcept {
+    static void run(const void* self, const void* token_scales, Index begin, Index end) noexcept {
       const rescale_job& r = *static_cast<const rescale_job*>(self);
-      detail::rescale_rows(r.which, r.acc + begin, r.out, r.batch, end - begin, r.scales, r.weight_scale,
+      const T* sx = token_scales ? static_cast<const T*>(token_scales) : r.scales;
+      detail::rescale_rows(r.which, r.acc + begin, r.out, r.batch, end - begin, sx, r.weight_scale,
                            r.bias ? r.bias + begin : nullptr, r.y + begin, r.y_stride);
     }
   };

@@ -248,18 +248,76 @@ inline void interleave_tokens(const gemm_args& a, Index tile, std::int8_t* dst) 
 }
 
 /// What a kernel call does next with the rows it has just computed, on the same thread, so it is
-/// shared out over the threads with them (BitLinear's rescale): run(context, row_begin, row_end).
-/// The rows are output rows: for a grouped call (gemm_args::groups > 1) whole row blocks,
-/// [16 rb_begin, 16 rb_end), which may run past the layer's last row into its block's padding
-/// (grouped_rescale clamps them).
+/// shared out over the threads with them (BitLinear's rescale): run(context, token_scales,
+/// row_begin, row_end). The rows are output rows: for a grouped call (gemm_args::groups > 1) whole
+/// row blocks, [16 rb_begin, 16 rb_end), which may run past the layer's last row into its block's
+/// padding (grouped_rescale clamps them). token_scales: the activation scales (T) the part's token
+/// was quantized with when the call quantizes its token in every part (token_quantizer), else
+/// nullptr, and the context's own scales apply.
 struct gemm_epilogue {
-  void (*run)(const void* context, Index row_begin, Index row_end) noexcept = nullptr;
+  void (*run)(const void* context, const void* token_scales, Index row_begin, Index row_end) noexcept = nullptr;
   const void* context = nullptr;
+};
+
+/// How a batch-1 kernel call quantizes its token itself: run(context, codes, sums, scales) writes
+/// code_bytes zero-padded int8 codes, sum_count code sums and scale_bytes of activation scales, and
+/// returns false (having written nothing the caller reads) if the token is not finite.
+///
+/// Split over threads, every part runs it on its own thread, before its kernel range, rather than
+/// the caller quantizing once for all: the same code on the same input gives every part the same
+/// bits, and no thread then reads codes another core has just written (the cache lines that bounce
+/// between the cores cost more than quantizing the token again: docs/kernels.md, "Threads").
+struct token_quantizer {
+  bool (*run)(const void* context, std::int8_t* codes, std::int32_t* sums, void* scales) noexcept = nullptr;
+  const void* context = nullptr;
+  Index code_bytes = 0, sum_count = 0, scale_bytes = 0;
+};
+
+/// The quantized tokens of one kernel call that quantizes per part: one block per part (codes,
+/// sums, scales, each starting a 128-byte line pair of its own) in the calling thread's scratch,
+/// allocated before any work starts, so a bad_alloc throws before anything is written. A part's
+/// block is written and read by the thread that runs the part: in a steady decode the same thread,
+/// call after call, so its lines stay in that core's cache.
+class part_tokens {
+ public:
+  part_tokens(const token_quantizer& quantizer, Index parts)
+      : quantizer_(quantizer),
+        sums_at_(padded(quantizer.code_bytes)),
+        scales_at_(sums_at_ + padded(quantizer.sum_count * Index(sizeof(std::int32_t)))),
+        block_bytes_(scales_at_ + padded(quantizer.scale_bytes)),
+        blocks_(thread_scratch<scratch_slot::part_tokens>(std::size_t(parts * block_bytes_))) {}
+
+  /// Quantizes the token into part's block and points codes, sums and scales at it. False if the
+  /// token is not finite: failed() then, and the part must write nothing.
+  bool quantize(Index part, const std::int8_t*& codes, const std::int32_t*& sums, const void*& scales) const noexcept {
+    std::byte* block = blocks_ + part * block_bytes_;
+    auto* q = reinterpret_cast<std::int8_t*>(block);
+    auto* s = reinterpret_cast<std::int32_t*>(block + sums_at_);
+    if (!quantizer_.run(quantizer_.context, q, s, block + scales_at_)) {
+      failed_.store(true, std::memory_order_relaxed);  // read by the caller after thread_pool::run returns
+      return false;
+    }
+    codes = q;
+    sums = s;
+    scales = block + scales_at_;
+    return true;
+  }
+
+  bool failed() const noexcept { return failed_.load(std::memory_order_relaxed); }
+
+ private:
+  static Index padded(Index bytes) noexcept { return (bytes + 127) / 128 * 128; }
+
+  token_quantizer quantizer_;
+  Index sums_at_, scales_at_, block_bytes_;
+  std::byte* blocks_;
+  mutable std::atomic<bool> failed_{false};
 };
 
 /// One kernel call, prepared for its ISA and shared out over the pool: part i computes (virtual)
 /// row blocks [i * per_part, min((i + 1) * per_part, row_blocks)), then runs the epilogue on their
-/// rows. For a grouped call per_part is a multiple of groups: a part owns whole output rows.
+/// rows. For a grouped call per_part is a multiple of groups: a part owns whole output rows. With
+/// tokens, each part first quantizes the token itself (token_quantizer).
 struct gemm_job {
   isa which;
   gemm_args args;
@@ -269,38 +327,49 @@ struct gemm_job {
   Index unpacked_bytes;
   Index per_part, row_blocks;
   gemm_epilogue epilogue;
+  const part_tokens* tokens = nullptr;
 
   void run_range(Index part, Index begin, Index end) const noexcept {
-    run_kernel(part, begin, end);
-    if (!epilogue.run) return;
-    if (args.groups == 1) return epilogue.run(epilogue.context, begin * tile_rows, std::min(end * tile_rows, args.rows));
-    epilogue.run(epilogue.context, begin / args.groups * tile_rows, end / args.groups * tile_rows);
+    if (!tokens) return run_range(args, interleaved, nullptr, part, begin, end);
+    gemm_args own = args;  // batch 1: the token's codes are also what the kernels take as interleaved
+    const void* scales;
+    if (tokens->quantize(part, own.x, own.x_sums, scales)) run_range(own, own.x, scales, part, begin, end);
   }
 
-  void run_kernel([[maybe_unused]] Index part, Index begin, Index end) const noexcept {
+  void run_range(const gemm_args& a, const std::int8_t* xi, const void* token_scales, Index part, Index begin,
+                 Index end) const noexcept {
+    run_kernel(a, xi, part, begin, end);
+    if (!epilogue.run) return;
+    if (a.groups == 1)
+      return epilogue.run(epilogue.context, token_scales, begin * tile_rows, std::min(end * tile_rows, a.rows));
+    epilogue.run(epilogue.context, token_scales, begin / a.groups * tile_rows, end / a.groups * tile_rows);
+  }
+
+  void run_kernel(const gemm_args& a, [[maybe_unused]] const std::int8_t* xi, [[maybe_unused]] Index part,
+                  Index begin, Index end) const noexcept {
     switch (which) {
 #ifdef BITNET_X86
 #ifdef BITNET_HAS_AMX_KERNEL
       case isa::amx:
-        if (args.batch >= amx_min_batch) {
-          ternary_gemm_amx(args, token_tail, begin, end, unpacked + part * unpacked_bytes);
+        if (a.batch >= amx_min_batch) {
+          ternary_gemm_amx(a, token_tail, begin, end, unpacked + part * unpacked_bytes);
           break;
         }
         [[fallthrough]];
 #endif
-      case isa::avx512: ternary_gemm_avx512(args, interleaved, begin, end); break;
-      case isa::avx2: ternary_gemm_avx2(args, interleaved, begin, end); break;
+      case isa::avx512: ternary_gemm_avx512(a, xi, begin, end); break;
+      case isa::avx2: ternary_gemm_avx2(a, xi, begin, end); break;
 #endif
 #ifdef BITNET_ARM64
 #ifdef BITNET_HAS_I8MM_KERNEL
-      case isa::i8mm: ternary_gemm_i8mm(args, begin, end); break;
+      case isa::i8mm: ternary_gemm_i8mm(a, begin, end); break;
 #endif
 #ifdef BITNET_HAS_DOTPROD_KERNEL
-      case isa::dotprod: ternary_gemm_dotprod(args, begin, end); break;
+      case isa::dotprod: ternary_gemm_dotprod(a, begin, end); break;
 #endif
-      case isa::neon: ternary_gemm_neon(args, begin, end); break;
+      case isa::neon: ternary_gemm_neon(a, begin, end); break;
 #endif
-      default: ternary_gemm_scalar(args, begin, end); break;
+      default: ternary_gemm_scalar(a, begin, end); break;
     }
   }
 
@@ -318,8 +387,13 @@ struct gemm_job {
 /// split never changes a result. A grouped call (a.groups > 1) passes row_blocks = real row
 /// blocks * groups virtual blocks and is split on whole real row blocks. Scratch memory is the calling thread's (common.hpp): a call of a
 /// shape seen before allocates nothing. Throws bad_alloc only before any work starts.
-inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int threads,
-                         double min_work = min_work_per_thread, gemm_epilogue epilogue = {}) {
+///
+/// With a quantizer (batch 1: a.x and a.x_sums are then ignored), every part quantizes the token
+/// itself before its range (token_quantizer), and the epilogue gets the part's scales. Returns
+/// false if the token is not finite: no part ran its epilogue then. Without one, always true.
+inline bool ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int threads,
+                         double min_work = min_work_per_thread, gemm_epilogue epilogue = {},
+                         const token_quantizer& quantizer = {}) {
   last_run_isa = which;
   gemm_job job{which, a, a.x, nullptr, nullptr, 0, row_blocks, row_blocks, epilogue};
   // Parts start at multiples of `granule` virtual blocks: whole row blocks (all their groups), and
@@ -352,8 +426,14 @@ inline void ternary_gemm(isa which, const gemm_args& a, Index row_blocks, int th
     job.unpacked = thread_scratch_of<std::int8_t, scratch_slot::unpacked>(std::size_t(used_parts * job.unpacked_bytes));
   }
 #endif
-  if (used_parts == 1) return job.run_range(0, 0, row_blocks);  // the pool is not even created
-  thread_pool::instance().run(used_parts, gemm_job::run_part, &job);
+  std::optional<part_tokens> tokens;
+  if (quantizer.run) job.tokens = &tokens.emplace(quantizer, used_parts);
+  if (used_parts == 1) {
+    job.run_range(0, 0, row_blocks);  // the pool is not even created
+  } else {
+    thread_pool::instance().run(used_parts, gemm_job::run_part, &job);
+  }
+  return !tokens || !tokens->failed();
 }
 
 /// Whether ternary_gemv_grouped runs on `which` for groups of group_size columns: the AVX-512
@@ -372,35 +452,56 @@ inline bool fused_grouped_gemv(isa which, Index group_size) noexcept {
 /// The fused batch-1 product of a group-scaled float layer (grouped_gemv_args: y written
 /// directly) for `row_blocks` row blocks, split into contiguous row-block ranges over at most
 /// `threads` threads with at least min_work multiply-adds each, as ternary_gemm splits. Needs
-/// fused_grouped_gemv(which, G); every row is computed whole by one thread.
-inline void ternary_gemv_grouped(isa which, const grouped_gemv_args& a, Index row_blocks, int threads,
-                                 double min_work = min_work_per_thread) {
+/// fused_grouped_gemv(which, G); every row is computed whole by one thread. With a quantizer
+/// (a.x, a.x_sums and a.sx then ignored), every part quantizes the token itself, as in
+/// ternary_gemm; false if the token is not finite (nothing written to y then), else true.
+inline bool ternary_gemv_grouped(isa which, const grouped_gemv_args& a, Index row_blocks, int threads,
+                                 double min_work, const token_quantizer& quantizer) {
   last_run_isa = which;
   struct job {
     const grouped_gemv_args& args;
     Index row_blocks, per_part;
-    void range(Index begin, Index end) const noexcept {
+    const part_tokens* tokens;
+    void range(Index part, Index begin, Index end) const noexcept {
+      if (!tokens) return range(args, begin, end);
+      grouped_gemv_args own = args;
+      const void* scales;
+      if (!tokens->quantize(part, own.x, own.x_sums, scales)) return;
+      own.sx = *static_cast<const float*>(scales);
+      range(own, begin, end);
+    }
+    static void range([[maybe_unused]] const grouped_gemv_args& a, [[maybe_unused]] Index begin,
+                      [[maybe_unused]] Index end) noexcept {
 #ifdef BITNET_X86
-      if (args.half_scales) return gemv_grouped_avx512<true>(args, begin, end);
-      gemv_grouped_avx512<false>(args, begin, end);
-#else
-      (void)begin;
-      (void)end;
+      if (a.half_scales) return gemv_grouped_avx512<true>(a, begin, end);
+      gemv_grouped_avx512<false>(a, begin, end);
 #endif
     }
     static void run_part(const void* self, Index part) noexcept {
       const job& j = *static_cast<const job*>(self);
       const Index begin = part * j.per_part;
-      j.range(begin, std::min(begin + j.per_part, j.row_blocks));
+      j.range(part, begin, std::min(begin + j.per_part, j.row_blocks));
     }
   };
   const double work = double(row_blocks) * double(a.groups * a.col_tiles) * double(tile_rows * tile_cols);
   const Index by_work = min_work > 0 ? Index(std::min(work / min_work, 1e9)) : row_blocks;
   const Index parts = std::clamp<Index>(by_work, 1, std::min<Index>(threads, row_blocks));
-  const job split{a, row_blocks, (row_blocks + parts - 1) / parts};
-  const Index used_parts = (row_blocks + split.per_part - 1) / split.per_part;
-  if (used_parts == 1) return split.range(0, row_blocks);
-  thread_pool::instance().run(used_parts, job::run_part, &split);
+  const Index per_part = (row_blocks + parts - 1) / parts;
+  const Index used_parts = (row_blocks + per_part - 1) / per_part;
+  std::optional<part_tokens> tokens;
+  const job split{a, row_blocks, per_part, quantizer.run ? &tokens.emplace(quantizer, used_parts) : nullptr};
+  if (used_parts == 1) {
+    split.range(0, 0, row_blocks);
+  } else {
+    thread_pool::instance().run(used_parts, job::run_part, &split);
+  }
+  return !tokens || !tokens->failed();
+}
+
+/// ternary_gemv_grouped of a token the caller quantized (a.x, a.x_sums, a.sx): cannot fail.
+inline void ternary_gemv_grouped(isa which, const grouped_gemv_args& a, Index row_blocks, int threads,
+                                 double min_work = min_work_per_thread) {
+  ternary_gemv_grouped(which, a, row_blocks, threads, min_work, token_quantizer{});
 }
 
 /// quantize_row_scalar on the kernels of `which` (bit-identical for every ISA).
@@ -475,6 +576,27 @@ bool quantize_rows(isa which, const T* x, Index x_stride, Index rows, Index cols
   });
 }
 
+/// One row of quantize_rows_grouped (below): row's cols values into q_stride codes row_q, its
+/// scales (one, or one per group when per_block) and kernel_groups = q_stride / G code sums.
+template <class T>
+bool quantize_row_grouped(isa which, const T* row, Index cols, Index group_size, bool per_block, std::int8_t* row_q,
+                          Index q_stride, T* scales, std::int32_t* row_sums) noexcept {
+  const Index groups = (cols + group_size - 1) / group_size, kernel_groups = q_stride / group_size;
+  if (per_block) {
+    for (Index j = 0; j < groups; ++j) {
+      const Index first = j * group_size, width = std::min(group_size, cols - first);
+      const Index padded = j + 1 == groups ? q_stride - first : group_size;  // the last pads the row
+      if (!quantize_row(which, row + first, width, padded, row_q + first, scales[j], row_sums[j])) return false;
+    }
+  } else {
+    std::int32_t total;
+    if (!quantize_row(which, row, cols, q_stride, row_q, scales[0], total)) return false;
+    for (Index j = 0; j < groups; ++j) row_sums[j] = sum_codes(which, row_q + j * group_size, group_size);
+  }
+  std::fill(row_sums + groups, row_sums + kernel_groups, 0);
+  return true;
+}
+
 /// The activations of a group-scaled layer (group size G, a power of two dividing q_stride, the
 /// packed padded_cols): quantize_rows, then per group. With groups = ceil(cols / G) and
 /// kernel_groups = q_stride / G (the gemm_args::groups of the product; more than groups only when
@@ -492,25 +614,35 @@ bool quantize_rows_grouped(isa which, const T* x, Index x_stride, Index rows, In
   last_run_isa = which;
   const Index groups = (cols + group_size - 1) / group_size, kernel_groups = q_stride / group_size;
   return split_rows(rows, cols, threads, [&](Index r) noexcept {
-    const T* row = x + r * x_stride;
-    std::int8_t* row_q = q + r * q_stride;
-    std::int32_t* row_sums = sums + r * kernel_groups;
-    if (per_block) {
-      for (Index j = 0; j < groups; ++j) {
-        const Index first = j * group_size, width = std::min(group_size, cols - first);
-        const Index padded = j + 1 == groups ? q_stride - first : group_size;  // the last pads the row
-        if (!quantize_row(which, row + first, width, padded, row_q + first, scales[r * groups + j], row_sums[j]))
-          return false;
-      }
-    } else {
-      std::int32_t total;
-      if (!quantize_row(which, row, cols, q_stride, row_q, scales[r], total)) return false;
-      for (Index j = 0; j < groups; ++j) row_sums[j] = sum_codes(which, row_q + j * group_size, group_size);
-    }
-    std::fill(row_sums + groups, row_sums + kernel_groups, 0);
-    return true;
+    return quantize_row_grouped(which, x + r * x_stride, cols, group_size, per_block, q + r * q_stride, q_stride,
+                                scales + r * (per_block ? groups : 1), sums + r * kernel_groups);
   });
 }
+
+/// A layer's one token (x, cols values) quantized as quantize_rows (group_size 0: one scale, one
+/// sum) or quantize_rows_grouped (group_size G) quantize it, as a kernel call's token_quantizer:
+/// the batch-1 calls that quantize in every part (ternary_gemm, ternary_gemm_base3,
+/// ternary_gemv_grouped).
+template <class T>
+struct token_quantization {
+  isa which;
+  const T* x;
+  Index cols, q_stride;
+  Index group_size;  // 0: ungrouped
+  bool per_block;
+
+  static bool run(const void* self, std::int8_t* q, std::int32_t* sums, void* scales) noexcept {
+    const token_quantization& t = *static_cast<const token_quantization*>(self);
+    T* sx = static_cast<T*>(scales);
+    if (t.group_size == 0) return quantize_row(t.which, t.x, t.cols, t.q_stride, q, *sx, sums[0]);
+    return quantize_row_grouped(t.which, t.x, t.cols, t.group_size, t.per_block, q, t.q_stride, sx, sums);
+  }
+
+  token_quantizer quantizer() const noexcept {
+    const Index scale_count = group_size != 0 && per_block ? (cols + group_size - 1) / group_size : 1;
+    return {run, this, q_stride, group_size == 0 ? 1 : q_stride / group_size, scale_count * Index(sizeof(T))};
+  }
+};
 
 /// rescale_rows_scalar on the kernels of `which` (bit-identical for every ISA).
 template <class T>
@@ -563,16 +695,17 @@ struct grouped_rescale {
   const std::int32_t* acc;
   Index acc_stride, batch, out, kernel_groups, groups;
   const T* d;      // out x groups unit scales, row-major
-  const T* sx;     // batch (per token) or batch x groups (per block)
+  const T* sx;     // batch (per token) or batch x groups (per block); a part's own when it quantized its token
   bool per_block;
   const T* bias;   // out, or nullptr
   T* y;
   Index y_stride;
 
-  static void run(const void* self, Index row_begin, Index row_end) noexcept {
+  static void run(const void* self, const void* token_scales, Index row_begin, Index row_end) noexcept {
     const grouped_rescale& r = *static_cast<const grouped_rescale*>(self);
+    const T* sx = token_scales ? static_cast<const T*>(token_scales) : r.sx;
     rescale_rows_grouped(r.which, r.acc, r.acc_stride, r.batch, row_begin, std::min(row_end, r.out), r.kernel_groups,
-                         r.groups, r.d, r.sx, r.per_block, r.bias, r.y, r.y_stride);
+                         r.groups, r.d, sx, r.per_block, r.bias, r.y, r.y_stride);
   }
   gemm_epilogue epilogue() const noexcept { return {run, this}; }
 };

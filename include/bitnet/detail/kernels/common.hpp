@@ -80,7 +80,10 @@ inline std::int32_t load_u32(const void* p) noexcept {
 }
 
 /// The scratch buffers a kernel call reuses, one of each per thread.
-enum class scratch_slot { activations, scales, sums, accumulators, normed, interleaved, token_tail, unpacked };
+enum class scratch_slot {
+  activations, scales, sums, accumulators, normed, interleaved, token_tail, unpacked,
+  part_tokens,  // batch 1 over several threads: each part's own quantized token (kernels.hpp, part_tokens)
+};
 
 /// The calling thread's buffer `Slot`, at least `bytes` long and 64-byte aligned. It grows and
 /// never shrinks, so calls of a steady shape allocate nothing; a failed growth throws bad_alloc and
