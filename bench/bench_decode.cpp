@@ -216,7 +216,8 @@ struct grouped_layer {
       const detail::grouped_gemv_args args{packed->data(),       group / 16,          kernel_groups, out(),
                                            xq,                   sums,                kernel_scales.data(),
                                            kernel_scales.half(), scales[0],           bias.data(),   y.data()};
-      return detail::ternary_gemv_grouped(kernels, args, packed->row_blocks(), threads);
+      detail::ternary_gemv_grouped(kernels, args, packed->row_blocks(), threads);
+      return;
     }
     std::int32_t* acc =
         detail::thread_scratch_of<std::int32_t, scratch_slot::accumulators>(std::size_t(batch * virtual_rows));

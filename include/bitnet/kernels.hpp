@@ -456,7 +456,7 @@ inline bool fused_grouped_gemv(isa which, Index group_size) noexcept {
 /// (a.x, a.x_sums and a.sx then ignored), every part quantizes the token itself, as in
 /// ternary_gemm; false if the token is not finite (nothing written to y then), else true.
 inline bool ternary_gemv_grouped(isa which, const grouped_gemv_args& a, Index row_blocks, int threads,
-                                 double min_work, const token_quantizer& quantizer) {
+                                 double min_work = min_work_per_thread, const token_quantizer& quantizer = {}) {
   last_run_isa = which;
   struct job {
     const grouped_gemv_args& args;
@@ -496,12 +496,6 @@ inline bool ternary_gemv_grouped(isa which, const grouped_gemv_args& a, Index ro
     thread_pool::instance().run(used_parts, job::run_part, &split);
   }
   return !tokens || !tokens->failed();
-}
-
-/// ternary_gemv_grouped of a token the caller quantized (a.x, a.x_sums, a.sx): cannot fail.
-inline void ternary_gemv_grouped(isa which, const grouped_gemv_args& a, Index row_blocks, int threads,
-                                 double min_work = min_work_per_thread) {
-  ternary_gemv_grouped(which, a, row_blocks, threads, min_work, token_quantizer{});
 }
 
 /// quantize_row_scalar on the kernels of `which` (bit-identical for every ISA).
